@@ -191,8 +191,10 @@ def _patch_components(model: nn.Module, arch: Architecture, quirks: Quirks, comp
         if impls[component]:
             report.applied[component] = ", ".join(f"{k} x{v}" for k, v in impls[component].items())
         if kept:
-            report.fallbacks.setdefault(
-                component, f"{kept} module(s) kept transformers' implementation (no hook answered)")
+            what = "transformers' implementation"
+            if component == "attention":
+                what = f"transformers' AttentionInterface {getattr(model.config, '_attn_implementation', None)!r}"
+            report.fallbacks.setdefault(component, f"{kept} module(s) kept {what} (no hook answered)")
     return [_apply(m, rs) for m, rs in per_module.values()]
 
 

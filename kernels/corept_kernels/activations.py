@@ -40,7 +40,9 @@ def _act_and_grad(g, ACT: tl.constexpr):
     elif ACT == 1:
         k0 = 0.7978845608028654  # sqrt(2 / pi)
         k1 = 0.044715
-        t = 2.0 * tl.sigmoid(2.0 * k0 * (g + k1 * g * g * g)) - 1.0  # tanh without libdevice
+        # tanh without libdevice; |arg| <= 20 keeps exp finite (tanh(20) == 1 in fp32 anyway)
+        z = tl.minimum(tl.maximum(k0 * (g + k1 * g * g * g), -20.0), 20.0)
+        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
         a = 0.5 * g * (1.0 + t)
         da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
     else:

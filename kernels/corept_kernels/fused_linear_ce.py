@@ -22,6 +22,7 @@ to the weight dtype in one rounding).
 """
 from __future__ import annotations
 
+import importlib
 import math
 
 import torch
@@ -29,7 +30,7 @@ import triton
 
 from corept_kernels import capabilities
 from corept_kernels.cross_entropy import launch_backward, launch_forward, new_buffer
-from corept_kernels.torch_ref import cross_entropy as ref
+ref = importlib.import_module("corept_kernels.torch_ref.cross_entropy")  # the module, not a re-export
 
 #: Default target size in bytes of one chunk's logits (see :func:`default_chunk_size`).
 CHUNK_BUDGET_BYTES = 256 * 2**20
@@ -102,9 +103,10 @@ class _FusedLinearCE(torch.autograd.Function):
     """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (loss, label log-probs [N])."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, labels, opts, reduction, divisor, return_lp, chunk):
+    def forward(ctx, hidden, weight, bias, labels, opts, reduction, divisor, return_lp, chunk,
+                grad_on):
         N, dev = hidden.shape[0], hidden.device
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_h, need_w, need_b = (bool(grad_on and n) for n in ctx.needs_input_grad[:3])
         fast = (need_h or need_w or need_b) and reduction != "none" and not return_lp
         loss = new_buffer((N,), torch.float32, dev)
         lse = new_buffer((N,), torch.float32, dev)
@@ -143,10 +145,10 @@ class _FusedLinearCE(torch.autograd.Function):
         if ctx.fast:
             grad_h, acc_w, acc_b = ctx.saved_tensors
             if g_loss is None:
-                return (None,) * 9
+                return (None,) * 10
             g = g_loss.float()
             return (_scaled(grad_h, g, h_dt), _scaled(acc_w, g, w_dt), _scaled(acc_b, g, b_dt),
-                    None, None, None, None, None, None)
+                    None, None, None, None, None, None, None)
         hidden, weight, bias, labels, lse, divisor = ctx.saved_tensors
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         N, dev = hidden.shape[0], hidden.device
@@ -168,7 +170,7 @@ class _FusedLinearCE(torch.autograd.Function):
             del logits
         grad_w = None if acc_w is None else acc_w.to(w_dt)
         grad_b = None if acc_b is None else acc_b.to(b_dt)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
@@ -196,7 +198,7 @@ def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-
     opts = dict(ignore_index=int(ignore_index), softcap=None if softcap is None else float(softcap),
                 label_smoothing=float(label_smoothing), z_loss=float(z_loss))
     loss, lp = _FusedLinearCE.apply(h, weight, bias, y, opts, reduction, divisor, return_logprobs,
-                                    chunk)
+                                    chunk, torch.is_grad_enabled())
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     return (loss, lp.reshape(labels.shape)) if return_logprobs else loss

@@ -1,0 +1,31 @@
+"""corept: fast, lean LLM fine-tuning by patching transformers models with Triton kernels.
+
+The core knows no architecture by name: plugins (entry-point group ``corept``) declare them.
+"""
+from corept.architecture import COMPONENTS, Architecture, FromConfig, ModuleRoles, Quirks
+from corept.errors import (CoreptError, InvalidOptionsError, ModelNotFoundError, PluginConflictError,
+                           PluginLoadError, UnsupportedArchitectureError)
+from corept.hookspecs import hookimpl
+from corept.patching import is_patched, patch, report, unpatch
+from corept.plugin_base import ArchitecturePlugin
+from corept.plugins import get_plugin_manager, register_plugin, reset_plugin_manager, unregister_plugin
+from corept.replacement import Replacement
+from corept.report import PatchReport
+
+__version__ = "0.1.0"
+
+
+def load(*args, **kwargs):
+    """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load`."""
+    from corept.loading import load as _load
+
+    return _load(*args, **kwargs)
+
+
+__all__ = [
+    "COMPONENTS", "Architecture", "ArchitecturePlugin", "FromConfig", "ModuleRoles", "Quirks", "Replacement",
+    "PatchReport", "hookimpl", "load", "patch", "unpatch", "report", "is_patched",
+    "get_plugin_manager", "register_plugin", "unregister_plugin", "reset_plugin_manager",
+    "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError", "PluginLoadError",
+    "UnsupportedArchitectureError",
+]

@@ -1,0 +1,5 @@
+import sys
+
+from corept.cli import main
+
+sys.exit(main())

@@ -1,0 +1,37 @@
+"""The ``corept`` command line: one module per subcommand, registered in :data:`COMMANDS`."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from corept.cli import doctor, inspect_cmd, plugins_cmd
+
+COMMANDS = {"plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="corept", description="Fast, lean LLM fine-tuning through architecture plugins.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, mod in COMMANDS.items():
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from corept.errors import CoreptError
+
+    try:
+        return int(args._run(args) or 0)
+    except CoreptError as exc:
+        print(f"corept: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""``corept doctor``: versions, GPU and Triton mode, plugin problems."""
+from __future__ import annotations
+
+import json
+
+from corept.versions import SUPPORTED_TORCH, SUPPORTED_TRANSFORMERS, SUPPORTED_TRITON, in_range, installed_version
+
+HELP = "check the environment: library versions, GPU, bf16, Triton interpreter, plugin problems"
+PACKAGES = {"torch": SUPPORTED_TORCH, "triton": SUPPORTED_TRITON, "transformers": SUPPORTED_TRANSFORMERS,
+            "peft": None, "trl": None, "bitsandbytes": None, "accelerate": None, "datasets": None,
+            "corept": None, "corept-kernels": None}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--json", action="store_true", help="print JSON")
+
+
+def collect() -> dict:
+    import torch
+    from corept_kernels import interpreter_active
+
+    from corept.plugins import get_plugin_manager
+
+    problems = []
+    versions = {}
+    for dist, spec in PACKAGES.items():
+        v = installed_version(dist)
+        versions[dist] = v
+        if spec is not None:
+            ok, reason = in_range(v, spec)
+            if not ok:
+                problems.append(f"{dist}: {reason}; corept falls back where it must")
+    gpu = None
+    if torch.cuda.is_available():
+        gpu = {"name": torch.cuda.get_device_name(0), "bf16": torch.cuda.is_bf16_supported(),
+               "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
+    pm = get_plugin_manager()
+    for rec in pm.records.values():
+        if rec.error and not rec.error.startswith(("not listed", "disabled")):
+            problems.append(f"plugin {rec.name} ({rec.distribution}): {rec.error}")
+    for mt in pm.model_types():
+        try:
+            pm.architecture_for(mt)
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            problems.append(str(exc))
+    return {"versions": versions, "gpu": gpu, "triton_interpreter": interpreter_active(),
+            "triton_mode": "gpu" if gpu else ("interpreter" if interpreter_active() else "torch fallbacks (no GPU, TRITON_INTERPRET unset)"),
+            "problems": problems}
+
+
+def run(args) -> int:
+    info = collect()
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    for k, v in info["versions"].items():
+        print(f"{k:16s} {v or 'not installed'}")
+    g = info["gpu"]
+    print(f"{'gpu':16s} {g['name'] + ', bf16 ' + ('yes' if g['bf16'] else 'no') if g else 'none'}")
+    print(f"{'triton':16s} {info['triton_mode']}")
+    print("problems:" if info["problems"] else "no problems found")
+    for p in info["problems"]:
+        print(f"  - {p}")
+    return 0

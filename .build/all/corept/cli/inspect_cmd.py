@@ -1,0 +1,68 @@
+"""``corept inspect NAME_OR_PATH``: plugin, quirks and planned patches, from the config alone."""
+from __future__ import annotations
+
+import json
+
+from corept.hookspecs import COMPONENT_ROLES
+from corept.versions import transformers_supported
+
+HELP = "show which plugin and patches a model would get (reads the config only, no weights)"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("model", help="local folder, HF cache/hub repo id, or plugin alias")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def collect(name: str, trust_remote_code: bool = False) -> dict:
+    from transformers import AutoConfig
+
+    from corept.patching import resolve_architecture
+    from corept.resolve import resolve_model_path
+
+    folder, how = resolve_model_path(name)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    found = resolve_architecture(config.model_type, strict=False)
+    info = {"model": name, "resolved": str(folder), "found_via": how, "model_type": config.model_type,
+            "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": ""}
+    if found is None:
+        info["components"] = {c: "transformers (no plugin)" for c in COMPONENT_ROLES}
+        return info
+    arch, rec = found
+    ok, reason = transformers_supported(arch.transformers)
+    text_config = config.get_text_config()
+    info.update(plugin=rec.name, distribution=rec.distribution, notes=arch.notes,
+                quirks=arch.quirks.resolve(text_config).to_dict(), transformers_range=arch.transformers)
+    for comp, role in COMPONENT_ROLES.items():
+        classes = getattr(arch.roles, role)
+        if not ok:
+            info["components"][comp] = f"transformers ({reason})"
+        elif comp not in arch.components or not classes:
+            info["components"][comp] = "transformers (not patched by the plugin)"
+        elif comp == "attention":
+            impl = arch.quirks.forced_attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+            info["components"][comp] = f"transformers AttentionInterface: {impl}"
+        else:
+            info["components"][comp] = f"corept on {', '.join(classes)}"
+    return info
+
+
+def run(args) -> int:
+    info = collect(args.model, args.trust_remote_code)
+    if args.json:
+        print(json.dumps(info, indent=2, default=str))
+        return 0
+    print(f"model:      {info['model']}  ({info['found_via']}: {info['resolved']})")
+    print(f"model_type: {info['model_type']}")
+    print(f"plugin:     {info['plugin'] or 'none - the model would load unpatched'}")
+    if info["notes"]:
+        print(f"notes:      {info['notes']}")
+    print("components:")
+    for comp, what in info["components"].items():
+        print(f"  {comp:10s} {what}")
+    if info["quirks"]:
+        print("quirks:")
+        for k, v in info["quirks"].items():
+            print(f"  {k:20s} {v}")
+    return 0

@@ -1,0 +1,188 @@
+"""``corept.load``: read the config, pick the plugin, apply its policies, load, quantize, patch."""
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+
+from corept.errors import InvalidOptionsError
+from corept.patching import patch as patch_model
+from corept.patching import resolve_architecture
+from corept.resolve import resolve_model_path
+
+logger = logging.getLogger("corept")
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "half": torch.float16, "fp32": torch.float32, "float32": torch.float32, "float": torch.float32}
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """Validated options of one :func:`load` call (kept on the model as ``corept_load_options``)."""
+
+    max_seq_length: int
+    dtype: torch.dtype | None
+    load_in_4bit: bool
+    load_in_8bit: bool
+    full_finetuning: bool
+    trust_remote_code: bool
+
+
+def validate_options(*, max_seq_length, dtype, load_in_4bit, load_in_8bit, full_finetuning,
+                     trust_remote_code=False) -> LoadOptions:
+    """Reject contradictory options before anything is resolved, downloaded or loaded."""
+    if load_in_4bit and load_in_8bit:
+        raise InvalidOptionsError("load_in_4bit and load_in_8bit are exclusive: choose one quantization.")
+    if full_finetuning and (load_in_4bit or load_in_8bit):
+        raise InvalidOptionsError("full_finetuning trains every weight and cannot train quantized weights: "
+                                  "drop load_in_4bit/load_in_8bit, or keep them and train LoRA adapters "
+                                  "(corept.get_peft_model).")
+    if not isinstance(max_seq_length, int) or isinstance(max_seq_length, bool) or max_seq_length <= 0:
+        raise InvalidOptionsError(f"max_seq_length must be a positive int, got {max_seq_length!r}.")
+    if isinstance(dtype, str) and dtype != "auto":
+        if dtype.lower() not in _DTYPES:
+            raise InvalidOptionsError(f"dtype {dtype!r} is not understood; use one of {sorted(_DTYPES)}, "
+                                      f"a torch dtype, 'auto' or None.")
+        dtype = _DTYPES[dtype.lower()]
+    elif dtype == "auto":
+        dtype = None
+    if dtype is not None and dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise InvalidOptionsError(f"dtype {dtype} is not supported for training; use bf16, fp16 or fp32.")
+    if (load_in_4bit or load_in_8bit) and dtype == torch.float32:
+        logger.info("corept: quantized weights with fp32 compute requested; LoRA matmuls run in fp32.")
+    return LoadOptions(max_seq_length, dtype, bool(load_in_4bit), bool(load_in_8bit), bool(full_finetuning),
+                       bool(trust_remote_code))
+
+
+def bf16_supported() -> bool:
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def choose_dtype(requested: torch.dtype | None, force_float32: bool) -> tuple[torch.dtype, str]:
+    """The dtype policy: auto = bf16 on GPUs that support it, else fp16 on GPU, fp32 on CPU.
+
+    Architectures declaring ``force_float32`` (fp16 overflows them) get fp32 instead of fp16.
+    :returns: ``(dtype, why)``.
+    """
+    if requested is None:
+        if not torch.cuda.is_available():
+            return torch.float32, "auto: no CUDA device, so float32"
+        if bf16_supported():
+            return torch.bfloat16, "auto: bf16 supported"
+        requested = torch.float16
+        why = "auto: bf16 unsupported, so fp16"
+    else:
+        why = f"requested {requested}"
+    if force_float32 and requested == torch.float16:
+        return torch.float32, f"{why}; the architecture forces float32 instead of fp16 (fp16 overflows it)"
+    if force_float32 and requested == torch.bfloat16 and torch.cuda.is_available() and not bf16_supported():
+        return torch.float32, f"{why}; bf16 unsupported on this GPU and fp16 overflows it, so float32"
+    return requested, why
+
+
+def _quantization_config(opts: LoadOptions, dtype: torch.dtype):
+    if not (opts.load_in_4bit or opts.load_in_8bit):
+        return None
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception as exc:  # noqa: BLE001
+        raise InvalidOptionsError(f"load_in_4bit/load_in_8bit need bitsandbytes, which failed to import "
+                                  f"({type(exc).__name__}: {exc}). pip install bitsandbytes.") from exc
+    from transformers import BitsAndBytesConfig
+
+    if opts.load_in_4bit:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=dtype)
+    return BitsAndBytesConfig(load_in_8bit=True)
+
+
+def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for its CPU inference path.
+
+    On CPUs with AVX512-BF16 an eval forward repacks ``Linear4bit`` weights into a layout whose
+    matmul has no autograd, so later training silently gets no input gradients. Returns how many
+    modules were changed.
+    """
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "support_avx512bf16_for_cpu"):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def load_tokenizer(folder, *, trust_remote_code: bool, max_seq_length: int):
+    """The folder's tokenizer with ``model_max_length`` and a pad token set, or ``None`` if it has none."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - fall back to the raw tokenizer.json below
+        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+            logger.warning("corept: no tokenizer in %s (%s); returning tokenizer=None.", folder, exc)
+            return None
+        tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    tok.model_max_length = max_seq_length
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
+        logger.info("corept: tokenizer has no pad token; using eos %r for padding.", tok.eos_token)
+    return tok
+
+
+def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
+         load_in_8bit: bool = False, full_finetuning: bool = False, device_map=None, patch: bool = True,
+         trust_remote_code: bool = False, token: str | None = None, revision: str | None = None,
+         strict: bool = False, cache_dir: str | os.PathLike | None = None):
+    """Load a causal LM and its tokenizer, choose its plugin from the config, and patch it.
+
+    :param name_or_path: local folder, HF cache / hub repo id, or a plugin-declared alias.
+    :param max_seq_length: longest sequence you will train on (set on the tokenizer and model).
+    :param dtype: ``None``/``"auto"`` (bf16 where supported, else fp16; fp32 on CPU), a torch
+        dtype or a name (``"bf16"``, ``"fp16"``, ``"fp32"``). Float32 forcing quirks apply.
+    :param load_in_4bit: NF4 with double quantization through bitsandbytes (QLoRA).
+    :param load_in_8bit: LLM.int8 through bitsandbytes.
+    :param full_finetuning: every weight will train (no quantization allowed).
+    :param device_map: passed to transformers; default: the first GPU if any, else CPU.
+    :param patch: apply the plugin's patches (``corept.patch``).
+    :param trust_remote_code: off by default; remote modeling code is never run unless asked.
+    :param strict: raise if no plugin supports the architecture instead of warning.
+    :returns: ``(model, tokenizer)``; the tokenizer is ``None`` if the folder has none.
+    """
+    opts = validate_options(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
+                            load_in_8bit=load_in_8bit, full_finetuning=full_finetuning,
+                            trust_remote_code=trust_remote_code)
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    folder, how = resolve_model_path(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
+    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    found = resolve_architecture(config.model_type, strict=strict)
+    quirks = found[0].quirks if found else None
+    torch_dtype, why = choose_dtype(opts.dtype, bool(quirks and quirks.force_float32))
+    logger.info("corept: loading %s (%s), model_type %r, plugin %s, dtype %s (%s)", name_or_path, how,
+                config.model_type, found[1].name if found else None, torch_dtype, why)
+    kwargs = dict(dtype=torch_dtype, trust_remote_code=trust_remote_code, use_safetensors=True)
+    if quirks is not None and quirks.forced_attn_implementation:
+        kwargs["attn_implementation"] = quirks.forced_attn_implementation
+        logger.info("corept: attention implementation %r (architecture quirk)", quirks.forced_attn_implementation)
+    qconfig = _quantization_config(opts, torch_dtype)
+    if qconfig is not None:
+        kwargs["quantization_config"] = qconfig
+    if device_map is None and torch.cuda.is_available():
+        device_map = {"": torch.cuda.current_device()}
+    if device_map is not None:
+        kwargs["device_map"] = device_map
+    max_pos = getattr(config.get_text_config(), "max_position_embeddings", None)
+    if max_pos is not None and max_seq_length > max_pos:
+        logger.warning("corept: max_seq_length %d exceeds the model's max_position_embeddings %d; positions "
+                       "beyond it are extrapolated by the model's own rope scaling (if any).", max_seq_length, max_pos)
+    model = AutoModelForCausalLM.from_pretrained(folder, config=config, **kwargs)
+    if opts.load_in_4bit and not torch.cuda.is_available():
+        disable_cpu_4bit_repack(model)
+    model.max_seq_length = max_seq_length
+    model.corept_load_options = opts
+    tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
+    if patch and found is not None:
+        patch_model(model, strict=strict)
+    return model, tokenizer

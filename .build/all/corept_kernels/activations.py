@@ -1,0 +1,167 @@
+"""Gated activations ``act(gate) * up`` (SwiGLU, GeGLU tanh/erf): Triton forward and backward.
+
+Both passes are flat 1-D kernels over the ``M * N`` elements of ``[..., N]`` (``BLOCK`` elements per
+program). Contiguous tensors are indexed directly; row-strided ones (e.g. ``gate, up =
+gate_up.chunk(2, -1)``) through ``row * stride + col``, without a copy. Math in fp32, results in the
+tensors' dtypes. Backward writes ``d_gate`` and ``d_up`` to fresh buffers (never into the saved
+inputs), recomputing the activation from the saved ``gate``.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from corept_kernels import capabilities
+from corept_kernels.capabilities import KernelInfo
+from corept_kernels.torch_ref import activations as ref
+from corept_kernels.torch_ref.activations import GELU_APPROXIMATIONS
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_SILU, _GELU_TANH, _GELU_ERF = 0, 1, 2
+BLOCK = 4096
+
+# Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+@triton.jit
+def _act_and_grad(g, ACT: tl.constexpr):
+    """(act(g), act'(g)) in fp32."""
+    if ACT == 0:
+        s = tl.sigmoid(g)
+        a = g * s
+        da = s * (1.0 + g * (1.0 - s))
+    elif ACT == 1:
+        k0 = 0.7978845608028654  # sqrt(2 / pi)
+        k1 = 0.044715
+        # tanh without libdevice; |arg| <= 20 keeps exp finite (tanh(20) == 1 in fp32 anyway)
+        z = tl.minimum(tl.maximum(k0 * (g + k1 * g * g * g), -20.0), 20.0)
+        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
+        a = 0.5 * g * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
+        a = g * cdf
+        da = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1 / sqrt(2 pi)
+    return a, da
+
+
+@triton.jit
+def _offsets(idx, N, stride, CONTIG: tl.constexpr):
+    if CONTIG:
+        off = idx
+    else:
+        row = idx // N
+        off = row * stride + (idx - row * N)
+    return off
+
+
+@triton.jit
+def _glu_fwd_kernel(G, U, Y, n_elem, N, sg, su, ACT: tl.constexpr, CONTIG: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elem
+    g = tl.load(G + _offsets(idx, N, sg, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + _offsets(idx, N, su, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(g, ACT)
+    tl.store(Y + idx, (a * u).to(Y.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(DY, G, U, DG, DU, n_elem, N, sdy, sg, su, ACT: tl.constexpr,
+                    CONTIG: tl.constexpr, BLOCK: tl.constexpr):
+    idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n_elem
+    dy = tl.load(DY + _offsets(idx, N, sdy, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(G + _offsets(idx, N, sg, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(U + _offsets(idx, N, su, CONTIG), mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(g, ACT)
+    tl.store(DG + idx, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
+    tl.store(DU + idx, (dy * a).to(DU.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[M, N]`` with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _contig(N: int, *ts: torch.Tensor) -> bool:
+    return all(t.stride(0) == N or t.shape[0] == 1 for t in ts)
+
+
+class _GluFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, act):
+        shape, N = gate.shape, gate.shape[-1]
+        g2, u2 = _rows(gate), _rows(up)
+        n = g2.numel()
+        y = _empty(shape, torch.promote_types(gate.dtype, up.dtype), gate.device)
+        _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+            g2, u2, y, n, N, g2.stride(0), u2.stride(0), ACT=act, CONTIG=_contig(N, g2, u2),
+            BLOCK=BLOCK, num_warps=8)
+        ctx.save_for_backward(g2, u2)
+        ctx.shape, ctx.act = shape, act
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        g2, u2 = ctx.saved_tensors
+        N = g2.shape[-1]
+        dy2 = _rows(dy)
+        n = g2.numel()
+        dg = _empty(ctx.shape, g2.dtype, g2.device)
+        du = _empty(ctx.shape, u2.dtype, u2.device)
+        _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+            dy2, g2, u2, dg, du, n, N, dy2.stride(0), g2.stride(0), u2.stride(0), ACT=ctx.act,
+            CONTIG=_contig(N, dy2, g2, u2), BLOCK=BLOCK, num_warps=8)
+        return dg, du, None
+
+
+def _swiglu_triton(gate, up):
+    return _GluFn.apply(gate, up, _SILU)
+
+
+def _geglu_triton(gate, up, approximate="tanh"):
+    return _GluFn.apply(gate, up, _GELU_TANH if approximate == "tanh" else _GELU_ERF)
+
+
+def _triton_ok(name: str, gate: torch.Tensor, up: torch.Tensor) -> bool:
+    if gate.shape != up.shape:
+        raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if gate.numel() == 0 or gate.dim() == 0 or gate.dtype not in _DTYPES or up.dtype not in _DTYPES:
+        return False
+    ok, _ = capabilities.can_run(name, gate.device, under_compile=torch.compiler.is_compiling())
+    return ok
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` for ``gate``, ``up`` of one shape ``[..., N]``; fp32 math, result in
+    ``promote(gate, up)`` dtype. Backward gives ``d_gate`` and ``d_up``."""
+    if _triton_ok("swiglu", gate, up):
+        return _swiglu_triton(gate, up)
+    return ref.swiglu(gate, up)
+
+
+def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` (``"tanh"``: HF ``gelu_pytorch_tanh``; ``"none"``: erf),
+    shapes ``[..., N]``; fp32 math, result in ``promote(gate, up)`` dtype."""
+    if approximate not in GELU_APPROXIMATIONS:
+        raise ValueError(f"approximate must be one of {GELU_APPROXIMATIONS}, got {approximate!r}")
+    if _triton_ok("geglu", gate, up):
+        return _geglu_triton(gate, up, approximate)
+    return ref.geglu(gate, up, approximate)
+
+
+capabilities.register(KernelInfo(
+    name="swiglu", triton_fn=_swiglu_triton, reference_fn=ref.swiglu, has_backward=True,
+    compile_safe=False, devices=("cuda",), notes="row-strided inputs without copy; out of place"))
+capabilities.register(KernelInfo(
+    name="geglu", triton_fn=_geglu_triton, reference_fn=ref.geglu, has_backward=True,
+    compile_safe=False, devices=("cuda",), notes="approximate tanh or none (erf); out of place"))

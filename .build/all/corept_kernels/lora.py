@@ -1,0 +1,116 @@
+"""Fused LoRA MLP, QKV and O projections with hand-derived backwards (frozen base, trained A/B).
+
+Each LoRA linear is ``y = x W^T + scaling * (x A^T) B^T``, described by :class:`LoraWeights`; the
+base ``W`` may be a float tensor or a bitsandbytes 4-bit ``Params4bit`` (dequantized on the fly in
+forward and again in backward, never kept alive between them). Gradients flow to ``x`` and to every
+``A`` and ``B``; never to ``W``.
+
+Compared with peft's LoRA layers these save fewer activations for backward (details and byte counts
+in :mod:`corept_kernels.lora_autograd`): the MLP keeps ``x``, the gate/up projections and three
+``[N, r]`` products, and recomputes ``act(e) * g`` in backward inside one fused Triton kernel.
+
+Use :func:`lora_fast_path_reason` on a peft layer to know whether these apply, and
+:func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU) in the
+input dtype; only the MLP's gated activation is a Triton kernel (torch elementwise code where
+Triton cannot run). Not for use inside ``torch.autocast`` regions: cast inputs yourself.
+"""
+from __future__ import annotations
+
+import torch
+
+from corept_kernels.capabilities import KernelInfo, register
+from corept_kernels.lora_act import ACTIVATIONS, activation_id
+from corept_kernels.lora_autograd import LoraMLP, LoraSharedInput
+from corept_kernels.lora_weights import LoraWeights, lora_fast_path_reason, lora_weights_from_peft
+from corept_kernels.torch_ref import lora as _ref
+
+__all__ = ["LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason",
+           "lora_weights_from_peft", "ACTIVATIONS"]
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gold references
+
+
+def _check_input(x: torch.Tensor, lws: tuple[LoraWeights, ...], names: tuple[str, ...]) -> None:
+    if x.dtype not in _DTYPES:
+        raise TypeError(f"x must be fp32/bf16/fp16/fp64, got {x.dtype}")
+    for name, lw in zip(names, lws):
+        if not isinstance(lw, LoraWeights):
+            raise TypeError(f"{name} must be LoraWeights, got {type(lw).__name__}")
+        if lw.shape[1] != x.shape[-1]:
+            raise ValueError(f"{name} takes in_features={lw.shape[1]} but x is {tuple(x.shape)}")
+
+
+def _flat(lws: tuple[LoraWeights, ...]) -> list:
+    out = []
+    for lw in lws:
+        out += [lw.A, lw.B, lw.bias]
+    return out
+
+
+def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
+             activation: str = "swiglu") -> torch.Tensor:
+    """``down(act(gate(x)) * up(x))`` with three LoRA linears.
+
+    :param x: ``[..., H]`` (fp32/bf16/fp16; the compute dtype).
+    :param gate: ``W`` ``[F, H]``, ``A`` ``[r_g, H]``, ``B`` ``[F, r_g]``.
+    :param up: ``W`` ``[F, H]``, ``A`` ``[r_u, H]``, ``B`` ``[F, r_u]``.
+    :param down: ``W`` ``[O, F]``, ``A`` ``[r_d, F]``, ``B`` ``[O, r_d]`` (usually ``O == H``).
+    :param activation: ``"swiglu"`` (SiLU gate, Llama/Mistral/Qwen), ``"geglu_tanh"`` (GELU tanh
+        approximation, Gemma) or ``"geglu"`` (exact GELU).
+    :returns: ``[..., O]`` in ``x.dtype``.
+    """
+    activation_id(activation)
+    _check_input(x, (gate, up), ("gate", "up"))
+    if gate.shape[0] != up.shape[0] or down.shape[1] != gate.shape[0]:
+        raise ValueError(f"gate {gate.shape}, up {up.shape}, down {down.shape} do not chain")
+    lws = (gate, up, down)
+    return LoraMLP.apply(x, activation, lws, *_flat(lws))
+
+
+def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The q, k and v projections of ``x``, three LoRA linears on one input.
+
+    :param x: ``[..., H]``.
+    :param q: ``W`` ``[Hq, H]`` (``Hq = heads * head_dim``); ``k``, ``v``: ``W`` ``[Hkv, H]``
+        (GQA: ``Hkv = kv_heads * head_dim``). Ranks may differ between the three.
+    :returns: ``(q [..., Hq], k [..., Hkv], v [..., Hkv])`` in ``x.dtype``.
+    """
+    lws = (q, k, v)
+    _check_input(x, lws, ("q", "k", "v"))
+    return LoraSharedInput.apply(x, lws, *_flat(lws))
+
+
+def lora_o(x: torch.Tensor, o: LoraWeights) -> torch.Tensor:
+    """The output projection, one LoRA linear.
+
+    :param x: ``[..., Hq]`` (attention output, heads flattened).
+    :param o: ``W`` ``[H, Hq]``, ``A`` ``[r, Hq]``, ``B`` ``[H, r]``.
+    :returns: ``[..., H]`` in ``x.dtype``.
+    """
+    _check_input(x, (o,), ("o",))
+    return LoraSharedInput.apply(x, (o,), *_flat((o,)))[0]
+
+
+_NOTES_COMMON = ("hand-derived backward (grads for x, A, B; base W frozen); matmuls via torch "
+                 "(cuBLAS) in x's dtype; 4-bit (nf4/fp4) base dequantized per use via bitsandbytes; "
+                 "peft fast path only: dropout 0, no DoRA/variants, one active unmerged adapter")
+
+register(KernelInfo(
+    name="lora_mlp", triton_fn=lora_mlp, reference_fn=_ref.lora_mlp, has_backward=True,
+    compile_safe=False, devices=("cuda", "cpu"),
+    notes=_NOTES_COMMON + "; gated activation fwd/bwd is one Triton kernel on CUDA or under "
+          "TRITON_INTERPRET, torch elementwise code elsewhere (so it runs on any device); saves x, "
+          "gate/up projections and three [N, r] products, recomputes act(e)*g in backward",
+))
+register(KernelInfo(
+    name="lora_qkv", triton_fn=lora_qkv, reference_fn=_ref.lora_qkv, has_backward=True,
+    compile_safe=False, devices=("cuda", "cpu"),
+    notes=_NOTES_COMMON + "; no Triton kernel (torch matmuls only, runs on any device); "
+          "one stacked x @ [Aq;Ak;Av]^T; saves x and [N, rq+rk+rv]",
+))
+register(KernelInfo(
+    name="lora_o", triton_fn=lora_o, reference_fn=_ref.lora_o, has_backward=True,
+    compile_safe=False, devices=("cuda", "cpu"),
+    notes=_NOTES_COMMON + "; no Triton kernel (torch matmuls only, runs on any device); saves x and [N, r]",
+))

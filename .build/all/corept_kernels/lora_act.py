@@ -1,0 +1,161 @@
+"""Gated activations for the fused LoRA MLP: forward, and a backward that works in place.
+
+``h = act(e) * g`` with ``act`` one of ``"swiglu"`` (SiLU), ``"geglu_tanh"`` (GELU, tanh
+approximation) or ``"geglu"`` (GELU, exact erf form); ``e`` is the gate projection, ``g`` the up
+projection, both ``[N, F]``.
+
+The backward, :func:`glu_backward_`, is the reason these kernels live here rather than in
+:mod:`corept_kernels.activations`: it reads ``dh``, ``e`` and ``g`` once and overwrites them with
+``h`` (recomputed, needed for the down projection's ``dA``), ``de`` and ``dg``, so the MLP backward
+allocates no ``[N, F]`` buffer for them. Both run one Triton kernel on CUDA (or on CPU under
+``TRITON_INTERPRET=1``) and torch elementwise code otherwise; math is fp32 internally (float64 for
+float64 inputs, which take the torch path).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from corept_kernels.capabilities import interpreter_active
+
+ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu")
+_ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
+
+_SQRT_2_OVER_PI = 0.7978845608028654
+_INV_SQRT_2 = 0.7071067811865476
+_INV_SQRT_2PI = 0.3989422804014327
+_GELU_C = 0.044715
+
+
+def activation_id(activation: str) -> int:
+    """The kernel's integer code for ``activation``; ``ValueError`` names the supported ones."""
+    try:
+        return _ACT_ID[activation]
+    except KeyError:
+        raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}") from None
+
+
+@triton.jit
+def _act_and_grad(e, ACT: tl.constexpr):
+    """fp32 ``e`` -> (act(e), act'(e))."""
+    if ACT == 0:
+        s = tl.sigmoid(e)
+        a = e * s
+        da = s * (1.0 + e * (1.0 - s))
+    elif ACT == 1:
+        u = _SQRT_2_OVER_PI * (e + _GELU_C * e * e * e)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u); libdevice tanh is not in the interpreter
+        a = 0.5 * e * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * e * e)
+    else:
+        cdf = 0.5 * (1.0 + tl.erf(e * _INV_SQRT_2))
+        a = e * cdf
+        da = cdf + e * tl.exp(-0.5 * e * e) * _INV_SQRT_2PI
+    return a, da
+
+
+@triton.jit
+def _glu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, _ = _act_and_grad(e, ACT)
+    tl.store(h_ptr + offs, (a * g).to(h_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _glu_bwd_kernel(dh_ptr, e_ptr, g_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    a, da = _act_and_grad(e, ACT)
+    tl.store(dh_ptr + offs, (a * g).to(dh_ptr.dtype.element_ty), mask=mask)  # h
+    tl.store(e_ptr + offs, (dh * g * da).to(e_ptr.dtype.element_ty), mask=mask)  # de
+    tl.store(g_ptr + offs, (dh * a).to(g_ptr.dtype.element_ty), mask=mask)  # dg
+
+
+def _act_and_grad_torch(e: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 twin of ``_act_and_grad``."""
+    if activation == "swiglu":
+        s = torch.sigmoid(e)
+        return e * s, s * (1.0 + e * (1.0 - s))
+    if activation == "geglu_tanh":
+        t = torch.tanh(_SQRT_2_OVER_PI * (e + _GELU_C * e.pow(3)))
+        a = 0.5 * e * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * e * e)
+        return a, da
+    cdf = 0.5 * (1.0 + torch.erf(e * _INV_SQRT_2))
+    return e * cdf, cdf + e * torch.exp(-0.5 * e * e) * _INV_SQRT_2PI
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    """Whether the Triton kernels can run on ``t``'s device (CUDA, or CPU under the interpreter)."""
+    return t.is_cuda or (t.device.type == "cpu" and interpreter_active())
+
+
+_BLOCK = 1024
+
+
+def _compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _check(*ts: torch.Tensor) -> None:
+    for t in ts:
+        if not t.is_contiguous() or t.shape != ts[0].shape or t.dtype != ts[0].dtype:
+            raise ValueError("glu kernels need contiguous tensors of one shape and dtype")
+
+
+def glu_forward(e: torch.Tensor, g: torch.Tensor, activation: str, *, triton_ok: bool | None = None) -> torch.Tensor:
+    """``h = act(e) * g``.
+
+    :param e: ``[N, F]`` gate projection, contiguous.
+    :param g: ``[N, F]`` up projection, same dtype.
+    :param triton_ok: force (True/False) or let the device decide (None) which implementation runs.
+        float64 inputs (used for gold references) always take the torch path, in float64.
+    :returns: ``h``, ``[N, F]``, in ``e.dtype``, computed in fp32 and rounded once.
+    """
+    act = activation_id(activation)
+    _check(e, g)
+    if triton_ok is None:
+        triton_ok = use_triton(e) and e.dtype != torch.float64
+    if not triton_ok:
+        ct = _compute_dtype(e)
+        a, _ = _act_and_grad_torch(e.to(ct), activation)
+        return (a * g.to(ct)).to(e.dtype)
+    h = torch.empty_like(e)
+    n = e.numel()
+    _glu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](e, g, h, n, ACT=act, BLOCK=_BLOCK)
+    return h
+
+
+def glu_backward_(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activation: str, *,
+                  triton_ok: bool | None = None) -> None:
+    """In place: ``dh <- h = act(e) * g``, ``e <- de = dh * g * act'(e)``, ``g <- dg = dh * act(e)``.
+
+    All three are ``[N, F]``, contiguous, one dtype. The version counters of the three tensors are
+    bumped, so a second backward through a graph that saved ``e`` or ``g`` fails loudly instead of
+    reading the overwritten values.
+    """
+    act = activation_id(activation)
+    _check(dh, e, g)
+    if triton_ok is None:
+        triton_ok = use_triton(e) and e.dtype != torch.float64
+    if triton_ok:
+        n = e.numel()
+        _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, e, g, n, ACT=act, BLOCK=_BLOCK)
+        for t in (dh, e, g):
+            torch.autograd.graph.increment_version(t)
+        return
+    # torch fallback, row-chunked so the fp32 temporaries stay small
+    rows = max(1, (1 << 24) // max(1, e.shape[-1]))
+    for i in range(0, e.shape[0], rows):
+        ct = _compute_dtype(e)
+        ef, gf, dhf = e[i:i + rows].to(ct), g[i:i + rows].to(ct), dh[i:i + rows].to(ct)
+        a, da = _act_and_grad_torch(ef, activation)
+        h, de, dg = a * gf, dhf * gf * da, dhf * a  # all computed before any write (views may alias)
+        dh[i:i + rows], e[i:i + rows], g[i:i + rows] = h, de, dg

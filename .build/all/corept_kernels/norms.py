@@ -1,0 +1,301 @@
+"""RMSNorm and LayerNorm over the last dimension: Triton forward and backward.
+
+Forward: one program normalises ``ROWS`` rows of ``[M, H]`` (several rows only when ``H`` is
+small), the whole row in registers (``BLOCK_H = next_power_of_2(H)``), statistics in fp32.
+Backward: a persistent-style grid of ``G`` programs; each walks a contiguous range of rows, writes
+``dX`` for them and keeps its share of ``dW`` (and ``dB``) in fp32 registers, stored once as a
+partial row ``[G, H]`` that a small torch sum reduces. Nothing is written in place: ``dX`` goes to a
+fresh buffer, so norms chained with residuals (gemma2/3 pre/post norms) keep correct gradients.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from corept_kernels import capabilities
+from corept_kernels.capabilities import KernelInfo
+from corept_kernels.torch_ref import norms as ref
+from corept_kernels.torch_ref.norms import CASTING_MODES, rms_norm_out_dtype
+
+_CASTING_ID = {"llama": 0, "gemma": 1, "none": 2}
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+MAX_H = 65536  # beyond this a row no longer fits in registers; the torch twin takes over
+
+# Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+@triton.jit
+def _rms_fwd_kernel(X, W, Y, RSTD, M, H, stride_x, stride_y, eps, offset,
+                    CASTING: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
+    n = x * rstd[:, None]
+    if CASTING == 0:  # llama: the normalised row is rounded to x's dtype before the weight multiply
+        n = n.to(X.dtype.element_ty).to(tl.float32)
+    y = n * w[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, M, H, stride_dy, stride_x, stride_dx, offset,
+                    rows_per_prog, CASTING: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                    BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    start = pid * rows_per_prog  # rows_per_prog is a multiple of ROWS: ranges never overlap
+    for i in range(0, rows_per_prog, ROWS):
+        rows = start + i + tl.arange(0, ROWS)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        n = x * rstd[:, None]
+        dn = dy * w[None, :]
+        if COMPUTE_DW:
+            if CASTING == 0:
+                dw += tl.sum(dy * n.to(X.dtype.element_ty).to(tl.float32), axis=0)
+            else:
+                dw += tl.sum(dy * n, axis=0)
+        # d/dx of x * rstd(x): rstd * (dn - n * mean(dn * n))
+        c = tl.sum(dn * n, axis=1) / H
+        dx = rstd[:, None] * (dn - n * c[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid.to(tl.int64) * H + cols, dw, mask=cmask)
+
+
+@triton.jit
+def _ln_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, H, stride_x, stride_y, eps,
+                   HAS_BIAS: tl.constexpr, BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    cols = tl.arange(0, BLOCK_H)
+    rmask = rows < M
+    cmask = cols < H
+    mask = rmask[:, None] & cmask[None, :]
+    rows64 = rows.to(tl.int64)
+    x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    mean = tl.sum(x, axis=1) / H
+    xc = tl.where(mask, x - mean[:, None], 0.0)
+    rstd = tl.rsqrt(tl.sum(xc * xc, axis=1) / H + eps)
+    y = xc * rstd[:, None] * tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    if HAS_BIAS:
+        y += tl.load(B + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
+    tl.store(MEAN + rows, mean, mask=rmask)
+    tl.store(RSTD + rows, rstd, mask=rmask)
+
+
+@triton.jit
+def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, H, stride_dy, stride_x, stride_dx,
+                   rows_per_prog, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_H)
+    cmask = cols < H
+    w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_H], dtype=tl.float32)
+    db = tl.zeros([BLOCK_H], dtype=tl.float32)
+    start = pid * rows_per_prog
+    for i in range(0, rows_per_prog, ROWS):
+        rows = start + i + tl.arange(0, ROWS)
+        rmask = rows < M
+        mask = rmask[:, None] & cmask[None, :]
+        rows64 = rows.to(tl.int64)
+        dy = tl.load(DY + rows64[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(X + rows64[:, None] * stride_x + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        mean = tl.load(MEAN + rows, mask=rmask, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=rmask, other=0.0)
+        xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
+        g = dy * w[None, :]
+        c1 = tl.sum(g * xhat, axis=1) / H
+        c2 = tl.sum(g, axis=1) / H
+        dx = rstd[:, None] * (g - xhat * c1[:, None] - c2[:, None])
+        tl.store(DX + rows64[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
+        if COMPUTE_DW:
+            dw += tl.sum(dy * xhat, axis=0)
+        if COMPUTE_DB:
+            db += tl.sum(dy, axis=0)
+    if COMPUTE_DW:
+        tl.store(DW_PART + pid.to(tl.int64) * H + cols, dw, mask=cmask)
+    if COMPUTE_DB:
+        tl.store(DB_PART + pid.to(tl.int64) * H + cols, db, mask=cmask)
+
+
+def _config(H: int) -> tuple[int, int, int]:
+    """(BLOCK_H, ROWS, num_warps): about 2-4k elements per program for small H, one row otherwise."""
+    block = triton.next_power_of_2(H)
+    rows = max(1, min(16, 2048 // block))
+    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    return block, rows, warps
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _bwd_grid(M: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for the backward; rows per program is a multiple of ``rows``."""
+    blocks = triton.cdiv(M, rows)
+    target = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    per_prog = triton.cdiv(blocks, min(blocks, target)) * rows
+    return triton.cdiv(M, per_prog), per_prog
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as ``[M, H]`` with unit column stride (a view when possible)."""
+    t2 = t.reshape(-1, t.shape[-1])
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+class _RMSNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps, offset, casting):
+        shape, H = x.shape, x.shape[-1]
+        x2 = _rows(x)
+        weight = weight.contiguous()
+        M = x2.shape[0]
+        y = _empty((M, H), rms_norm_out_dtype(x, weight, casting), x.device)
+        rstd = _empty((M,), torch.float32, x.device)
+        block, rows, warps = _config(H)
+        _rms_fwd_kernel[(triton.cdiv(M, rows),)](
+            x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), eps, offset,
+            CASTING=_CASTING_ID[casting], BLOCK_H=block, ROWS=rows, num_warps=warps)
+        ctx.save_for_backward(x2, weight, rstd)
+        ctx.shape, ctx.offset, ctx.casting = shape, offset, casting
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, rstd = ctx.saved_tensors
+        M, H = x2.shape
+        dy2 = _rows(dy)
+        dx = _empty((M, H), x2.dtype, x2.device)
+        block, rows, warps = _config(H)
+        grid, per_prog = _bwd_grid(M, rows, x2.device)
+        need_dw = ctx.needs_input_grad[1]
+        dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx
+        _rms_bwd_kernel[(grid,)](
+            dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
+            ctx.offset, per_prog, CASTING=_CASTING_ID[ctx.casting], COMPUTE_DW=need_dw,
+            BLOCK_H=block, ROWS=rows, num_warps=warps)
+        dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
+        return dx.view(ctx.shape), dw, None, None, None
+
+
+class _LayerNormFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        shape, H = x.shape, x.shape[-1]
+        x2 = _rows(x)
+        weight = weight.contiguous()
+        bias = bias.contiguous() if bias is not None else None
+        M = x2.shape[0]
+        y = _empty((M, H), x.dtype, x.device)
+        mean = _empty((M,), torch.float32, x.device)
+        rstd = _empty((M,), torch.float32, x.device)
+        block, rows, warps = _config(H)
+        _ln_fwd_kernel[(triton.cdiv(M, rows),)](
+            x2, weight, bias if bias is not None else weight, y, mean, rstd, M, H,
+            x2.stride(0), y.stride(0), eps,
+            HAS_BIAS=bias is not None, BLOCK_H=block, ROWS=rows, num_warps=warps)
+        ctx.save_for_backward(x2, weight, mean, rstd)
+        ctx.shape = shape
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.view(shape)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2, weight, mean, rstd = ctx.saved_tensors
+        M, H = x2.shape
+        dy2 = _rows(dy)
+        dx = _empty((M, H), x2.dtype, x2.device)
+        block, rows, warps = _config(H)
+        grid, per_prog = _bwd_grid(M, rows, x2.device)
+        need_dw = ctx.needs_input_grad[1]
+        need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx
+        db_part = _empty((grid, H), torch.float32, x2.device) if need_db else dx
+        _ln_bwd_kernel[(grid,)](
+            dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, H,
+            dy2.stride(0), x2.stride(0), dx.stride(0), per_prog,
+            COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows, num_warps=warps)
+        dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
+        db = db_part.sum(0).to(ctx.bias_dtype) if need_db else None
+        return dx.view(ctx.shape), dw, db, None
+
+
+def _triton_ok(name: str, x: torch.Tensor, *params: torch.Tensor | None) -> bool:
+    if x.numel() == 0 or x.shape[-1] > MAX_H:
+        return False
+    if any(t is not None and t.dtype not in _DTYPES for t in (x, *params)):
+        return False
+    ok, _ = capabilities.can_run(name, x.device, under_compile=torch.compiler.is_compiling())
+    return ok
+
+
+def _rms_norm_triton(x, weight, eps, *, offset=0.0, casting="llama"):
+    return _RMSNormFn.apply(x, weight, float(eps), float(offset), casting)
+
+
+def _layer_norm_triton(x, weight, bias, eps):
+    return _LayerNormFn.apply(x, weight, bias, float(eps))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
+             casting: str = "llama") -> torch.Tensor:
+    """RMSNorm of ``x [..., H]`` with scale ``offset + weight [H]``; result ``[..., H]``.
+
+    ``casting`` selects the numerics of HF's norms (see :func:`corept_kernels.torch_ref.norms.rms_norm`):
+    ``"llama"`` (result dtype ``promote(weight, x)``), ``"gemma"`` (fp32, then ``x.dtype``; use
+    ``offset=1.0`` for Gemma), ``"none"`` (the Triton path computes in fp32 and rounds once; result
+    ``x.dtype``). Falls back to the torch twin where the kernel cannot run.
+    """
+    if casting not in CASTING_MODES:
+        raise ValueError(f"casting must be one of {CASTING_MODES}, got {casting!r}")
+    if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
+        raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
+    if _triton_ok("rms_norm", x, weight):
+        return _rms_norm_triton(x, weight, eps, offset=offset, casting=casting)
+    return ref.rms_norm(x, weight, eps, offset=offset, casting=casting)
+
+
+def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """LayerNorm of ``x [..., H]`` with ``weight [H]`` and optional ``bias [H]``, as
+    ``F.layer_norm``: fp32 statistics, result in ``x.dtype``."""
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or (bias is not None and bias.shape != weight.shape):
+        raise ValueError(f"weight/bias must be [{x.shape[-1]}]")
+    if _triton_ok("layer_norm", x, weight, bias):
+        return _layer_norm_triton(x, weight, bias, eps)
+    return ref.layer_norm(x, weight, bias, eps)
+
+
+capabilities.register(KernelInfo(
+    name="rms_norm", triton_fn=_rms_norm_triton, reference_fn=ref.rms_norm, has_backward=True,
+    compile_safe=False, devices=("cuda",),
+    notes="casting llama/gemma/none, weight offset; dX out of place; fp32 dW partials"))
+capabilities.register(KernelInfo(
+    name="layer_norm", triton_fn=_layer_norm_triton, reference_fn=ref.layer_norm, has_backward=True,
+    compile_safe=False, devices=("cuda",), notes="weight required, bias optional; fp32 statistics"))

@@ -1,0 +1,171 @@
+"""Rotary position embedding (rotate-half convention) for q and k in one Triton launch.
+
+Grid: ``(B * S, q head groups + k head groups)``. A program loads the token's cos/sin row once and
+rotates a group of heads of q or of k, computing in fp32. Inputs are read through their strides
+(HF's ``view(...).transpose(1, 2)`` layout needs no copy); outputs are fresh tensors with the
+inputs' layout, so nothing is modified in place. Partial rotary (``Dr < D``) copies dims
+``Dr..D`` through. Backward applies the transposed rotation to the incoming gradients with the
+same kernel.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from corept_kernels import capabilities
+from corept_kernels.capabilities import KernelInfo
+from corept_kernels.torch_ref import rope as ref
+
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+def _empty_like(t: torch.Tensor) -> torch.Tensor:
+    out = torch.empty_like(t, memory_format=torch.preserve_format)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+@triton.jit
+def _rope_heads(X, O, b, s, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, s1, s2, HALF, D,
+                HB: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr,
+                BLOCK_PASS: tl.constexpr):
+    h = h0 + tl.arange(0, HB)
+    hmask = h < NH
+    d = tl.arange(0, BLOCK_HALF)
+    mask = hmask[:, None] & (d < HALF)[None, :]
+    h64 = h.to(tl.int64)[:, None]
+    xb = X + b * sxb + s * sxs + h64 * sxh
+    ob = O + b * sob + s * sos + h64 * soh
+    x1 = tl.load(xb + d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + (d[None, :] + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
+    o1 = x1 * c1[None, :] - x2 * s1[None, :]
+    o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    tl.store(ob + d[None, :] * sod, o1.to(O.dtype.element_ty), mask=mask)
+    tl.store(ob + (d[None, :] + HALF) * sod, o2.to(O.dtype.element_ty), mask=mask)
+    if HAS_PASS:
+        p = 2 * HALF + tl.arange(0, BLOCK_PASS)
+        pmask = hmask[:, None] & (p < D)[None, :]
+        tl.store(ob + p[None, :] * sod, tl.load(xb + p[None, :] * sxd, mask=pmask), mask=pmask)
+
+
+@triton.jit
+def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D, N_QGROUPS,
+                 sqb, sqh, sqs, sqd, skb, skh, sks, skd,
+                 sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
+                 scb, scs, scd, ssb, sss, ssd,
+                 BACKWARD: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
+                 BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
+    tok = tl.program_id(0)
+    grp = tl.program_id(1)
+    b = (tok // S).to(tl.int64)
+    s = (tok % S).to(tl.int64)
+    d = tl.arange(0, BLOCK_HALF)
+    dmask = d < HALF
+    cb = COS + b * scb + s * scs
+    sb = SIN + b * ssb + s * sss
+    c1 = tl.load(cb + d * scd, mask=dmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cb + (d + HALF) * scd, mask=dmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sb + d * ssd, mask=dmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sb + (d + HALF) * ssd, mask=dmask, other=0.0).to(tl.float32)
+    if BACKWARD:
+        # Forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2. Its transpose has the same form with
+        # (s1, s2) -> (-s2, -s1): rotation by -sin when the halves of cos/sin are equal, as in HF.
+        s1, s2 = -s2, -s1
+    if grp < N_QGROUPS:
+        _rope_heads(Q, QO, b, s, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+                    c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+    else:
+        _rope_heads(K, KO, b, s, (grp - N_QGROUPS) * HBK, HK, skb, skh, sks, skd, skob, skoh, skos,
+                    skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+
+
+def _launch(q, k, cos, sin, backward: bool):
+    """Rotate ``q [B, Hq, S, D]`` and ``k [B, Hk, S, D]`` by ``cos/sin [B, S, Dr]`` (expanded views)."""
+    B, HQ, S, D = q.shape
+    HK = k.shape[1]
+    half = cos.shape[-1] // 2
+    qo, ko = _empty_like(q), _empty_like(k)
+    block_half = triton.next_power_of_2(half)
+    per_prog = max(1, 2048 // block_half)  # heads per program: ~4k rotated elements
+    hbq = min(triton.next_power_of_2(HQ), per_prog)
+    hbk = min(triton.next_power_of_2(HK), per_prog)
+    nq = triton.cdiv(HQ, hbq)
+    pass_dims = D - 2 * half
+    warps = 4 if max(hbq, hbk) * block_half <= 1024 else 8
+    _rope_kernel[(B * S, nq + triton.cdiv(HK, hbk))](
+        q, k, qo, ko, cos, sin, S, HQ, HK, half, D, nq,
+        *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
+        BACKWARD=backward, HBQ=hbq, HBK=hbk, BLOCK_HALF=block_half, HAS_PASS=pass_dims > 0,
+        BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)), num_warps=warps)
+    return qo, ko
+
+
+def _expand(cs: torch.Tensor, B: int) -> torch.Tensor:
+    return (cs.unsqueeze(0) if cs.dim() == 2 else cs).expand(B, -1, -1)
+
+
+class _RopeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, cos, sin):
+        B = q.shape[0]
+        cos, sin = _expand(cos, B), _expand(sin, B)
+        ctx.save_for_backward(cos, sin)
+        ctx.q_meta, ctx.k_meta = (q.shape, q.dtype), (k.shape, k.dtype)
+        return _launch(q, k, cos, sin, backward=False)
+
+    @staticmethod
+    def backward(ctx, dqo, dko):
+        cos, sin = ctx.saved_tensors
+        # An unused output gets no gradient; its input's gradient is then zero.
+        if dqo is None:
+            dqo = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
+        if dko is None:
+            dko = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
+        dq, dk = _launch(dqo, dko, cos, sin, backward=True)
+        return dq, dk, None, None
+
+
+def _check(q, k, cos, sin):
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"q and k must be [B, H, S, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, _, S, D = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (B, S, D):
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in B, S or D")
+    if cos.shape != sin.shape or cos.dim() not in (2, 3):
+        raise ValueError(f"cos/sin must both be [S, Dr] or [B|1, S, Dr], got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    dr = cos.shape[-1]
+    if cos.shape[-2] != S or dr % 2 or dr > D or (cos.dim() == 3 and cos.shape[0] not in (1, B)):
+        raise ValueError(f"cos/sin {tuple(cos.shape)} do not fit q {tuple(q.shape)} (need S={S}, even Dr <= {D})")
+
+
+def _rope_triton(q, k, cos, sin):
+    return _RopeFn.apply(q, k, cos, sin)
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Apply rotary embeddings: ``x * cos + rotate_half(x) * sin`` on the first ``Dr`` dims.
+
+    :param q: ``[B, Hq, S, D]``; ``k``: ``[B, Hk, S, D]`` (any strides; ``Hq`` a multiple of ``Hk``
+        or not, it does not matter).
+    :param cos: ``[B, S, Dr]``, ``[1, S, Dr]`` or ``[S, Dr]`` as HF rotary modules return them
+        (already scaled; per-row positions allowed); ``sin`` alike; ``Dr`` even, ``<= D``.
+    :returns: ``(q_out, k_out)``: new tensors, same shape, dtype and layout as ``q`` and ``k``;
+        computed in fp32. ``cos``/``sin`` get no gradient (the torch twin is used if they need one).
+    """
+    _check(q, k, cos, sin)
+    ok = (q.numel() > 0 and k.numel() > 0 and not cos.requires_grad and not sin.requires_grad
+          and all(t.dtype in _DTYPES for t in (q, k, cos, sin)))
+    if ok:
+        ok, _ = capabilities.can_run("rope", q.device, under_compile=torch.compiler.is_compiling())
+    if ok:
+        return _rope_triton(q, k, cos, sin)
+    return ref.rope(q, k, cos, sin)
+
+
+capabilities.register(KernelInfo(
+    name="rope", triton_fn=_rope_triton, reference_fn=ref.rope, has_backward=True,
+    compile_safe=False, devices=("cuda",),
+    notes="q and k in one launch; strided inputs; partial rotary; out of place"))
