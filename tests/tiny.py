@@ -69,7 +69,6 @@ def tiny_config(model_type: str, **overrides):
                              bos_token_id=1, eos_token_id=2, **overrides)
     elif model_type == "phi3":
         cls = tf.Phi3Config
-        kw.pop("bos_token_id"), kw.pop("eos_token_id"), kw.pop("pad_token_id")
     else:
         raise ValueError(f"tests/tiny.py has no tiny config for {model_type!r}")
     kw.update(overrides)

@@ -109,6 +109,33 @@ def test_llama_fp32_weight_on_bf16_input_gives_fp32_like_hf():
     torch.testing.assert_close(got, want, rtol=2.0 ** -7, atol=1e-6)
 
 
+def _to_bf16(t, mode):
+    """fp32 -> bf16 -> fp32 with round-to-nearest-even (GPU, torch) or truncation (interpreter)."""
+    if mode == "rtne":
+        return t.to(torch.bfloat16).float()
+    return (t.view(torch.int32) & -65536).view(torch.float32)
+
+
+def test_llama_casting_rounds_normed_x_before_the_weight():
+    """bf16 x with an fp32 weight: y is fp32, so the only rounding left is that of x_normed to bf16,
+    and dW must be sum(dy * x_normed_in_bf16) as HF's autograd computes it."""
+    x = torch.randn(96, 50, dtype=torch.bfloat16) * 3
+    w = torch.randn(50) * 2
+    dy = torch.randn(96, 50)
+    y, (_, dw) = _run(lambda x, w: rms_norm(x, w, EPS), [x, w], dy)
+    xf = x.float()
+    normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + EPS)
+    # Whichever bf16 rounding this backend uses, the kernel must match it, not the unrounded value.
+    mode = min(("rtne", "trunc"), key=lambda m: (y - w * _to_bf16(normed, m)).abs().max().item())
+    normed_bf16 = _to_bf16(normed, mode)
+    off = ~torch.isclose(y, w * normed_bf16, rtol=1e-6, atol=1e-6)
+    # rstd may differ from torch's in the last fp32 bit and flip a rare rounding by 1 bf16 ulp.
+    assert off.float().mean() < 0.01, f"{off.sum()} of {off.numel()} elements not rounded like {mode}"
+    assert_close_fp32(y, w * normed_bf16, rtol=2.0 ** -7, atol=0)
+    want_dw = (dy.double() * normed_bf16.double()).sum(0)
+    assert (dw.double() - want_dw).abs().max() <= 1e-5 * want_dw.abs().max()
+
+
 def test_gemma_sandwich_norms_with_residual():
     """Gemma2/3 order: pre-norm -> op -> post-norm -> residual add -> pre-norm; every grad exact."""
     H = 37
