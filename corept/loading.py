@@ -1,6 +1,7 @@
 """``corept.load``: read the config, pick the plugin, apply its policies, load, quantize, patch."""
 from __future__ import annotations
 
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -113,17 +114,39 @@ def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     return n
 
 
+_GENERIC_FAST_TOKENIZERS = ("PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def _declares_generic_fast_tokenizer(folder) -> bool:
+    """The folder's tokenizer_config.json names the generic fast tokenizer and a tokenizer.json exists."""
+    cfg_path = os.path.join(folder, "tokenizer_config.json")
+    if not (os.path.isfile(cfg_path) and os.path.isfile(os.path.join(folder, "tokenizer.json"))):
+        return False
+    try:
+        with open(cfg_path, encoding="utf-8") as fh:
+            declared = json.load(fh).get("tokenizer_class")
+    except (OSError, ValueError):
+        return False
+    return declared in _GENERIC_FAST_TOKENIZERS
+
+
 def load_tokenizer(folder, *, trust_remote_code: bool, max_seq_length: int):
     """The folder's tokenizer with ``model_max_length`` and a pad token set, or ``None`` if it has none."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    try:
-        tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - fall back to the raw tokenizer.json below
-        if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
-            logger.warning("corept: no tokenizer in %s (%s); returning tokenizer=None.", folder, exc)
-            return None
+    tok = None
+    if _declares_generic_fast_tokenizer(folder):
+        # AutoTokenizer would substitute the model_type's own class (e.g. Qwen2Tokenizer for a qwen2
+        # config), which re-tokenizes differently and adds tokens; the folder asked for the generic one.
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
+    if tok is None:
+        try:
+            tok = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        except Exception as exc:  # noqa: BLE001 - fall back to the raw tokenizer.json below
+            if not os.path.isfile(os.path.join(folder, "tokenizer.json")):
+                logger.warning("corept: no tokenizer in %s (%s); returning tokenizer=None.", folder, exc)
+                return None
+            tok = PreTrainedTokenizerFast.from_pretrained(folder)
     tok.model_max_length = max_seq_length
     if tok.pad_token is None and tok.eos_token is not None:
         tok.pad_token = tok.eos_token

@@ -5,6 +5,7 @@ power of two) and, where the config class allows it, ``head_dim`` 32 != hidden /
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from pathlib import Path
@@ -136,7 +137,7 @@ def hf_cache_repo(cache_dir: os.PathLike, repo_id: str, model_type: str, *, comm
     # Move every file into blobs/ and symlink it back, as the real cache does.
     for f in sorted(snapshot.iterdir()):
         if f.is_file() and not f.is_symlink():
-            blob = blobs / f"{abs(hash((repo_id, f.name))):x}"
+            blob = blobs / hashlib.sha256(f.read_bytes()).hexdigest()
             f.rename(blob)
             f.symlink_to(os.path.relpath(blob, snapshot))
     return snapshot

@@ -37,8 +37,13 @@ def _inputs(shape, dtype, layout):
             torch.randn(shape, dtype=torch.float64).to(dtype))
 
 
+def _leaf(t):
+    """A leaf copy of ``t`` with the same strides (``clone`` would compact a sliced view)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+
+
 def _run(fn, g, u, dy):
-    g, u = g.detach().clone().requires_grad_(), u.detach().clone().requires_grad_()
+    g, u = _leaf(g), _leaf(u)
     out = fn(g, u)
     out.backward(dy)
     return out.detach(), g.grad, u.grad

@@ -29,9 +29,14 @@ def _x(shape, dtype, layout):
     return torch.randn(shape, dtype=torch.float64).to(dtype)
 
 
+def _leaf(t):
+    """A leaf copy of ``t`` with the same strides (``clone`` would compact a sliced view)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+
+
 def _run(fn, inputs, dy):
     """Forward + backward of ``fn`` on leaf copies of ``inputs``: (out, [grads...])."""
-    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    leaves = [None if t is None else _leaf(t) for t in inputs]
     out = fn(*leaves)
     out.backward(dy)
     return out.detach(), [None if t is None else t.grad for t in leaves]

@@ -45,8 +45,13 @@ def _gold(q, k, cos, sin):
     return torch.cat((qr, q[..., dr:]), -1), torch.cat((kr, k[..., dr:]), -1)
 
 
+def _leaf(t):
+    """A leaf copy of ``t`` with the same strides (``clone`` would compact a sliced view)."""
+    return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t).requires_grad_()
+
+
 def _run(fn, q, k, cos, sin, dq, dk):
-    q, k = q.detach().clone().requires_grad_(), k.detach().clone().requires_grad_()
+    q, k = _leaf(q), _leaf(k)
     qo, ko = fn(q, k, cos, sin)
     torch.autograd.backward((qo, ko), (dq, dk))
     return qo.detach(), ko.detach(), q.grad, k.grad
@@ -80,6 +85,16 @@ def test_rope_gqa_per_row_positions(Hq, Hk, dtype):
     pos = torch.stack([torch.arange(S) + 5, torch.tensor([0, 1, 2, 0, 1, 2, 3])])  # row 1: packed
     cos, sin = _cos_sin(pos, D)
     q, k = _qk(B, Hq, Hk, S, D, dtype)
+    _check(q, k, cos.float(), sin.float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_several_head_groups_per_tensor(monkeypatch, dtype):
+    """Two heads per program: q in 3 groups, k in 2 (the last one half masked)."""
+    monkeypatch.setattr(rope_mod, "HEAD_TILE", 16)
+    B, S, D = 2, 3, 16
+    cos, sin = _cos_sin(torch.randint(0, 40, (B, S)), D)
+    q, k = _qk(B, 6, 3, S, D, dtype)
     _check(q, k, cos.float(), sin.float())
 
 

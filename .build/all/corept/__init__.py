@@ -15,6 +15,13 @@ from corept.report import PatchReport
 __version__ = "0.1.0"
 
 
+def get_peft_model(*args, **kwargs):
+    """Add LoRA adapters with corept's fused kernels; see :func:`corept.lora_setup.get_peft_model`."""
+    from corept.lora_setup import get_peft_model as _get_peft_model
+
+    return _get_peft_model(*args, **kwargs)
+
+
 def load(*args, **kwargs):
     """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load`."""
     from corept.loading import load as _load
@@ -24,7 +31,7 @@ def load(*args, **kwargs):
 
 __all__ = [
     "COMPONENTS", "Architecture", "ArchitecturePlugin", "FromConfig", "ModuleRoles", "Quirks", "Replacement",
-    "PatchReport", "hookimpl", "load", "patch", "unpatch", "report", "is_patched",
+    "PatchReport", "hookimpl", "load", "get_peft_model", "patch", "unpatch", "report", "is_patched",
     "get_plugin_manager", "register_plugin", "unregister_plugin", "reset_plugin_manager",
     "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError", "PluginLoadError",
     "UnsupportedArchitectureError",

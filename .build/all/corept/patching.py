@@ -32,6 +32,7 @@ _MISSING = object()
 class _ModuleChange:
     module: nn.Module
     attrs: dict[str, Any] = field(default_factory=dict)  # name -> previous instance value or _MISSING
+    new: dict[str, Any] = field(default_factory=dict)  # name -> the value corept set
 
 
 @dataclass
@@ -45,6 +46,7 @@ def _set_recorded(change: _ModuleChange, name: str, value: Any) -> None:
     if name not in change.attrs:
         change.attrs[name] = change.module.__dict__.get(name, _MISSING)
     setattr(change.module, name, value)
+    change.new[name] = value
 
 
 def _innermost(fn):
@@ -84,6 +86,13 @@ def _apply(module: nn.Module, replacements: list[Replacement]) -> _ModuleChange:
 
 def _undo(change: _ModuleChange) -> None:
     for name, old in change.attrs.items():
+        current = change.module.__dict__.get(name, _MISSING)
+        if current is not change.new.get(name, _MISSING):
+            # Someone replaced our value after us (e.g. TRL's fused LM head wraps `forward`); their
+            # wrapper captured ours, so removing it would drop their change. Leave it and say so.
+            logger.warning("corept.unpatch: %s.%s was replaced after corept patched it; leaving the newer "
+                           "value in place (it may still call corept's)", type(change.module).__name__, name)
+            continue
         if old is _MISSING:
             change.module.__dict__.pop(name, None)
         else:
@@ -133,7 +142,8 @@ def patch(model: nn.Module, only: Iterable[str] | None = None, exclude: Iterable
     """
     config = _config(model)
     sel = (frozenset(only) if only is not None else frozenset(COMPONENTS), frozenset(exclude or ()))
-    state: _PatchState | None = model.__dict__.get(STATE_ATTR)
+    holder = model.get_base_model() if hasattr(model, "get_base_model") else model
+    state: _PatchState | None = holder.__dict__.get(STATE_ATTR)
     if state is not None:
         if state.selection != sel:
             logger.warning("model is already patched with a different selection; call corept.unpatch(model) "
@@ -141,7 +151,7 @@ def patch(model: nn.Module, only: Iterable[str] | None = None, exclude: Iterable
         return model
     found = resolve_architecture(config.model_type, strict=strict)
     if found is None:
-        model.__dict__[STATE_ATTR] = _PatchState(PatchReport(plugin=None, model_type=config.model_type,
+        holder.__dict__[STATE_ATTR] = _PatchState(PatchReport(plugin=None, model_type=config.model_type,
                                                              fallbacks={"*": "no plugin claims this model_type"}), [], sel)
         return model
     arch, rec = found
@@ -161,7 +171,7 @@ def patch(model: nn.Module, only: Iterable[str] | None = None, exclude: Iterable
     for c in set(COMPONENTS) - set(components):
         report.fallbacks.setdefault(c, "not selected" if c in arch.components else
                                     f"plugin {rec.name!r} does not patch {c}; transformers' implementation runs")
-    model.__dict__[STATE_ATTR] = _PatchState(report, changes, sel)
+    holder.__dict__[STATE_ATTR] = _PatchState(report, changes, sel)
     return model
 
 
@@ -191,8 +201,10 @@ def _patch_components(model: nn.Module, arch: Architecture, quirks: Quirks, comp
         if impls[component]:
             report.applied[component] = ", ".join(f"{k} x{v}" for k, v in impls[component].items())
         if kept:
-            report.fallbacks.setdefault(
-                component, f"{kept} module(s) kept transformers' implementation (no hook answered)")
+            what = "transformers' implementation"
+            if component == "attention":
+                what = f"transformers' AttentionInterface {getattr(model.config, '_attn_implementation', None)!r}"
+            report.fallbacks.setdefault(component, f"{kept} module(s) kept {what} (no hook answered)")
     return [_apply(m, rs) for m, rs in per_module.values()]
 
 
@@ -206,7 +218,8 @@ def _unique_modules(model: nn.Module):
 
 def unpatch(model: nn.Module) -> nn.Module:
     """Undo every change :func:`patch` made to ``model``; a never-patched model is returned as is."""
-    state: _PatchState | None = model.__dict__.pop(STATE_ATTR, None)
+    holder = state_holder(model)
+    state: _PatchState | None = holder.__dict__.pop(STATE_ATTR, None) if holder is not None else None
     if state is not None:
         for change in reversed(state.changes):
             _undo(change)
@@ -215,7 +228,8 @@ def unpatch(model: nn.Module) -> nn.Module:
 
 def report(model: nn.Module) -> PatchReport:
     """The :class:`PatchReport` of a patched model (an empty one if it was never patched)."""
-    state: _PatchState | None = model.__dict__.get(STATE_ATTR)
+    holder = state_holder(model)
+    state: _PatchState | None = holder.__dict__.get(STATE_ATTR) if holder is not None else None
     if state is None:
         return PatchReport(plugin=None, model_type=getattr(getattr(model, "config", None), "model_type", "?"),
                            fallbacks={"*": "not patched"})
@@ -223,4 +237,32 @@ def report(model: nn.Module) -> PatchReport:
 
 
 def is_patched(model: nn.Module) -> bool:
-    return STATE_ATTR in model.__dict__
+    return state_holder(model) is not None
+
+
+def state_holder(model: nn.Module) -> nn.Module | None:
+    """The module carrying corept's patch state: ``model`` or, for a peft model, its base model."""
+    candidates = [model]
+    if hasattr(model, "get_base_model"):
+        candidates.append(model.get_base_model())
+    for m in candidates:
+        if STATE_ATTR in m.__dict__:
+            return m
+    return None
+
+
+def apply_extra(model: nn.Module, component: str, pairs: list[tuple[nn.Module, Replacement]],
+                fallback: str | None = None) -> None:
+    """Apply replacements made after :func:`patch` (e.g. fused LoRA by ``get_peft_model``), recorded
+    in the same state so :func:`unpatch` undoes them too, and shown under ``component`` in the report."""
+    holder = state_holder(model)
+    if holder is None:
+        raise InvalidOptionsError("model is not patched by corept; call corept.patch(model) first")
+    state: _PatchState = holder.__dict__[STATE_ATTR]
+    counts = Counter(r.implementation for _, r in pairs)
+    for m, r in pairs:
+        state.changes.append(_apply(m, [r]))
+    if counts:
+        state.report.applied[component] = ", ".join(f"{k} x{v}" for k, v in counts.items())
+    if fallback:
+        state.report.fallbacks[component] = fallback

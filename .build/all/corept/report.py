@@ -14,7 +14,6 @@ class PatchReport:
     :param applied: component -> implementation, e.g. ``{"norm": "triton:rms_norm x9"}``.
     :param fallbacks: component -> why it kept transformers' implementation (or runs a torch twin).
     :param quirks: the resolved quirks, as a dict.
-    :param providers: component -> plugin(s) whose hook answered.
     :param notes: the architecture's notes (e.g. "experts stay HF's").
     """
 
@@ -24,7 +23,6 @@ class PatchReport:
     applied: dict[str, str] = field(default_factory=dict)
     fallbacks: dict[str, str] = field(default_factory=dict)
     quirks: dict = field(default_factory=dict)
-    providers: dict[str, list[str]] = field(default_factory=dict)
     notes: str = ""
 
     @property

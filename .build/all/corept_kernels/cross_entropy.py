@@ -18,6 +18,7 @@ and ``dx = dz * (1 - (z / softcap)**2)`` through the softcap. The row kernels ar
 """
 from __future__ import annotations
 
+import importlib
 import os
 
 import torch
@@ -25,7 +26,8 @@ import triton
 import triton.language as tl
 
 from corept_kernels import capabilities
-from corept_kernels.torch_ref import cross_entropy as ref
+# by module path: a package-level re-export of the function must not shadow the module
+ref = importlib.import_module("corept_kernels.torch_ref.cross_entropy")
 
 #: Largest vocabulary block one loop step loads, per device type. The interpreter cap is smaller
 #: so tests exercise the chunked vocabulary loop at moderate V (tests may lower both).

@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from corept.cli import doctor, inspect_cmd, plugins_cmd
+from corept.cli import demo, doctor, inspect_cmd, plugins_cmd
 
-COMMANDS = {"plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd}
+COMMANDS = {"demo": demo, "plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:
