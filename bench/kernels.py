@@ -49,6 +49,20 @@ def _fwd_bwd(fn):
     torch.autograd.backward(outs, grads)
 
 
+def _first_output(fn) -> torch.Tensor:
+    with torch.no_grad():
+        out = fn()
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.detach().float()
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """||out - ref|| / ||ref||; NaN anywhere gives inf (never passes)."""
+    if out.shape != ref.shape or not torch.isfinite(out).all():
+        return float("inf")
+    return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
 def measure(case: BenchCase, name: str, fn) -> dict:
     import triton
 
@@ -91,15 +105,16 @@ def markdown(records: list[dict], env: dict) -> str:
     lines = [f"Kernels on {env.get('gpu')} (torch {env['torch']}, triton {env['triton']}, liger {env.get('liger_kernel')}), "
              f"{env['date']}; median ms (`triton.testing.do_bench`); peak = extra allocated MiB of one fwd+bwd; "
              f"%BW = share of the measured copy bandwidth ({env['copy_bandwidth_gbs']:.0f} GB/s).", "",
-             "| kernel | shape | impl | fwd ms | fwd+bwd ms | peak MiB | fwd %BW | fwd+bwd %BW |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| kernel | shape | impl | fwd ms | fwd+bwd ms | peak MiB | fwd %BW | fwd+bwd %BW | rel err vs torch |",
+             "|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, p=3: "–" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | error: {r['error'][:60]} | | | | |")
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | error: {r['error'][:60]} | | | | | |")
             continue
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} "
-                     f"| {fmt(r.get('peak_mib'), 0)} | {fmt(r.get('fwd_pct_copy_bw'), 0)} | {fmt(r.get('fwd_bwd_pct_copy_bw'), 0)} |")
+                     f"| {fmt(r.get('peak_mib'), 0)} | {fmt(r.get('fwd_pct_copy_bw'), 0)} | {fmt(r.get('fwd_bwd_pct_copy_bw'), 0)} "
+                     f"| {fmt(r.get('rel_err_vs_torch'), 6) if 'rel_err_vs_torch' in r else '–'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -124,10 +139,13 @@ def main() -> int:
         for case in cases:
             if only and case.kernel not in only:
                 continue
+            reference = _first_output(case.impls["torch"]) if "torch" in case.impls else None
             for name, fn in case.impls.items():
                 if impls and name not in impls:
                     continue
                 rec = measure(case, name, fn)
+                if reference is not None and "error" not in rec:
+                    rec["rel_err_vs_torch"] = _rel_err(_first_output(fn), reference)
                 add_bandwidth(rec, case, env["copy_bandwidth_gbs"])
                 records.append(rec)
                 print(json.dumps(rec), flush=True)

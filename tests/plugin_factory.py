@@ -80,6 +80,19 @@ import json, logging, os, sys
 MARKER = {marker!r}
 def emit(obj):
     print(MARKER + json.dumps(obj, default=str), flush=True)
+class _Lines(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.DEBUG)
+        self.lines = []
+    def emit(self, record):
+        self.lines.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+def capture_logs(name="corept", level=logging.DEBUG):
+    # every record of logger `name` at `level` or above, as 'LEVEL name: message' lines
+    handler = _Lines()
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    logger.setLevel(level)
+    return handler.lines
 """
 
 

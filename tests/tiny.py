@@ -154,3 +154,22 @@ def batch(vocab: int = VOCAB, *, b: int = 2, s: int = 8, seed: int = 1):
 
 def config_json(folder: os.PathLike) -> dict:
     return json.loads((Path(folder) / "config.json").read_text())
+
+
+def mismatch(actual: torch.Tensor, expected: torch.Tensor, *, rtol: float = 1e-4, atol: float = 1e-5) -> str | None:
+    """``None`` when the tensors are close (torch.testing.assert_close), else its message."""
+    try:
+        torch.testing.assert_close(actual, expected, rtol=rtol, atol=atol)
+    except AssertionError as exc:
+        return str(exc)
+    return None
+
+
+def instance_overrides(model: torch.nn.Module) -> list[str]:
+    """Names of modules carrying an instance attribute corept could have set (forward, corept*)."""
+    found = []
+    for name, m in model.named_modules():
+        keys = [k for k in m.__dict__ if k == "forward" or "corept" in k.lower()]
+        if keys:
+            found.append(f"{name or '<root>'}: {keys}")
+    return found

@@ -22,6 +22,13 @@ def get_peft_model(*args, **kwargs):
     return _get_peft_model(*args, **kwargs)
 
 
+def save(*args, **kwargs):
+    """Save adapters or merged weights atomically (safetensors); see :func:`corept.saving.save`."""
+    from corept.saving import save as _save
+
+    return _save(*args, **kwargs)
+
+
 def load(*args, **kwargs):
     """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load`."""
     from corept.loading import load as _load
@@ -31,7 +38,7 @@ def load(*args, **kwargs):
 
 __all__ = [
     "COMPONENTS", "Architecture", "ArchitecturePlugin", "FromConfig", "ModuleRoles", "Quirks", "Replacement",
-    "PatchReport", "hookimpl", "load", "get_peft_model", "patch", "unpatch", "report", "is_patched",
+    "PatchReport", "hookimpl", "load", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
     "get_plugin_manager", "register_plugin", "unregister_plugin", "reset_plugin_manager",
     "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError", "PluginLoadError",
     "UnsupportedArchitectureError",

@@ -265,7 +265,16 @@ def get_plugin_manager() -> CoreptPluginManager:
     with _manager_lock:
         if _manager is None:
             _manager = CoreptPluginManager()
-    return _manager.ensure_loaded()
+        manager = _manager
+    try:
+        return manager.ensure_loaded()
+    except Exception:
+        # A plugin failed validation mid-discovery: forget the half-loaded manager so the next call
+        # fails the same loud way instead of silently answering with the plugins loaded so far.
+        with _manager_lock:
+            if _manager is manager:
+                _manager = None
+        raise
 
 
 def reset_plugin_manager() -> None:

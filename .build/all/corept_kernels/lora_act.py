@@ -92,9 +92,19 @@ def _act_and_grad_torch(e: torch.Tensor, activation: str) -> tuple[torch.Tensor,
     return e * cdf, cdf + e * torch.exp(-0.5 * e * e) * _INV_SQRT_2PI
 
 
+def _built_for_interpreter() -> bool:
+    """True when the kernels were decorated with TRITON_INTERPRET=1 (set before this import)."""
+    return type(_glu_fwd_kernel).__name__ == "InterpretedFunction"
+
+
 def use_triton(t: torch.Tensor) -> bool:
-    """Whether the Triton kernels can run on ``t``'s device (CUDA, or CPU under the interpreter)."""
-    return t.is_cuda or (t.device.type == "cpu" and interpreter_active())
+    """Whether the Triton kernels can run on ``t``: CUDA, or CPU when the interpreter is on *and*
+    was on when this module was imported (else launching would fail with "0 active drivers")."""
+    if t.numel() == 0:
+        return False
+    if t.is_cuda:
+        return True
+    return t.device.type == "cpu" and interpreter_active() and _built_for_interpreter()
 
 
 _BLOCK = 1024

@@ -19,6 +19,8 @@ from corept_kernels.torch_ref import rope as ref
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
+HEAD_TILE = 2048  # rotated pairs per program (tile [heads, Dr/2]); tests lower it to get many groups
+
 # Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
 POISON_OUTPUTS = False
 
@@ -89,7 +91,7 @@ def _launch(q, k, cos, sin, backward: bool):
     half = cos.shape[-1] // 2
     qo, ko = _empty_like(q), _empty_like(k)
     block_half = triton.next_power_of_2(half)
-    per_prog = max(1, 2048 // block_half)  # heads per program: ~4k rotated elements
+    per_prog = max(1, HEAD_TILE // block_half)  # heads per program
     hbq = min(triton.next_power_of_2(HQ), per_prog)
     hbk = min(triton.next_power_of_2(HK), per_prog)
     nq = triton.cdiv(HQ, hbq)

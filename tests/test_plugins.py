@@ -1,0 +1,428 @@
+"""corept.plugins: entry-point discovery, env vars, broken/misspelled/duplicate/out-of-range plugins.
+
+The four built-in plugins are real installed distributions (``make install``). Third-party plugins
+are real distributions too: written into tmp_path by :mod:`plugin_factory`, pip-installed into a
+temporary site folder and exercised in subprocesses (the plugin manager is per process, and
+entry points and env vars are read at its first use).
+"""
+from __future__ import annotations
+
+import importlib.util
+
+import importlib_metadata
+import pytest
+
+import corept
+from corept.plugins import ENTRY_POINT_GROUP, get_plugin_manager
+from plugin_factory import make_plugin, ok, run_scripts
+import tiny
+
+BUILTIN = {"llama": "corept-llama", "mistral": "corept-mistral", "qwen": "corept-qwen", "gemma": "corept-gemma"}
+MISTRAL_TYPES = ["mistral"] + (["ministral"] if importlib.util.find_spec("transformers.models.ministral") else [])
+MODEL_TYPES = {"llama": ["llama"], "mistral": MISTRAL_TYPES, "qwen": ["qwen2", "qwen3", "qwen3_moe"],
+               "gemma": ["gemma", "gemma2", "gemma3_text", "gemma3"]}
+
+
+# -- in process: the installed built-ins ---------------------------------------------------------
+def test_builtin_plugins_are_found_through_installed_entry_points():
+    eps = {ep.name: ep for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)}
+    for name, dist in BUILTIN.items():
+        assert name in eps, f"entry point {name!r} not installed (run `make install`)"
+        assert eps[name].dist.name == dist
+    pm = get_plugin_manager()
+    for name, dist in BUILTIN.items():
+        rec = pm.records[name]
+        assert rec.loaded and rec.error is None, rec
+        assert rec.distribution == dist
+        assert rec.version == importlib_metadata.version(dist)
+        assert [a.model_type for a in rec.architectures] == MODEL_TYPES[name]
+        assert "corept_register_architectures" in rec.hooks and "corept_patch_norm" in rec.hooks
+    assert sorted(pm.model_types()) == sorted(t for ts in MODEL_TYPES.values() for t in ts)
+
+
+def test_manager_is_lazy_singleton_and_idempotent():
+    pm = get_plugin_manager()
+    claims_before = {mt: len(c) for mt, c in pm._claims.items()}
+    assert get_plugin_manager() is pm
+    pm.ensure_loaded()
+    assert {mt: len(c) for mt, c in pm._claims.items()} == claims_before
+    assert all(n == 1 for n in claims_before.values())
+
+
+def test_architecture_for_and_aliases():
+    pm = get_plugin_manager()
+    for mt, plugin in tiny.PLUGIN_OF.items():
+        arch, rec = pm.architecture_for(mt)
+        assert (arch.model_type, rec.name) == (mt, plugin)
+    assert pm.architecture_for("gpt2") is None
+    assert pm.alias_target("QWEN3-8B")[0] == "Qwen/Qwen3-8B"
+    assert pm.alias_target("qwen3-8b")[1].name == "qwen"
+    assert pm.alias_target("no-such-alias") is None
+
+
+class _CodePlugin:
+    """A plugin object registered in code: declares one new model_type."""
+
+    @corept.hookimpl
+    def corept_register_architectures(self):
+        return [corept.Architecture("codearch", corept.ModuleRoles.standard("CodeArch"))]
+
+
+def test_register_and_unregister_plugin_in_code():
+    rec = corept.register_plugin(_CodePlugin(), "codeplugin")
+    try:
+        assert rec.loaded and rec.distribution is None
+        assert get_plugin_manager().architecture_for("codearch")[1] is rec
+        with pytest.raises(corept.PluginLoadError, match="codeplugin"):
+            corept.register_plugin(_CodePlugin(), "codeplugin")
+    finally:
+        corept.unregister_plugin("codeplugin")
+    assert get_plugin_manager().architecture_for("codearch") is None
+    assert "codeplugin" not in get_plugin_manager().records
+
+
+def test_registration_must_return_architectures():
+    class Bad:
+        @corept.hookimpl
+        def corept_register_architectures(self):
+            return ["llama"]
+
+    with pytest.raises(corept.PluginLoadError, match="Architecture objects"):
+        corept.register_plugin(Bad(), "badreturn")
+    assert not get_plugin_manager().records["badreturn"].loaded
+    corept.unregister_plugin("badreturn")
+
+
+# -- third-party distributions, in subprocesses ---------------------------------------------------
+ACME = '''
+"""acme: a third-party corept plugin. Overrides the llama norm and adds an architecture."""
+import torch
+
+import corept
+from corept import Architecture, ModuleRoles, Replacement
+
+CALLS = {"norm": 0}
+
+
+def counting_rms_norm(self, hidden_states):
+    CALLS["norm"] += 1
+    h = hidden_states.to(torch.float32)
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+    return self.weight * h.to(hidden_states.dtype)
+
+
+@corept.hookimpl
+def corept_register_architectures():
+    return [Architecture("phi3", ModuleRoles(norm=("Phi3RMSNorm",), causal_lm=("Phi3ForCausalLM",)),
+                         transformers=">=5.0", components=("norm", "loss"), notes="declared by acme")]
+
+
+@corept.hookimpl(tryfirst=True)
+def corept_patch_norm(arch, quirks, module, model):
+    if arch.model_type != "llama":
+        return None
+    return Replacement(implementation="acme:counting_rms_norm", forward=counting_rms_norm)
+'''
+
+ACME_SCRIPT = '''
+import copy
+import torch
+import corept, corept_acme, tiny
+
+pm = corept.get_plugin_manager()
+out = {"records": {n: r.to_dict() for n, r in pm.records.items()}}
+ids, _ = tiny.batch()
+model = tiny.tiny_model("llama")
+ref = copy.deepcopy(model)
+corept.patch(model)
+out["llama"] = corept.report(model).to_dict()
+out["n_norms"] = sum(type(m).__name__ == "LlamaRMSNorm" for m in model.modules())
+before = corept_acme.CALLS["norm"]
+with torch.no_grad():
+    got, want = model(ids).logits, ref(ids).logits
+out["calls"] = corept_acme.CALLS["norm"] - before
+out["mismatch"] = tiny.mismatch(got, want)
+corept.unpatch(model)
+with torch.no_grad():
+    out["unpatched_equal"] = torch.equal(model(ids).logits, want)
+out["calls_after_unpatch"] = corept_acme.CALLS["norm"] - before
+other = tiny.tiny_model("mistral")
+corept.patch(other)
+out["mistral_norm"] = corept.report(other).applied.get("norm")
+phi = tiny.tiny_model("phi3")
+phi_ref = copy.deepcopy(phi)
+corept.patch(phi)
+out["phi3"] = corept.report(phi).to_dict()
+with torch.no_grad():
+    out["phi3_mismatch"] = tiny.mismatch(phi(ids).logits, phi_ref(ids).logits)
+emit(out)
+'''
+
+BROKEN = '''
+raise RuntimeError("acme-broken cannot start: license file missing")
+'''
+
+BROKEN_SCRIPT = '''
+import corept, tiny
+from corept.cli import doctor
+logs = capture_logs("corept", logging.WARNING)
+pm = corept.get_plugin_manager()
+model = corept.patch(tiny.tiny_model("llama"))
+emit({"logs": logs, "records": {n: r.to_dict() for n, r in pm.records.items()},
+      "llama": corept.report(model).to_dict(), "problems": doctor.collect()["problems"]})
+'''
+
+TYPO = '''
+import corept
+
+
+@corept.hookimpl
+def corept_register_architectures():
+    return []
+
+
+@corept.hookimpl
+def corept_patch_nrom(arch, quirks, module, model):
+    return None
+'''
+
+TYPO_SCRIPT = '''
+import corept, tiny
+errors = []
+for attempt in range(2):
+    try:
+        corept.get_plugin_manager()
+        errors.append(None)
+    except corept.PluginLoadError as exc:
+        errors.append(str(exc))
+try:
+    corept.patch(tiny.tiny_model("llama"))
+    errors.append(None)
+except corept.PluginLoadError as exc:
+    errors.append(str(exc))
+emit({"errors": errors})
+'''
+
+DUP = '''
+from corept import Architecture, ArchitecturePlugin, ModuleRoles
+plugin = ArchitecturePlugin([Architecture("llama", ModuleRoles.standard("Llama"))])
+'''
+
+PLUS = '''
+from corept import Architecture, ArchitecturePlugin, ModuleRoles
+plugin = ArchitecturePlugin([Architecture("llama", ModuleRoles.standard("Llama"), priority=1)])
+'''
+
+DUP_SCRIPT = '''
+import corept, tiny
+out = {}
+try:
+    model = corept.patch(tiny.tiny_model("llama"))
+    out["llama"] = corept.report(model).to_dict()
+except corept.PluginConflictError as exc:
+    out["conflict"] = str(exc)
+out["qwen3"] = corept.report(corept.patch(tiny.tiny_model("qwen3"))).plugin
+emit(out)
+'''
+
+OLD = '''
+from corept import Architecture, ArchitecturePlugin, ModuleRoles
+plugin = ArchitecturePlugin([Architecture("llama", ModuleRoles.standard("Llama"), transformers="<5.0")])
+'''
+
+OLD_SCRIPT = '''
+import tempfile
+import torch
+from transformers import AutoModelForCausalLM
+import corept, tiny
+from corept.cli import inspect_cmd, plugins_cmd
+logs = capture_logs("corept", logging.WARNING)
+folder = tiny.save_tiny(tempfile.mkdtemp(), "llama")
+model, tok = corept.load(str(folder))
+ref = AutoModelForCausalLM.from_pretrained(folder).eval()
+ids, labels = tiny.batch()
+model.train(); ref.train()
+got, want = model(ids, labels=labels), ref(ids, labels=labels)
+emit({"report": corept.report(model).to_dict(), "logs": logs,
+      "logits_equal": torch.equal(got.logits, want.logits), "loss_equal": torch.equal(got.loss, want.loss),
+      "overrides": tiny.instance_overrides(model),
+      "plugins": {r["name"]: r for r in plugins_cmd.collect()},
+      "inspect": inspect_cmd.collect(str(folder))})
+'''
+
+
+def _records_script(patch_types=("llama", "qwen3")):
+    return f'''
+import corept, tiny
+pm = corept.get_plugin_manager()
+out = {{"records": {{n: r.to_dict() for n, r in pm.records.items()}}, "model_types": pm.model_types()}}
+for mt in {patch_types!r}:
+    out[mt] = corept.report(corept.patch(tiny.tiny_model(mt))).to_dict()
+emit(out)
+'''
+
+
+TRACE_SCRIPT = '''
+import corept, tiny
+lines = capture_logs("corept.trace", logging.DEBUG)
+model = corept.patch(tiny.tiny_model("llama"), only=["norm"])
+emit({"lines": lines, "applied": corept.report(model).applied})
+'''
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Install every throwaway plugin, then run every scenario's subprocess at once."""
+    tmp = tmp_path_factory.mktemp("third-party")
+    acme = make_plugin(tmp, "acme", ACME, version="0.3.0")
+    broken = make_plugin(tmp, "broken", BROKEN)
+    typo = make_plugin(tmp, "typo", TYPO)
+    old = make_plugin(tmp, "oldllama", OLD, attr="plugin")
+    dup = make_plugin(tmp, "dupllama", DUP, attr="plugin")
+    plus = make_plugin(tmp, "llamaplus", PLUS, attr="plugin")
+    jobs = {
+        "acme": dict(code=ACME_SCRIPT, site=[acme]),
+        "broken": dict(code=BROKEN_SCRIPT, site=[broken]),
+        "typo": dict(code=TYPO_SCRIPT, site=[typo]),
+        "typo_cli": dict(args=["-m", "corept", "plugins"], site=[typo]),
+        "old": dict(code=OLD_SCRIPT, site=[old], env={"COREPT_DISABLE_PLUGINS": "llama"}),
+        "conflict": dict(code=DUP_SCRIPT, site=[dup, plus], env={"COREPT_DISABLE_PLUGINS": "llamaplus"}),
+        "priority": dict(code=DUP_SCRIPT, site=[dup, plus]),
+        "only_llama": dict(code=_records_script(), env={"COREPT_PLUGINS": "llama"}),
+        "only_none": dict(code=_records_script(("llama",)), env={"COREPT_PLUGINS": ""}),
+        "only_by_dist": dict(code=_records_script(), env={"COREPT_PLUGINS": " corept-qwen , gemma"}),
+        "no_gemma": dict(code=_records_script(("llama", "gemma")), env={"COREPT_DISABLE_PLUGINS": "gemma"}),
+        "trace": dict(code=TRACE_SCRIPT, env={"COREPT_TRACE": "1"}),
+    }
+    return dict(zip(jobs, run_scripts(list(jobs.values()))))
+
+
+def test_third_party_plugin_is_discovered(runs):
+    recs = ok(runs["acme"])["records"]
+    acme = recs["acme"]
+    assert acme["loaded"] and acme["error"] is None
+    assert (acme["distribution"], acme["version"]) == ("corept-acme", "0.3.0")
+    assert acme["model_types"] == ["phi3"]
+    assert acme["hooks"] == ["corept_patch_norm", "corept_register_architectures"]
+    assert all(recs[n]["loaded"] for n in BUILTIN), recs  # the built-ins are unaffected
+
+
+def test_third_party_tryfirst_overrides_builtin_norm(runs):
+    data = ok(runs["acme"])
+    llama = data["llama"]
+    assert llama["plugin"] == "llama"  # the architecture is still llama's ...
+    assert llama["applied"]["norm"] == f"acme:counting_rms_norm x{data['n_norms']}"  # ... the norm is acme's
+    assert llama["applied"]["mlp"].startswith("triton:") and llama["applied"]["loss"].startswith("triton:")
+    assert data["calls"] == data["n_norms"] == 5  # its forward really ran, once per norm module
+    assert data["mismatch"] is None, data["mismatch"]
+    assert data["unpatched_equal"] and data["calls_after_unpatch"] == data["calls"]
+    assert data["mistral_norm"] == "triton:rms_norm x5"  # the override is scoped to what it answers
+
+
+def test_third_party_can_add_an_architecture(runs):
+    data = ok(runs["acme"])
+    phi = data["phi3"]
+    assert (phi["plugin"], phi["distribution"], phi["model_type"]) == ("acme", "corept-acme", "phi3")
+    # a declaration-only architecture gets corept's generic kernel-backed components
+    assert set(phi["applied"]) == {"norm", "loss"} and phi["applied"]["norm"].startswith("triton:rms_norm")
+    assert phi["fallbacks"]["mlp"].startswith("plugin 'acme' does not patch mlp")
+    assert data["phi3_mismatch"] is None, data["phi3_mismatch"]
+
+
+def test_broken_plugin_import_is_reported_and_others_keep_working(runs):
+    data = ok(runs["broken"])
+    warning = [line for line in data["logs"] if "broken" in line]
+    assert len(warning) == 1, data["logs"]
+    assert warning[0].startswith("WARNING corept:")
+    assert "corept-broken" in warning[0] and "RuntimeError" in warning[0] and "license file missing" in warning[0]
+    assert "COREPT_DISABLE_PLUGINS=broken" in warning[0]
+    rec = data["records"]["broken"]
+    assert not rec["loaded"] and "license file missing" in rec["error"]
+    assert all(data["records"][n]["loaded"] for n in BUILTIN)
+    assert data["llama"]["plugin"] == "llama" and {"norm", "mlp", "rope", "loss"} <= set(data["llama"]["applied"])
+    assert any("corept-broken" in p and "license file missing" in p for p in data["problems"]), data["problems"]
+
+
+def test_misspelled_hook_fails_loudly_at_load(runs):
+    errors = ok(runs["typo"])["errors"]
+    assert len(errors) == 3 and all(errors), errors  # every attempt fails, never a silent half-load
+    for msg in errors:
+        assert "'typo'" in msg and "corept-typo" in msg and "corept_patch_nrom" in msg
+        assert "COREPT_DISABLE_PLUGINS=typo" in msg
+    cli = runs["typo_cli"]
+    assert cli.returncode == 2, cli.explain()
+    assert "corept: error:" in cli.stderr and "corept_patch_nrom" in cli.stderr
+
+
+def test_duplicate_claim_with_equal_priority_is_a_clear_error(runs):
+    data = ok(runs["conflict"])
+    msg = data.get("conflict")
+    assert msg, f"no PluginConflictError: {data}"
+    assert "'llama'" in msg and "corept-llama" in msg and "corept-dupllama" in msg
+    assert "COREPT_DISABLE_PLUGINS=" in msg and "priority" in msg
+    assert data["qwen3"] == "qwen"  # other model types are not affected
+
+
+def test_higher_priority_claim_wins(runs):
+    data = ok(runs["priority"])
+    assert "conflict" not in data, data
+    llama = data["llama"]
+    assert (llama["plugin"], llama["distribution"]) == ("llamaplus", "corept-llamaplus")
+    assert {"norm", "mlp", "rope", "loss"} <= set(llama["applied"])
+
+
+def test_out_of_range_transformers_loads_unpatched(runs):
+    data = ok(runs["old"])
+    report = data["report"]
+    assert report["plugin"] == "oldllama" and report["applied"] == {}
+    for comp in ("norm", "mlp", "rope", "loss", "attention"):
+        assert "outside the declared range '<5.0'" in report["fallbacks"][comp], report["fallbacks"]
+    assert any("oldllama" in line and "<5.0" in line and "unpatched" in line for line in data["logs"]), data["logs"]
+    assert data["logits_equal"] and data["loss_equal"]
+    assert data["overrides"] == ["<root>: ['corept_load_options']"]  # set by load; no module patched
+    assert data["plugins"]["oldllama"]["transformers_supported"] == {"llama": False}
+    assert all(v.startswith("transformers (transformers installed") for v in data["inspect"]["components"].values())
+
+
+def test_env_only_llama(runs):
+    data = ok(runs["only_llama"])
+    recs = data["records"]
+    assert recs["llama"]["loaded"]
+    for name in ("mistral", "qwen", "gemma"):
+        assert not recs[name]["loaded"] and recs[name]["error"] == "not listed in COREPT_PLUGINS"
+    assert data["model_types"] == ["llama"]
+    assert data["llama"]["plugin"] == "llama" and data["llama"]["applied"]
+    assert data["qwen3"]["plugin"] is None and data["qwen3"]["applied"] == {}
+
+
+def test_env_empty_plugin_list_loads_none(runs):
+    data = ok(runs["only_none"])
+    assert set(data["records"]) == set(BUILTIN)
+    assert not any(r["loaded"] for r in data["records"].values())
+    assert data["model_types"] == []
+    assert data["llama"]["plugin"] is None and data["llama"]["applied"] == {}
+
+
+def test_env_plugin_list_accepts_distribution_names(runs):
+    data = ok(runs["only_by_dist"])
+    loaded = {n for n, r in data["records"].items() if r["loaded"]}
+    assert loaded == {"qwen", "gemma"}
+    assert data["qwen3"]["plugin"] == "qwen" and data["llama"]["plugin"] is None
+
+
+def test_env_disable_gemma(runs):
+    data = ok(runs["no_gemma"])
+    recs = data["records"]
+    assert not recs["gemma"]["loaded"] and recs["gemma"]["error"] == "disabled by COREPT_DISABLE_PLUGINS"
+    assert all(recs[n]["loaded"] for n in ("llama", "mistral", "qwen"))
+    assert data["llama"]["plugin"] == "llama"
+    assert data["gemma"]["plugin"] is None and data["gemma"]["applied"] == {}
+
+
+def test_env_trace_logs_hook_calls(runs):
+    data = ok(runs["trace"])
+    assert data["applied"] == {"norm": "triton:rms_norm x5"}
+    calls = [line for line in data["lines"] if "hook corept_patch_norm(" in line]
+    assert len(calls) == 5, data["lines"]
+    assert all(line.startswith("INFO corept.trace:") for line in calls)
+    assert any("hook corept_patch_norm returned Replacement" in line for line in data["lines"])
