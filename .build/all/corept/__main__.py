@@ -1,5 +1,0 @@
-import sys
-
-from corept.cli import main
-
-sys.exit(main())

@@ -1,1 +1,0 @@
-"""pytest plugin shipped by corept (``pytest11`` entry point): fixtures for plugin conformance tests."""
