@@ -29,6 +29,13 @@ def save(*args, **kwargs):
     return _save(*args, **kwargs)
 
 
+def plan(*args, **kwargs):
+    """Plan GPU memory from the config alone (what fits); see :func:`corept.planning.plan`."""
+    from corept.planning import plan as _plan
+
+    return _plan(*args, **kwargs)
+
+
 def load(*args, **kwargs):
     """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load`."""
     from corept.loading import load as _load
@@ -38,7 +45,7 @@ def load(*args, **kwargs):
 
 __all__ = [
     "COMPONENTS", "Architecture", "ArchitecturePlugin", "FromConfig", "ModuleRoles", "Quirks", "Replacement",
-    "PatchReport", "hookimpl", "load", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
+    "PatchReport", "hookimpl", "load", "plan", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
     "get_plugin_manager", "register_plugin", "unregister_plugin", "reset_plugin_manager",
     "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError", "PluginLoadError",
     "UnsupportedArchitectureError",

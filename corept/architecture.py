@@ -94,7 +94,9 @@ class Quirks:
         return replace(self, **values)
 
     def to_dict(self) -> dict:
-        return {k: (repr(v) if isinstance(v, FromConfig) else v) for k, v in asdict(self).items()}
+        # not asdict(): it would turn each FromConfig into a dict before it could be shown as config.<attr>
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        return {k: (repr(v) if isinstance(v, FromConfig) else v) for k, v in values.items()}
 
 
 @dataclass(frozen=True)

@@ -12,11 +12,19 @@ component; return ``None`` from it to keep transformers' implementation.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Iterable
 
-from corept import components
 from corept.architecture import Architecture
 from corept.hookspecs import hookimpl
+
+
+def _components():
+    # Imported on first patch, not at ``import corept``: corept.components imports corept_kernels,
+    # whose @triton.jit decorators fix the Triton mode (GPU or TRITON_INTERPRET) when they run.
+    # ``import corept`` happens early (e.g. pytest loads corept's pytest11 plugin before any
+    # conftest could set TRITON_INTERPRET=1).
+    return importlib.import_module("corept.components")
 
 
 class ArchitecturePlugin:
@@ -36,19 +44,19 @@ class ArchitecturePlugin:
 
     @hookimpl
     def corept_patch_norm(self, arch, quirks, module, model):
-        return components.norm_replacement(arch, quirks, module, model) if self.owns(arch) else None
+        return _components().norm_replacement(arch, quirks, module, model) if self.owns(arch) else None
 
     @hookimpl
     def corept_patch_mlp(self, arch, quirks, module, model):
-        return components.mlp_replacement(arch, quirks, module, model) if self.owns(arch) else None
+        return _components().mlp_replacement(arch, quirks, module, model) if self.owns(arch) else None
 
     @hookimpl
     def corept_patch_rope(self, arch, quirks, module, model):
-        return components.rope_replacement(arch, quirks, module, model) if self.owns(arch) else None
+        return _components().rope_replacement(arch, quirks, module, model) if self.owns(arch) else None
 
     @hookimpl
     def corept_patch_loss(self, arch, quirks, module, model):
-        return components.causal_lm_replacement(arch, quirks, module, model) if self.owns(arch) else None
+        return _components().causal_lm_replacement(arch, quirks, module, model) if self.owns(arch) else None
 
     @hookimpl
     def corept_patch_attention(self, arch, quirks, module, model):

@@ -173,8 +173,10 @@ class CoreptPluginManager:
                 return
             if rec.plugin is not None and self.pm.is_registered(rec.plugin):
                 self.pm.unregister(rec.plugin)
-            for claims in self._claims.values():
+            for model_type, claims in list(self._claims.items()):
                 claims[:] = [c for c in claims if c[1] is not rec]
+                if not claims:  # nobody claims it any more: model_types() must not list it
+                    del self._claims[model_type]
 
     def _register(self, plugin: Any, rec: PluginRecord) -> None:
         self.pm.register(plugin, name=rec.name)

@@ -42,8 +42,9 @@ def tiny_folders(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def hub_cache(tmp_path_factory):
-    """A hand-built HF hub cache holding ``unsloth/Qwen3-8B`` and ``Qwen/Qwen3-8B`` (tiny Qwen3s)."""
+    """A hand-built HF hub cache: ``unsloth/Qwen3-8B``, ``Qwen/Qwen3-8B`` (tiny Qwen3s), ``Qwen/Qwen2.5-7B``."""
     cache = tmp_path_factory.mktemp("hf-hub-cache")
     tiny.hf_cache_repo(cache, "unsloth/Qwen3-8B", "qwen3", commit="1" * 40, seed=3)
     tiny.hf_cache_repo(cache, "Qwen/Qwen3-8B", "qwen3", commit="2" * 40, seed=4)
+    tiny.hf_cache_repo(cache, "Qwen/Qwen2.5-7B", "qwen2", commit="5" * 40, seed=5)  # a dotted repo id
     return cache

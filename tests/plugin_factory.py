@@ -12,12 +12,14 @@ import os
 import subprocess
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 TESTS_DIR = Path(__file__).resolve().parent
 REPO = TESTS_DIR.parent
 MARKER = "@@COREPT-TEST-RESULT@@"
+MAX_PARALLEL = max(2, min(4, os.cpu_count() or 2))
 
 # the PYTHONPATH the test run was started with (e.g. .build/all), made absolute
 BASE_PYTHONPATH = [str(Path(p).resolve()) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -77,7 +79,7 @@ def make_plugin(tmp_path: Path, name: str, source: str, **kw) -> Path:
 # -- subprocesses -------------------------------------------------------------------------------
 PRELUDE = """\
 import json, logging, os, sys
-MARKER = {marker!r}
+MARKER = @MARKER@
 def emit(obj):
     print(MARKER + json.dumps(obj, default=str), flush=True)
 class _Lines(logging.Handler):
@@ -135,25 +137,26 @@ def run_scripts(jobs: list[dict], timeout: float = 240) -> list[Result]:
     optional ``env`` (overrides; ``None`` removes a variable), ``site`` (folders prepended to
     PYTHONPATH) and ``cwd``. Returns one :class:`Result` per job, in order.
     """
-    procs = []
-    for job in jobs:
+    def start(job):
         if "code" in job:
-            argv = ["-c", PRELUDE.format(marker=MARKER) + textwrap.dedent(job["code"])]
+            argv = ["-c", PRELUDE.replace("@MARKER@", repr(MARKER)) + textwrap.dedent(job["code"])]
         else:
             argv = list(job["args"])
-        procs.append(subprocess.Popen([sys.executable, "-P", *argv], env=_env(job.get("env"), job.get("site")),
-                                      cwd=job.get("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    results = []
-    for p in procs:
+        return subprocess.Popen([sys.executable, "-P", *argv], env=_env(job.get("env"), job.get("site")),
+                                cwd=job.get("cwd", REPO), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def finish(p):
         try:
             out, err = p.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             p.kill()
             out, err = p.communicate()
             err += f"\n[killed after {timeout}s]"
-        results.append(Result(p.returncode, out, err, _parse(out)))
-    return results
+        return Result(p.returncode, out, err, _parse(out))
+
+    # a few at a time: they are CPU-bound imports, more than the cores only adds memory
+    with ThreadPoolExecutor(max_workers=MAX_PARALLEL) as pool:
+        return list(pool.map(lambda job: finish(start(job)), jobs))
 
 
 def run_script(code: str, **job) -> Result:

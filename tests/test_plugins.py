@@ -79,6 +79,7 @@ def test_register_and_unregister_plugin_in_code():
         corept.unregister_plugin("codeplugin")
     assert get_plugin_manager().architecture_for("codearch") is None
     assert "codeplugin" not in get_plugin_manager().records
+    assert "codearch" not in get_plugin_manager().model_types()
 
 
 def test_registration_must_return_architectures():
@@ -379,7 +380,8 @@ def test_out_of_range_transformers_loads_unpatched(runs):
         assert "outside the declared range '<5.0'" in report["fallbacks"][comp], report["fallbacks"]
     assert any("oldllama" in line and "<5.0" in line and "unpatched" in line for line in data["logs"]), data["logs"]
     assert data["logits_equal"] and data["loss_equal"]
-    assert data["overrides"] == ["<root>: ['corept_load_options']"]  # set by load; no module patched
+    # load's own attributes and the recorded (empty) patch state on the model; no module touched
+    assert data["overrides"] == ["<root>: ['corept_load_options', '_corept_patch_state']"]
     assert data["plugins"]["oldllama"]["transformers_supported"] == {"llama": False}
     assert all(v.startswith("transformers (transformers installed") for v in data["inspect"]["components"].values())
 

@@ -5,9 +5,9 @@ import argparse
 import logging
 import sys
 
-from corept.cli import demo, doctor, inspect_cmd, plugins_cmd
+from corept.cli import demo, doctor, inspect_cmd, plan, plugins_cmd
 
-COMMANDS = {"demo": demo, "plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd}
+COMMANDS = {"demo": demo, "plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd, "plan": plan}
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -11,8 +11,8 @@ in :mod:`corept_kernels.lora_autograd`): the MLP keeps ``x``, the gate/up projec
 
 Use :func:`lora_fast_path_reason` on a peft layer to know whether these apply, and
 :func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU) in the
-input dtype; only the MLP's gated activation is a Triton kernel (torch elementwise code where
-Triton cannot run). Not for use inside ``torch.autocast`` regions: cast inputs yourself.
+input dtype (autocast's dtype inside ``torch.autocast``); only the MLP's gated activation is a
+Triton kernel (torch elementwise code where Triton cannot run).
 """
 from __future__ import annotations
 
@@ -47,24 +47,36 @@ def _flat(lws: tuple[LoraWeights, ...]) -> list:
     return out
 
 
+def _apply(fn, x: torch.Tensor, *args):
+    """Run ``fn.apply`` in one compute dtype: autocast's when it is on for ``x``'s device (``x`` is
+    cast first, outside the Function, so autograd casts ``dx`` back), else ``x.dtype``; autocast is
+    off inside, so every matmul of forward and backward sees the same dtype."""
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        x = x.to(torch.get_autocast_dtype(dev))
+    with torch.autocast(dev, enabled=False):
+        return fn.apply(x, *args)
+
+
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
              activation: str = "swiglu") -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with three LoRA linears.
 
-    :param x: ``[..., H]`` (fp32/bf16/fp16; the compute dtype).
+    :param x: ``[..., H]`` (fp32/bf16/fp16); its dtype is the compute dtype, or autocast's when
+        autocast is on (then ``x`` is cast to it and the result has that dtype).
     :param gate: ``W`` ``[F, H]``, ``A`` ``[r_g, H]``, ``B`` ``[F, r_g]``.
     :param up: ``W`` ``[F, H]``, ``A`` ``[r_u, H]``, ``B`` ``[F, r_u]``.
     :param down: ``W`` ``[O, F]``, ``A`` ``[r_d, F]``, ``B`` ``[O, r_d]`` (usually ``O == H``).
     :param activation: ``"swiglu"`` (SiLU gate, Llama/Mistral/Qwen), ``"geglu_tanh"`` (GELU tanh
         approximation, Gemma) or ``"geglu"`` (exact GELU).
-    :returns: ``[..., O]`` in ``x.dtype``.
+    :returns: ``[..., O]`` in the compute dtype.
     """
     activation_id(activation)
     _check_input(x, (gate, up), ("gate", "up"))
     if gate.shape[0] != up.shape[0] or down.shape[1] != gate.shape[0]:
         raise ValueError(f"gate {gate.shape}, up {up.shape}, down {down.shape} do not chain")
     lws = (gate, up, down)
-    return LoraMLP.apply(x, activation, lws, *_flat(lws))
+    return _apply(LoraMLP, x, activation, lws, *_flat(lws))
 
 
 def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights
@@ -74,11 +86,12 @@ def lora_qkv(x: torch.Tensor, q: LoraWeights, k: LoraWeights, v: LoraWeights
     :param x: ``[..., H]``.
     :param q: ``W`` ``[Hq, H]`` (``Hq = heads * head_dim``); ``k``, ``v``: ``W`` ``[Hkv, H]``
         (GQA: ``Hkv = kv_heads * head_dim``). Ranks may differ between the three.
-    :returns: ``(q [..., Hq], k [..., Hkv], v [..., Hkv])`` in ``x.dtype``.
+    :returns: ``(q [..., Hq], k [..., Hkv], v [..., Hkv])`` in the compute dtype (``x.dtype``, or
+        autocast's).
     """
     lws = (q, k, v)
     _check_input(x, lws, ("q", "k", "v"))
-    return LoraSharedInput.apply(x, lws, *_flat(lws))
+    return _apply(LoraSharedInput, x, lws, *_flat(lws))
 
 
 def lora_o(x: torch.Tensor, o: LoraWeights) -> torch.Tensor:
@@ -86,15 +99,16 @@ def lora_o(x: torch.Tensor, o: LoraWeights) -> torch.Tensor:
 
     :param x: ``[..., Hq]`` (attention output, heads flattened).
     :param o: ``W`` ``[H, Hq]``, ``A`` ``[r, Hq]``, ``B`` ``[H, r]``.
-    :returns: ``[..., H]`` in ``x.dtype``.
+    :returns: ``[..., H]`` in the compute dtype (``x.dtype``, or autocast's).
     """
     _check_input(x, (o,), ("o",))
-    return LoraSharedInput.apply(x, (o,), *_flat((o,)))[0]
+    return _apply(LoraSharedInput, x, (o,), *_flat((o,)))[0]
 
 
 _NOTES_COMMON = ("hand-derived backward (grads for x, A, B; base W frozen); matmuls via torch "
-                 "(cuBLAS) in x's dtype; 4-bit (nf4/fp4) base dequantized per use via bitsandbytes; "
-                 "peft fast path only: dropout 0, no DoRA/variants, one active unmerged adapter")
+                 "(cuBLAS) in x's dtype (autocast's under autocast); 4-bit (nf4/fp4) base "
+                 "dequantized per use via bitsandbytes; peft fast path only: dropout 0, no "
+                 "DoRA/variants, one active unmerged adapter")
 
 register(KernelInfo(
     name="lora_mlp", triton_fn=lora_mlp, reference_fn=_ref.lora_mlp, has_backward=True,

@@ -26,6 +26,11 @@ _SQRT_2_OVER_PI = 0.7978845608028654
 _INV_SQRT_2 = 0.7071067811865476
 _INV_SQRT_2PI = 0.3989422804014327
 _GELU_C = 0.044715
+# the same constants for the kernels (compiled Triton only reads constexpr globals)
+_K_SQRT_2_OVER_PI = tl.constexpr(_SQRT_2_OVER_PI)
+_K_INV_SQRT_2 = tl.constexpr(_INV_SQRT_2)
+_K_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
+_K_GELU_C = tl.constexpr(_GELU_C)
 
 
 def activation_id(activation: str) -> int:
@@ -44,14 +49,14 @@ def _act_and_grad(e, ACT: tl.constexpr):
         a = e * s
         da = s * (1.0 + e * (1.0 - s))
     elif ACT == 1:
-        u = _SQRT_2_OVER_PI * (e + _GELU_C * e * e * e)
+        u = _K_SQRT_2_OVER_PI * (e + _K_GELU_C * e * e * e)
         t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u); libdevice tanh is not in the interpreter
         a = 0.5 * e * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * e * e)
+        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _K_SQRT_2_OVER_PI * (1.0 + 3.0 * _K_GELU_C * e * e)
     else:
-        cdf = 0.5 * (1.0 + tl.erf(e * _INV_SQRT_2))
+        cdf = 0.5 * (1.0 + tl.erf(e * _K_INV_SQRT_2))
         a = e * cdf
-        da = cdf + e * tl.exp(-0.5 * e * e) * _INV_SQRT_2PI
+        da = cdf + e * tl.exp(-0.5 * e * e) * _K_INV_SQRT_2PI
     return a, da
 
 
@@ -110,6 +115,16 @@ def use_triton(t: torch.Tensor) -> bool:
 _BLOCK = 1024
 
 
+def _launch(kernel, first: torch.Tensor, *args, **meta) -> None:
+    """Launch ``kernel`` over ``first.numel()`` elements, on ``first``'s GPU when it has one."""
+    grid = (triton.cdiv(first.numel(), _BLOCK),)
+    if first.is_cuda:
+        with torch.cuda.device(first.device):
+            kernel[grid](first, *args, BLOCK=_BLOCK, **meta)
+    else:
+        kernel[grid](first, *args, BLOCK=_BLOCK, **meta)
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -138,8 +153,7 @@ def glu_forward(e: torch.Tensor, g: torch.Tensor, activation: str, *, triton_ok:
         a, _ = _act_and_grad_torch(e.to(ct), activation)
         return (a * g.to(ct)).to(e.dtype)
     h = torch.empty_like(e)
-    n = e.numel()
-    _glu_fwd_kernel[(triton.cdiv(n, _BLOCK),)](e, g, h, n, ACT=act, BLOCK=_BLOCK)
+    _launch(_glu_fwd_kernel, e, g, h, e.numel(), ACT=act)
     return h
 
 
@@ -156,8 +170,7 @@ def glu_backward_(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activation
     if triton_ok is None:
         triton_ok = use_triton(e) and e.dtype != torch.float64
     if triton_ok:
-        n = e.numel()
-        _glu_bwd_kernel[(triton.cdiv(n, _BLOCK),)](dh, e, g, n, ACT=act, BLOCK=_BLOCK)
+        _launch(_glu_bwd_kernel, dh, e, g, e.numel(), ACT=act)
         for t in (dh, e, g):
             torch.autograd.graph.increment_version(t)
         return

@@ -19,7 +19,13 @@ What is saved for backward (activations; parameters are referenced, not copied):
 * :class:`LoraMLP`: ``x``, the gate and up projections ``e``, ``g`` (``[N, F]``), and the small
   ``xa`` products of gate, up and down. peft also saves ``act(e)`` and ``h = act(e) * g`` (two more
   ``[N, F]``), plus fp32 copies of ``x`` and ``h`` under fp32 adapters. ``h`` is recomputed in
-  backward by the fused activation kernel, which overwrites ``e``/``g``/``dh`` in place.
+  backward by the fused activation kernel, which overwrites ``e``/``g``/``dh`` in place (so a
+  second backward through the same graph, ``retain_graph=True``, fails loudly on the version check).
+
+Measured (saved bytes, parameters excluded): Llama-3.1-8B MLP, 4x2048 tokens, r 16, bf16 adapters:
+512.75 MiB vs peft's 960.75 MiB; q/k/v and o: equal to peft with bf16 adapters (64.75 / 64.25
+MiB), and with fp32 adapters peft adds an fp32 copy of ``x`` per linear (test shapes: q/k/v
+3,120 B vs 14,560 B).
 
 Matmuls run through torch (cuBLAS on GPU) in the input dtype: ``A``, ``B`` (small) and the base
 weight are cast to it; gradients of ``A``/``B`` are returned in their own dtype. 4-bit bases are

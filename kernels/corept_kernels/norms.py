@@ -144,10 +144,11 @@ def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, H, stride_dy, 
 
 
 def _config(H: int) -> tuple[int, int, int]:
-    """(BLOCK_H, ROWS, num_warps): about 2-4k elements per program for small H, one row otherwise."""
+    """(BLOCK_H, ROWS, num_warps): about 2k elements per program for small H, one row otherwise.
+    Warps as measured best on an H200 (bf16, fwd and bwd)."""
     block = triton.next_power_of_2(H)
     rows = max(1, min(16, 2048 // block))
-    warps = 4 if block <= 1024 else 8 if block <= 4096 else 16
+    warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     return block, rows, warps
 
 
@@ -156,10 +157,15 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _bwd_grid(M: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) for the backward; rows per program is a multiple of ``rows``."""
+def _bwd_grid(M: int, block: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(programs, rows per program) for the backward; rows per program is a multiple of ``rows``.
+
+    Programs per SM shrink as the tile grows (H200: 4 for tiles <= 2k elements, 2 at 4k, 1 at 8k+):
+    enough warps in flight to hide latency, few fp32 partial rows to reduce afterwards.
+    """
     blocks = triton.cdiv(M, rows)
-    target = 2 * _sm_count(device.index or 0) if device.type == "cuda" else 4
+    per_sm = max(1, 8192 // (block * rows))
+    target = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else 4
     per_prog = triton.cdiv(blocks, min(blocks, target)) * rows
     return triton.cdiv(M, per_prog), per_prog
 
@@ -194,7 +200,7 @@ class _RMSNormFn(torch.autograd.Function):
         dy2 = _rows(dy)
         dx = _empty((M, H), x2.dtype, x2.device)
         block, rows, warps = _config(H)
-        grid, per_prog = _bwd_grid(M, rows, x2.device)
+        grid, per_prog = _bwd_grid(M, block, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
         dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx
         _rms_bwd_kernel[(grid,)](
@@ -233,7 +239,7 @@ class _LayerNormFn(torch.autograd.Function):
         dy2 = _rows(dy)
         dx = _empty((M, H), x2.dtype, x2.device)
         block, rows, warps = _config(H)
-        grid, per_prog = _bwd_grid(M, rows, x2.device)
+        grid, per_prog = _bwd_grid(M, block, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx

@@ -1,202 +1,43 @@
 """Fused LoRA MLP / QKV / O vs peft's LoRA layers on the same weights: outputs and every gradient.
 
-Tiny odd shapes (hidden 40, intermediate 72, r 8 with r 4 on down/k, GQA q 48 vs k/v 24, 2x13
-tokens). fp32 is checked tightly against a float64 gold run of the torch twin and against peft;
-bf16 by "error vs float64 gold <= 2x peft-bf16's error + 1 ulp"; NF4 bases (bitsandbytes
-Linear4bit, double quant) against the same computation on the dequantized weight.
+fp32 is checked tightly against a float64 gold run of the torch twin and against peft; bf16 by
+"error vs float64 gold <= 2x peft-bf16's error + 1 ulp"; NF4 bases (bitsandbytes Linear4bit,
+double quant) against the same computation on the dequantized weight. Shapes and runners are in
+``lora_helpers``.
 """
 from __future__ import annotations
-
-from functools import partial
 
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from lora_helpers import (ACT_FN, H, HKV, HQ, INTER, MLP, QKV, TOKENS, TinyAttnProj, TinyMLP, pairs,
+                          triples, case, compare, layers, lora_params, peftify, quantize_nf4, run, tiny)
+from peft import LoraConfig
 from tolerances import assert_close_fp32, assert_low_precision_ok
 
 from corept_kernels.capabilities import get
-from corept_kernels.lora import (LoraWeights, lora_fast_path_reason, lora_mlp, lora_o, lora_qkv,
-                                 lora_weights_from_peft)
+from corept_kernels.lora import LoraWeights, lora_fast_path_reason, lora_mlp, lora_o, lora_qkv, lora_weights_from_peft
 from corept_kernels.lora_act import glu_backward_, glu_forward
 from corept_kernels.torch_ref import lora as ref
-
-H, INTER, HQ, HKV, TOKENS = 40, 72, 48, 24, (2, 13)
-ACT_FN = {"swiglu": F.silu, "geglu_tanh": partial(F.gelu, approximate="tanh"), "geglu": F.gelu}
-MLP = ("gate_proj", "up_proj", "down_proj")
-QKV = ("q_proj", "k_proj", "v_proj")
-
-
-class TinyMLP(nn.Module):
-    def __init__(self, activation: str = "swiglu", bias: bool = False):
-        super().__init__()
-        self.gate_proj = nn.Linear(H, INTER, bias=bias)
-        self.up_proj = nn.Linear(H, INTER, bias=bias)
-        self.down_proj = nn.Linear(INTER, H, bias=bias)
-        self.act = ACT_FN[activation]
-
-    def forward(self, x):
-        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class TinyAttnProj(nn.Module):
-    """q/k/v (GQA: k, v narrower than q) and o; forward returns q, k, v, o(q-shaped input)."""
-
-    def __init__(self, bias: bool = False):
-        super().__init__()
-        self.q_proj = nn.Linear(H, HQ, bias=bias)
-        self.k_proj = nn.Linear(H, HKV, bias=bias)
-        self.v_proj = nn.Linear(H, HKV, bias=bias)
-        self.o_proj = nn.Linear(HQ, H, bias=False)
-
-    def forward(self, x):
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-
-def quantize_nf4(model: nn.Module, names, compute_dtype: torch.dtype) -> nn.Module:
-    """Replace ``names`` by bitsandbytes Linear4bit (nf4, double quant) holding the same weights."""
-    import bitsandbytes as bnb
-
-    for name in names:
-        lin = getattr(model, name)
-        q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=compute_dtype,
-                              compress_statistics=True, quant_type="nf4")
-        q.weight = bnb.nn.Params4bit(lin.weight.data.to(compute_dtype).clone(), requires_grad=False,
-                                     compress_statistics=True, quant_type="nf4")
-        setattr(model, name, q.to("cpu"))  # .to() quantizes
-    model.is_loaded_in_4bit = True
-    return model
-
-
-def peftify(model: nn.Module, targets, *, fp32_adapters: bool = True, **cfg):
-    """peft LoRA on ``targets`` with random (non-zero) lora_B; 4-bit modules kept off the CPU repack."""
-    config = LoraConfig(r=8, lora_alpha=16, target_modules=list(targets), lora_dropout=cfg.pop("lora_dropout", 0.0),
-                        rank_pattern={"down_proj": 4, "k_proj": 4}, **cfg)
-    pm = get_peft_model(model, config, autocast_adapter_dtype=fp32_adapters)
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name in targets:
-            for B in getattr(pm.base_model.model, name).lora_B.values():
-                B.weight.copy_(torch.randn(B.weight.shape, generator=gen) * 0.1)
-    for m in pm.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = False  # see notes/environment.md: else grads silently break
-    return pm
-
-
-def layers(pm, names):
-    return [getattr(pm.base_model.model, n) for n in names]
-
-
-def lora_params(mods):
-    return [p for m in mods for p in (m.lora_A["default"].weight, m.lora_B["default"].weight)]
-
-
-def run(fn, x, dys, params):
-    """Forward ``fn(x)`` and backward ``dys``: (outputs, [x.grad, *param grads])."""
-    x = x.detach().clone().requires_grad_(True)
-    for p in params:
-        p.grad = None
-    outs = fn(x)
-    outs = outs if isinstance(outs, tuple) else (outs,)
-    torch.autograd.backward(outs, [d.to(o.dtype) for o, d in zip(outs, dys)])
-    return [o.detach() for o in outs], [x.grad] + [p.grad.clone() for p in params]
-
-
-def gold_weights(mods):
-    """float64 copies (dequantized for 4-bit) of the peft layers' weights, A/B as fresh leaves."""
-    gold = []
-    for m in mods:
-        lw = lora_weights_from_peft(m, allow_bias=True)
-        gold.append(LoraWeights(lw.dense_weight(torch.float64), lw.A.detach().double().requires_grad_(),
-                                lw.B.detach().double().requires_grad_(), lw.scaling,
-                                None if lw.bias is None else lw.bias.detach().double()))
-    return gold
-
-
-def gold_params(gold):
-    return [t for lw in gold for t in (lw.A, lw.B)]
-
-
-def case(kind, pm, activation="swiglu"):
-    """(peft fn, corept fn, gold fn, lora modules, gold weights) for ``kind`` in mlp/qkv/o."""
-    if kind == "mlp":
-        mods = layers(pm, MLP)
-        lws = [lora_weights_from_peft(m) for m in mods]
-        return (pm, lambda x: lora_mlp(x, *lws, activation=activation),
-                lambda x, g: ref.lora_mlp(x, *g, activation=activation), mods)
-    if kind == "qkv":
-        mods = layers(pm, QKV)
-        lws = [lora_weights_from_peft(m) for m in mods]
-        return pm, lambda x: lora_qkv(x, *lws), lambda x, g: ref.lora_qkv(x, *g), mods
-    mods = layers(pm, ("o_proj",))
-    lw = lora_weights_from_peft(mods[0])
-    return mods[0], lambda x: lora_o(x, lw), lambda x, g: ref.lora_o(x, g[0]), mods
-
-
-def compare(kind, pm, dtype, activation="swiglu", x_noncontig=False, peft_adapter_dtype=None):
-    """Run corept, a float64 gold and peft; returns the three (outputs, grads) and a label list.
-
-    ``peft_adapter_dtype``: cast the adapters to it before peft's run (after the other two).
-    """
-    peft_fn, ours_fn, gold_fn, mods = case(kind, pm, activation)
-    width = HQ if kind == "o" else H
-    x = torch.randn(TOKENS[1], TOKENS[0], width).transpose(0, 1) if x_noncontig else torch.randn(*TOKENS, width)
-    x = x.to(dtype)
-    out_widths = {"mlp": (H,), "qkv": (HQ, HKV, HKV), "o": (H,)}[kind]
-    dys = [torch.randn(*TOKENS, w).to(dtype) for w in out_widths]
-    params = lora_params(mods)
-    ours_res = run(ours_fn, x, dys, params)
-    gold = gold_weights(mods)
-    gold_res = run(lambda xx: gold_fn(xx, gold), x.double(), [d.double() for d in dys], gold_params(gold))
-    if peft_adapter_dtype is not None:
-        for p in params:
-            p.data = p.data.to(peft_adapter_dtype)
-    peft_res = run(peft_fn, x, dys, params)
-    names = {"mlp": MLP, "qkv": QKV, "o": ("o_proj",)}[kind]
-    labels = ["x.grad"] + [f"{n}.{ab}.grad" for n in names for ab in ("A", "B")]
-    return peft_res, ours_res, gold_res, labels
-
-
-def _pairs(res_a, res_b):
-    return list(zip(res_a[0] + res_a[1], res_b[0] + res_b[1]))
 
 
 # ----------------------------------------------------------------------------- fp32
 
 
-@pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh", "geglu"])
-def test_mlp_fp32_matches_peft_and_gold(activation):
-    pm = peftify(TinyMLP(activation), MLP)
-    peft_res, ours_res, gold_res, _ = compare("mlp", pm, torch.float32, activation, x_noncontig=True)
-    assert len(ours_res[1]) == 7 and all(g is not None for g in ours_res[1])
-    for ours, gold in _pairs(ours_res, gold_res):
-        assert_close_fp32(ours, gold)
-    for ours, theirs in _pairs(ours_res, peft_res):
-        assert_close_fp32(ours, theirs)
-
-
-@pytest.mark.parametrize("kind", ["qkv", "o"])
-def test_attn_proj_fp32_matches_peft_and_gold(kind):
-    pm = peftify(TinyAttnProj(), QKV + ("o_proj",))
-    peft_res, ours_res, gold_res, _ = compare(kind, pm, torch.float32)
+@pytest.mark.parametrize("kind,activation", [("mlp", "swiglu"), ("mlp", "geglu_tanh"), ("mlp", "geglu"),
+                                             ("qkv", None), ("o", None)])
+def test_fp32_matches_peft_and_gold(kind, activation):
+    """fp32: corept and its torch twin match peft and the float64 gold, outputs and every grad."""
+    pm = peftify(*tiny(kind, activation))
+    peft_res, ours_res, gold_res, _, twin_res = compare(kind, pm, torch.float32, activation or "swiglu",
+                                                        x_noncontig=True)
+    assert len(ours_res[1]) == (3 if kind == "o" else 7) and all(g is not None for g in ours_res[1])
     assert [tuple(o.shape) for o in ours_res[0]] == [tuple(o.shape) for o in peft_res[0]]
-    for ours, gold in _pairs(ours_res, gold_res):
+    for ours, gold in pairs(ours_res, gold_res):
         assert_close_fp32(ours, gold)
-    for ours, theirs in _pairs(ours_res, peft_res):
+    for ours, theirs in pairs(ours_res, peft_res):
         assert_close_fp32(ours, theirs)
-
-
-def test_torch_twin_matches_peft_fp32():
-    pm = peftify(TinyMLP("geglu_tanh"), MLP)
-    mods = layers(pm, MLP)
-    lws = [lora_weights_from_peft(m) for m in mods]
-    x = torch.randn(*TOKENS, H)
-    dy = [torch.randn(*TOKENS, H)]
-    peft_res = run(pm, x, dy, lora_params(mods))
-    twin_res = run(lambda xx: ref.lora_mlp(xx, *lws, activation="geglu_tanh"), x, dy, lora_params(mods))
-    for twin, theirs in _pairs(twin_res, peft_res):
+    for twin, theirs in pairs(twin_res, peft_res):
         assert_close_fp32(twin, theirs)
 
 
@@ -214,17 +55,27 @@ def test_bf16_error_within_peft_bound(kind, activation, fp32_adapters):
     then taken from peft's bf16 computation, i.e. the same model with its adapters cast to bf16.
     The gold uses the fp32 adapter values in both cases.
     """
-    model = (TinyMLP(activation) if kind == "mlp" else TinyAttnProj()).to(torch.bfloat16)
-    pm = peftify(model, MLP if kind == "mlp" else QKV + ("o_proj",), fp32_adapters=fp32_adapters)
-    peft_res, ours_res, gold_res, labels = compare(kind, pm, torch.bfloat16, activation or "swiglu",
-                                                   peft_adapter_dtype=torch.bfloat16)
-    n_out = len(ours_res[0])
-    names = [f"out{i}" for i in range(n_out)] + labels
-    adapter_dtype = torch.float32 if fp32_adapters else torch.bfloat16
-    for i, (name, ours, gold, theirs) in enumerate(zip(names, ours_res[0] + ours_res[1], gold_res[0] + gold_res[1],
-                                                       peft_res[0] + peft_res[1])):
+    model, targets = tiny(kind, activation)
+    pm = peftify(model.to(torch.bfloat16), targets, fp32_adapters=fp32_adapters)
+    peft_res, ours_res, gold_res, labels, _ = compare(kind, pm, torch.bfloat16, activation or "swiglu",
+                                                      peft_adapter_dtype=torch.bfloat16)
+    n_out, adapter_dtype = len(ours_res[0]), torch.float32 if fp32_adapters else torch.bfloat16
+    for i, (name, ours, gold, theirs) in enumerate(triples(labels, ours_res, gold_res, peft_res)):
         assert ours.dtype == (torch.bfloat16 if i <= n_out else adapter_dtype), name
         assert_low_precision_ok(ours, gold, theirs, name)
+
+
+@pytest.mark.parametrize("kind", ["mlp", "qkv"])
+def test_autocast_bf16_on_fp32_model(kind):
+    """Under CPU autocast (fp32 model and input), both compute in bf16: same output dtype, errors
+    judged in bf16 against the float64 gold; x and A/B grads come back in fp32."""
+    pm = peftify(*tiny(kind))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        peft_res, ours_res, gold_res, labels, _ = compare(kind, pm, torch.float32)
+    assert [o.dtype for o in ours_res[0]] == [o.dtype for o in peft_res[0]] == [torch.bfloat16] * len(ours_res[0])
+    assert all(g.dtype == torch.float32 for g in ours_res[1])
+    for name, ours, gold, theirs in triples(labels, ours_res, gold_res, peft_res):
+        assert_low_precision_ok(ours.bfloat16(), gold, theirs.bfloat16(), name)
 
 
 # ----------------------------------------------------------------------------- NF4 base
@@ -239,14 +90,14 @@ def test_nf4_base_matches_dequantized_reference(kind, compute_dtype):
     mods = layers(pm, names)
     assert all(type(m).__name__ == "Linear4bit" and lora_weights_from_peft(m).is_4bit for m in mods)
     # bf16: the bound comes from peft's bf16 computation (adapters cast to bf16), as in the bf16 test
-    peft_res, ours_res, gold_res, labels = compare(kind, pm, compute_dtype, peft_adapter_dtype=compute_dtype)
+    peft_res, ours_res, gold_res, labels, _ = compare(kind, pm, compute_dtype, peft_adapter_dtype=compute_dtype)
     assert peft_res[1][0] is not None, "peft's 4-bit path lost the input gradient (CPU repack trap)"
-    for i, ((ours, gold), (_, theirs)) in enumerate(zip(_pairs(ours_res, gold_res), _pairs(ours_res, peft_res))):
+    for name, ours, gold, theirs in triples(labels, ours_res, gold_res, peft_res):
         if compute_dtype == torch.float32:
             assert_close_fp32(ours, gold)
             assert_close_fp32(ours, theirs)
         else:
-            assert_low_precision_ok(ours, gold, theirs, f"item {i}")
+            assert_low_precision_ok(ours, gold, theirs, name)
 
 
 # ----------------------------------------------------------------------------- memory
@@ -255,20 +106,16 @@ def test_nf4_base_matches_dequantized_reference(kind, compute_dtype):
 def saved_activation_bytes(fn, x, module: nn.Module) -> int:
     """Bytes of distinct storages autograd saves for backward during ``fn(x)``, parameters excluded."""
     params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    kept, seen = [], {}
+    seen = {}  # storage address -> (bytes, tensor): tensors kept alive, so no address is reused
 
     def pack(t):
-        st = t.untyped_storage()
-        if st.data_ptr() not in params:
-            seen[st.data_ptr()] = st.nbytes()
-            kept.append(t)  # alive until the end, so no address is reused while counting
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
         return t
 
-    x = x.detach().clone().requires_grad_(True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn(x)
-    del out
-    return sum(seen.values())
+        fn(x.detach().clone().requires_grad_(True))
+    return sum(n for n, _ in seen.values())
 
 
 @pytest.mark.parametrize("setting", ["fp32", "bf16+fp32-adapters", "nf4-bf16"])
@@ -291,7 +138,8 @@ def test_mlp_saves_less_than_peft(setting):
 @pytest.mark.parametrize("kind", ["qkv", "o"])
 def test_attn_proj_saves_no_more_than_peft(kind):
     for dtype, fp32_adapters in ((torch.float32, True), (torch.bfloat16, False), (torch.bfloat16, True)):
-        pm = peftify(TinyAttnProj().to(dtype), QKV + ("o_proj",), fp32_adapters=fp32_adapters)
+        model, targets = tiny(kind)
+        pm = peftify(model.to(dtype), targets, fp32_adapters=fp32_adapters)
         peft_fn, ours_fn, _, _ = case(kind, pm)
         x = torch.randn(*TOKENS, HQ if kind == "o" else H, dtype=dtype)
         ours, theirs = saved_activation_bytes(ours_fn, x, pm), saved_activation_bytes(peft_fn, x, pm)
@@ -308,14 +156,6 @@ def _lora_layer(bias=False, **cfg):
     return layers(peftify(TinyMLP(bias=bias), MLP, **cfg), ("gate_proj",))[0]
 
 
-def test_fast_path_reason_plain_is_none():
-    layer = _lora_layer()
-    assert lora_fast_path_reason(layer) is None
-    lw = lora_weights_from_peft(layer)
-    assert lw.A is layer.lora_A["default"].weight and lw.B is layer.lora_B["default"].weight
-    assert lw.scaling == layer.scaling["default"] == 2.0 and lw.bias is None
-
-
 @pytest.mark.parametrize("cfg,expected", [
     ({"lora_dropout": 0.1}, "lora_dropout=0.1"),
     ({"use_dora": True}, "DoRA"),
@@ -329,11 +169,15 @@ def test_fast_path_reason_config(cfg, expected):
         lora_weights_from_peft(layer)
 
 
-def test_fast_path_reason_bias_merged_disabled_multi():
+def test_fast_path_reason_plain_bias_merged_disabled_multi():
     assert "base layer has bias" in lora_fast_path_reason(_lora_layer(bias=True))
     assert lora_fast_path_reason(_lora_layer(bias=True), allow_bias=True) is None
     pm = peftify(TinyMLP(), MLP)
     layer = layers(pm, ("gate_proj",))[0]
+    assert lora_fast_path_reason(layer) is None
+    lw = lora_weights_from_peft(layer)
+    assert lw.A is layer.lora_A["default"].weight and lw.B is layer.lora_B["default"].weight
+    assert lw.scaling == layer.scaling["default"] == 2.0 and lw.bias is None
     pm.add_adapter("other", LoraConfig(r=4, target_modules=list(MLP)))
     pm.base_model.set_adapter(["default", "other"])
     assert "2 active adapters" in lora_fast_path_reason(layer)
@@ -375,7 +219,7 @@ def test_base_bias_supported_when_allowed():
     params = lora_params(mods) + [lw.bias for lw in lws]
     peft_res = run(pm, x, dys, params)
     ours_res = run(lambda xx: lora_qkv(xx, *lws), x, dys, params)
-    for ours, theirs in _pairs(ours_res, peft_res):
+    for ours, theirs in pairs(ours_res, peft_res):
         assert_close_fp32(ours, theirs)
 
 
@@ -385,16 +229,14 @@ def test_base_bias_supported_when_allowed():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("activation", ["swiglu", "geglu_tanh", "geglu"])
 def test_glu_kernels_triton_vs_torch(activation, dtype):
-    e, g, dh = (torch.randn(26, INTER, dtype=torch.float64) * 3).to(dtype), torch.randn(26, INTER).to(dtype), \
-        torch.randn(26, INTER).to(dtype)
+    e, g, dh = (torch.randn(3, 26, INTER) * torch.tensor([3.0, 1.0, 1.0])[:, None, None]).to(dtype).unbind(0)
     tol = dict(rtol=2 ** -7, atol=2 ** -7) if dtype == torch.bfloat16 else dict(rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(glu_forward(e, g, activation, triton_ok=True),
                                glu_forward(e, g, activation, triton_ok=False), **tol)
     bufs = [[t.clone() for t in (dh, e, g)] for _ in range(2)]
     glu_backward_(*bufs[0], activation, triton_ok=True)
     glu_backward_(*bufs[1], activation, triton_ok=False)
-    e64 = e.double().requires_grad_()
-    g64 = g.double().requires_grad_()
+    e64, g64 = e.double().requires_grad_(), g.double().requires_grad_()
     h64 = ACT_FN[activation](e64) * g64
     de64, dg64 = torch.autograd.grad(h64, (e64, g64), dh.double())
     for got in bufs:

@@ -60,6 +60,15 @@ def reduce_rows(loss_rows: torch.Tensor, divisor: torch.Tensor | None, reduction
     return total if divisor is None else total / divisor
 
 
+def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
+    """The dtype of the lm_head matmul: autocast's dtype when autocast is on for the device (as
+    ``nn.Linear`` would run), else the promotion of ``hidden`` and ``weight`` dtypes."""
+    dev = hidden.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    return torch.promote_types(hidden.dtype, weight.dtype)
+
+
 def ce_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, softcap,
             label_smoothing: float, z_loss: float):
     """Per-token quantities in fp32 (differentiable).
@@ -109,6 +118,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """Cross-entropy of ``hidden @ weight.T + bias`` (unfused twin: materializes the logits).
 
     :param hidden: [..., H]. :param weight: [V, H]. :param labels: [...]. :param bias: [V] or None.
+        The matmul runs in :func:`matmul_dtype` (autocast's dtype under autocast).
     :param chunk_size: accepted for signature parity with the Triton path; unused here.
     :returns: the loss as :func:`cross_entropy` does, and with ``return_logprobs=True`` also the
         fp32 log-probabilities of the label tokens shaped like ``labels`` (0 where ignored).
@@ -116,8 +126,9 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     check_options(reduction=reduction, softcap=softcap, label_smoothing=label_smoothing,
                   z_loss=z_loss, num_items_in_batch=num_items_in_batch)
     del chunk_size
-    h = hidden.reshape(-1, hidden.shape[-1])
-    logits = h @ weight.t()
+    dt = matmul_dtype(hidden, weight)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(dt)
+    logits = h @ weight.to(dt).t()
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     y = labels.reshape(-1)

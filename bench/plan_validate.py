@@ -1,0 +1,457 @@
+"""Validate corept's VRAM planner against measured peaks on one GPU, and emulate a 24 GB card.
+
+Run from the repository root with corept installed on PYTHONPATH (docs/planning.md has the exact
+H200 commands). Parts (``--parts``; each within one ~9-minute call with the defaults):
+
+* ``measure``: Llama-3.1-8B and Qwen3-8B configs with random bf16 weights, 16-bit LoRA and QLoRA
+  (r 16, fused AdamW, corept checkpointing), seq 1024 / 4096 / 16384, batch 1, 3 training steps;
+  ``torch.cuda.max_memory_allocated`` vs the planner's ``peak_allocated`` (goal: within 10%).
+* ``emulate``: ``set_per_process_memory_fraction(rtx3090 usable / total)``: every grid config the
+  planner says fits in 24 GB, and its recommended (seq, batch, r), must train 5 steps.
+* ``search``: QLoRA r 32 Llama-3.1-8B, batch 1, under the same cap: the longest sequence that
+  trains (bisection) vs the planner's longest (goal: within 15%).
+
+One subprocess per (arch, method, rank) loads the model once and runs its configs in order;
+``max_memory_allocated`` is reset before each config. QLoRA bases are saved once to ``--ckpt-dir``
+and loaded with ``corept.load(load_in_4bit=True)``. One line is printed per record; results go to
+``<out>/plan-<date>-<tag>-<parts>.json`` and ``.md``; ``--merge`` combines several such files.
+"""
+from __future__ import annotations
+
+import argparse, datetime, gc, json, math, os, platform, shutil, subprocess, sys, time  # noqa: E401
+
+if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
+    sys.path.pop(0)  # bench/ holds kernels.py, which transformers would mistake for HF's `kernels`
+
+GIB = 2**30
+CONFIGS = {
+    "llama": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+                  max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                "original_max_position_embeddings": 8192}),
+    "qwen3": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                  max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6),
+}
+TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=512)
+NAMES = {"llama": "Llama-3.1-8B", "qwen3": "Qwen3-8B"}
+EMULATED_GPU = "rtx3090"
+
+
+def model_config(arch: str, tiny: bool) -> dict:
+    d = dict(CONFIGS[arch])
+    if tiny:
+        d.update(TINY, max_position_embeddings=4096)
+    return d
+
+
+# ----------------------------------------------------------------------------------- the worker
+def _hf_config(d: dict):
+    from transformers import AutoConfig
+
+    d = dict(d)
+    return AutoConfig.for_model(d.pop("model_type"), **d)
+
+
+def _ensure_checkpoint(spec: dict, dev: str) -> str:
+    """A saved bf16 checkpoint of the config (random weights), made once per arch."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = os.path.join(spec["ckpt_dir"], spec["arch"] + ("-tiny" if spec["tiny"] else ""))
+    if os.path.isfile(os.path.join(folder, ".complete")):
+        return folder
+    os.makedirs(spec["ckpt_dir"], exist_ok=True)
+    cfg = _hf_config(spec["config"])
+    for other in os.listdir(spec["ckpt_dir"]):  # make room: one 16 GB checkpoint at a time
+        path = os.path.join(spec["ckpt_dir"], other)
+        if other != os.path.basename(folder) and os.path.isdir(path) and shutil.disk_usage(spec["ckpt_dir"]).free < 40 * GIB:
+            shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(folder, ignore_errors=True)
+    t = time.time()
+    with torch.device(dev):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    model.save_pretrained(folder, safe_serialization=True)
+    del model
+    gc.collect()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    open(os.path.join(folder, ".complete"), "w").close()
+    print(f"[worker] saved random bf16 checkpoint {folder} in {time.time() - t:.0f}s", flush=True)
+    return folder
+
+
+def _build(spec: dict, dev: str):
+    """corept-patched model with corept LoRA (fused kernels, corept checkpointing)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import corept
+
+    max_seq = max([r.get("seq", 0) for r in spec["runs"]] + [spec.get("search", {}).get("cap", 0)])
+    if spec["method"] == "qlora":
+        folder = _ensure_checkpoint(spec, dev)
+        model, _ = corept.load(folder, load_in_4bit=True, dtype="bf16", max_seq_length=max(max_seq, 1))
+    else:
+        with torch.device(dev):
+            model = AutoModelForCausalLM.from_config(_hf_config(spec["config"]), dtype=torch.bfloat16)
+        corept.patch(model)
+    model = corept.get_peft_model(model, r=spec["r"], lora_alpha=spec["r"], use_gradient_checkpointing="corept")
+    model.train()
+    return model
+
+
+def _cuda(dev):
+    import torch
+
+    return torch.cuda if dev == "cuda" else None
+
+
+def _step(model, opt, seq: int, batch: int, vocab: int, dev: str, gen) -> float:
+    import torch
+
+    ids = torch.randint(0, vocab, (batch, seq), device=dev, generator=gen)
+    out = model(input_ids=ids, labels=ids, use_cache=False)
+    out.loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return float(out.loss.detach())
+
+
+def _run_one(model, opt, run: dict, spec: dict, dev: str, gen) -> dict:
+    """Train ``run["steps"]`` steps at (seq, batch) under the run's memory cap; measure the peak."""
+    import torch
+
+    cuda = _cuda(dev)
+    rec = {"kind": run["kind"], "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]], "method": spec["method"],
+                                           "seq": run["seq"], "batch": run["batch"], "r": spec["r"], "optim": "adamw",
+                                           "checkpointing": "corept"},
+           "steps": run["steps"], **{k: v for k, v in run.items() if k.startswith(("predicted", "planner"))}}
+    if cuda:
+        cap = run.get("cap_bytes")
+        cuda.set_per_process_memory_fraction(cap / cuda.get_device_properties(0).total_memory if cap else 1.0)
+        gc.collect()
+        cuda.empty_cache()
+        cuda.synchronize()
+        cuda.reset_peak_memory_stats()
+    t, losses = time.time(), []
+    try:
+        for _ in range(run["steps"]):
+            losses.append(_step(model, opt, run["seq"], run["batch"], spec["config"]["vocab_size"], dev, gen))
+        if cuda:
+            cuda.synchronize()
+        rec.update(ok=True, loss=losses[-1], loss_finite=all(math.isfinite(x) for x in losses))
+    except torch.OutOfMemoryError as exc:
+        rec.update(ok=False, error="OOM: " + str(exc).split("\n")[0][:200])
+    except Exception as exc:  # noqa: BLE001 - recorded, the next config still runs
+        rec.update(ok=False, error=f"{type(exc).__name__}: {str(exc)[:300]}")
+    rec["step_s"] = round((time.time() - t) / max(1, len(losses) or 1), 3)
+    opt.zero_grad(set_to_none=True)
+    gc.collect()
+    if cuda:
+        rec["measured_gib"] = round(cuda.max_memory_allocated() / GIB, 3)
+        rec["reserved_gib"] = round(cuda.max_memory_reserved() / GIB, 3)
+        cuda.empty_cache()
+        cuda.set_per_process_memory_fraction(1.0)
+    else:
+        rec["measured_gib"] = None
+    if rec.get("measured_gib") and rec.get("predicted_gib"):
+        rec["error_pct"] = round(100 * (rec["predicted_gib"] - rec["measured_gib"]) / rec["measured_gib"], 2)
+    return rec
+
+
+def _search(model, opt, spec: dict, dev: str, gen, emit, deadline: float) -> None:
+    """Bisect the longest seq (multiple of 256) that trains one steady-state step under the cap."""
+    s = spec["search"]
+    step, lo, hi, t_last, seq_last = 256, None, None, None, None
+    seq = s["planner_seq"]
+    for _ in range(s["max_probes"]):
+        if t_last and time.time() + t_last * (seq / seq_last) ** 1.5 + 20 > deadline:
+            break
+        run = dict(kind="search-probe", seq=seq, batch=1, steps=s["probe_steps"], cap_bytes=s["cap_bytes"],
+                   predicted_gib=s["predictions"].get(str(seq)))
+        rec = _run_one(model, opt, run, spec, dev, gen)
+        emit(rec)
+        t_last, seq_last = rec["step_s"] * run["steps"], seq
+        if rec["ok"]:
+            lo = seq if lo is None else max(lo, seq)
+        elif rec.get("error", "").startswith("OOM"):
+            hi = seq if hi is None else min(hi, seq)
+        else:
+            break
+        if hi is None:
+            nxt = max(s["raw_seq"], int(lo * 1.08)) if seq < s["raw_seq"] else int(lo * 1.08)
+        elif lo is None:
+            nxt = int(hi * 0.85)
+        else:
+            nxt = (lo + hi) // 2
+        nxt = min(s["cap"], nxt // step * step)
+        if nxt in (lo, hi) or (lo and hi and (hi - lo) <= max(step, 0.03 * lo)) or (lo and nxt <= lo and hi is None):
+            break
+        seq = nxt
+    within = lo is not None and abs(s["planner_seq"] - lo) <= 0.15 * lo
+    emit({"kind": "search", "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]], "method": spec["method"],
+                                       "batch": 1, "r": spec["r"]},
+          "gpu_emulated": EMULATED_GPU, "planner_seq": s["planner_seq"], "planner_raw_seq": s["raw_seq"],
+          "measured_max_seq": lo, "first_oom_seq": hi, "ratio": round(s["planner_seq"] / lo, 3) if lo else None,
+          "within_15pct": within, "planner_fits_and_trains": bool(lo and lo >= s["planner_seq"])})
+
+
+def worker(spec: dict) -> int:
+    import torch
+
+    dev, out = spec["device"], spec["jsonl"]
+    deadline = spec["deadline"]
+
+    def emit(rec: dict) -> None:
+        rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1))
+        with open(out, "a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+        c = rec.get("config", {})
+        print(f"[{rec['kind']}] {c.get('model')} {c.get('method')} r{c.get('r')} seq {c.get('seq', '-')} "
+              f"bs {c.get('batch')}: ok={rec.get('ok', '-')} measured {rec.get('measured_gib')} GiB "
+              f"predicted {rec.get('predicted_gib')} GiB err {rec.get('error_pct', '-')}% "
+              f"{rec.get('error', '') or ''}" + (f" search: planner {rec.get('planner_seq')} measured "
+                                                 f"{rec.get('measured_max_seq')} oom {rec.get('first_oom_seq')}"
+                                                 if rec["kind"] == "search" else ""), flush=True)
+
+    t0 = time.time()
+    torch.manual_seed(0)
+    model = _build(spec, dev)
+    cuda = _cuda(dev)
+    setup = cuda.memory_allocated() / GIB if cuda else None
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
+    gen = torch.Generator(device=dev).manual_seed(0)
+    print(f"[worker] {spec['arch']} {spec['method']} r{spec['r']}: built in {time.time() - t0:.0f}s, "
+          f"{setup if setup is None else round(setup, 2)} GiB allocated (predicted static "
+          f"{spec.get('predicted_static_gib')})", flush=True)
+    for run in spec["runs"]:
+        if time.time() > deadline:
+            emit({"kind": run["kind"], "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]],
+                  "method": spec["method"], "seq": run["seq"], "batch": run["batch"], "r": spec["r"]},
+                  "ok": None, "error": "skipped: out of time"})
+            continue
+        rec = _run_one(model, opt, run, spec, dev, gen)
+        rec.update(setup_gib=None if setup is None else round(setup, 3),
+                   predicted_static_gib=spec.get("predicted_static_gib"))
+        emit(rec)
+    if spec.get("search"):
+        warm = dict(kind="search-warmup", seq=512, batch=1, steps=1, cap_bytes=spec["search"]["cap_bytes"])
+        _run_one(model, opt, warm, spec, dev, gen)  # creates the AdamW states: probes are steady state
+        _search(model, opt, spec, dev, gen, emit, deadline)
+    return 0
+
+
+# ----------------------------------------------------------------------------------- the parent
+def _predict(arch: str, tiny: bool, method: str, seq: int, batch: int, r: int, gpu: str):
+    from corept.planning import estimate, model_shape
+
+    shape = model_shape(model_config(arch, tiny))
+    return estimate(shape, method=method, seq=seq, batch=batch, r=r, gpu=gpu)
+
+
+def _specs(args) -> list[dict]:
+    """Worker specs: one per (arch, method, rank), runs in order (measure, then emulate)."""
+    from corept.planning import plan
+    from corept.planning.gpus import GPUS, GpuProfile
+    from corept.planning.recommend import longest_seq
+    from corept.planning.shape import model_shape
+
+    emu = GPUS[EMULATED_GPU]
+    cap = emu.usable_bytes if args.device == "cuda" else None  # the worker turns it into a memory fraction
+    groups: dict = {}
+
+    def group(arch, method, r):
+        key = (arch, method, r)
+        if key not in groups:
+            est = _predict(arch, args.tiny, method, 1024, 1, r, "h200")
+            static = (est.components["weights"] + est.components["trainable_params"]) / GIB
+            groups[key] = dict(arch=arch, method=method, r=r, tiny=args.tiny, config=model_config(arch, args.tiny),
+                               ckpt_dir=args.ckpt_dir, device=args.device, runs=[],
+                               predicted_static_gib=round(static, 3))
+        return groups[key]
+
+    for arch in args.archs:
+        for method in args.methods:
+            for seq in args.seqs:
+                pred = _predict(arch, args.tiny, method, seq, 1, 16, "h200")
+                if "measure" in args.parts:
+                    group(arch, method, 16)["runs"].append(dict(
+                        kind="measure", seq=seq, batch=1, steps=args.steps, predicted_gib=round(pred.peak_allocated / GIB, 3),
+                        predicted_phase=pred.peak_phase,
+                        predicted_components_gib={k: round(v / GIB, 3) for k, v in pred.components.items()}))
+                emu_est = _predict(arch, args.tiny, method, seq, 1, 16, EMULATED_GPU)
+                if "emulate" in args.parts and emu_est.fits:
+                    group(arch, method, 16)["runs"].append(dict(
+                        kind="emulate", seq=seq, batch=1, steps=args.emulate_steps, cap_bytes=cap,
+                        predicted_gib=round(emu_est.peak_allocated / GIB, 3),
+                        planner_required_gib=round(emu_est.required / GIB, 3), planner_fits=True))
+            if "emulate" in args.parts:
+                p = plan(model_config(arch, args.tiny), method, gpu=EMULATED_GPU)
+                rec = p.recommendation
+                group(arch, method, rec["r"])["runs"].append(dict(
+                    kind="emulate-recommended", seq=rec["max_seq_length"], batch=rec["batch_size"],
+                    steps=args.emulate_steps, cap_bytes=cap, predicted_gib=rec["predicted_peak_gib"],
+                    planner_required_gib=rec["required_gib"], planner_fits=True))
+    if "search" in args.parts:
+        shape = model_shape(model_config("llama", args.tiny))
+        p = plan(shape, "qlora", gpu=EMULATED_GPU, r=32, batch_size=1)
+        raw_gpu = GpuProfile("rtx3090-raw", "allocator cap only", emu.usable_gib, context_gib=0.0)
+        raw = longest_seq(shape, raw_gpu, 0.0, batch=1, method="qlora", r=32, optim="adamw",
+                          checkpointing="corept", slack=0.0)
+        seq_cap = min(shape.max_positions or 131072, args.search_cap)
+        planner_seq = min(p.longest_seq_at_batch_1, seq_cap)
+        preds = {}
+        for s in range(256, seq_cap + 1, 256):
+            preds[str(s)] = round(_predict("llama", args.tiny, "qlora", s, 1, 32, EMULATED_GPU).peak_allocated / GIB, 3)
+        g = group("llama", "qlora", 32)
+        g["search"] = dict(planner_seq=planner_seq, raw_seq=min(raw, seq_cap), cap=seq_cap, cap_bytes=cap,
+                           probe_steps=args.probe_steps, max_probes=args.max_probes, predictions=preds)
+    return list(groups.values())
+
+
+def _environment(records: list[dict]) -> dict:
+    info = {"date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "python": platform.python_version(), "host": platform.node()}
+    for mod in ("torch", "triton", "transformers", "peft", "bitsandbytes", "corept", "corept_kernels"):
+        try:
+            info[mod] = getattr(__import__(mod), "__version__", "?")
+        except Exception:  # noqa: BLE001 - absent packages recorded as such
+            info[mod] = None
+    try:
+        import torch
+
+        info["cuda"] = torch.version.cuda
+    except Exception:  # noqa: BLE001
+        pass
+    info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
+    return info
+
+
+def _md(records: list[dict], env: dict) -> str:
+    out = [f"GPU: {env.get('gpu')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
+           f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · {env.get('date')}", ""]
+    meas = [r for r in records if r["kind"] == "measure"]
+    if meas:
+        out += ["| model | method | seq | batch | r | predicted GiB | measured GiB | error % | reserved GiB | "
+                "s/step | within ±10% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in meas:
+            c, e = r["config"], r.get("error_pct")
+            ok = "—" if e is None else ("yes" if abs(e) <= 10 else "**no**")
+            out.append(f"| {c['model']} | {c['method']} | {c['seq']} | {c['batch']} | {c['r']} | {r.get('predicted_gib')} "
+                       f"| {r.get('measured_gib')} | {e if e is not None else r.get('error', '—')} | "
+                       f"{r.get('reserved_gib', '—')} | {r.get('step_s', '—')} | {ok} |")
+        out.append("")
+    emu = [r for r in records if r["kind"].startswith("emulate")]
+    if emu:
+        out += [f"24 GB emulation (`set_per_process_memory_fraction`, {EMULATED_GPU} usable memory):", "",
+                "| model | method | seq | batch | r | kind | planner required GiB | trained | peak GiB |",
+                "|---|---|---|---|---|---|---|---|---|"]
+        for r in emu:
+            c = r["config"]
+            out.append(f"| {c['model']} | {c['method']} | {c['seq']} | {c['batch']} | {c['r']} | {r['kind']} | "
+                       f"{r.get('planner_required_gib')} | {'yes' if r.get('ok') else '**no** ' + str(r.get('error'))} "
+                       f"| {r.get('measured_gib')} |")
+        out.append("")
+    for r in (r for r in records if r["kind"] == "search"):
+        out += ["| search (QLoRA r 32, batch 1, 24 GB cap) | planner longest seq | measured longest seq | first OOM "
+                "| planner / measured | within 15% |", "|---|---|---|---|---|---|",
+                f"| {r['config']['model']} | {r['planner_seq']} | {r['measured_max_seq']} | {r['first_oom_seq']} | "
+                f"{r['ratio']} | {'yes' if r['within_15pct'] else '**no**'} |", ""]
+    return "\n".join(out)
+
+
+def _write(records: list[dict], env: dict, out_dir: str, stem: str) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, stem + ".json")
+    with open(path, "w") as fh:
+        json.dump({"environment": env, "gpu": env.get("gpu"), "versions": {k: env.get(k) for k in (
+            "torch", "triton", "transformers", "peft", "bitsandbytes", "corept", "cuda", "python")},
+            "command": env.get("command"), "records": records}, fh, indent=1)
+    with open(os.path.join(out_dir, stem + ".md"), "w") as fh:
+        fh.write(_md(records, env) + "\n")
+    return path
+
+
+def merge(paths: list[str], out_dir: str, tag: str) -> str:
+    records, env = {}, {}
+    for p in paths:
+        data = json.load(open(p))
+        env = env or data.get("environment", {})
+        for r in data["records"]:
+            key = (r["kind"], json.dumps(r.get("config"), sort_keys=True))
+            records[key] = r  # later files win
+    stem = f"plan-{datetime.date.today().isoformat()}-{tag}"
+    path = _write(list(records.values()), env, out_dir, stem)
+    print(_md(list(records.values()), env))
+    return path
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, help="folder for the results (JSON + markdown)")
+    ap.add_argument("--parts", default="measure,emulate,search")
+    ap.add_argument("--archs", default="llama,qwen3")
+    ap.add_argument("--methods", default="lora,qlora")
+    ap.add_argument("--seqs", default="1024,4096,16384")
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--emulate-steps", type=int, default=5)
+    ap.add_argument("--probe-steps", type=int, default=1, help="steady-state steps per search probe")
+    ap.add_argument("--max-probes", type=int, default=7)
+    ap.add_argument("--search-cap", type=int, default=131072)
+    ap.add_argument("--ckpt-dir", default="/tmp/corept-plan-ckpt", help="where QLoRA bases are saved once")
+    ap.add_argument("--keep-ckpt", action="store_true")
+    ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget of this call")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: dry run of the code paths")
+    ap.add_argument("--tiny", action="store_true", help="tiny configs (with --device cpu: a quick dry run)")
+    ap.add_argument("--tag", default=None, help="file-name tag (default h200 on an H200, else the device)")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="combine result files and exit")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker(json.loads(open(args.worker).read()))
+    if args.merge:
+        print(merge(args.merge, args.out, args.tag or "h200"))
+        return 0
+    t0 = time.time()
+    deadline = t0 + args.budget_s
+    args.parts = [p for p in args.parts.split(",") if p]
+    args.archs = args.archs.split(",")
+    args.methods = args.methods.split(",")
+    args.seqs = [int(s) for s in args.seqs.split(",")]
+    specs = _specs(args)
+    os.makedirs(args.out, exist_ok=True)
+    jsonl = os.path.join(args.out, f"records-{int(t0)}.jsonl")
+    for spec in specs:
+        left = deadline - time.time()
+        if left < 30:
+            print(f"[parent] out of time: skipping {spec['arch']} {spec['method']} r{spec['r']}", flush=True)
+            continue
+        spec.update(jsonl=jsonl, deadline=deadline - 15)
+        spec_path = os.path.join(args.out, f"spec-{spec['arch']}-{spec['method']}-r{spec['r']}.json")
+        with open(spec_path, "w") as fh:
+            json.dump(spec, fh)
+        cmd = [sys.executable, "-P", os.path.abspath(__file__), "--out", args.out, "--worker", spec_path]
+        try:
+            rc = subprocess.run(cmd, timeout=left + 10).returncode
+        except subprocess.TimeoutExpired:
+            rc = "timeout"
+        print(f"[parent] worker {spec['arch']} {spec['method']} r{spec['r']} exited {rc} "
+              f"({time.time() - t0:.0f}s elapsed)", flush=True)
+    if not args.keep_ckpt:
+        shutil.rmtree(args.ckpt_dir, ignore_errors=True)
+    records = [json.loads(line) for line in open(jsonl)] if os.path.exists(jsonl) else []
+    env = _environment(records)
+    tag = args.tag or ("h200" if "H200" in str(env.get("gpu")) else str(env.get("gpu") or args.device).split()[-1].lower())
+    stem = f"plan-{env['date']}-{tag}-{'-'.join(args.parts)}" + ("-tiny" if args.tiny else "")
+    path = _write(records, env, args.out, stem)
+    print(_md(records, env))
+    print(f"[parent] wrote {path} ({len(records)} records, {time.time() - t0:.0f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

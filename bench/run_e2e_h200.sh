@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# End-to-end benchmark on the H200: ONE preset per device call; each is sized to end inside ~9.5 min.
+#
+#   device call (carry [".whl"], timeout_s 600):   bash bench/run_e2e_h200.sh PRESET [extra bench/e2e.py flags]
+#
+# Presets, most useful first (each is self-contained: a fresh machine reinstalls the wheels and
+# re-saves the checkpoint it needs; a warm one reuses /tmp):
+#   llama-2k        Llama-3.1-8B 2x2048, all eight variants
+#   llama-8k        Llama-3.1-8B 1x8192, all eight variants
+#   qwen-2k         Qwen3-8B 2x2048, all eight variants
+#   qwen-8k         Qwen3-8B 1x8192, all eight variants
+#   maxseq          longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B): hf_qlora then corept_qlora
+#   maxseq-unsloth  the same for unsloth_qlora (its probes compile: ~2 min each)
+#   gpu-check       optional, ~4 min: every variant on 2-layer cuts of both 8B configs (real widths),
+#                   2x2048, 2 timed steps: proves each stack imports and trains on this image
+#   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
+# Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
+# of time the driver records the rest as "skipped" and they can be rerun with `custom`.
+# Results: $OUT/e2e-<date>-h200-<preset>.json/.md, worker logs $OUT/logs, setup log $OUT/setup.log.
+# Afterwards, on the CPU machine: python3 bench/e2e.py --merge <the fetched .json files> --out bench/results
+set -uo pipefail
+T0=$SECONDS
+cd "$(dirname "$0")/.." || exit 1
+: "${OUT:?OUT must name the output folder}"
+mkdir -p "$OUT"
+PRESET=${1:-help}
+shift || true
+CALL_S=${E2E_CALL_S:-585}   # the device call's limit minus a margin; lower it when less device time is left
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUFFERED=1 \
+       UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
+
+case "$PRESET" in
+  llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq|maxseq-unsloth|gpu-check|custom) ;;
+  *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
+esac
+
+# 1. Wheels, split so no stack sees another's packages: base = all but unsloth's own; unsloth = all.
+PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
+(
+  if [ ! -f /tmp/site_base/.e2e-ok ]; then
+    rm -rf /tmp/site_base
+    $PIP --target /tmp/site_base $(ls .whl/*.whl | grep -v -E '/(unsloth|unsloth_zoo|cut_cross_entropy|msgspec)-') \
+      && touch /tmp/site_base/.e2e-ok || { echo "FAILED: wheels into /tmp/site_base"; exit 1; }
+  fi
+  if [ ! -f /tmp/site_unsloth/.e2e-ok ]; then
+    rm -rf /tmp/site_unsloth
+    $PIP --target /tmp/site_unsloth .whl/*.whl && touch /tmp/site_unsloth/.e2e-ok \
+      || { echo "FAILED: wheels into /tmp/site_unsloth"; exit 1; }
+  fi
+  # 2. corept's own distributions (entry points need dist-infos): linked from this tree, no build.
+  rm -rf /tmp/site_corept
+  python3 -P bench/e2e.py --link-site /tmp/site_corept \
+    || $PIP --no-build-isolation --target /tmp/site_corept . ./kernels ./plugins/llama ./plugins/qwen \
+    || { echo "FAILED: corept into /tmp/site_corept"; exit 1; }
+  # diagnostics only (never fatal): the GPU as found, disk and memory, the image's versions
+  nvidia-smi --query-gpu=name,memory.used,memory.total,clocks.sm,clocks.max.sm,power.draw --format=csv,noheader
+  df -h /tmp | tail -1
+  free -g | sed -n 2p
+  python3 -P -c "import torch, transformers, peft; print('image:', torch.__version__, transformers.__version__, peft.__version__)"
+  true
+) > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
+tail -5 "$OUT/setup.log"
+echo "setup took $((SECONDS - T0))s"
+
+SITES=(--site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth)
+ALL=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora,liger,hf_bf16
+case "$PRESET" in
+  llama-2k) ARGS=(--models llama-3.1-8b --shapes 2x2048 --variants $ALL) ;;
+  llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
+  qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;
+  qwen-8k)  ARGS=(--models qwen3-8b --shapes 1x8192 --variants $ALL) ;;
+  maxseq)   ARGS=(--variants none --maxseq hf_qlora,corept_qlora --maxseq-start hf_qlora=8192,corept_qlora=65536
+                  --maxseq-step hf_qlora=1024,corept_qlora=4096) ;;
+  maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-step 4096
+                        --maxseq-steps 3 --maxseq-timeout 420) ;;
+  gpu-check) ARGS=(--models llama-3.1-8b-2l,qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
+  custom)   ARGS=() ;;
+esac
+BUDGET=$((CALL_S - (SECONDS - T0)))
+exec python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "h200-$PRESET" \
+  --budget-s "$BUDGET" "$@"

@@ -1,0 +1,119 @@
+"""The end-to-end benchmark harness never rots: its CPU smoke mode runs in ``make test``.
+
+``bench/e2e.py --smoke`` runs the real code paths (prepare step, one subprocess per run, the hf and
+corept stacks on tiny llama and qwen3 models in fp32) and writes the results files; this checks
+their fields and that hf and corept losses agree. Nothing here is timed. The search, the site
+linker and the report are checked directly (standard library, no subprocess).
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent
+REPO = BENCH.parent
+REQUIRED = ("variant", "model", "shape", "tokens_per_s", "median_step_s", "peak_gib", "after_load_gib",
+            "activation_gib", "loss", "losses", "versions", "command", "date")
+NUMBERS = ("tokens_per_s", "median_step_s", "peak_gib", "after_load_gib", "activation_gib", "loss")
+
+
+def _load(name: str):
+    """A bench module by path (bench/ is not put on sys.path: its kernels.py shadows a package)."""
+    spec = importlib.util.spec_from_file_location(f"corept_bench_test_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+    out = tmp_path_factory.mktemp("e2e-smoke")
+    proc = subprocess.run([sys.executable, "-P", str(BENCH / "e2e.py"), "--smoke", "--out", str(out)], cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    files = list(out.glob("e2e-*-cpu-smoke.json"))
+    assert len(files) == 1, (list(out.iterdir()), proc.stdout[-2000:])
+    assert files[0].with_suffix(".md").is_file()
+    records = json.loads(files[0].read_text())
+    logs = {p.name: p.read_text()[-2000:] for p in (out / "logs").glob("*.log")}
+    return [r for r in records if r.get("kind") == "throughput"], logs
+
+
+def test_smoke_records_have_the_fields_and_finite_numbers(smoke):
+    records, logs = smoke
+    assert {(r["variant"], r["model"]) for r in records} == {
+        (v, m) for v in ("hf", "corept") for m in ("tiny-llama", "tiny-qwen3")}
+    for r in records:
+        assert "error" not in r, (r["error"], logs.get(os.path.basename(r.get("log", "")), ""))
+        for key in REQUIRED:
+            assert key in r, key
+        for key in NUMBERS:
+            assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
+        assert r["tokens_per_s"] > 0 and r["median_step_s"] > 0
+        assert len(r["losses"]) == r["warmup"] + r["steps"] and all(math.isfinite(x) for x in r["losses"])
+        assert r["versions"]["torch"] and r["versions"]["transformers"] and r["versions"]["peft"]
+        assert "gpu" in r and r["shape"] == "2x64"
+
+
+def test_smoke_hf_and_corept_losses_agree(smoke):
+    records, _ = smoke
+    by = {(r["variant"], r["model"]): r for r in records}
+    for model in ("tiny-llama", "tiny-qwen3"):
+        hf, cp = by[("hf", model)], by[("corept", model)]
+        assert hf["trainable_params"] == cp["trainable_params"]
+        for a, b in zip(hf["losses"], cp["losses"]):
+            assert abs(a - b) < 1e-3, (model, hf["losses"], cp["losses"])
+        assert cp["corept_applied"], "corept patched nothing"
+
+
+def test_search_finds_the_threshold():
+    ms = _load("e2e_maxseq")
+    for limit, start in ((9300, 8192), (71_700, 8192), (3000, 8192), (500, 1024)):
+        seen = []
+        res = ms.search(lambda s: seen.append(s) or s <= limit, start, 262_144, 1024)
+        expect = (limit // 1024) * 1024 or None
+        assert res["max_seq"] == expect and res["complete"], (limit, res)
+        assert res["first_fail"] is None or res["first_fail"] - (expect or 0) <= 1024
+        assert len(seen) == len(set(seen)) <= 12
+    assert ms.search(lambda s: True, 8192, 20_000, 1024)["max_seq"] == 19_456  # the cap, no fail
+    stopped = ms.search(lambda s: None if s > 16_384 else True, 8192, 262_144, 1024)
+    assert stopped["max_seq"] == 16_384 and not stopped["complete"]
+    clock = iter(range(100)).__next__
+    late = ms.search(lambda s: True, 8192, 262_144, 1024, deadline=2, clock=clock)
+    assert late["max_seq"] == 16_384 and not late["complete"]
+    assert ms.per_variant("8192,unsloth_qlora=65536", ["hf_qlora", "unsloth_qlora"]) == {
+        "hf_qlora": 8192, "unsloth_qlora": 65536}
+
+
+def test_link_site_exposes_the_plugins(tmp_path):
+    site = _load("e2e_site")
+    names = site.link_site(str(tmp_path), str(REPO), (".", "kernels", "plugins/llama", "plugins/qwen"))
+    assert names == ["corept", "corept-kernels", "corept-llama", "corept-qwen"]
+    eps = {ep.name: ep.value for d in importlib.metadata.distributions(path=[str(tmp_path)])
+           for ep in d.entry_points if ep.group == "corept"}
+    assert eps == {"llama": "corept_llama:plugin", "qwen": "corept_qwen:plugin"}
+    assert (tmp_path / "corept" / "__init__.py").is_file() and (tmp_path / "corept_kernels").is_dir()
+
+
+def test_report_merges_and_tabulates(tmp_path):
+    rep = _load("e2e_report")
+    a = [{"kind": "throughput", "variant": "hf", "model": "m", "shape": "1x8", "tokens_per_s": 100.0, "loss": 2.0},
+         {"kind": "throughput", "variant": "unsloth", "model": "m", "shape": "1x8", "error": "boom"}]
+    b = [{"kind": "throughput", "variant": "unsloth", "model": "m", "shape": "1x8", "tokens_per_s": 200.0,
+          "loss": 2.001},
+         {"kind": "maxseq", "variant": "hf_qlora", "model": "m", "max_seq": 9216, "probes": [{"seq": 8192, "ok": True}]}]
+    for name, recs in (("a", a), ("b", b)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(recs))
+    (tmp_path / "c.json").write_text(json.dumps([dict(b[0], error="skipped", tokens_per_s=None)]))
+    merged = rep.merge([str(tmp_path / f"{n}.json") for n in "abc"])
+    assert len(merged) == 3 and "error" not in merged[1]
+    text = rep.markdown(merged)
+    assert "| unsloth | m | 1x8 | 200 | 2.00 | 1.00 |" in text and "9,216" in text

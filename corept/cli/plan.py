@@ -1,0 +1,121 @@
+"""``corept plan``: will it fit? Peak GPU memory by component, or the largest config that fits.
+
+Reads the model's config only (no weights). With ``--max-seq-length`` and ``--batch-size`` it
+estimates that configuration (exit 1 and the smallest changes that would fit when it does not);
+otherwise it recommends the longest sequence, batch and rank that fit with the margin, and the
+gradient accumulation for ``--target-batch``. Exit 2 on errors (unknown GPU, unreadable config,
+nothing fits at all).
+"""
+from __future__ import annotations
+
+import json
+
+from corept.planning.estimate import CHECKPOINTING, DEFAULT_MARGIN, METHODS, OPTIMS
+from corept.planning.gpus import GIB, GPUS
+
+HELP = "plan GPU memory: what fits (seq, batch, LoRA rank) for a model, method and GPU, from the config"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--model", required=True, help="local folder, config.json, HF cache/hub id, plugin alias or a "
+                                                  "built-in name (e.g. meta-llama/Llama-3.1-8B)")
+    p.add_argument("--method", choices=METHODS, default=None, help="lora (16-bit base), qlora (4-bit base) or full")
+    p.add_argument("--load-in-4bit", action="store_true", help="same as --method qlora")
+    p.add_argument("--max-seq-length", type=int, default=None, help="sequence length (default: searched)")
+    p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: searched)")
+    p.add_argument("--r", type=int, default=None, help="LoRA rank (default: 64 / 32 / 16 by model size)")
+    p.add_argument("--optim", choices=OPTIMS, default="adamw")
+    p.add_argument("--checkpointing", choices=CHECKPOINTING, default="corept")
+    p.add_argument("--gpu", default=None, help=f"one of {', '.join(GPUS)} (default: the detected GPU)")
+    p.add_argument("--vram", type=float, default=None, metavar="GIB", help="usable GPU memory in GiB instead of --gpu")
+    p.add_argument("--target-batch", type=int, default=16, help="effective batch for grad accumulation (default 16)")
+    p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
+                   help=f"fraction of VRAM kept free (default {DEFAULT_MARGIN})")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _notes(est) -> dict:
+    m, d, g = est.model, est.details, lambda b: f"{b / GIB:.2f}"
+    if est.method == "qlora":
+        w = f"nf4 + double quant: {m.n_quantized / 1e9:.2f}B params ~0.52 B; {m.n_unquantized / 1e9:.2f}B at 2 B"
+    else:
+        w = f"{m.n_params / 1e9:.2f}B params x {2 if est.dtype != 'fp32' else 4} B ({est.dtype})"
+    if est.method == "full":
+        t = f"every weight: {m.n_params / 1e9:.2f}B params"
+    else:
+        t = f"LoRA r{est.r}: {d['n_trainable'] / 1e6:.1f}M params x 4 B (fp32 adapters)"
+    if d["offloaded"]:
+        ck = f"offloaded: {g(est.host_pinned)} GiB in pinned host RAM"
+    elif est.checkpointing == "none":
+        ck = "no checkpointing: every layer's saved activations"
+    else:
+        ck = f"{m.layers} layer inputs [B,S,H] kept on the GPU"
+    return {
+        "weights": w, "trainable_params": t,
+        "optimizer_states": "AdamW: 2 states per trainable param" if est.optim == "adamw" else "8-bit AdamW (bnb)",
+        "gradients": "trainable params' grads (backward -> step)", "checkpoints": ck,
+        "layer_working_set": f"one layer's recompute + backward ({d['attention']} attention)",
+        "loss": f"fused CE: {d['loss_chunk_tokens']} tokens x {m.vocab} logits per chunk + d hidden",
+        "hidden_states": "embedding output / final norm in and out",
+        "workspace": "cuBLAS workspace, RoPE tables, ids and labels",
+    }
+
+
+def render(p) -> str:
+    """The human table of a :class:`corept.planning.Plan`."""
+    est, m = p.estimate, p.estimate.model
+    g = lambda b: f"{b / GIB:7.2f}"  # noqa: E731
+    lines = [f"model:  {m.name}  ({m.model_type}; plugin {m.plugin or 'none'}; {m.source})",
+             f"config: {est.method}" + (f"  r {est.r}" if est.method != "full" else "") +
+             f"  optim {est.optim}  checkpointing {est.checkpointing}  seq {est.seq}  batch {est.batch}"
+             f"  dtype {est.dtype}",
+             f"GPU:    {est.gpu.name} - {est.gpu.label} ({est.gpu.usable_gib:.1f} GiB usable)", "",
+             f"{'component':26s} {'GiB':>7s}   note"]
+    notes = _notes(est)
+    for k, v in est.components.items():
+        lines.append(f"{k.replace('_', ' '):26s} {g(v)}   {notes.get(k, '')}")
+    lines += ["-" * 72,
+              f"{'peak allocated':26s} {g(est.peak_allocated)}   phase: {est.peak_phase} "
+              f"(predicts torch.cuda.max_memory_allocated)",
+              f"{'allocator slack':26s} {g(est.allocator_slack)}   {est.slack:.0%} fragmentation margin",
+              f"{'CUDA context':26s} {g(est.cuda_context)}   outside the allocator's counters",
+              f"{'required':26s} {g(est.required)}   budget {est.budget / GIB:.2f} GiB "
+              f"({est.gpu.usable_gib:.1f} GiB - {est.margin:.0%} margin): "
+              + ("FITS" if est.fits else "DOES NOT FIT")]
+    if est.host_pinned:
+        lines.append(f"{'pinned host RAM':26s} {g(est.host_pinned)}   offloaded layer inputs (CPU side)")
+    if p.recommendation:
+        r = p.recommendation
+        lines += ["", f"recommended: --max-seq-length {r['max_seq_length']} --batch-size {r['batch_size']} "
+                      f"--grad-accum {r['grad_accum']}" + (f" --r {r['r']}" if r['r'] else "") +
+                      f"  (effective batch {r['effective_batch']})"]
+        if p.longest_seq_at_batch_1:
+            lines.append(f"longest sequence at batch 1: {p.longest_seq_at_batch_1} tokens")
+    if p.suggestions:
+        lines += ["", "would fit with (one change each, smallest first):"] + [f"  - {s}" for s in p.suggestions]
+    for n in est.notes:
+        lines.append(f"note: {n}")
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from corept.planning import plan
+
+    method = args.method or ("qlora" if args.load_in_4bit else None)
+    if method is None:
+        from corept.errors import InvalidOptionsError
+
+        raise InvalidOptionsError(f"--method is required: one of {', '.join(METHODS)} (or --load-in-4bit)")
+    if args.load_in_4bit and method != "qlora":
+        from corept.errors import InvalidOptionsError
+
+        raise InvalidOptionsError(f"--load-in-4bit contradicts --method {method}: 4-bit bases train with qlora")
+    p = plan(args.model, method, gpu=args.gpu, vram=args.vram, max_seq_length=args.max_seq_length,
+             batch_size=args.batch_size, r=args.r, optim=args.optim, checkpointing=args.checkpointing,
+             target_batch=args.target_batch, margin=args.margin, trust_remote_code=args.trust_remote_code)
+    if args.json:
+        print(json.dumps(p.to_dict(), indent=2, default=str))
+    else:
+        print(render(p))
+    return 0 if p.fits else 1

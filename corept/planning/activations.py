@@ -1,0 +1,166 @@
+"""Per-token activation bytes of one decoder layer: what autograd saves, and what backward adds.
+
+Notation (per token; ``N = batch * seq`` tokens): ``a`` activation dtype bytes (2 for bf16/fp16),
+``H`` hidden, ``I`` intermediate, ``Hq = heads * head_dim``, ``Hkv = kv_heads * head_dim``,
+``h`` heads, ``r`` LoRA rank, ``S`` sequence length.
+
+**Saved for backward** by one corept-patched layer (measured with
+``torch.autograd.graph.saved_tensors_hooks`` on CPU; ``tests/planning`` checks these against the
+measurement, term by term):
+
+* every ``[H]`` norm saves its input and fp32 rstd: ``a*H + 4`` each (2 norms in Llama/Qwen,
+  4 in Gemma2/3);
+* q/k/v/o LoRA linears: fused path (``lora_o``, no bias) saves its input (q/k/v share the normed
+  input: ``a*H`` once) and ``x A^T``: ``a*r``; peft's path (a base bias, e.g. qwen2 q/k/v) saves an
+  fp32 copy of its input and an fp32 ``x A^T``: ``4*in + 4*r``; a frozen linear saves nothing;
+  full fine-tuning: an ``nn.Linear`` saves its input (shared);
+* qk-norms (qwen3, gemma3): ``a*(Hq + Hkv) + 4*(h + kv_heads)``;
+* attention, SDPA with FlashAttention (no mask, GQA native): q, k, v after RoPE, the output
+  (shared with o_proj's input) and fp32 logsumexp: ``a*(2*Hq + 2*Hkv) + 4*h``; eager (gemma2/3) or
+  the math fallback: copies of q and expanded k/v ``3*a*Hq``, the output ``a*Hq``, and per
+  token ``S`` scores: fp32 softmax + probabilities (+ tanh output with softcap):
+  ``(4 + a (+ a)) * h * S``;
+* gated MLP, fused LoRA (``lora_mlp``): input, gate and up projections and the three ``x A^T``:
+  ``a*H + 2*a*I + 3*a*r``; full fine-tuning adds the down projection's input ``a*I``; an MLP
+  without adapters keeps only the gate/up projections ``2*a*I``.
+
+**Backward working set** on top of the saved set, for the layer being differentiated:
+``out`` (the recomputed layer output, corept checkpointing only) and ``dy``, both ``a*H``; then the
+larger of the MLP phase (``dh`` ``a*I`` + ``dx`` ``a*H``; ``3*a*I + a*H`` when the activation's
+backward is not in place) and the attention phase (MLP's saved set released; ``d(h1)`` ``a*H``,
+``d(attn)`` ``a*Hq``, FlashAttention-2 backward: fp32 ``dq`` accumulator ``4*Hq``, ``dq`` ``a*Hq``,
+GQA-expanded ``dk``/``dv`` ``2*a*Hq`` and their reduced copies ``2*a*Hkv``, ``4*h``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from corept.planning.shape import ModelShape
+
+UNPATCHED_FACTOR = 2.4  # measured: an unpatched Llama layer (HF norms/rope/MLP + peft LoRA) saves ~2.3x
+
+
+@dataclass(frozen=True)
+class LayerBytes:
+    """One layer's activation bytes: ``per_token + per_token_seq * S`` (multiply by ``N``)."""
+
+    saved: dict           # term -> (per_token, per_token_per_seq) of the saved set
+    mlp_saved: float      # per-token part of ``saved`` released after the MLP backward
+    bwd_mlp: float        # per-token extra during the MLP backward
+    bwd_attn: float       # per-token extra during the attention backward (after the release)
+    bwd_attn_seq: float   # per-token-per-seq extra during the attention backward
+    fwd: float            # per-token no-grad forward working set (checkpointed first pass)
+    fwd_seq: float
+
+    def saved_per_token(self, seq: int) -> float:
+        return sum(lin + quad * seq for lin, quad in self.saved.values())
+
+    def backward_extra(self, seq: int, recomputed_out: bool, a: int, hidden: int) -> float:
+        """Per-token bytes live on top of the saved set at the peak of this layer's backward."""
+        base = a * hidden * (2 if recomputed_out else 1)
+        return base + max(self.bwd_mlp, self.bwd_attn + self.bwd_attn_seq * seq - self.mlp_saved)
+
+    def forward_extra(self, seq: int) -> float:
+        return self.fwd + self.fwd_seq * seq
+
+
+def _dims(shape: ModelShape) -> tuple[int, int, int, int]:
+    lin = shape.layer.linears
+    H = shape.hidden
+    Hq = lin["q_proj"].out_features if "q_proj" in lin else shape.heads * shape.head_dim
+    Hkv = lin["k_proj"].out_features if "k_proj" in lin else shape.kv_heads * shape.head_dim
+    I = lin["gate_proj"].out_features if shape.layer.standard else shape.intermediate  # noqa: E741
+    return H, Hq, Hkv, I
+
+
+def projection_paths(shape: ModelShape, method: str) -> dict:
+    """``{proj: "fused" | "peft" | "frozen" | "trainable"}`` for q/k/v/o and the ``mlp`` as a whole."""
+    lin = shape.layer.linears
+    if method == "full":
+        return {p: "trainable" for p in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")}
+    paths = {}
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if p not in lin or p not in shape.lora_targets:
+            paths[p] = "frozen"
+        else:
+            paths[p] = "fused" if shape.patched and not lin[p].bias else "peft"
+    mlp = [p for p in ("gate_proj", "up_proj", "down_proj") if p in lin]
+    targeted = [p for p in mlp if p in shape.lora_targets]
+    if not targeted:
+        paths["mlp"] = "frozen"
+    elif shape.patched and len(targeted) == 3 and not any(lin[p].bias for p in mlp):
+        paths["mlp"] = "fused"
+    else:
+        paths["mlp"] = "peft"
+    return paths
+
+
+def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) -> LayerBytes:
+    """The formulas of the module docstring for ``shape``'s first decoder layer.
+
+    :param method: ``lora``/``qlora`` (adapters) or ``full``.
+    :param attention: ``flash`` (SDPA on a FlashAttention GPU) or ``eager`` (eager, or the math
+        fallback of GPUs without FlashAttention).
+    """
+    H, Hq, Hkv, I = _dims(shape)
+    h, kv, layer = shape.heads, shape.kv_heads, shape.layer
+    paths = projection_paths(shape, method)
+    lin = layer.linears
+    saved: dict = {"norms": ((a * H + 4) * layer.norms, 0.0)}
+    shared_input = any(paths[p] in ("fused", "trainable") for p in ("q_proj", "k_proj", "v_proj"))
+    shared_input = shared_input or (a == 4 and any(paths[p] == "peft" for p in ("q_proj", "k_proj", "v_proj")))
+    saved["qkv_input"] = (a * H if shared_input else 0.0, 0.0)
+    proj = 0.0
+    for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        if paths[p] == "fused":
+            proj += a * r
+        elif paths[p] == "peft":
+            proj += (0 if a == 4 else 4 * lin[p].in_features) + 4 * r
+    saved["lora_products"] = (proj, 0.0)
+    if layer.qk_norm:
+        saved["qk_norm"] = (a * (Hq + Hkv) + 4 * (h + kv), 0.0)
+    if attention == "flash":
+        saved["attention"] = (a * (2 * Hq + 2 * Hkv) + 4 * h, 0.0)
+    else:
+        saved["attention"] = (4 * a * Hq, (4 + a + (a if layer.attn_softcap else 0)) * h)
+    mlp = paths["mlp"]
+    if mlp == "fused":
+        mlp_saved = a * H + 2 * a * I + 3 * a * r
+        bwd_mlp = a * I + a * H
+    elif mlp == "trainable":
+        mlp_saved = a * H + 3 * a * I
+        bwd_mlp = 3 * a * I + a * H
+    elif mlp == "frozen":
+        mlp_saved = 2 * a * I
+        bwd_mlp = 3 * a * I + a * H
+    else:  # peft's LoRA linears around corept's (or HF's) activation
+        mlp_saved = (0 if a == 4 else 4 * (2 * H + I)) + 2 * a * I + 12 * r
+        bwd_mlp = 3 * a * I + a * H + 4 * I
+    if not layer.standard:
+        mlp_saved, bwd_mlp = a * H + 3 * a * I, 3 * a * I + a * H
+    saved["mlp"] = (mlp_saved, 0.0)
+    gqa = 2 * a * Hq if Hq != Hkv else 0
+    bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
+    bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
+    fwd = a * (3 * H + 3 * I)
+    fwd_seq = 0.0 if attention == "flash" else (4 + 2 * a) * h
+    if not shape.patched:
+        saved = {k: (lin_ * UNPATCHED_FACTOR, q * UNPATCHED_FACTOR) for k, (lin_, q) in saved.items()}
+        mlp_saved *= UNPATCHED_FACTOR
+    return LayerBytes(saved=saved, mlp_saved=mlp_saved, bwd_mlp=bwd_mlp, bwd_attn=bwd_attn,
+                      bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq)
+
+
+def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int,
+                      budget_bytes: int = 256 * 2**20) -> int:
+    """Tokens per chunk of corept's fused linear cross-entropy (its ``default_chunk_size`` rule).
+
+    ``max(next_pow2(ceil(N / ceil(V / H))), pow2_floor(budget / (V * a)))``, at most ``N``.
+    """
+    if n_tokens <= 0:
+        return 1
+    per = -(-vocab // hidden)
+    by_hidden = 1 << max(0, (-(-n_tokens // per) - 1).bit_length())
+    fit = max(1, budget_bytes // (vocab * dtype_bytes))
+    by_budget = 1 << (fit.bit_length() - 1)
+    return max(1, min(n_tokens, max(by_hidden, by_budget)))

@@ -1,0 +1,292 @@
+"""What the planner knows about a model, read from its config alone (no weights are loaded).
+
+The model is instantiated on the ``meta`` device with transformers' own classes, so parameter
+counts are exact for any architecture transformers knows, with no per-architecture formula:
+
+* ``n_params``: unique parameters (tied embeddings counted once);
+* quantizable weights: every ``nn.Linear`` weight bitsandbytes would quantize (all but the
+  modules transformers keeps in 16 bit: the output embedding and the last module), with their
+  count of 256-block groups for double-quant statistics;
+* LoRA targets: the plugin's declared target names present in the model (what
+  ``corept.get_peft_model(target_modules="all-linear")`` picks), else peft's "all-linear" (every
+  Linear but the output embedding); ``lora_params(r) = sum over targets of r * (in + out)``;
+* one decoder layer's structure (:class:`LayerShape`) for the activation formulas.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+
+from corept.errors import CoreptError, ModelNotFoundError
+
+
+class PlanError(CoreptError):
+    """The planner cannot answer: unreadable config, not a causal LM, nothing fits..."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    """One ``nn.Linear``: full module name, last name component, shape, bias."""
+
+    name: str
+    short: str
+    in_features: int
+    out_features: int
+    bias: bool
+
+    @property
+    def numel(self) -> int:
+        return self.in_features * self.out_features
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    """The first decoder layer, as the activation formulas see it.
+
+    :param norms: ``[H]``-sized norms in the layer (each saves its own ``[N, H]`` input).
+    :param qk_norm: per-head norms on q and k (qwen3, gemma3).
+    :param linears: the layer's Linears by last name (``q_proj``, ``gate_proj``, ...).
+    :param attention: attention implementation (``sdpa``, ``eager``, ...).
+    :param attn_softcap: attention-logit softcapping (one more saved score matrix when eager).
+    :param standard: q/k/v/o projections and a gated gate/up/down MLP were found; otherwise the
+        formulas are an approximation.
+    """
+
+    norms: int
+    qk_norm: bool
+    linears: dict = field(default_factory=dict)
+    attention: str = "sdpa"
+    attn_softcap: bool = False
+    standard: bool = True
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """Sizes and parameter counts of one model (see the module docstring)."""
+
+    name: str
+    source: str
+    model_type: str
+    plugin: str | None
+    patched: bool
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    max_positions: int | None
+    tied: bool
+    n_params: int
+    n_quantized: int
+    n_quant_tensors: int
+    n_quant_groups: int
+    linears: tuple[Linear, ...]
+    lora_targets: tuple[str, ...]
+    layer: LayerShape
+    force_float32: bool = False
+    notes: tuple[str, ...] = ()
+
+    @property
+    def n_unquantized(self) -> int:
+        """Parameters that stay 16-bit under 4-bit loading (embeddings, lm_head, norms, biases)."""
+        return self.n_params - self.n_quantized
+
+    @property
+    def head_params(self) -> int:
+        """Parameters of the output embedding (the loss's ``[V, H]`` weight)."""
+        return self.vocab * self.hidden
+
+    def lora_params(self, r: int) -> int:
+        """Trainable LoRA parameters at rank ``r``: ``sum r * (in + out)`` over the targets."""
+        return sum(r * (lin.in_features + lin.out_features) for lin in self.linears if lin.short in self.lora_targets)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "source": self.source, "model_type": self.model_type, "plugin": self.plugin,
+                "patched": self.patched, "hidden": self.hidden, "intermediate": self.intermediate,
+                "layers": self.layers, "heads": self.heads, "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+                "vocab": self.vocab, "max_positions": self.max_positions, "tied_embeddings": self.tied,
+                "n_params": self.n_params, "n_quantized": self.n_quantized, "lora_targets": list(self.lora_targets),
+                "attention": self.layer.attention, "notes": list(self.notes)}
+
+
+def load_config(model, *, trust_remote_code: bool = False):
+    """``(config, name, source)`` from a name/path, a ``PretrainedConfig`` or a config dict.
+
+    Names resolve like ``corept.load`` (local folder, plugin alias, HF cache, hub unless offline);
+    when that fails, a built-in copy (:mod:`corept.planning.known`) is used if there is one.
+    """
+    from transformers import AutoConfig, PretrainedConfig
+
+    if isinstance(model, PretrainedConfig):
+        return model, getattr(model, "_name_or_path", "") or model.model_type, "config object"
+    if isinstance(model, dict):
+        d = dict(model)
+        if "model_type" not in d:
+            raise PlanError("a config dict needs a 'model_type' key (e.g. 'llama').")
+        try:
+            return AutoConfig.for_model(d.pop("model_type"), **d), model.get("_name_or_path", "config dict"), "config dict"
+        except Exception as exc:  # noqa: BLE001 - surfaced with the cause
+            raise PlanError(f"cannot build a config from the dict: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, str) or not model.strip():
+        raise PlanError(f"model must be a name, a folder, a config.json path, a config or a dict; got {model!r}")
+    from pathlib import Path
+
+    from corept.planning.known import known_config
+    from corept.resolve import resolve_model_path
+
+    if model.endswith(".json") and Path(model).expanduser().is_file():
+        folder, how = Path(model).expanduser(), "config file"
+    else:
+        try:
+            folder, how = resolve_model_path(model)
+        except ModelNotFoundError as exc:
+            known = known_config(model)
+            if known is None:
+                raise PlanError(f"cannot read the config of {model!r}: {exc}") from exc
+            name, d = known
+            return AutoConfig.for_model(d.pop("model_type"), **d), name, f"built-in copy of {name}'s config"
+    try:
+        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - unreadable / invalid config.json
+        raise PlanError(f"cannot read the config of {model!r} ({folder}): {type(exc).__name__}: {exc}") from exc
+    return config, model, f"{how}: {folder}"
+
+
+_CACHE: dict = {}
+
+
+def model_shape(model, *, trust_remote_code: bool = False) -> "ModelShape":
+    """The :class:`ModelShape` of ``model`` (name/path, config or dict); cached per config."""
+    config, name, source = load_config(model, trust_remote_code=trust_remote_code)
+    key = (json.dumps(config.to_dict(), sort_keys=True, default=str), name, source, trust_remote_code)
+    if key not in _CACHE:
+        if len(_CACHE) >= 32:
+            _CACHE.clear()
+        _CACHE[key] = _inspect(config, name, source, trust_remote_code)
+    return _CACHE[key]
+
+
+def _meta_model(config, trust_remote_code: bool):
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    verbosity = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_error()
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16, trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - e.g. a vision-only or encoder config
+        raise PlanError(f"model_type {config.model_type!r} does not build as a causal LM with transformers "
+                        f"{transformers.__version__}: {type(exc).__name__}: {exc}") from exc
+    finally:
+        transformers.logging.set_verbosity(verbosity)
+
+
+def _unquantized_modules(model) -> set[str]:
+    """Module names bitsandbytes leaves in 16 bit (transformers' own rule when available)."""
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+
+        return set(get_keys_to_not_convert(model))
+    except Exception:  # noqa: BLE001 - older/newer transformers: the same rule, written out
+        out = model.get_output_embeddings()
+        keep = {n for n, m in model.named_modules() if out is not None and m is out}
+        keep.add(list(model.named_parameters())[-1][0].rsplit(".", 1)[0])
+        return keep
+
+
+def _decoder_layers(model, n_layers: int):
+    import torch.nn as nn
+
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList) and len(m) == n_layers]
+    return lists[0] if lists else None
+
+
+def _layer_shape(layer, text, attention: str, attn_softcap: bool) -> LayerShape:
+    import torch.nn as nn
+
+    H, hd = text.hidden_size, _head_dim(text)
+    linears, norms, qk = {}, 0, False
+    for name, m in layer.named_modules():
+        short = name.rsplit(".", 1)[-1]
+        if isinstance(m, nn.Linear):
+            linears[short] = Linear(name, short, m.in_features, m.out_features, m.bias is not None)
+        elif "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
+            if m.weight.numel() == H:
+                norms += 1
+            elif m.weight.numel() == hd and short in ("q_norm", "k_norm"):
+                qk = True
+    standard = all(p in linears for p in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"))
+    return LayerShape(norms=norms or 2, qk_norm=qk, linears=linears, attention=attention,
+                      attn_softcap=attn_softcap, standard=standard)
+
+
+def _head_dim(text) -> int:
+    hd = getattr(text, "head_dim", None)
+    return int(hd) if hd else text.hidden_size // text.num_attention_heads
+
+
+def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelShape:
+    import torch.nn as nn
+
+    from corept.plugins import get_plugin_manager
+    from corept.versions import transformers_supported
+
+    text = config.get_text_config()
+    model = _meta_model(config, trust_remote_code)
+    notes = []
+    found = get_plugin_manager().architecture_for(config.model_type)
+    arch = found[0] if found else None
+    patched = bool(arch) and transformers_supported(arch.transformers)[0]
+    if arch is None:
+        notes.append(f"no corept plugin for {config.model_type!r}: transformers' unpatched forwards save more; "
+                     f"activation figures are a conservative approximation")
+    elif not patched:
+        notes.append(f"plugin {found[1].name} does not support this transformers version: the model trains "
+                     f"unpatched; activation figures are a conservative approximation")
+    quirks = arch.quirks.resolve(text) if arch else None
+    attention = (quirks.forced_attn_implementation if quirks else None) or \
+        getattr(model.config, "_attn_implementation", None) or "sdpa"
+    softcap = bool(quirks and quirks.attn_softcap)
+    n_params = sum(p.numel() for p in model.parameters())
+    skip = _unquantized_modules(model)
+    linears, n_q, n_qt, n_groups = [], 0, 0, 0
+    for mname, m in model.named_modules():
+        if not isinstance(m, nn.Linear):
+            continue
+        linears.append(Linear(mname, mname.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None))
+        if not any(mname == s or mname.startswith(s + ".") for s in skip):
+            n = m.in_features * m.out_features
+            n_q, n_qt, n_groups = n_q + n, n_qt + 1, n_groups + math.ceil(n / 64 / 256)
+    present = {lin.short for lin in linears}
+    out_emb = model.get_output_embeddings()
+    out_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if out_emb is not None and m is out_emb}
+    targets = tuple(t for t in (arch.lora_targets if arch else ()) if t in present)
+    if not targets:
+        targets = tuple(sorted(present - out_names))
+    layers = _decoder_layers(model, text.num_hidden_layers)
+    if layers is None:
+        raise PlanError(f"cannot find the {text.num_hidden_layers} decoder layers of {config.model_type!r}")
+    layer = _layer_shape(layers[0], text, attention, softcap)
+    if not layer.standard:
+        notes.append("decoder layer is not q/k/v/o attention + gated MLP (e.g. MoE experts): activation "
+                     "figures are an approximation")
+    inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
+    if not layer.standard and getattr(text, "moe_intermediate_size", None):
+        inter = text.moe_intermediate_size * getattr(text, "num_experts_per_tok", 1)
+    emb = model.get_input_embeddings()
+    tied = out_emb is not None and emb is not None and out_emb.weight is emb.weight
+    max_pos = getattr(text, "max_position_embeddings", None)
+    return ModelShape(
+        name=name, source=source, model_type=config.model_type, plugin=found[1].name if found else None,
+        patched=patched, hidden=text.hidden_size, intermediate=int(inter), layers=text.num_hidden_layers,
+        heads=text.num_attention_heads, kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
+        head_dim=_head_dim(text), vocab=text.vocab_size, max_positions=int(max_pos) if max_pos else None, tied=tied,
+        n_params=n_params, n_quantized=n_q, n_quant_tensors=n_qt, n_quant_groups=n_groups,
+        linears=tuple(linears), lora_targets=targets, layer=layer,
+        force_float32=bool(quirks and quirks.force_float32), notes=tuple(notes))
+
