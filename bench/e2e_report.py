@@ -11,6 +11,13 @@ import json
 import os
 
 _KEY = ("kind", "variant", "model", "shape")
+_ORDER = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora")
+
+
+def _row_key(r: dict) -> tuple:
+    b, _, s = str(r.get("shape") or "0x0").partition("x")
+    v = r.get("variant")
+    return (str(r.get("model")), int(s or 0), int(b or 0), _ORDER.index(v) if v in _ORDER else len(_ORDER), str(v))
 
 
 def paths(out_dir: str, tag: str, date: str | None = None) -> tuple[str, str]:
@@ -53,7 +60,7 @@ def _ratio(a, b) -> str:
 
 
 def throughput_table(records: list[dict]) -> list[str]:
-    rows = [r for r in records if r.get("kind", "throughput") == "throughput"]
+    rows = sorted((r for r in records if r.get("kind", "throughput") == "throughput"), key=_row_key)
     if not rows:
         return []
     ref = {(r["variant"], r["model"], r["shape"]): r for r in rows if "error" not in r}

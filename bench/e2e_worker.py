@@ -15,6 +15,7 @@ bytes; on CPU (smoke only) process RSS.
 from __future__ import annotations
 
 import datetime
+import gc
 import importlib.util
 import json
 import math
@@ -167,13 +168,20 @@ def train(spec: dict, records: list, flush) -> None:
         try:
             run_shape(torch, model, mem, rec, spec, shape, autocast, initial, flush)
         except Exception as exc:  # noqa: BLE001 - record OOM and friends, go on with the next shape
-            oom = type(exc).__name__ == "OutOfMemoryError" or "out of memory" in str(exc).lower()
-            rec.update(error=f"{type(exc).__name__}: {str(exc)[:500]}", oom=oom,
-                       traceback=traceback.format_exc()[-3000:])
+            rec.update(error_record(exc))
             traceback.print_exc()
-            if cuda:
-                torch.cuda.empty_cache()
         flush()
+        model.zero_grad(set_to_none=True)
+        gc.collect()  # after the except block: its traceback no longer pins the failed step's tensors
+        if cuda:
+            torch.cuda.empty_cache()
+
+
+def error_record(exc: BaseException) -> dict:
+    """The fields a failed run adds to its record (``oom`` tells an out-of-memory failure apart)."""
+    text = f"{type(exc).__name__}: {str(exc)[:500]}"
+    return {"error": text, "oom": type(exc).__name__ == "OutOfMemoryError" or "out of memory" in text.lower(),
+            "traceback": traceback.format_exc()[-3000:]}
 
 
 def main(argv: list[str]) -> int:
@@ -202,8 +210,7 @@ def main(argv: list[str]) -> int:
     except Exception as exc:  # noqa: BLE001 - a failing stack is a record, not a crash
         for r in records:
             if "tokens_per_s" not in r and "error" not in r:
-                r.update(error=f"{type(exc).__name__}: {str(exc)[:500]}",
-                         oom=type(exc).__name__ == "OutOfMemoryError", traceback=traceback.format_exc()[-3000:])
+                r.update(error_record(exc))
         traceback.print_exc()
     flush()
     return 0

@@ -9,11 +9,14 @@
 #   llama-8k        Llama-3.1-8B 1x8192, all eight variants
 #   qwen-2k         Qwen3-8B 2x2048, all eight variants
 #   qwen-8k         Qwen3-8B 1x8192, all eight variants
-#   maxseq          longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B): hf_qlora then corept_qlora
-#   maxseq-unsloth  the same for unsloth_qlora (its probes compile: ~2 min each)
-#   gpu-check       optional, ~4 min: every variant on 2-layer cuts of both 8B configs (real widths),
-#                   2x2048, 2 timed steps: proves each stack imports and trains on this image
+#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: 65536 up/down, 4096 steps
+#   maxseq-hf       the same for hf_qlora: from 8192, 1024 steps (issue's figure: 9,216)
+#   maxseq-unsloth  the same for unsloth_qlora, bracketed 65536..81920, 4096 steps, 3 steps per probe
+#                   (issue's figure: 71,680; each probe compiles, ~2 min)
+#   gpu-check       optional (~4 min; llama-2k is a check too): every variant on a 2-layer cut of
+#                   Llama-3.1-8B (real widths), 2x2048, 1+2 steps; gpu-check-qwen: the Qwen3 cut
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
+# With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
 # of time the driver records the rest as "skipped" and they can be rerun with `custom`.
 # Results: $OUT/e2e-<date>-h200-<preset>.json/.md, worker logs $OUT/logs, setup log $OUT/setup.log.
@@ -30,7 +33,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq|maxseq-unsloth|gpu-check|custom) ;;
+  llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -69,11 +72,12 @@ case "$PRESET" in
   llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
   qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;
   qwen-8k)  ARGS=(--models qwen3-8b --shapes 1x8192 --variants $ALL) ;;
-  maxseq)   ARGS=(--variants none --maxseq hf_qlora,corept_qlora --maxseq-start hf_qlora=8192,corept_qlora=65536
-                  --maxseq-step hf_qlora=1024,corept_qlora=4096) ;;
-  maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-step 4096
-                        --maxseq-steps 3 --maxseq-timeout 420) ;;
-  gpu-check) ARGS=(--models llama-3.1-8b-2l,qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
+  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 65536 --maxseq-step 4096) ;;
+  maxseq-hf)      ARGS=(--variants none --maxseq hf_qlora --maxseq-start 8192 --maxseq-step 1024) ;;
+  maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-max 81920
+                        --maxseq-step 4096 --maxseq-steps 3 --maxseq-timeout 420) ;;
+  gpu-check)      ARGS=(--models llama-3.1-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
+  gpu-check-qwen) ARGS=(--models qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   custom)   ARGS=() ;;
 esac
 BUDGET=$((CALL_S - (SECONDS - T0)))

@@ -34,6 +34,8 @@ EXPECTED = {
 def test_patched_matches_hf(model_type):
     plugin, n_norms, mlp_kernel = EXPECTED[model_type]
     model = tiny.tiny_model(model_type)
+    attn = next(m for m in model.modules() if type(m).__name__.endswith("Attention"))
+    assert attn.head_dim == (tiny.HIDDEN // 4 if model_type == "qwen2" else tiny.HEAD_DIM)  # != hidden/heads
     ref = copy.deepcopy(model)
     corept.patch(model)
     r = corept.report(model)

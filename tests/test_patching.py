@@ -125,6 +125,18 @@ def test_two_models_patched_differently(llama_pair):
         ref.eval()
 
 
+def test_generation_matches_hf(llama_pair):
+    """Eval without labels (the un-fused head, logits_to_keep) and the KV-cache path through RoPE."""
+    base, ref = llama_pair
+    model = corept.patch(copy.deepcopy(base))
+    kw = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True)
+    with torch.no_grad():
+        got, want = model.generate(IDS, **kw), ref.generate(IDS, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for step_got, step_want in zip(got.scores, want.scores, strict=True):
+        assert tiny.mismatch(step_got, step_want) is None
+
+
 @pytest.mark.parametrize("kwargs", [dict(only=["bogus"]), dict(exclude=["norm", "nope"]), dict(only=["Norm"])])
 def test_unknown_component_names_are_rejected(llama_pair, kwargs):
     model = copy.deepcopy(llama_pair[0])

@@ -223,6 +223,8 @@ try:
 except corept.PluginConflictError as exc:
     out["conflict"] = str(exc)
 out["qwen3"] = corept.report(corept.patch(tiny.tiny_model("qwen3"))).plugin
+from corept.cli import doctor
+out["problems"] = doctor.collect()["problems"]
 emit(out)
 '''
 
@@ -362,6 +364,7 @@ def test_duplicate_claim_with_equal_priority_is_a_clear_error(runs):
     assert "'llama'" in msg and "corept-llama" in msg and "corept-dupllama" in msg
     assert "COREPT_DISABLE_PLUGINS=" in msg and "priority" in msg
     assert data["qwen3"] == "qwen"  # other model types are not affected
+    assert msg in data["problems"]  # and `corept doctor` reports it
 
 
 def test_higher_priority_claim_wins(runs):
@@ -370,6 +373,7 @@ def test_higher_priority_claim_wins(runs):
     llama = data["llama"]
     assert (llama["plugin"], llama["distribution"]) == ("llamaplus", "corept-llamaplus")
     assert {"norm", "mlp", "rope", "loss"} <= set(llama["applied"])
+    assert data["problems"] == []
 
 
 def test_out_of_range_transformers_loads_unpatched(runs):

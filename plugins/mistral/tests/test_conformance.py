@@ -20,4 +20,4 @@ class TestMistral(ConformanceSuite):
     plugin = "mistral"
     configs = CONFIGS
     expected_quirks = {"sliding": {"sliding_window": 4}, "ministral": {"sliding_window": 4}}
-    quirk_probes = {"sliding": {"sliding_window": None}, "ministral": {"sliding_window": None}}
+    quirk_probes = {"sliding": {"sliding_window": 4096}, "ministral": {"sliding_window": 4096}}

