@@ -149,15 +149,19 @@ def main() -> int:
                 add_bandwidth(rec, case, env["copy_bandwidth_gbs"])
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
+                _write(Path(args.out), env, records)  # partial results survive a timeout
             del case
             torch.cuda.empty_cache()
-    out = Path(args.out)
+    _write(Path(args.out), env, records)
+    print(markdown(records, env))
+    return 0
+
+
+def _write(out: Path, env: dict, records: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
     tag = f"kernels-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
     (out / f"{tag}.json").write_text(json.dumps({"environment": env, "records": records}, indent=2))
     (out / f"{tag}.md").write_text(markdown(records, env))
-    print(markdown(records, env))
-    return 0
 
 
 if __name__ == "__main__":

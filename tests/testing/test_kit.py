@@ -1,0 +1,92 @@
+"""The conformance kit itself: its tolerances fail when they should, its matrix is what the docs
+say, its interpreter rounding equals torch's, and a deliberately broken plugin fails the suite."""
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+import corept
+from corept import hookimpl
+from corept.components import norm_replacement
+from corept.testing import BF16_FLOOR, ConformanceSuite, assert_bf16_within, assert_fp32_close, tiny_config
+from corept.testing.cases import PATCH_SETS, MatrixCase, full_cases, quirk_cases
+from corept.testing.interpreter import nearest_bf16_rounding, round_nearest_even_bf16
+from corept.testing.suite import _Store
+
+
+class _Suite(ConformanceSuite):  # not collected (no Test prefix): driven by hand below
+    plugin = "llama"
+    configs = {"gqa": lambda: tiny_config("llama")}
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    return _Store(_Suite, tmp_path_factory)
+
+
+def test_fp32_tolerance_catches_a_small_error():
+    e = torch.randn(64, 64)
+    assert_fp32_close("same", e + 1e-7 * e.abs().max(), e)
+    with pytest.raises(AssertionError, match="fp32 mismatch"):
+        assert_fp32_close("off", e * (1 + 1e-3), e)
+    with pytest.raises(AssertionError):
+        assert_fp32_close("nan", torch.where(e > 2, float("nan"), e), e)
+
+
+def test_bf16_rule_is_relative_to_the_unpatched_error():
+    gold = torch.randn(1000)
+    ref = gold.bfloat16()
+    assert_bf16_within("as good", ref, ref, gold)
+    bad = (gold * (1 + 8 * BF16_FLOOR)).bfloat16()
+    with pytest.raises(AssertionError, match="patched bf16 error"):
+        assert_bf16_within("8 ulps off", bad, ref, gold)
+
+
+def test_matrix_matches_the_documented_pruning():
+    cases = full_cases("c")
+    assert len(cases) == 19 and len({c.id for c in cases}) == 19
+    assert {c.patch for c in cases if not c.lora and not c.ckpt} == set(PATCH_SETS)
+    assert all(c.lora for c in cases if c.quant == "4bit")  # 4-bit only with LoRA
+    assert {(c.dtype, c.ckpt) for c in cases if c.quant == "4bit"} == {("fp32", False), ("fp32", True), ("bf16", False)}
+    assert [c.id for c in quirk_cases("q")] == ["q-fp32-all", "q-bf16-all", "q-fp32-all-lora"]
+
+
+def test_interpreter_rounding_equals_torch_and_is_restored():
+    from triton.runtime import interpreter
+
+    values = np.concatenate([np.random.default_rng(0).standard_normal(10000).astype(np.float32) * 100,
+                             np.array([0.0, -0.0, np.inf, -np.inf, 3.3895314e38, 1e-40, 1.00390625, 1.01171875],
+                                      dtype=np.float32)])
+    want = torch.from_numpy(values).bfloat16().view(torch.int16).numpy().view(np.uint16)
+    assert np.array_equal(round_nearest_even_bf16(values), want)
+    nan = round_nearest_even_bf16(np.array([np.nan], dtype=np.float32))
+    assert np.isnan(torch.from_numpy(nan.view(np.int16)).view(torch.bfloat16).float().numpy()).all()
+    original = interpreter.InterpreterBuilder.cast_impl
+    with nearest_bf16_rounding() as adjusted:
+        assert adjusted and interpreter.InterpreterBuilder.cast_impl is not original
+    assert interpreter.InterpreterBuilder.cast_impl is original
+
+
+class _WrongNorm:
+    """A plugin that answers llama's norm hook first with a subtly wrong replacement."""
+
+    def __init__(self, **quirk_changes):
+        self.changes = quirk_changes
+
+    @hookimpl(tryfirst=True)
+    def corept_patch_norm(self, arch, quirks, module, model):
+        return norm_replacement(arch, dataclasses.replace(quirks, **self.changes), module, model)
+
+
+@pytest.mark.parametrize("dtype, changes", [("fp32", {"norm_offset": 1e-3}), ("bf16", {"norm_casting": "none"})],
+                         ids=["fp32-offset-1e-3", "bf16-all-in-bf16"])
+def test_suite_fails_a_broken_plugin(store, dtype, changes):
+    suite, case = _Suite(), MatrixCase("gqa", dtype, "norm")
+    suite.test_matrix(store, case)  # the real plugin passes
+    corept.register_plugin(_WrongNorm(**changes), "wrong-norm")
+    try:
+        with pytest.raises(AssertionError, match="tensors differ"):
+            suite.test_matrix(store, case)
+    finally:
+        corept.unregister_plugin("wrong-norm")
