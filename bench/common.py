@@ -44,11 +44,13 @@ def environment() -> dict:
         "python": platform.python_version(),
         "torch": torch.__version__,
     }
-    for mod in ("triton", "transformers", "peft", "trl", "bitsandbytes", "liger_kernel", "unsloth"):
+    from importlib import metadata
+
+    for mod, dist in (("triton", "triton"), ("transformers", "transformers"), ("peft", "peft"), ("trl", "trl"),
+                      ("bitsandbytes", "bitsandbytes"), ("liger_kernel", "liger-kernel"), ("unsloth", "unsloth")):
         try:
-            m = __import__(mod)
-            info[mod] = getattr(m, "__version__", "?")
-        except Exception:  # noqa: BLE001 - absent packages are recorded as such
+            info[mod] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # absent packages are recorded as such
             info[mod] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

@@ -43,10 +43,13 @@ def _outputs(out):
     return [o for o in outs if torch.is_tensor(o) and o.requires_grad]
 
 
-def _fwd_bwd(fn):
-    outs = _outputs(fn())
-    grads = [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in outs]
-    torch.autograd.backward(outs, grads)
+def _upstream_grads(fn) -> list[torch.Tensor]:
+    """Random upstream gradients shaped like ``fn``'s outputs, drawn once (outside the timed region)."""
+    return [torch.ones_like(o) if o.dim() == 0 else torch.randn_like(o) for o in _outputs(fn())]
+
+
+def _fwd_bwd(fn, grads):
+    torch.autograd.backward(_outputs(fn()), grads)
 
 
 def _first_output(fn) -> torch.Tensor:
@@ -70,15 +73,18 @@ def measure(case: BenchCase, name: str, fn) -> dict:
     try:
         with torch.no_grad():
             rec["fwd_ms"] = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+        grads = _upstream_grads(fn) if case.backward else None
+        for t in case.grad_inputs:
+            t.grad = None
         if case.backward:
-            rec["fwd_bwd_ms"] = triton.testing.do_bench(lambda: _fwd_bwd(fn), warmup=25, rep=100,
+            rec["fwd_bwd_ms"] = triton.testing.do_bench(lambda: _fwd_bwd(fn, grads), warmup=25, rep=100,
                                                         grad_to_none=case.grad_inputs, return_mode="median")
         torch.cuda.synchronize()
         for t in case.grad_inputs:
             t.grad = None
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        _fwd_bwd(fn) if case.backward else fn()
+        base = torch.cuda.memory_allocated()  # upstream grads already allocated: not counted
+        _fwd_bwd(fn, grads) if case.backward else fn()
         torch.cuda.synchronize()
         rec["peak_mib"] = (torch.cuda.max_memory_allocated() - base) / 2**20
     except Exception as exc:  # noqa: BLE001 - a failing peer is recorded, not fatal

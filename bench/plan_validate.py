@@ -44,6 +44,8 @@ def model_config(arch: str, tiny: bool) -> dict:
     d = dict(CONFIGS[arch])
     if tiny:
         d.update(TINY, max_position_embeddings=4096)
+        if "rope_scaling" in d:
+            d["rope_scaling"] = dict(d["rope_scaling"], original_max_position_embeddings=1024)
     return d
 
 
@@ -128,7 +130,8 @@ def _run_one(model, opt, run: dict, spec: dict, dev: str, gen) -> dict:
     rec = {"kind": run["kind"], "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]], "method": spec["method"],
                                            "seq": run["seq"], "batch": run["batch"], "r": spec["r"], "optim": "adamw",
                                            "checkpointing": "corept"},
-           "steps": run["steps"], **{k: v for k, v in run.items() if k.startswith(("predicted", "planner"))}}
+           "steps": run["steps"], "emulated": bool(run.get("emulated")),
+           **{k: v for k, v in run.items() if k.startswith(("predicted", "planner"))}}
     if cuda:
         cap = run.get("cap_bytes")
         cuda.set_per_process_memory_fraction(cap / cuda.get_device_properties(0).total_memory if cap else 1.0)
@@ -237,6 +240,11 @@ def worker(spec: dict) -> int:
         rec = _run_one(model, opt, run, spec, dev, gen)
         rec.update(setup_gib=None if setup is None else round(setup, 3),
                    predicted_static_gib=spec.get("predicted_static_gib"))
+        if run["kind"] == "measure" and run.get("emulated") and not rec["ok"]:
+            rec["kind"] = "emulate"  # failed under the 24 GB cap: keep that verdict, measure uncapped
+            emit(rec)
+            rec = _run_one(model, opt, dict(run, emulated=False, cap_bytes=None, steps=spec.get("steps", 3)),
+                           spec, dev, gen)
         emit(rec)
     if spec.get("search"):
         warm = dict(kind="search-warmup", seq=512, batch=1, steps=1, cap_bytes=spec["search"]["cap_bytes"])
@@ -254,7 +262,9 @@ def _predict(arch: str, tiny: bool, method: str, seq: int, batch: int, r: int, g
 
 
 def _specs(args) -> list[dict]:
-    """Worker specs: one per (arch, method, rank), runs in order (measure, then emulate)."""
+    """Worker specs, one per (arch, method, rank). A grid config the planner says fits in 24 GB is
+    measured *under* the 24 GB cap (one run answers both questions; on OOM the worker re-measures
+    it uncapped); the others are measured uncapped."""
     from corept.planning import plan
     from corept.planning.gpus import GPUS, GpuProfile
     from corept.planning.recommend import longest_seq
@@ -265,51 +275,48 @@ def _specs(args) -> list[dict]:
     groups: dict = {}
 
     def group(arch, method, r):
-        key = (arch, method, r)
-        if key not in groups:
+        if (arch, method, r) not in groups:
             est = _predict(arch, args.tiny, method, 1024, 1, r, "h200")
-            static = (est.components["weights"] + est.components["trainable_params"]) / GIB
-            groups[key] = dict(arch=arch, method=method, r=r, tiny=args.tiny, config=model_config(arch, args.tiny),
-                               ckpt_dir=args.ckpt_dir, device=args.device, runs=[],
-                               predicted_static_gib=round(static, 3))
-        return groups[key]
+            groups[arch, method, r] = dict(
+                arch=arch, method=method, r=r, tiny=args.tiny, config=model_config(arch, args.tiny),
+                ckpt_dir=args.ckpt_dir, device=args.device, runs=[], steps=args.steps,
+                predicted_static_gib=round((est.components["weights"] + est.components["trainable_params"]) / GIB, 3))
+        return groups[arch, method, r]
+
+    def run(kind, est, emulated, steps):
+        return dict(kind=kind, seq=est.seq, batch=est.batch, steps=steps, emulated=emulated,
+                    cap_bytes=cap if emulated else None, predicted_gib=round(est.peak_allocated / GIB, 3),
+                    predicted_phase=est.peak_phase, planner_required_gib=round(est.required / GIB, 3),
+                    predicted_components_gib={k: round(v / GIB, 3) for k, v in est.components.items()})
 
     for arch in args.archs:
         for method in args.methods:
             for seq in args.seqs:
-                pred = _predict(arch, args.tiny, method, seq, 1, 16, "h200")
-                if "measure" in args.parts:
-                    group(arch, method, 16)["runs"].append(dict(
-                        kind="measure", seq=seq, batch=1, steps=args.steps, predicted_gib=round(pred.peak_allocated / GIB, 3),
-                        predicted_phase=pred.peak_phase,
-                        predicted_components_gib={k: round(v / GIB, 3) for k, v in pred.components.items()}))
-                emu_est = _predict(arch, args.tiny, method, seq, 1, 16, EMULATED_GPU)
-                if "emulate" in args.parts and emu_est.fits:
-                    group(arch, method, 16)["runs"].append(dict(
-                        kind="emulate", seq=seq, batch=1, steps=args.emulate_steps, cap_bytes=cap,
-                        predicted_gib=round(emu_est.peak_allocated / GIB, 3),
-                        planner_required_gib=round(emu_est.required / GIB, 3), planner_fits=True))
+                est = _predict(arch, args.tiny, method, seq, 1, 16, EMULATED_GPU)
+                emulated = "emulate" in args.parts and est.fits
+                if "measure" in args.parts or emulated:
+                    steps = max(args.steps, args.emulate_steps) if emulated else args.steps
+                    group(arch, method, 16)["runs"].append(run("measure" if "measure" in args.parts else "emulate",
+                                                               est, emulated, steps))
             if "emulate" in args.parts:
-                p = plan(model_config(arch, args.tiny), method, gpu=EMULATED_GPU)
-                rec = p.recommendation
-                group(arch, method, rec["r"])["runs"].append(dict(
-                    kind="emulate-recommended", seq=rec["max_seq_length"], batch=rec["batch_size"],
-                    steps=args.emulate_steps, cap_bytes=cap, predicted_gib=rec["predicted_peak_gib"],
-                    planner_required_gib=rec["required_gib"], planner_fits=True))
+                rec = plan(model_config(arch, args.tiny), method, gpu=EMULATED_GPU).recommendation
+                seq, batch = rec["max_seq_length"], rec["batch_size"]
+                if args.tiny:  # dry run: same code path, CPU-sized
+                    seq, batch = min(seq, 256), min(batch, 2)
+                est = _predict(arch, args.tiny, method, seq, batch, rec["r"], EMULATED_GPU)
+                group(arch, method, rec["r"])["runs"].append(run("emulate-recommended", est, True, args.emulate_steps))
     if "search" in args.parts:
         shape = model_shape(model_config("llama", args.tiny))
-        p = plan(shape, "qlora", gpu=EMULATED_GPU, r=32, batch_size=1)
-        raw_gpu = GpuProfile("rtx3090-raw", "allocator cap only", emu.usable_gib, context_gib=0.0)
-        raw = longest_seq(shape, raw_gpu, 0.0, batch=1, method="qlora", r=32, optim="adamw",
-                          checkpointing="corept", slack=0.0)
         seq_cap = min(shape.max_positions or 131072, args.search_cap)
-        planner_seq = min(p.longest_seq_at_batch_1, seq_cap)
-        preds = {}
-        for s in range(256, seq_cap + 1, 256):
-            preds[str(s)] = round(_predict("llama", args.tiny, "qlora", s, 1, 32, EMULATED_GPU).peak_allocated / GIB, 3)
-        g = group("llama", "qlora", 32)
-        g["search"] = dict(planner_seq=planner_seq, raw_seq=min(raw, seq_cap), cap=seq_cap, cap_bytes=cap,
-                           probe_steps=args.probe_steps, max_probes=args.max_probes, predictions=preds)
+        planner_seq = min(plan(shape, "qlora", gpu=EMULATED_GPU, r=32, batch_size=1).longest_seq_at_batch_1, seq_cap)
+        raw_gpu = GpuProfile("rtx3090-raw", "allocator cap only", emu.usable_gib, context_gib=0.0)
+        raw = longest_seq(shape, raw_gpu, 0.0, batch=1, method="qlora", r=32, optim="adamw", checkpointing="corept",
+                          slack=0.0)
+        preds = {str(s): round(_predict("llama", args.tiny, "qlora", s, 1, 32, EMULATED_GPU).peak_allocated / GIB, 3)
+                 for s in range(256, seq_cap + 1, 256)}
+        group("llama", "qlora", 32)["search"] = dict(
+            planner_seq=planner_seq, raw_seq=min(raw, seq_cap), cap=seq_cap, cap_bytes=cap,
+            probe_steps=args.probe_steps, max_probes=args.max_probes, predictions=preds)
     return list(groups.values())
 
 
@@ -345,7 +352,7 @@ def _md(records: list[dict], env: dict) -> str:
                        f"| {r.get('measured_gib')} | {e if e is not None else r.get('error', '—')} | "
                        f"{r.get('reserved_gib', '—')} | {r.get('step_s', '—')} | {ok} |")
         out.append("")
-    emu = [r for r in records if r["kind"].startswith("emulate")]
+    emu = [r for r in records if r.get("emulated")]
     if emu:
         out += [f"24 GB emulation (`set_per_process_memory_fraction`, {EMULATED_GPU} usable memory):", "",
                 "| model | method | seq | batch | r | kind | planner required GiB | trained | peak GiB |",
@@ -356,6 +363,12 @@ def _md(records: list[dict], env: dict) -> str:
                        f"{r.get('planner_required_gib')} | {'yes' if r.get('ok') else '**no** ' + str(r.get('error'))} "
                        f"| {r.get('measured_gib')} |")
         out.append("")
+    probes = [r for r in records if r["kind"] == "search-probe"]
+    if probes:
+        out += ["Search probes (QLoRA r 32, batch 1, under the 24 GB cap, steady-state step):", "",
+                "| seq | predicted GiB | measured GiB | error % | trained |", "|---|---|---|---|---|"]
+        out += [f"| {r['config']['seq']} | {r.get('predicted_gib')} | {r.get('measured_gib')} | {r.get('error_pct', '—')} "
+                f"| {'yes' if r.get('ok') else 'no (' + str(r.get('error'))[:40] + ')'} |" for r in probes] + [""]
     for r in (r for r in records if r["kind"] == "search"):
         out += ["| search (QLoRA r 32, batch 1, 24 GB cap) | planner longest seq | measured longest seq | first OOM "
                 "| planner / measured | within 15% |", "|---|---|---|---|---|---|",
@@ -382,7 +395,7 @@ def merge(paths: list[str], out_dir: str, tag: str) -> str:
         data = json.load(open(p))
         env = env or data.get("environment", {})
         for r in data["records"]:
-            key = (r["kind"], json.dumps(r.get("config"), sort_keys=True))
+            key = (r["kind"], r.get("emulated"), json.dumps(r.get("config"), sort_keys=True))
             records[key] = r  # later files win
     stem = f"plan-{datetime.date.today().isoformat()}-{tag}"
     path = _write(list(records.values()), env, out_dir, stem)

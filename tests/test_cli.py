@@ -19,6 +19,7 @@ ALL_HOOKS = ["corept_patch_attention", "corept_patch_loss", "corept_patch_mlp", 
 LIGHT_IMPORT = '''
 import sys
 import corept
+corept.get_plugin_manager()  # loading the plugins does not import the kernels either
 emit({"heavy": sorted(m for m in ("corept_kernels", "triton", "corept.components") if m in sys.modules)})
 '''
 
@@ -155,8 +156,9 @@ def test_inspect_missing_model_is_a_clean_error(cli):
 
 
 def test_import_corept_does_not_import_kernels(cli):
-    """pytest loads corept's pytest11 plugin before any conftest: ``import corept`` must not run the
-    kernels' @triton.jit decorators (they would miss TRITON_INTERPRET=1 set by a conftest)."""
+    """pytest loads corept's pytest11 plugin before any conftest: neither ``import corept`` nor loading
+    the plugins may run the kernels' @triton.jit decorators (they would miss TRITON_INTERPRET=1 set
+    by a conftest, and every kernel launch on CPU would then fail)."""
     result = cli["light_import"]
     assert result.returncode == 0 and result.data == {"heavy": []}, result.explain()
 

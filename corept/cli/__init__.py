@@ -5,10 +5,10 @@ import argparse
 import logging
 import sys
 
-from corept.cli import demo, doctor, inspect_cmd, new_plugin, plan, plugins_cmd, support_matrix_cmd
+from corept.cli import demo, doctor, inspect_cmd, new_plugin, plan, plugins_cmd, support_matrix_cmd, train
 
 COMMANDS = {"demo": demo, "plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd, "plan": plan,
-            "new-plugin": new_plugin, "support-matrix": support_matrix_cmd}
+            "new-plugin": new_plugin, "support-matrix": support_matrix_cmd, "train": train}
 
 
 def build_parser() -> argparse.ArgumentParser:

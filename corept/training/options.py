@@ -1,0 +1,161 @@
+"""The options of one training run: defaults, profile merging and validation (before anything is written).
+
+:class:`TrainOptions` holds what ``corept train`` was asked; fields left ``None`` are filled by
+:func:`finalize` from, in order: the explicit value, the ``--profile``, then :data:`DEFAULTS`
+(learning rates per method and per LoRA/full). :func:`validate` rejects contradictions with a
+message that names the flag, and refuses a non-empty ``--output`` unless ``overwrite`` is set.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+
+from corept.errors import InvalidOptionsError
+from corept.training.data import METHODS
+from corept.training.profiles import default_optim, resolve_profile
+
+SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
+CHECKPOINTING = {"corept": "corept", "true": True, "standard": True, "false": False, "off": False}
+
+#: Values used when neither a flag nor the profile gives one.
+DEFAULTS = dict(max_seq_length=1024, batch_size=2, grad_accum=1, r=16, lora_alpha=None, epochs=1.0)
+#: Learning rates: (LoRA, full fine-tuning) per method.
+DEFAULT_LR = {"sft": (2e-4, 2e-5), "dpo": (5e-5, 1e-6), "kto": (5e-5, 1e-6)}
+
+
+@dataclass
+class TrainOptions:
+    """Everything one ``corept train`` run needs. ``None`` means "not given": see :func:`finalize`."""
+
+    model: str | None = None
+    data: str | None = None
+    method: str = "sft"
+    output: str | None = None
+    load_in_4bit: bool = False
+    load_in_8bit: bool = False
+    full_finetuning: bool = False
+    r: int | None = None
+    lora_alpha: float | None = None
+    targets: str | list[str] = "all-linear"
+    max_seq_length: int | None = None
+    batch_size: int | None = None
+    grad_accum: int | None = None
+    lr: float | None = None
+    epochs: float | None = None
+    max_steps: int | None = None
+    save_method: str = "merged_16bit"
+    seed: int = 3407
+    profile: str | None = None
+    optim: str | None = None
+    gradient_checkpointing: str = "corept"
+    beta: float = 0.1
+    overwrite: bool = False
+    sample_prompt: str | None = None
+    held_out_question: str | None = None
+    max_new_tokens: int = 48
+    warmup_ratio: float = 0.0
+    logging_steps: int = 1
+    embedded: bool = False  # the no-argument run (shipped data; answer a held-out question)
+    notes: list = field(default_factory=list)
+
+    @property
+    def adapter_kind(self) -> str:
+        """``"full"``, ``"qlora"`` (4-bit base) or ``"lora"`` (what the planner and the report call it)."""
+        return "full" if self.full_finetuning else "qlora" if self.load_in_4bit else "lora"
+
+
+def _positive_int(name: str, value) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise InvalidOptionsError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _positive_float(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise InvalidOptionsError(f"{name} must be a positive number, got {value!r}")
+
+
+def parse_targets(targets) -> str | list[str]:
+    """``"all-linear"`` or a list of module names from ``"q_proj,v_proj"`` / a list."""
+    if targets in (None, "", "all-linear", "all"):
+        return "all-linear"
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    items = [t.strip() for t in items if t and t.strip()]
+    if not items:
+        raise InvalidOptionsError(f"--targets must be 'all-linear' or comma-separated module names, got {targets!r}")
+    return items
+
+
+def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
+    """A copy of ``opts`` with every ``None`` size filled (explicit > profile > defaults)."""
+    explicit = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) is not None}
+    prof = resolve_profile(opts.profile, model=opts.model or "", method=opts.adapter_kind, pinned=explicit,
+                           on_gpu=on_gpu)
+    values = {}
+    for name in ("max_seq_length", "batch_size", "grad_accum", "r", "lora_alpha", "epochs", "optim"):
+        if getattr(opts, name) is None:
+            values[name] = prof.get(name, DEFAULTS.get(name))
+    out = replace(opts, **values)
+    if out.lora_alpha is None:
+        out.lora_alpha = out.r
+    if out.optim is None:
+        out.optim = default_optim(on_gpu)
+    if out.lr is None:
+        lora_lr, full_lr = DEFAULT_LR.get(out.method, DEFAULT_LR["sft"])
+        out.lr = full_lr if out.full_finetuning else lora_lr
+    out.targets = parse_targets(out.targets)
+    return out
+
+
+def validate(opts: TrainOptions) -> None:
+    """Reject bad or contradictory options; nothing has been read, loaded or written yet.
+
+    :raises InvalidOptionsError: naming the flag at fault.
+    """
+    from corept.loading import validate_options
+
+    if opts.method not in METHODS:
+        raise InvalidOptionsError(f"--method must be one of {METHODS}, got {opts.method!r}")
+    validate_options(max_seq_length=opts.max_seq_length, dtype=None, load_in_4bit=opts.load_in_4bit,
+                     load_in_8bit=opts.load_in_8bit, full_finetuning=opts.full_finetuning)
+    for name in ("max_seq_length", "batch_size", "grad_accum", "r", "logging_steps", "max_new_tokens"):
+        _positive_int(f"--{name.replace('_', '-')}", getattr(opts, name))
+    if opts.max_steps is not None:
+        _positive_int("--max-steps", opts.max_steps)
+    else:
+        _positive_float("--epochs", opts.epochs)
+    _positive_float("--lr", opts.lr)
+    _positive_float("--alpha", opts.lora_alpha)
+    _positive_float("--beta", opts.beta)
+    if not 0.0 <= opts.warmup_ratio < 1.0:
+        raise InvalidOptionsError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio!r}")
+    if opts.save_method not in SAVE_METHODS:
+        raise InvalidOptionsError(f"--save-method must be one of {SAVE_METHODS}, got {opts.save_method!r}")
+    if opts.full_finetuning and opts.save_method == "lora":
+        raise InvalidOptionsError("--save-method lora saves adapters, but --full-finetuning trains no adapters: "
+                                  "use --save-method merged_16bit (or merged_4bit).")
+    if opts.save_method == "merged_4bit" or opts.load_in_4bit or opts.load_in_8bit or opts.optim.endswith("8bit"):
+        try:
+            import bitsandbytes  # noqa: F401
+        except Exception as exc:  # noqa: BLE001
+            raise InvalidOptionsError(f"this run needs bitsandbytes (4/8-bit loading, merged_4bit or "
+                                      f"{opts.optim}), which failed to import: {exc}") from exc
+    if opts.method == "kto" and opts.batch_size < 2:
+        raise InvalidOptionsError("--method kto needs --batch-size >= 2: TRL's KTOTrainer estimates its KL term "
+                                  "from mismatched pairs within a batch.")
+    if str(opts.gradient_checkpointing).lower() not in CHECKPOINTING:
+        raise InvalidOptionsError(f"--gradient-checkpointing must be one of {sorted(CHECKPOINTING)}, "
+                                  f"got {opts.gradient_checkpointing!r}")
+    if opts.output is None:
+        raise InvalidOptionsError("--output DIR is required when --model or --data is given")
+    out = Path(opts.output).expanduser()
+    if out.exists() and not out.is_dir():
+        raise InvalidOptionsError(f"--output {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
+        raise InvalidOptionsError(f"--output {out} exists and is not empty; choose a new folder or pass "
+                                  f"--overwrite (its adapter/ and merged/ subfolders are then replaced)")
+
+
+def checkpointing_mode(opts: TrainOptions):
+    """The ``use_gradient_checkpointing`` value for corept: ``"corept"``, ``True`` or ``False``."""
+    return CHECKPOINTING[str(opts.gradient_checkpointing).lower()]

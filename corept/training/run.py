@@ -1,0 +1,191 @@
+"""One training run end to end: validate, load, (answer before), train with TRL, check, save, summarize.
+
+Order matters for the promises ``corept train`` makes:
+
+1. :func:`prepare` finalizes and validates the options, resolves the model name and reads and
+   checks the data. Nothing is written to ``--output`` before it returns.
+2. The model loads through ``corept.load`` (patched); LoRA/QLoRA adapters come from
+   ``corept.get_peft_model`` (fused LoRA kernels); full fine-tuning gets corept checkpointing.
+3. TRL trains (:mod:`corept.training.trainers`) inside :func:`~corept.training.compat.trl_head_scope`,
+   so TRL's fused LM head is removed again afterwards.
+4. The answer after training is generated patched, then ``corept.unpatch`` and again: the greedy
+   tokens must be identical.
+5. ``corept.save`` writes ``OUTPUT/adapter`` (LoRA) and ``OUTPUT/merged`` (merged_16bit /
+   merged_4bit) atomically, then ``OUTPUT/run.json`` (options, losses, answers, timings).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from corept.errors import InvalidOptionsError
+from corept.training.data import load_training_data
+from corept.training.generation import GreedyCheck, answer, patched_unpatched_check
+from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
+from corept.training.summary import format_loss_summary, loss_summary
+
+logger = logging.getLogger("corept")
+
+
+@dataclass
+class RunResult:
+    """What a run produced (paths are ``None`` when not written)."""
+
+    options: TrainOptions
+    output: Path
+    adapter: Path | None = None
+    merged: Path | None = None
+    log_history: list = field(default_factory=list)
+    question: str | list | None = None
+    before: str | None = None
+    after: str | None = None
+    greedy: GreedyCheck | None = None
+    applied: dict = field(default_factory=dict)
+    seconds: dict = field(default_factory=dict)
+
+
+def prepare(opts: TrainOptions):
+    """Finalize + validate options, resolve the model, read + check the data. Writes nothing.
+
+    :returns: ``(options, dataset, data format, model folder)``.
+    """
+    import torch
+
+    from corept.resolve import resolve_model_path
+
+    opts = finalize(opts, on_gpu=torch.cuda.is_available())
+    validate(opts)
+    if opts.data is None or opts.model is None:
+        raise InvalidOptionsError("--model and --data go together (give both, or neither for the embedded default)")
+    folder, _ = resolve_model_path(opts.model)
+    dataset, fmt = load_training_data(opts.data, opts.method)
+    return opts, dataset, fmt, str(folder)
+
+
+def sample_question(dataset, fmt: str):
+    """A prompt for the closing sample generation: row 0's prompt (or first user turn, or text start)."""
+    row = dataset[0]
+    if "prompt" in row:
+        return row["prompt"]
+    if "messages" in row:
+        users = [m for m in row["messages"] if m["role"] != "assistant"]
+        return users[: max(1, len(users))] if users else row["messages"][:1]
+    words = str(row.get("text", "")).split()
+    return " ".join(words[: max(1, min(12, len(words) // 2))])
+
+
+def _load_model(opts: TrainOptions, folder: str):
+    import corept
+
+    model, tokenizer = corept.load(folder, max_seq_length=opts.max_seq_length, load_in_4bit=opts.load_in_4bit,
+                                   load_in_8bit=opts.load_in_8bit, full_finetuning=opts.full_finetuning)
+    if tokenizer is None:
+        raise InvalidOptionsError(f"{opts.model} has no tokenizer; training needs one in the model folder")
+    return model, tokenizer
+
+
+def _add_trainable(model, opts: TrainOptions):
+    import corept
+    from corept.training.trainers import enable_full_checkpointing
+
+    mode = checkpointing_mode(opts)
+    if opts.full_finetuning:
+        how = enable_full_checkpointing(model, mode)
+        corept.report(model).applied["checkpointing"] = how
+        return model
+    return corept.get_peft_model(model, r=opts.r, lora_alpha=opts.lora_alpha, target_modules=opts.targets,
+                                 use_gradient_checkpointing=mode, random_state=opts.seed)
+
+
+def _train(model, tokenizer, dataset, opts: TrainOptions):
+    from corept.training.compat import trl_head_scope
+    from corept.training.progress import CompactProgress, use_progress
+    from corept.training.trainers import build_trainer
+
+    with trl_head_scope(model):
+        trainer = build_trainer(opts.method, model, tokenizer, dataset, opts)
+        use_progress(trainer, CompactProgress())
+        trainer.train()
+    return trainer.state.log_history
+
+
+def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
+    import corept
+
+    out = Path(opts.output).expanduser()
+    if hasattr(model, "peft_config"):
+        result.adapter = corept.save(model, tokenizer, out / "adapter", method="lora")
+    if opts.save_method != "lora":
+        result.merged = corept.save(model, tokenizer, out / "merged", method=opts.save_method)
+
+
+def _write_record(result: RunResult) -> None:
+    record = {"options": asdict(result.options),
+              "loss": loss_summary(result.log_history),
+              "question": result.question, "before": result.before, "after": result.after,
+              "greedy_patched_equals_unpatched": None if result.greedy is None else result.greedy.equal,
+              "applied": result.applied, "seconds": result.seconds,
+              "adapter": str(result.adapter) if result.adapter else None,
+              "merged": str(result.merged) if result.merged else None}
+    (result.output / "run.json").write_text(json.dumps(record, indent=2, default=str))
+
+
+def _show(q) -> str:
+    return q if isinstance(q, str) else " / ".join(m["content"] for m in q)
+
+
+def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> RunResult:
+    """Run ``opts`` end to end (see the module docstring); ``echo`` receives every printed line."""
+    import corept
+
+    t0 = time.perf_counter()
+    opts, dataset, fmt, folder = prepare(opts)
+    result = RunResult(options=opts, output=Path(opts.output).expanduser())
+    for note in opts.notes:
+        echo(note)
+    echo(f"data: {opts.data} ({len(dataset)} rows, {fmt} format) -> method {opts.method}, "
+         f"{opts.adapter_kind}" + ("" if opts.full_finetuning else f" r {opts.r} alpha {opts.lora_alpha}"))
+    echo(f"sizes: seq {opts.max_seq_length}, batch {opts.batch_size} x accum {opts.grad_accum}, lr {opts.lr:g}, "
+         + (f"{opts.max_steps} steps" if opts.max_steps else f"{opts.epochs:g} epoch(s)") + f", optim {opts.optim}")
+    model, tokenizer = _load_model(opts, folder)
+    result.seconds["load"] = round(time.perf_counter() - t0, 1)
+    result.question = opts.held_out_question or opts.sample_prompt or sample_question(dataset, fmt)
+    label = "held-out question" if opts.held_out_question else "sample prompt"
+    if opts.held_out_question:
+        result.before = answer(model, tokenizer, result.question, opts.max_new_tokens)
+        echo(f"{label}: {_show(result.question)}\n  before training: {result.before}")
+    model = _add_trainable(model, opts)
+    result.applied = dict(corept.report(model).applied)
+    echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items()))
+    t1 = time.perf_counter()
+    result.log_history = _train(model, tokenizer, dataset, opts)
+    result.seconds["train"] = round(time.perf_counter() - t1, 1)
+    result.greedy = patched_unpatched_check(model, tokenizer, result.question, opts.max_new_tokens)
+    result.after = result.greedy.text
+    t2 = time.perf_counter()
+    _save(model, tokenizer, opts, result)
+    result.seconds["save"] = round(time.perf_counter() - t2, 1)
+    result.seconds["total"] = round(time.perf_counter() - t0, 1)
+    _write_record(result)
+    _print_summary(result, label, echo)
+    return result
+
+
+def _print_summary(result: RunResult, label: str, echo) -> None:
+    echo("")
+    echo(format_loss_summary(result.log_history))
+    if result.adapter:
+        echo(f"adapter (LoRA, safetensors): {result.adapter}")
+    if result.merged:
+        echo(f"merged model ({result.options.save_method}, loads in plain transformers): {result.merged}")
+    echo(f"{label}: {_show(result.question)}")
+    if result.before is not None:
+        echo(f"  before training: {result.before}")
+    echo(f"  after training:  {result.after}")
+    echo(result.greedy.line())
+    s = result.seconds
+    echo(f"time: load {s.get('load')} s, train {s.get('train')} s, save {s.get('save')} s, total {s.get('total')} s")

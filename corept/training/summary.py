@@ -1,0 +1,70 @@
+"""The end-of-run summary: loss curve (first / min / last, a sparkline and a small table).
+
+Losses come from the HF Trainer's ``state.log_history`` (one entry per ``logging_steps``).
+"""
+from __future__ import annotations
+
+import math
+
+BARS = "▁▂▃▄▅▆▇█"
+
+
+def loss_points(log_history: list[dict]) -> list[tuple[int, float]]:
+    """``(step, loss)`` for every training log entry that has a loss."""
+    return [(int(e.get("step", i)), float(e["loss"])) for i, e in enumerate(log_history)
+            if "loss" in e and isinstance(e["loss"], (int, float))]
+
+
+def _downsample(values: list[float], width: int) -> list[float]:
+    if len(values) <= width:
+        return values
+    out = []
+    for i in range(width):
+        a = i * len(values) // width
+        chunk = values[a:max(a + 1, (i + 1) * len(values) // width)]
+        out.append(sum(chunk) / len(chunk))
+    return out
+
+
+def sparkline(values: list[float], width: int = 60) -> str:
+    """One block character per value (low to high), averaged down to at most ``width`` of them."""
+    vals = _downsample([v for v in values if math.isfinite(v)], width)
+    if not vals:
+        return ""
+    lo, hi = min(vals), max(vals)
+    span = hi - lo
+    return "".join(BARS[0 if span == 0 else min(len(BARS) - 1, int((v - lo) / span * len(BARS)))] for v in vals)
+
+
+def loss_table(points: list[tuple[int, float]], rows: int = 6) -> list[str]:
+    """Up to ``rows`` evenly spaced ``step  loss`` lines, always with the first and the last."""
+    if not points:
+        return []
+    if len(points) <= rows:
+        chosen = points
+    else:
+        idx = sorted({round(i * (len(points) - 1) / (rows - 1)) for i in range(rows)})
+        chosen = [points[i] for i in idx]
+    return [f"    step {s:>5}  loss {v:.4f}" for s, v in chosen]
+
+
+def loss_summary(log_history: list[dict]) -> dict:
+    """``{"first", "min", "last", "steps", "points"}`` of the training loss (``None`` values if none)."""
+    pts = loss_points(log_history)
+    if not pts:
+        return {"first": None, "min": None, "last": None, "steps": 0, "points": []}
+    vals = [v for _, v in pts]
+    return {"first": vals[0], "min": min(vals), "last": vals[-1], "steps": pts[-1][0], "points": pts}
+
+
+def format_loss_summary(log_history: list[dict]) -> str:
+    """Human-readable loss summary: first/min/last, sparkline and table."""
+    s = loss_summary(log_history)
+    if s["first"] is None:
+        return "loss: (no training loss was logged)"
+    vals = [v for _, v in s["points"]]
+    lines = [f"loss: first {s['first']:.4f}  min {s['min']:.4f}  last {s['last']:.4f}  "
+             f"({len(vals)} logged steps)",
+             f"  {sparkline(vals)}"]
+    lines += loss_table(s["points"])
+    return "\n".join(lines)

@@ -1,0 +1,126 @@
+"""Build TRL's ``SFTTrainer``, ``DPOTrainer`` or ``KTOTrainer`` (unmodified) for a corept model.
+
+What corept decides and TRL does not:
+
+* **Precision and device**: ``use_cpu=True`` and no mixed precision on CPU (fp32 there); on GPU
+  ``bf16``/``fp16`` follow the dtype ``corept.load`` chose.
+* **Checkpointing**: TRL's ``gradient_checkpointing`` is always ``False``; corept's own
+  (``corept.get_peft_model(use_gradient_checkpointing=...)`` or :func:`enable_full_checkpointing`)
+  is already installed and HF's would replace it.
+* **Reference models**: LoRA/QLoRA pass ``ref_model=None`` (TRL then runs the reference with the
+  adapter disabled: no second copy); full fine-tuning DPO/KTO gets an explicit frozen copy from
+  :func:`reference_copy` (TRL would otherwise reload ``config._name_or_path``).
+* **Memory of DPO/KTO log-probs**: TRL's fused LM head (``add_fused_lm_head``) computes per-token
+  log-probs of the policy and the reference chunk by chunk over the positions with a label,
+  without full-vocabulary logits for the whole batch.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import tempfile
+
+import torch
+import torch.nn as nn
+
+from corept.training.compat import guard_4bit
+from corept.training.options import TrainOptions
+
+logger = logging.getLogger("corept")
+
+
+def on_gpu(model: nn.Module) -> bool:
+    return any(p.is_cuda for p in model.parameters())
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    for p in model.parameters():
+        if torch.is_floating_point(p) and p.dtype != torch.uint8:
+            return p.dtype
+    return torch.float32
+
+
+def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, dtype: torch.dtype):
+    """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``KTOConfig``) for ``opts``."""
+    from trl import DPOConfig, KTOConfig, SFTConfig
+
+    common = dict(
+        output_dir=str(output_dir), per_device_train_batch_size=opts.batch_size,
+        gradient_accumulation_steps=opts.grad_accum, learning_rate=opts.lr,
+        num_train_epochs=float(opts.epochs or 1.0), max_steps=opts.max_steps or -1, seed=opts.seed,
+        data_seed=opts.seed, optim=opts.optim, logging_steps=opts.logging_steps, report_to="none",
+        save_strategy="no", gradient_checkpointing=False, use_cpu=not gpu,
+        bf16=gpu and dtype == torch.bfloat16, fp16=gpu and dtype == torch.float16,
+        max_length=opts.max_seq_length, lr_scheduler_type="linear", disable_tqdm=False,
+        dataloader_num_workers=0)
+    if opts.warmup_ratio > 0:
+        common["warmup_steps"] = float(opts.warmup_ratio)
+    if method == "sft":
+        return SFTConfig(**common, packing=False)
+    if method == "dpo":
+        return DPOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
+    if method == "kto":
+        return KTOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
+    raise ValueError(f"unknown method {method!r}")
+
+
+def reference_copy(model: nn.Module) -> nn.Module:
+    """A frozen, eval-mode deep copy of a fully fine-tuned model (corept's patches come along)."""
+    ref = copy.deepcopy(model)
+    ref.eval()
+    for p in ref.parameters():
+        p.requires_grad_(False)
+    return ref
+
+
+def enable_full_checkpointing(model: nn.Module, mode) -> str:
+    """corept's gradient checkpointing on a model trained without adapters (full fine-tuning)."""
+    from corept.checkpointing import enable_checkpointing
+
+    how = enable_checkpointing(model, mode)
+    if mode:
+        model.config.use_cache = False
+    return how
+
+
+def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts: TrainOptions, *,
+                  ref_model: nn.Module | None = None, output_dir: str | None = None, callbacks=None):
+    """A TRL trainer for ``method`` on ``model`` (a corept peft model, or a full-fine-tuning model).
+
+    :param ref_model: DPO/KTO full fine-tuning only (``None`` makes a :func:`reference_copy`);
+        must stay ``None`` for peft models (the reference is the adapter disabled).
+    :param output_dir: TRL's ``output_dir`` (nothing is written there with the default
+        ``save_strategy="no"``); default a fresh temporary folder.
+    """
+    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+
+    is_peft = hasattr(model, "peft_config")
+    if method in ("dpo", "kto") and not is_peft and ref_model is None:
+        ref_model = reference_copy(model)
+    if is_peft and ref_model is not None:
+        raise ValueError("LoRA/QLoRA models use the adapter-disabled model as reference: pass ref_model=None")
+    gpu = on_gpu(model)
+    args = trl_config(method, opts, output_dir=output_dir or tempfile.mkdtemp(prefix="corept-trl-"),
+                      gpu=gpu, dtype=model_dtype(model))
+    kwargs = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
+                  callbacks=callbacks)
+    if method == "sft":
+        trainer = SFTTrainer(**kwargs)
+    elif method == "dpo":
+        trainer = DPOTrainer(ref_model=ref_model, **kwargs)
+    elif method == "kto":
+        trainer = KTOTrainer(ref_model=ref_model, **kwargs)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    guard_4bit(trainer.model)
+    return trainer
+
+
+def planned_steps(trainer) -> int:
+    """Optimizer steps the trainer will run (``max_steps``, else epochs over the data)."""
+    args = trainer.args
+    if args.max_steps and args.max_steps > 0:
+        return int(args.max_steps)
+    per_step = args.per_device_train_batch_size * args.gradient_accumulation_steps
+    return max(1, math.ceil(len(trainer.train_dataset) / per_step) * math.ceil(args.num_train_epochs))
