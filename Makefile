@@ -44,19 +44,19 @@ demo: install
 	PYTHONPATH=$(BUILD)/all $(PY) -P -m corept demo
 
 test-core: install
-	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest tests -q
 
 test-kernels: install
-	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q
 
 test-plugin: $(BUILD)/only-$(P)
-	PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q
 
 test-plugins:
 	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
 
 test: install
-	PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q
 	$(MAKE) --no-print-directory test-plugins
 
 clean:

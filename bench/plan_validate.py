@@ -4,7 +4,7 @@ Run from the repository root with corept installed on PYTHONPATH (docs/planning.
 H200 commands). Parts (``--parts``; each within one ~9-minute call with the defaults):
 
 * ``measure``: Llama-3.1-8B and Qwen3-8B configs with random bf16 weights, 16-bit LoRA and QLoRA
-  (r 16, fused AdamW, corept checkpointing), seq 1024 / 4096 / 16384, batch 1, 3 training steps;
+  (r 16, torch AdamW, corept checkpointing), seq 1024 / 4096 / 16384, batch 1, 3 training steps;
   ``torch.cuda.max_memory_allocated`` vs the planner's ``peak_allocated`` (goal: within 10%).
 * ``emulate``: ``set_per_process_memory_fraction(rtx3090 usable / total)``: every grid config the
   planner says fits in 24 GB, and its recommended (seq, batch, r), must train 5 steps.
@@ -226,7 +226,7 @@ def worker(spec: dict) -> int:
     cuda = _cuda(dev)
     setup = cuda.memory_allocated() / GIB if cuda else None
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=dev == "cuda")
+    opt = torch.optim.AdamW(params, lr=1e-5)  # foreach, as HF's adamw_torch (the planner's "adamw")
     gen = torch.Generator(device=dev).manual_seed(0)
     print(f"[worker] {spec['arch']} {spec['method']} r{spec['r']}: built in {time.time() - t0:.0f}s, "
           f"{setup if setup is None else round(setup, 2)} GiB allocated (predicted static "

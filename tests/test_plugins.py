@@ -215,16 +215,22 @@ plugin = ArchitecturePlugin([Architecture("llama", ModuleRoles.standard("Llama")
 '''
 
 DUP_SCRIPT = '''
+# started with COREPT_DISABLE_PLUGINS=llamaplus (a conflict); then with every plugin (a priority win)
 import corept, tiny
-out = {}
-try:
-    model = corept.patch(tiny.tiny_model("llama"))
-    out["llama"] = corept.report(model).to_dict()
-except corept.PluginConflictError as exc:
-    out["conflict"] = str(exc)
-out["qwen3"] = corept.report(corept.patch(tiny.tiny_model("qwen3"))).plugin
 from corept.cli import doctor
-out["problems"] = doctor.collect()["problems"]
+out = {}
+for name in ("conflict", "priority"):
+    if name == "priority":
+        del os.environ["COREPT_DISABLE_PLUGINS"]
+        corept.reset_plugin_manager()
+    data = out[name] = {}
+    try:
+        model = corept.patch(tiny.tiny_model("llama"))
+        data["llama"] = corept.report(model).to_dict()
+    except corept.PluginConflictError as exc:
+        data["conflict"] = str(exc)
+    data["qwen3"] = corept.report(corept.patch(tiny.tiny_model("qwen3"))).plugin
+    data["problems"] = doctor.collect()["problems"]
 emit(out)
 '''
 
@@ -254,22 +260,36 @@ emit({"report": corept.report(model).to_dict(), "logs": logs,
 '''
 
 
-def _records_script(patch_types=("llama", "qwen3")):
-    return f'''
+ENV_SCRIPT = '''
+# The first configuration comes from the environment this process started with; the others are
+# applied with os.environ + corept.reset_plugin_manager() (documented to re-read the variables).
 import corept, tiny
-pm = corept.get_plugin_manager()
-out = {{"records": {{n: r.to_dict() for n, r in pm.records.items()}}, "model_types": pm.model_types()}}
-for mt in {patch_types!r}:
-    out[mt] = corept.report(corept.patch(tiny.tiny_model(mt))).to_dict()
+CONFIGS = [
+    ("only_llama", {"COREPT_PLUGINS": "llama"}, ("llama", "qwen3")),
+    ("only_none", {"COREPT_PLUGINS": ""}, ("llama",)),
+    ("only_by_dist", {"COREPT_PLUGINS": " corept-qwen , gemma"}, ("llama", "qwen3")),
+    ("no_gemma", {"COREPT_DISABLE_PLUGINS": "gemma"}, ("llama", "gemma")),
+    ("trace", {"COREPT_TRACE": "1"}, ()),
+]
+trace = capture_logs("corept.trace", logging.DEBUG)
+out = {}
+for i, (name, env, patch_types) in enumerate(CONFIGS):
+    if i:
+        for var in ("COREPT_PLUGINS", "COREPT_DISABLE_PLUGINS", "COREPT_TRACE"):
+            os.environ.pop(var, None)
+        os.environ.update(env)
+        corept.reset_plugin_manager()
+    assert {k: os.environ.get(k) for k in env} == env
+    pm = corept.get_plugin_manager()
+    data = {"records": {n: r.to_dict() for n, r in pm.records.items()}, "model_types": pm.model_types()}
+    for mt in patch_types:
+        data[mt] = corept.report(corept.patch(tiny.tiny_model(mt))).to_dict()
+    if name == "trace":
+        data["applied"] = corept.report(corept.patch(tiny.tiny_model("llama"), only=["norm"])).applied
+    data["trace_lines"] = list(trace)
+    trace.clear()
+    out[name] = data
 emit(out)
-'''
-
-
-TRACE_SCRIPT = '''
-import corept, tiny
-lines = capture_logs("corept.trace", logging.DEBUG)
-model = corept.patch(tiny.tiny_model("llama"), only=["norm"])
-emit({"lines": lines, "applied": corept.report(model).applied})
 '''
 
 
@@ -289,13 +309,8 @@ def runs(tmp_path_factory):
         "typo": dict(code=TYPO_SCRIPT, site=[typo]),
         "typo_cli": dict(args=["-m", "corept", "plugins"], site=[typo]),
         "old": dict(code=OLD_SCRIPT, site=[old], env={"COREPT_DISABLE_PLUGINS": "llama"}),
-        "conflict": dict(code=DUP_SCRIPT, site=[dup, plus], env={"COREPT_DISABLE_PLUGINS": "llamaplus"}),
-        "priority": dict(code=DUP_SCRIPT, site=[dup, plus]),
-        "only_llama": dict(code=_records_script(), env={"COREPT_PLUGINS": "llama"}),
-        "only_none": dict(code=_records_script(("llama",)), env={"COREPT_PLUGINS": ""}),
-        "only_by_dist": dict(code=_records_script(), env={"COREPT_PLUGINS": " corept-qwen , gemma"}),
-        "no_gemma": dict(code=_records_script(("llama", "gemma")), env={"COREPT_DISABLE_PLUGINS": "gemma"}),
-        "trace": dict(code=TRACE_SCRIPT, env={"COREPT_TRACE": "1"}),
+        "dup": dict(code=DUP_SCRIPT, site=[dup, plus], env={"COREPT_DISABLE_PLUGINS": "llamaplus"}),
+        "env": dict(code=ENV_SCRIPT, env={"COREPT_PLUGINS": "llama"}),
     }
     return dict(zip(jobs, run_scripts(list(jobs.values()))))
 
@@ -358,7 +373,7 @@ def test_misspelled_hook_fails_loudly_at_load(runs):
 
 
 def test_duplicate_claim_with_equal_priority_is_a_clear_error(runs):
-    data = ok(runs["conflict"])
+    data = ok(runs["dup"])["conflict"]
     msg = data.get("conflict")
     assert msg, f"no PluginConflictError: {data}"
     assert "'llama'" in msg and "corept-llama" in msg and "corept-dupllama" in msg
@@ -368,7 +383,7 @@ def test_duplicate_claim_with_equal_priority_is_a_clear_error(runs):
 
 
 def test_higher_priority_claim_wins(runs):
-    data = ok(runs["priority"])
+    data = ok(runs["dup"])["priority"]
     assert "conflict" not in data, data
     llama = data["llama"]
     assert (llama["plugin"], llama["distribution"]) == ("llamaplus", "corept-llamaplus")
@@ -391,7 +406,7 @@ def test_out_of_range_transformers_loads_unpatched(runs):
 
 
 def test_env_only_llama(runs):
-    data = ok(runs["only_llama"])
+    data = ok(runs["env"])["only_llama"]
     recs = data["records"]
     assert recs["llama"]["loaded"]
     for name in ("mistral", "qwen", "gemma"):
@@ -402,7 +417,7 @@ def test_env_only_llama(runs):
 
 
 def test_env_empty_plugin_list_loads_none(runs):
-    data = ok(runs["only_none"])
+    data = ok(runs["env"])["only_none"]
     assert set(data["records"]) == set(BUILTIN)
     assert not any(r["loaded"] for r in data["records"].values())
     assert data["model_types"] == []
@@ -410,14 +425,14 @@ def test_env_empty_plugin_list_loads_none(runs):
 
 
 def test_env_plugin_list_accepts_distribution_names(runs):
-    data = ok(runs["only_by_dist"])
+    data = ok(runs["env"])["only_by_dist"]
     loaded = {n for n, r in data["records"].items() if r["loaded"]}
     assert loaded == {"qwen", "gemma"}
     assert data["qwen3"]["plugin"] == "qwen" and data["llama"]["plugin"] is None
 
 
 def test_env_disable_gemma(runs):
-    data = ok(runs["no_gemma"])
+    data = ok(runs["env"])["no_gemma"]
     recs = data["records"]
     assert not recs["gemma"]["loaded"] and recs["gemma"]["error"] == "disabled by COREPT_DISABLE_PLUGINS"
     assert all(recs[n]["loaded"] for n in ("llama", "mistral", "qwen"))
@@ -426,9 +441,12 @@ def test_env_disable_gemma(runs):
 
 
 def test_env_trace_logs_hook_calls(runs):
-    data = ok(runs["trace"])
+    env = ok(runs["env"])
+    data = env["trace"]
     assert data["applied"] == {"norm": "triton:rms_norm x5"}
-    calls = [line for line in data["lines"] if "hook corept_patch_norm(" in line]
-    assert len(calls) == 5, data["lines"]
+    calls = [line for line in data["trace_lines"] if "hook corept_patch_norm(" in line]
+    assert len(calls) == 5, data["trace_lines"]
     assert all(line.startswith("INFO corept.trace:") for line in calls)
-    assert any("hook corept_patch_norm returned Replacement" in line for line in data["lines"])
+    assert any("hook corept_patch_norm returned Replacement" in line for line in data["trace_lines"])
+    # without COREPT_TRACE nothing is traced, although the other configurations patched models
+    assert all(env[name]["trace_lines"] == [] for name in ("only_llama", "no_gemma"))

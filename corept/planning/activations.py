@@ -151,16 +151,11 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) 
                       bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq)
 
 
-def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int,
-                      budget_bytes: int = 256 * 2**20) -> int:
-    """Tokens per chunk of corept's fused linear cross-entropy (its ``default_chunk_size`` rule).
+def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:
+    """Tokens per chunk of corept's fused linear cross-entropy: its own ``default_chunk_size``
+    (chunk logits ~ the size of the hidden states, or up to its byte budget, a power of two)."""
+    import torch
+    from corept_kernels.fused_linear_ce import default_chunk_size
 
-    ``max(next_pow2(ceil(N / ceil(V / H))), pow2_floor(budget / (V * a)))``, at most ``N``.
-    """
-    if n_tokens <= 0:
-        return 1
-    per = -(-vocab // hidden)
-    by_hidden = 1 << max(0, (-(-n_tokens // per) - 1).bit_length())
-    fit = max(1, budget_bytes // (vocab * dtype_bytes))
-    by_budget = 1 << (fit.bit_length() - 1)
-    return max(1, min(n_tokens, max(by_hidden, by_budget)))
+    dtype = {2: torch.bfloat16, 4: torch.float32}[dtype_bytes]
+    return int(default_chunk_size(n_tokens, hidden, vocab, dtype))

@@ -16,8 +16,10 @@ Static memory (``P``), with ``n`` parameters, ``n_q`` of them in 4-bit-quantizab
 * LoRA/QLoRA: adapters are fp32 (peft's default on 16-bit bases): params ``4 * n_lora``, grads
   ``4 * n_lora``, AdamW states ``8 * n_lora`` (adamw_8bit: ``2.03 * n_lora``);
 * full fine-tuning (what ``--full-finetuning`` does with HF's Trainer: weights stay in the load
-  dtype, no fp32 master copy; ``adamw_torch_fused`` keeps states in the parameter's dtype):
-  grads ``a * n``, states ``2 * a * n`` (adamw_8bit: ``2.03 * n``). AdamW is fused: no step temp.
+  dtype, no fp32 master copy; torch's AdamW keeps its states in the parameter's dtype):
+  grads ``a * n``, states ``2 * a * n`` (adamw_8bit: ``2.03 * n``);
+* ``adamw`` is torch's AdamW as ``corept train`` runs it (HF ``adamw_torch``, foreach): its step
+  allocates one state-sized temporary (``sqrt(exp_avg_sq)``), ``p * n``; 8-bit AdamW none.
 
 Phases (``N`` tokens; ``C(N)`` the layer store: ``a*H*N`` per layer for kept checkpoints, 0 when
 corept offloads them (CUDA, ``N >= 512``; they go to pinned host memory), the whole saved set
@@ -27,11 +29,11 @@ for ``none``; ``A(N)`` a layer's saved set, ``X(N)`` its backward extra; see
 * forward: ``P + (L-1)*C + a*H*N*3`` (embedding output, layer input, one in-flight offload) +
   the no-grad layer working set;
 * loss: ``P + L*C + final-norm input + output + d hidden (3*a*H*N) + chunk * V * a`` (+ the fp32
-  ``[V, H]`` weight-grad accumulator when the head trains);
+  ``[V, H]`` weight-grad accumulator when the head trains, and one quarter of its cast gradient);
 * backward, top layer (the first one differentiated): ``P + G/L + (L-1)*C + A + X``; layer 0
   (the last one, all gradients present): ``P + G + A + X`` (``A`` replaces ``C`` for the layer
   being differentiated; QLoRA adds one dequantized weight);
-* optimizer step: ``P + G``.
+* optimizer step: ``P + G`` + the foreach temporary.
 
 Plus a constant library workspace (cuBLAS/cuBLASLt) and per-sequence RoPE tables and labels.
 """
@@ -140,13 +142,18 @@ def weight_bytes(shape: ModelShape, method: str, a: int) -> int:
 
 
 def trainable_bytes(shape: ModelShape, method: str, r: int, optim: str, a: int) -> tuple[int, int, int, int]:
-    """``(n_trainable, param bytes, grad bytes, optimizer-state bytes)``."""
+    """``(n_trainable, extra param bytes, grad bytes, optimizer-state bytes)``.
+
+    Full fine-tuning trains the weights themselves (already counted by :func:`weight_bytes`), so
+    its extra parameter bytes are 0; LoRA adds fp32 adapters.
+    """
     if method == "full":
-        n, p = shape.n_params, a
+        n, p, extra = shape.n_params, a, 0
     else:
         n, p = shape.lora_params(r), 4
+        extra = p * n
     states = 2 * p * n if optim == "adamw" else int(n * (2 + 8 / 256))
-    return n, p * n, p * n, states
+    return n, extra, p * n, states
 
 
 def dequant_bytes(shape: ModelShape, method: str, a: int) -> int:
@@ -208,11 +215,12 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
         "forward": phase(ckpt=(L - 1) * store, layer=lb.forward_extra(S) * N + deq,
                          hidden=a * H * N * (3 if offload else 2)),
         "loss": phase(ckpt=L * store, loss=loss, hidden=2 * a * H * N + 4 * N,
-                      grad=a * V * H if head_trains else 0),
+                      grad=a * V * H // 4 if head_trains else 0),  # backward casts the fp32 grad in 4 slices
         "backward (top layer)": phase(ckpt=(L - 1) * store, layer=bwd_layer, grad=grad_top),
         "backward (layer 0)": phase(layer=bwd_layer, grad=grads),
         "optimizer step": phase(grad=grads),
     }
+    phases["optimizer step"]["optimizer_states"] += states // 2 if optim == "adamw" else 0  # foreach temp
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     if not shape.patched:

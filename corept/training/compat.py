@@ -34,16 +34,15 @@ def base_model(model: nn.Module) -> nn.Module:
 
 
 def has_trl_head(model: nn.Module) -> bool:
-    """Whether TRL's fused LM head wraps ``model``'s forward (it accepts ``fused_lm_head=``)."""
-    import inspect
+    """Whether TRL's fused LM head wraps ``model``'s forward (its function takes ``fused_lm_head``).
 
+    The wrapper copies the model class's signature (``functools.wraps``), so its code is read.
+    """
     fwd = base_model(model).__dict__.get("forward")
-    if fwd is None:
+    code = getattr(getattr(fwd, "__func__", fwd), "__code__", None)
+    if code is None:
         return False
-    try:
-        return "fused_lm_head" in inspect.signature(fwd).parameters
-    except (TypeError, ValueError):
-        return False
+    return "fused_lm_head" in code.co_varnames[: code.co_argcount + code.co_kwonlyargcount]
 
 
 @contextlib.contextmanager

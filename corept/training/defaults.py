@@ -56,22 +56,28 @@ def _corpus() -> list[str]:
     return texts + [HELD_OUT_QUESTION, "<|user|>", "<|assistant|>", "<|system|>"]
 
 
-def tiny_chat_model_folder() -> Path:
-    """A tiny random Llama + BPE tokenizer (trained on the shipped data) + chat template, built once."""
-    from corept.embedded import cache_root
+def build_tiny_chat_model(target: Path, *, seed: int = 0) -> Path:
+    """Write a tiny random Llama + BPE tokenizer (trained on the shipped data) + chat template to ``target``."""
     from corept.tiny import save_tiny, tiny_model, tiny_tokenizer
+
+    tok = tiny_tokenizer(_corpus())
+    tok.chat_template = TINY_CHAT_TEMPLATE
+    model = tiny_model("llama", seed=seed, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    return save_tiny(model, tok, target)
+
+
+def tiny_chat_model_folder() -> Path:
+    """:func:`build_tiny_chat_model` in corept's cache, built once (atomically)."""
+    from corept.embedded import cache_root
 
     target = cache_root() / "models" / TINY_FOLDER
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    tok = tiny_tokenizer(_corpus())
-    tok.chat_template = TINY_CHAT_TEMPLATE
-    model = tiny_model("llama", seed=0, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_FOLDER}-", dir=target.parent))
     try:
-        save_tiny(model, tok, tmp)
+        build_tiny_chat_model(tmp)
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)

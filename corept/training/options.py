@@ -91,6 +91,8 @@ def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
     explicit = {f.name: getattr(opts, f.name) for f in fields(opts) if getattr(opts, f.name) is not None}
     prof = resolve_profile(opts.profile, model=opts.model or "", method=opts.adapter_kind, pinned=explicit,
                            on_gpu=on_gpu)
+    if opts.r is not None:
+        prof.pop("lora_alpha", None)  # the profile's alpha goes with the profile's rank
     values = {}
     for name in ("max_seq_length", "batch_size", "grad_accum", "r", "lora_alpha", "epochs", "optim"):
         if getattr(opts, name) is None:

@@ -1,0 +1,94 @@
+"""The activation formulas against what autograd really saves (saved_tensors_hooks, CPU, bf16).
+
+Each case builds a tiny corept-patched model, runs one training step with checkpointing off and
+compares the bytes saved while decoder layer 1 ran (layer 0's input needs no grad without
+checkpointing's input hook) with :func:`corept.planning.activations.layer_bytes`, at two sequence lengths
+so the per-token and the per-token-per-seq (eager attention scores) terms are both pinned.
+"""
+import pytest
+from planning_helpers import build, saved_bytes, tiny_config
+
+from corept.planning import model_shape
+from corept.planning.activations import layer_bytes, loss_chunk_tokens, projection_paths
+
+CASES = [  # model_type, method, attention path the planner uses on CPU's SDPA (flash-like) / eager
+    ("llama", "lora", "flash"),
+    ("mistral", "lora", "flash"),
+    ("qwen2", "lora", "flash"),    # q/k/v carry a bias: peft's path with fp32 input copies
+    ("qwen3", "lora", "flash"),    # per-head q/k norms
+    ("gemma", "lora", "flash"),    # GeGLU
+    ("gemma2", "lora", "eager"),   # eager attention with softcap, 4 norms per layer
+    ("llama", "full", "flash"),
+    ("gemma2", "full", "eager"),
+]
+
+
+@pytest.mark.parametrize("model_type,method,attention", CASES)
+def test_layer_saved_bytes_match_autograd(model_type, method, attention):
+    config = tiny_config(model_type)
+    model = build(config, method, r=4)
+    lb = layer_bytes(model_shape(config), method, 4, 2, attention)
+    for batch, seq in ((1, 8), (2, 16)):
+        measured = saved_bytes(model, batch=batch, seq=seq)
+        assert measured[1] == lb.saved_per_token(seq) * batch * seq, (seq, measured, lb.saved)
+
+
+def test_layer0_saves_its_input_once_inputs_require_grad():
+    """With corept checkpointing on, the embedding output requires grad, so layer 0 = layer 1."""
+    config = tiny_config("llama")
+    model = build(config, "lora", r=4, checkpointing="corept")
+    model.get_base_model().gradient_checkpointing_disable()  # keep the hook, measure the plain graph
+    measured = saved_bytes(model, batch=1, seq=8)
+    assert measured[0] == measured[1]
+
+
+def test_outside_layers_saved_bytes():
+    """Final norm: input [N, H] + fp32 rstd; full FT adds the embedding's int64 ids."""
+    config = tiny_config("llama")
+    N, H = 8, config.hidden_size
+    lora = saved_bytes(build(config, "lora", r=4), batch=1, seq=8)
+    assert lora["outside"] == 2 * H * N + 4 * N
+    full = saved_bytes(build(config, "full"), batch=1, seq=8)
+    assert full["outside"] == 2 * H * N + 4 * N + 8 * N
+
+
+def test_rope_tables_are_shared_not_per_layer():
+    config = tiny_config("llama")
+    measured = saved_bytes(build(config, "lora", r=4), batch=2, seq=8)
+    assert measured["shared"] == 2 * 2 * 8 * 32  # cos + sin [1, S, head_dim] bf16, once per step
+
+
+def test_projection_paths_follow_bias_and_targets():
+    assert projection_paths(model_shape(tiny_config("llama")), "lora") == dict.fromkeys(
+        ("q_proj", "k_proj", "v_proj", "o_proj", "mlp"), "fused")
+    qwen2 = projection_paths(model_shape(tiny_config("qwen2")), "lora")
+    assert [qwen2[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")] == ["peft"] * 3 + ["fused"] * 2
+    assert set(projection_paths(model_shape(tiny_config("llama")), "full").values()) == {"trainable"}
+
+
+@pytest.mark.parametrize("n", [1, 100, 511, 512, 4096, 8192, 16384, 100_000])
+@pytest.mark.parametrize("hidden,vocab", [(4096, 128256), (4096, 151936), (2048, 128256), (64, 257)])
+def test_loss_chunk_is_the_kernels_rule(n, hidden, vocab):
+    from corept_kernels.fused_linear_ce import CHUNK_BUDGET_BYTES
+
+    c = loss_chunk_tokens(n, hidden, vocab, 2)
+    assert 1 <= c <= n
+    assert c & (c - 1) == 0 or c == n  # a power of two unless capped by n
+    if c < n:  # the chunk's logits respect the larger of the two rules' sizes
+        assert c * vocab * 2 <= max(CHUNK_BUDGET_BYTES, 2 * -(-n // -(-vocab // hidden)) * vocab * 2)
+
+
+def test_offload_threshold_matches_checkpointing():
+    from corept.checkpointing import MIN_OFFLOAD_TOKENS
+    from corept.planning.estimate import MIN_OFFLOAD_TOKENS as planned
+
+    assert planned == MIN_OFFLOAD_TOKENS
+
+
+def test_eager_scores_grow_with_seq_squared():
+    shape = model_shape(tiny_config("gemma2"))
+    lb = layer_bytes(shape, "lora", 4, 2, "eager")
+    per_seq = sum(q for _, q in lb.saved.values())
+    assert per_seq == (4 + 2 + 2) * shape.heads  # fp32 softmax + bf16 probs + bf16 tanh (softcap)
+    per_layer = [lb.saved_per_token(s) * s for s in (16, 32, 64)]
+    assert per_layer[2] - per_layer[1] > 2 * (per_layer[1] - per_layer[0])  # superlinear in seq

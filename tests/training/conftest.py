@@ -1,0 +1,56 @@
+"""Fixtures of the training tests: a tiny chat model saved once, small memorizable data, kernel mode.
+
+Kernel mode. ``tests/conftest.py`` turns the Triton interpreter on for the whole core suite. These
+tests run TRL trainers, saving and the CLI over many optimizer steps; under the interpreter every
+kernel program runs in Python and one tiny training step costs seconds, which would put this
+folder far over its time budget. So each test here runs with ``TRITON_INTERPRET=0``: corept's
+patches stay applied (the report says ``torch:<kernel>``) and each kernel call dispatches to its
+pure-torch twin (``corept_kernels.capabilities`` decides per call). Kernel numerics are the job of
+``kernels/tests``; tests marked ``triton_interpreter`` (test_train_interpreter.py) keep the
+interpreter on to show TRL training runs through the Triton kernels too.
+"""
+import os
+
+import pytest
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "triton_interpreter: keep TRITON_INTERPRET=1 (Triton kernels through "
+                                       "the interpreter) instead of the torch twins")
+
+
+@pytest.fixture(autouse=True)
+def _kernel_mode(request, monkeypatch):
+    if request.node.get_closest_marker("triton_interpreter") is None:
+        monkeypatch.setenv("TRITON_INTERPRET", "0")
+    yield
+
+
+@pytest.fixture(scope="session")
+def corept_cache(tmp_path_factory):
+    """A private corept cache (COREPT_CACHE) shared by the session's CLI runs."""
+    return tmp_path_factory.mktemp("corept-cache")
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(corept_cache, monkeypatch):
+    monkeypatch.setenv("COREPT_CACHE", str(corept_cache))
+    monkeypatch.setenv("COREPT_DEMO_MODEL", "tiny")
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    yield
+
+
+@pytest.fixture(scope="session")
+def tiny_chat(tmp_path_factory):
+    """Folder of a tiny random Llama with a chat-template tokenizer (corept.training.defaults)."""
+    from corept.training.defaults import build_tiny_chat_model
+
+    return str(build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat")))
+
+
+@pytest.fixture
+def clean_env():
+    """Environment for subprocesses: this one, minus PYTHONPATH (callers set their own)."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
