@@ -18,10 +18,12 @@ and loaded with ``corept.load(load_in_4bit=True)``. One line is printed per reco
 """
 from __future__ import annotations
 
-import argparse, datetime, gc, json, math, os, platform, shutil, subprocess, sys, time  # noqa: E401
+import argparse, datetime, gc, json, math, os, platform, shutil, subprocess, sys, tempfile, time  # noqa: E401
 
 if sys.path and os.path.abspath(sys.path[0] or ".") == os.path.dirname(os.path.abspath(__file__)):
     sys.path.pop(0)  # bench/ holds kernels.py, which transformers would mistake for HF's `kernels`
+for _k, _v in (("HF_HUB_OFFLINE", "1"), ("PYTHONUNBUFFERED", "1"), ("TOKENIZERS_PARALLELISM", "false")):
+    os.environ.setdefault(_k, _v)
 
 GIB = 2**30
 CONFIGS = {
@@ -53,8 +55,7 @@ def model_config(arch: str, tiny: bool) -> dict:
 def _hf_config(d: dict):
     from transformers import AutoConfig
 
-    d = dict(d)
-    return AutoConfig.for_model(d.pop("model_type"), **d)
+    return AutoConfig.for_model(d["model_type"], **{k: v for k, v in d.items() if k != "model_type"})
 
 
 def _ensure_checkpoint(spec: dict, dev: str) -> str:
@@ -66,15 +67,13 @@ def _ensure_checkpoint(spec: dict, dev: str) -> str:
     if os.path.isfile(os.path.join(folder, ".complete")):
         return folder
     os.makedirs(spec["ckpt_dir"], exist_ok=True)
-    cfg = _hf_config(spec["config"])
     for other in os.listdir(spec["ckpt_dir"]):  # make room: one 16 GB checkpoint at a time
-        path = os.path.join(spec["ckpt_dir"], other)
-        if other != os.path.basename(folder) and os.path.isdir(path) and shutil.disk_usage(spec["ckpt_dir"]).free < 40 * GIB:
-            shutil.rmtree(path, ignore_errors=True)
+        if other != os.path.basename(folder) and shutil.disk_usage(spec["ckpt_dir"]).free < 40 * GIB:
+            shutil.rmtree(os.path.join(spec["ckpt_dir"], other), ignore_errors=True)
     shutil.rmtree(folder, ignore_errors=True)
     t = time.time()
     with torch.device(dev):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+        model = AutoModelForCausalLM.from_config(_hf_config(spec["config"]), dtype=torch.bfloat16)
     model.save_pretrained(folder, safe_serialization=True)
     del model
     gc.collect()
@@ -105,12 +104,6 @@ def _build(spec: dict, dev: str):
     return model
 
 
-def _cuda(dev):
-    import torch
-
-    return torch.cuda if dev == "cuda" else None
-
-
 def _step(model, opt, seq: int, batch: int, vocab: int, dev: str, gen) -> float:
     import torch
 
@@ -122,15 +115,17 @@ def _step(model, opt, seq: int, batch: int, vocab: int, dev: str, gen) -> float:
     return float(out.loss.detach())
 
 
+def _config(spec: dict, run: dict) -> dict:
+    return {"arch": spec["arch"], "model": NAMES[spec["arch"]], "method": spec["method"], "seq": run["seq"],
+            "batch": run["batch"], "r": spec["r"], "optim": "adamw", "checkpointing": "corept"}
+
+
 def _run_one(model, opt, run: dict, spec: dict, dev: str, gen) -> dict:
     """Train ``run["steps"]`` steps at (seq, batch) under the run's memory cap; measure the peak."""
     import torch
 
-    cuda = _cuda(dev)
-    rec = {"kind": run["kind"], "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]], "method": spec["method"],
-                                           "seq": run["seq"], "batch": run["batch"], "r": spec["r"], "optim": "adamw",
-                                           "checkpointing": "corept"},
-           "steps": run["steps"], "emulated": bool(run.get("emulated")),
+    cuda = torch.cuda if dev == "cuda" else None
+    rec = {"kind": run["kind"], "config": _config(spec, run), "steps": run["steps"], "emulated": bool(run.get("emulated")),
            **{k: v for k, v in run.items() if k.startswith(("predicted", "planner"))}}
     if cuda:
         cap = run.get("cap_bytes")
@@ -187,7 +182,7 @@ def _search(model, opt, spec: dict, dev: str, gen, emit, deadline: float) -> Non
         if hi is None:
             nxt = max(s["raw_seq"], int(lo * 1.08)) if seq < s["raw_seq"] else int(lo * 1.08)
         elif lo is None:
-            nxt = int(hi * 0.85)
+            nxt = int(hi * 0.75)
         else:
             nxt = (lo + hi) // 2
         nxt = min(s["cap"], nxt // step * step)
@@ -212,30 +207,30 @@ def worker(spec: dict) -> int:
         rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1))
         with open(out, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
-        c = rec.get("config", {})
-        print(f"[{rec['kind']}] {c.get('model')} {c.get('method')} r{c.get('r')} seq {c.get('seq', '-')} "
-              f"bs {c.get('batch')}: ok={rec.get('ok', '-')} measured {rec.get('measured_gib')} GiB "
-              f"predicted {rec.get('predicted_gib')} GiB err {rec.get('error_pct', '-')}% "
-              f"{rec.get('error', '') or ''}" + (f" search: planner {rec.get('planner_seq')} measured "
-                                                 f"{rec.get('measured_max_seq')} oom {rec.get('first_oom_seq')}"
-                                                 if rec["kind"] == "search" else ""), flush=True)
+        c, keys = rec.get("config", {}), ("ok", "measured_gib", "predicted_gib", "error_pct", "error", "planner_seq",
+                                          "measured_max_seq", "first_oom_seq")
+        print(f"[{rec['kind']}] {c.get('model')} {c.get('method')} r{c.get('r')} seq {c.get('seq', '-')} bs "
+              f"{c.get('batch')}: " + " ".join(f"{k}={rec[k]}" for k in keys if rec.get(k) is not None), flush=True)
 
     t0 = time.time()
     torch.manual_seed(0)
-    model = _build(spec, dev)
-    cuda = _cuda(dev)
+    try:
+        model = _build(spec, dev)
+    except Exception as exc:  # noqa: BLE001 - e.g. bitsandbytes missing: say so in every record
+        for run in spec["runs"]:
+            emit({"kind": run["kind"], "config": _config(spec, run), "ok": False,
+                  "error": f"build failed: {type(exc).__name__}: {str(exc)[:300]}"})
+        raise
+    cuda = torch.cuda if dev == "cuda" else None
     setup = cuda.memory_allocated() / GIB if cuda else None
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5)  # foreach, as HF's adamw_torch (the planner's "adamw")
     gen = torch.Generator(device=dev).manual_seed(0)
-    print(f"[worker] {spec['arch']} {spec['method']} r{spec['r']}: built in {time.time() - t0:.0f}s, "
-          f"{setup if setup is None else round(setup, 2)} GiB allocated (predicted static "
-          f"{spec.get('predicted_static_gib')})", flush=True)
+    print(f"[worker] {spec['arch']} {spec['method']} r{spec['r']}: built in {time.time() - t0:.0f}s, allocated "
+          f"{setup and round(setup, 2)} GiB (predicted static {spec.get('predicted_static_gib')})", flush=True)
     for run in spec["runs"]:
         if time.time() > deadline:
-            emit({"kind": run["kind"], "config": {"arch": spec["arch"], "model": NAMES[spec["arch"]],
-                  "method": spec["method"], "seq": run["seq"], "batch": run["batch"], "r": spec["r"]},
-                  "ok": None, "error": "skipped: out of time"})
+            emit({"kind": run["kind"], "config": _config(spec, run), "ok": None, "error": "skipped: out of time"})
             continue
         rec = _run_one(model, opt, run, spec, dev, gen)
         rec.update(setup_gib=None if setup is None else round(setup, 3),
@@ -328,52 +323,42 @@ def _environment(records: list[dict]) -> dict:
             info[mod] = getattr(__import__(mod), "__version__", "?")
         except Exception:  # noqa: BLE001 - absent packages recorded as such
             info[mod] = None
-    try:
-        import torch
-
-        info["cuda"] = torch.version.cuda
-    except Exception:  # noqa: BLE001
-        pass
+    info["cuda"] = getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)
     info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
     return info
+
+
+def _table(head: str, rows: list) -> list[str]:
+    return ["| " + " | ".join(head.split(",")) + " |", "|" + "---|" * len(head.split(","))] + \
+        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
 
 
 def _md(records: list[dict], env: dict) -> str:
     out = [f"GPU: {env.get('gpu')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
            f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · {env.get('date')}", ""]
+    cfg = lambda r: [r["config"][k] for k in ("model", "method", "seq", "batch", "r")]  # noqa: E731
+    ok = lambda r: "yes" if r.get("ok") else f"**no** ({str(r.get('error'))[:60]})"  # noqa: E731
+    within = lambda r: "—" if r.get("error_pct") is None else ("yes" if abs(r["error_pct"]) <= 10 else "**no**")  # noqa: E731
     meas = [r for r in records if r["kind"] == "measure"]
     if meas:
-        out += ["| model | method | seq | batch | r | predicted GiB | measured GiB | error % | reserved GiB | "
-                "s/step | within ±10% |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-        for r in meas:
-            c, e = r["config"], r.get("error_pct")
-            ok = "—" if e is None else ("yes" if abs(e) <= 10 else "**no**")
-            out.append(f"| {c['model']} | {c['method']} | {c['seq']} | {c['batch']} | {c['r']} | {r.get('predicted_gib')} "
-                       f"| {r.get('measured_gib')} | {e if e is not None else r.get('error', '—')} | "
-                       f"{r.get('reserved_gib', '—')} | {r.get('step_s', '—')} | {ok} |")
-        out.append("")
+        out += _table("model,method,seq,batch,r,predicted GiB,measured GiB,error %,reserved GiB,s/step,within ±10%",
+                      [cfg(r) + [r.get("predicted_gib"), r.get("measured_gib"), r.get("error_pct", r.get("error")),
+                                 r.get("reserved_gib"), r.get("step_s"), within(r)] for r in meas])
     emu = [r for r in records if r.get("emulated")]
     if emu:
-        out += [f"24 GB emulation (`set_per_process_memory_fraction`, {EMULATED_GPU} usable memory):", "",
-                "| model | method | seq | batch | r | kind | planner required GiB | trained | peak GiB |",
-                "|---|---|---|---|---|---|---|---|---|"]
-        for r in emu:
-            c = r["config"]
-            out.append(f"| {c['model']} | {c['method']} | {c['seq']} | {c['batch']} | {c['r']} | {r['kind']} | "
-                       f"{r.get('planner_required_gib')} | {'yes' if r.get('ok') else '**no** ' + str(r.get('error'))} "
-                       f"| {r.get('measured_gib')} |")
-        out.append("")
+        out += [f"24 GB emulation (`set_per_process_memory_fraction`, {EMULATED_GPU} usable memory):", ""]
+        out += _table("model,method,seq,batch,r,kind,planner required GiB,trained,peak GiB",
+                      [cfg(r) + [r["kind"], r.get("planner_required_gib"), ok(r), r.get("measured_gib")] for r in emu])
     probes = [r for r in records if r["kind"] == "search-probe"]
     if probes:
-        out += ["Search probes (QLoRA r 32, batch 1, under the 24 GB cap, steady-state step):", "",
-                "| seq | predicted GiB | measured GiB | error % | trained |", "|---|---|---|---|---|"]
-        out += [f"| {r['config']['seq']} | {r.get('predicted_gib')} | {r.get('measured_gib')} | {r.get('error_pct', '—')} "
-                f"| {'yes' if r.get('ok') else 'no (' + str(r.get('error'))[:40] + ')'} |" for r in probes] + [""]
+        out += ["Search probes (QLoRA r 32, batch 1, under the 24 GB cap, steady-state step):", ""]
+        out += _table("seq,predicted GiB,measured GiB,error %,trained", [
+            [r["config"]["seq"], r.get("predicted_gib"), r.get("measured_gib"), r.get("error_pct"), ok(r)] for r in probes])
     for r in (r for r in records if r["kind"] == "search"):
-        out += ["| search (QLoRA r 32, batch 1, 24 GB cap) | planner longest seq | measured longest seq | first OOM "
-                "| planner / measured | within 15% |", "|---|---|---|---|---|---|",
-                f"| {r['config']['model']} | {r['planner_seq']} | {r['measured_max_seq']} | {r['first_oom_seq']} | "
-                f"{r['ratio']} | {'yes' if r['within_15pct'] else '**no**'} |", ""]
+        out += _table("search (QLoRA r 32, batch 1, 24 GB cap),planner longest seq,measured longest seq,first OOM,"
+                      "planner / measured,within 15%", [[r["config"]["model"], r["planner_seq"], r["measured_max_seq"],
+                                                          r["first_oom_seq"], r["ratio"],
+                                                          "yes" if r["within_15pct"] else "**no**"]])
     return "\n".join(out)
 
 
@@ -391,8 +376,8 @@ def _write(records: list[dict], env: dict, out_dir: str, stem: str) -> str:
 
 def merge(paths: list[str], out_dir: str, tag: str) -> str:
     records, env = {}, {}
-    for p in paths:
-        data = json.load(open(p))
+    for p in paths:  # result files, or a run's records-*.jsonl if it was cut short
+        data = json.load(open(p)) if p.endswith(".json") else {"records": [json.loads(x) for x in open(p) if x.strip()]}
         env = env or data.get("environment", {})
         for r in data["records"]:
             key = (r["kind"], r.get("emulated"), json.dumps(r.get("config"), sort_keys=True))
@@ -406,18 +391,15 @@ def merge(paths: list[str], out_dir: str, tag: str) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the results (JSON + markdown)")
-    ap.add_argument("--parts", default="measure,emulate,search")
-    ap.add_argument("--archs", default="llama,qwen3")
-    ap.add_argument("--methods", default="lora,qlora")
-    ap.add_argument("--seqs", default="1024,4096,16384")
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--emulate-steps", type=int, default=5)
-    ap.add_argument("--probe-steps", type=int, default=1, help="steady-state steps per search probe")
-    ap.add_argument("--max-probes", type=int, default=7)
-    ap.add_argument("--search-cap", type=int, default=131072)
-    ap.add_argument("--ckpt-dir", default="/tmp/corept-plan-ckpt", help="where QLoRA bases are saved once")
+    for flag, default, help_ in (
+            ("--parts", "measure,emulate,search", "comma-separated parts"), ("--archs", "llama,qwen3", None),
+            ("--methods", "lora,qlora", None), ("--seqs", "1024,4096,16384", None), ("--steps", 3, "steps per measure"),
+            ("--emulate-steps", 5, None), ("--probe-steps", 1, "steady-state steps per search probe"),
+            ("--max-probes", 7, None), ("--search-cap", 131072, None),
+            ("--ckpt-dir", "/tmp/corept-plan-ckpt", "where QLoRA bases are saved once"),
+            ("--budget-s", 540.0, "wall-clock budget of this call")):
+        ap.add_argument(flag, type=type(default), default=default, help=help_)
     ap.add_argument("--keep-ckpt", action="store_true")
-    ap.add_argument("--budget-s", type=float, default=540, help="wall-clock budget of this call")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: dry run of the code paths")
     ap.add_argument("--tiny", action="store_true", help="tiny configs (with --device cpu: a quick dry run)")
     ap.add_argument("--tag", default=None, help="file-name tag (default h200 on an H200, else the device)")
@@ -437,14 +419,14 @@ def main(argv=None) -> int:
     args.seqs = [int(s) for s in args.seqs.split(",")]
     specs = _specs(args)
     os.makedirs(args.out, exist_ok=True)
-    jsonl = os.path.join(args.out, f"records-{int(t0)}.jsonl")
+    jsonl, work = os.path.join(args.out, f"records-{int(t0)}.jsonl"), tempfile.mkdtemp(prefix="plan-validate-")
     for spec in specs:
         left = deadline - time.time()
         if left < 30:
             print(f"[parent] out of time: skipping {spec['arch']} {spec['method']} r{spec['r']}", flush=True)
             continue
         spec.update(jsonl=jsonl, deadline=deadline - 15)
-        spec_path = os.path.join(args.out, f"spec-{spec['arch']}-{spec['method']}-r{spec['r']}.json")
+        spec_path = os.path.join(work, f"spec-{spec['arch']}-{spec['method']}-r{spec['r']}.json")
         with open(spec_path, "w") as fh:
             json.dump(spec, fh)
         cmd = [sys.executable, "-P", os.path.abspath(__file__), "--out", args.out, "--worker", spec_path]

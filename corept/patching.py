@@ -25,7 +25,26 @@ from corept.versions import transformers_supported
 logger = logging.getLogger("corept")
 
 STATE_ATTR = "_corept_patch_state"
-_MISSING = object()
+
+
+class _Missing:
+    """'No instance attribute before patching'. Survives copy.deepcopy (and pickle) as itself: a
+    deep-copied patched model (e.g. a TRL reference model) must still unpatch correctly."""
+
+    def __repr__(self) -> str:
+        return "<missing>"
+
+    def __copy__(self):
+        return self
+
+    def __deepcopy__(self, memo):
+        return self
+
+    def __reduce__(self):
+        return "_MISSING"
+
+
+_MISSING = _Missing()
 
 
 @dataclass

@@ -2,7 +2,12 @@
 
 The Triton interpreter must be on before any ``@triton.jit`` decorator runs (before corept_kernels
 is imported) and the hub must never be asked, so both variables are set here, at conftest import,
-before anything imports corept or a kernel.
+before anything imports a kernel. (pytest imports ``corept`` itself earlier, through corept's
+``pytest11`` plugin entry point; ``import corept`` and plugin loading therefore must not import
+corept_kernels: tests/test_cli.py::test_import_corept_does_not_import_kernels guards that.)
+
+Helpers: :mod:`tiny` (tiny models, tokenizers, HF-cache layouts) and :mod:`plugin_factory`
+(throwaway plugin distributions, subprocess runner).
 """
 import os
 

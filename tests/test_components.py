@@ -30,6 +30,21 @@ EXPECTED = {
 }
 
 
+def _kernel_functions(loss: torch.Tensor) -> set[str]:
+    """Modules of the custom autograd Functions in ``loss``'s backward graph."""
+    seen, stack, modules = set(), [loss.grad_fn], set()
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        cls = getattr(fn, "_forward_cls", None)
+        if cls is not None:
+            modules.add(cls.__module__)
+        stack.extend(f for f, _ in fn.next_functions)
+    return modules
+
+
 @pytest.mark.parametrize("model_type", list(EXPECTED))
 def test_patched_matches_hf(model_type):
     plugin, n_norms, mlp_kernel = EXPECTED[model_type]
@@ -59,6 +74,10 @@ def test_patched_matches_hf(model_type):
     ref.train()
     out, ref_out = model(IDS, labels=LABELS), ref(IDS, labels=LABELS)
     assert out.logits is None, "training with labels must take the fused loss path (no logits)"
+    # the Triton paths really ran (not the kernels' silent torch twins): their autograd Functions
+    # are in the graph
+    want_modules = {"norms", "rope", "fused_linear_ce"} | ({"activations"} if mlp_kernel else set())
+    assert {f"corept_kernels.{m}" for m in want_modules} <= _kernel_functions(out.loss)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=RTOL, atol=ATOL)
     out.loss.backward()
     ref_out.loss.backward()

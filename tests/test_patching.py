@@ -51,6 +51,21 @@ def test_unpatch_restores_bitwise_identical_outputs(llama_pair):
     assert corept.report(model).fallbacks == {"*": "not patched"}
 
 
+def test_deepcopy_of_a_patched_model(llama_pair):
+    """A deep copy (how TRL builds reference models) is patched on its own modules and unpatches."""
+    base, ref = llama_pair
+    model = corept.patch(copy.deepcopy(base))
+    clone = copy.deepcopy(model)
+    assert corept.is_patched(clone) and corept.report(clone).applied == corept.report(model).applied
+    for name, m in clone.named_modules():
+        if "forward" in m.__dict__:
+            assert m.__dict__["forward"].__self__ is m, f"{name}: forward bound to another instance"
+    corept.unpatch(clone)
+    assert tiny.instance_overrides(clone) == []
+    assert torch.equal(_logits(clone), _logits(ref))
+    assert corept.is_patched(model) and "forward" in model.model.norm.__dict__  # the original is untouched
+
+
 def test_patch_leaves_parameters_and_state_dict_untouched(llama_pair):
     model = copy.deepcopy(llama_pair[0])
     before = {k: v.clone() for k, v in model.state_dict().items()}

@@ -42,7 +42,7 @@ def _notes(est) -> dict:
     else:
         w = f"{m.n_params / 1e9:.2f}B params x {2 if est.dtype != 'fp32' else 4} B ({est.dtype})"
     if est.method == "full":
-        t = f"every weight: {m.n_params / 1e9:.2f}B params"
+        t = f"none extra: the {m.n_params / 1e9:.2f}B weights themselves train"
     else:
         t = f"LoRA r{est.r}: {d['n_trainable'] / 1e6:.1f}M params x 4 B (fp32 adapters)"
     if d["offloaded"]:

@@ -7,9 +7,13 @@ What corept decides and TRL does not:
 * **Checkpointing**: TRL's ``gradient_checkpointing`` is always ``False``; corept's own
   (``corept.get_peft_model(use_gradient_checkpointing=...)`` or :func:`enable_full_checkpointing`)
   is already installed and HF's would replace it.
-* **Reference models**: LoRA/QLoRA pass ``ref_model=None`` (TRL then runs the reference with the
-  adapter disabled: no second copy); full fine-tuning DPO/KTO gets an explicit frozen copy from
-  :func:`reference_copy` (TRL would otherwise reload ``config._name_or_path``).
+* **Reference models**: LoRA/QLoRA pass ``ref_model=None``. TRL 1.16 then adds a ``"ref"`` adapter,
+  a copy of ``"default"``, and runs the reference through it; for freshly initialized adapters
+  (``lora_B`` all zero, what ``corept.get_peft_model`` makes) that copy computes exactly the base
+  model, so :func:`use_disabled_adapter_reference` deletes it and TRL falls back to its other
+  reference path, the adapter disabled (no adapter copy, no LoRA matmuls in the reference
+  forward). A trained adapter keeps TRL's copy. Full fine-tuning DPO/KTO gets an explicit frozen
+  copy from :func:`reference_copy` (TRL would otherwise reload ``config._name_or_path``).
 * **Memory of DPO/KTO log-probs**: TRL's fused LM head (``add_fused_lm_head``) computes per-token
   log-probs of the policy and the reference chunk by chunk over the positions with a label,
   without full-vocabulary logits for the whole batch.
@@ -74,6 +78,23 @@ def reference_copy(model: nn.Module) -> nn.Module:
     return ref
 
 
+def use_disabled_adapter_reference(model: nn.Module) -> bool:
+    """Delete TRL's ``"ref"`` adapter copy when ``"default"`` is untrained; True if deleted.
+
+    With no ``"ref"`` adapter, TRL's DPO/KTO compute reference log-probs with the adapter disabled.
+    """
+    peft_config = getattr(model, "peft_config", {})
+    if "ref" not in peft_config or "default" not in peft_config:
+        return False
+    fresh = all(not p.any() for n, p in model.named_parameters() if ".lora_B.default." in n)
+    if not fresh:
+        logger.info("corept: the adapter is already trained; TRL's 'ref' adapter copy stays the reference")
+        return False
+    model.delete_adapter("ref")
+    model.set_adapter("default")
+    return True
+
+
 def enable_full_checkpointing(model: nn.Module, mode) -> str:
     """corept's gradient checkpointing on a model trained without adapters (full fine-tuning)."""
     from corept.checkpointing import enable_checkpointing
@@ -113,6 +134,8 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
         trainer = KTOTrainer(ref_model=ref_model, **kwargs)
     else:
         raise ValueError(f"unknown method {method!r}")
+    if is_peft and method in ("dpo", "kto"):
+        use_disabled_adapter_reference(trainer.model)
     guard_4bit(trainer.model)
     return trainer
 

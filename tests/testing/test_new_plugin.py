@@ -62,12 +62,13 @@ def test_rendered_olmo2_plugin_installs_and_passes_the_kit(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PYTHONPATH", "COREPT_PLUGINS")}
     env.update(PYTHONPATH=f"{target}{os.pathsep}{core_site()}", HF_HUB_OFFLINE="1")
-    run = subprocess.run([sys.executable, "-P", "-m", "pytest", str(out / "tests"), "-q", "-p", "no:cacheprovider",
+    run = subprocess.run([sys.executable, "-P", "-m", "pytest", str(out / "tests"), "-p", "no:cacheprovider",
                           "-W", "ignore::DeprecationWarning", "-W", "ignore::FutureWarning"],
                          capture_output=True, text=True, cwd=tmp_path, env=env, timeout=1200)
     log = run.stdout[-6000:] + run.stderr[-3000:]
     assert run.returncode == 0, log
     # the kit's pytest11 plugin turned the interpreter on (no CUDA here) and the plugin was found
+    # (pytest's header lines, printed without -q)
     assert "TRITON_INTERPRET=1 (set by corept.testing" in run.stdout, log
     assert "olmo2(olmo2)" in run.stdout, log
     passed = int(re.search(r"(\d+) passed", run.stdout).group(1))

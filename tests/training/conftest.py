@@ -54,3 +54,15 @@ def clean_env():
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["HF_HUB_OFFLINE"] = "1"
     return env
+
+
+@pytest.fixture
+def corept_env():
+    """Environment for subprocesses that import corept: PYTHONPATH made absolute, corept's folder first."""
+    import corept
+
+    entries = [os.path.dirname(os.path.dirname(os.path.abspath(corept.__file__)))]
+    entries += [os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(entries))
+    return env

@@ -25,7 +25,7 @@ def _loss(model, tok):
 
 
 def _lora_grads(model) -> dict:
-    return {n.replace(".default", ""): p.grad for n, p in model.named_parameters() if "lora_" in n}
+    return {n: p.grad for n, p in model.named_parameters() if "lora_" in n and p.requires_grad}
 
 
 def _float_twin(folder, qmodel):
@@ -36,7 +36,7 @@ def _float_twin(folder, qmodel):
         for name, m in qbase.named_modules():
             state = getattr(getattr(m, "weight", None), "quant_state", None)
             if state is not None:
-                model.get_submodule(name).weight.copy_(bnbf.dequantize_4bit(m.weight.data, state).float())
+                model.get_submodule(name.replace(".base_layer", "")).weight.copy_(bnbf.dequantize_4bit(m.weight.data, state).float())
     model = corept.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
     q_params = dict(qmodel.named_parameters())
     with torch.no_grad():
@@ -46,20 +46,28 @@ def _float_twin(folder, qmodel):
     return model
 
 
-def test_qlora_gradients_after_eval_forward_match_dequantized(tiny_chat):
-    model, tok = h.load(tiny_chat, "qlora", checkpointing=False)
-    answer(model, tok, "What is corept?", max_new_tokens=4)  # eval forward under no_grad
-    assert guard_4bit(model) > 0  # nothing was repacked
+def _grads_after_eval_forward(folder, *, allow_repack: bool):
+    """LoRA grads of a QLoRA model after a generate() call, and those of its dequantized float twin."""
+    model, tok = h.load(folder, "qlora", checkpointing=False)
+    if allow_repack:  # bitsandbytes' own default on AVX512-BF16 CPUs
+        for m in model.modules():
+            if hasattr(m, "support_avx512bf16_for_cpu"):
+                m.support_avx512bf16_for_cpu = True
     torch.manual_seed(0)
     with torch.no_grad():  # non-zero B so every A gets a gradient too
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
+    twin = _float_twin(folder, model)  # before any eval forward
+    answer(model, tok, "What is corept?", max_new_tokens=4)  # eval forward under no_grad
     _loss(model, tok).backward()
-    got = _lora_grads(model)
-    twin = _float_twin(tiny_chat, model)
     _loss(twin, tok).backward()
-    want = _lora_grads(twin)
+    return model, _lora_grads(model), _lora_grads(twin)
+
+
+def test_qlora_gradients_after_eval_forward_match_dequantized(tiny_chat):
+    model, got, want = _grads_after_eval_forward(tiny_chat, allow_repack=False)
+    assert guard_4bit(model) > 0  # nothing was repacked
     assert got.keys() == want.keys() and len(got) > 0
     for n, g in got.items():
         assert g is not None, f"{n}: no gradient (4-bit weights repacked?)"
@@ -85,11 +93,9 @@ def test_qlora_trl_training_keeps_gradients(tiny_chat, method):
 
 @pytest.mark.skipif(not bnbf.has_avx512bf16(), reason="the repack only happens on CPUs with AVX512-BF16")
 def test_repack_trap_is_real(tiny_chat):
-    """Control: with bitsandbytes' default (repack allowed) the same steps lose gradients."""
-    model, tok = h.load(tiny_chat, "qlora", checkpointing=False)
-    for m in model.modules():
-        if hasattr(m, "support_avx512bf16_for_cpu"):
-            m.support_avx512bf16_for_cpu = True
-    answer(model, tok, "What is corept?", max_new_tokens=2)
+    """Control: with bitsandbytes' default (repack allowed) the same steps give wrong gradients."""
+    model, got, want = _grads_after_eval_forward(tiny_chat, allow_repack=True)
     with pytest.raises(RuntimeError, match="repacked"):
         guard_4bit(model)
+    wrong = [n for n, g in got.items() if g is None or not torch.allclose(g, want[n], rtol=1e-4, atol=1e-6)]
+    assert wrong, "expected the repacked 4-bit weights to corrupt the gradients"

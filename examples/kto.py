@@ -1,0 +1,50 @@
+"""KTO with LoRA on unpaired feedback: corept.load -> corept.get_peft_model -> TRL KTOTrainer -> corept.save.
+
+Rows: prompt, completion, label (true = desirable, false = undesirable); no pairs needed. KTO
+estimates its KL term from mismatched completions inside a batch, so the batch size is >= 2. The
+reference is the policy with its adapter disabled.
+
+    python examples/kto.py --max-steps 20            # embedded SmolLM2-135M-Instruct, shipped data
+    python examples/kto.py --tiny --max-steps 2      # tiny built-in model (tests)
+"""
+import argparse
+import os
+
+import torch
+from trl import KTOConfig, KTOTrainer
+
+import corept
+from corept.training import default_model, load_training_data, shipped_data
+from corept.training.trainers import use_disabled_adapter_reference
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description="KTO with LoRA on a corept model")
+    p.add_argument("--model", help="default: the embedded SmolLM2-135M-Instruct")
+    p.add_argument("--data", help="default: the shipped corept rows labelled true/false")
+    p.add_argument("--output", default="outputs/kto")
+    p.add_argument("--max-steps", type=int, default=20)
+    p.add_argument("--tiny", action="store_true", help="use the tiny built-in model")
+    args = p.parse_args()
+    if args.tiny:
+        os.environ["COREPT_DEMO_MODEL"] = "tiny"
+    gpu = torch.cuda.is_available()
+
+    model, tokenizer = corept.load(args.model or default_model()[0], max_seq_length=256)
+    model = corept.get_peft_model(model, r=16, lora_alpha=32, use_gradient_checkpointing="corept")
+    dataset, _ = load_training_data(args.data or shipped_data("kto"), "kto")
+
+    trainer = KTOTrainer(
+        model=model, ref_model=None, processing_class=tokenizer, train_dataset=dataset,
+        args=KTOConfig(output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=4,
+                       learning_rate=2e-4, beta=0.1, logging_steps=5, max_length=256, save_strategy="no",
+                       report_to="none", use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),
+                       gradient_checkpointing=False))
+    use_disabled_adapter_reference(model)
+    trainer.train()
+    print("adapter:", corept.save(model, tokenizer, f"{args.output}/adapter", method="lora"))
+    print("merged: ", corept.save(model, tokenizer, f"{args.output}/merged", method="merged_16bit"))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,111 @@
+"""Saving what TRL trained: merged folders and adapters load without corept, and saves are atomic.
+
+The loading side runs in a subprocess whose ``sys.path`` has no corept (``-P``, no PYTHONPATH, the
+venv holds third-party packages only): it proves the folder is plain transformers / peft.
+"""
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import safetensors.torch
+import torch
+import training_helpers as h
+
+import corept
+from corept.training.compat import trl_head_scope
+from corept.training.trainers import build_trainer
+
+PLAIN_LOAD = textwrap.dedent("""
+    import importlib.util, json, sys, torch
+    assert importlib.util.find_spec("corept") is None, "corept must not be importable here"
+    from transformers import AutoModelForCausalLM
+    folder, base, ids_json, out = sys.argv[1:5]
+    ids = torch.tensor(json.loads(ids_json))
+    if base == "-":
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+    else:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32), folder)
+    with torch.no_grad():
+        torch.save(model.eval()(input_ids=ids).logits, out)
+""")
+
+
+def plain_logits(folder, ids, tmp_path, env, base="-"):
+    out = tmp_path / f"logits-{abs(hash((str(folder), base)))}.pt"
+    subprocess.run([sys.executable, "-P", "-c", PLAIN_LOAD, str(folder), str(base), json.dumps(ids.tolist()),
+                    str(out)], check=True, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return torch.load(out)
+
+
+def _ids(vocab):
+    return torch.randint(4, vocab, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+def _logits(model, ids):
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_trained_lora_roundtrip_without_corept(tiny_chat, tmp_path, clean_env):
+    model, tok = h.load(tiny_chat, "lora")
+    with trl_head_scope(model):
+        build_trainer("sft", model, tok, h.dataset("sft"), h.options("sft", max_steps=3)).train()
+    assert any(p.any() for n, p in model.named_parameters() if "lora_B" in n)  # the adapters moved
+    ids = _ids(model.config.vocab_size)
+    expected = _logits(model, ids)
+    adapter = corept.save(model, tok, tmp_path / "adapter", method="lora")
+    merged = corept.save(model, tok, tmp_path / "merged", method="merged_16bit")
+    assert not list(merged.glob("*.bin")) and list(merged.glob("*.safetensors"))
+    torch.testing.assert_close(plain_logits(merged, ids, tmp_path, clean_env), expected)
+    torch.testing.assert_close(plain_logits(adapter, ids, tmp_path, clean_env, base=tiny_chat), expected)
+
+
+def test_qlora_merged_16bit_roundtrip_without_corept(tiny_chat, tmp_path, clean_env):
+    """A 4-bit base is dequantized and merged in fp32: the plain fp32 folder reproduces the QLoRA model."""
+    model, tok = h.load(tiny_chat, "qlora")
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    ids = _ids(model.config.vocab_size)
+    expected = _logits(model, ids)
+    merged = corept.save(model, tok, tmp_path / "merged", method="merged_16bit")
+    cfg = json.loads((merged / "config.json").read_text())
+    assert "quantization_config" not in cfg
+    torch.testing.assert_close(plain_logits(merged, ids, tmp_path, clean_env), expected)
+
+
+def _snapshot(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_interrupted_save_keeps_previous(tiny_chat, tmp_path, monkeypatch):
+    model, tok = h.load(tiny_chat, "lora")
+    target = tmp_path / "merged"
+    corept.save(model, tok, target, method="merged_16bit")
+    previous = _snapshot(target)
+    real_save = safetensors.torch.save_file
+    written = []
+
+    def dies_mid_write(tensors, filename, metadata=None):
+        real_save(dict(list(tensors.items())[:2]), filename, metadata=metadata)  # a partial shard lands on disk
+        written.append(filename)
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", dies_mid_write)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.fill_(0.5)  # the new save would differ
+    with pytest.raises(OSError, match="injected"):
+        corept.save(model, tok, target, method="merged_16bit")
+    assert written and not str(written[0]).startswith(str(target) + "/")  # it was writing elsewhere
+    assert _snapshot(target) == previous
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp folder left behind
+    with pytest.raises(OSError, match="injected"):
+        corept.save(model, tok, tmp_path / "fresh", method="merged_16bit")
+    assert not (tmp_path / "fresh").exists()
