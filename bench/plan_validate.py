@@ -6,7 +6,8 @@ H200 commands). Parts (``--parts``; each within one ~9-minute call with the defa
 * ``measure``: Llama-3.1-8B and Qwen3-8B configs with random bf16 weights, 16-bit LoRA and QLoRA
   (r 16, torch AdamW, corept checkpointing), seq 1024 / 4096 / 16384, batch 1, 3 training steps;
   ``torch.cuda.max_memory_allocated`` vs the planner's ``peak_allocated`` (goal: within 10%).
-* ``emulate``: ``set_per_process_memory_fraction(rtx3090 usable / total)``: every grid config the
+* ``emulate``: ``set_per_process_memory_fraction(cap / total)``, cap = the RTX 3090's 23.70 GiB
+  minus the 0.5 GiB CUDA context a real card holds (``--emulate-gib``): every grid config the
   planner says fits in 24 GB, and its recommended (seq, batch, r), must train 5 steps.
 * ``search``: QLoRA r 32 Llama-3.1-8B, batch 1, under the same cap: the longest sequence that
   trains (bisection) vs the planner's longest (goal: within 15%).
@@ -266,7 +267,9 @@ def _specs(args) -> list[dict]:
     from corept.planning.shape import model_shape
 
     emu = GPUS[EMULATED_GPU]
-    cap = emu.usable_bytes if args.device == "cuda" else None  # the worker turns it into a memory fraction
+    # A real card holds its CUDA context inside its memory; the emulated allocator gets the rest.
+    cap_gib = args.emulate_gib or (emu.usable_gib - emu.context_gib)
+    cap = int(cap_gib * GIB) if args.device == "cuda" else None  # the worker makes it a memory fraction
     groups: dict = {}
 
     def group(arch, method, r):
@@ -304,7 +307,7 @@ def _specs(args) -> list[dict]:
         shape = model_shape(model_config("llama", args.tiny))
         seq_cap = min(shape.max_positions or 131072, args.search_cap)
         planner_seq = min(plan(shape, "qlora", gpu=EMULATED_GPU, r=32, batch_size=1).longest_seq_at_batch_1, seq_cap)
-        raw_gpu = GpuProfile("rtx3090-raw", "allocator cap only", emu.usable_gib, context_gib=0.0)
+        raw_gpu = GpuProfile("rtx3090-raw", "allocator cap only", cap_gib, context_gib=0.0)
         raw = longest_seq(shape, raw_gpu, 0.0, batch=1, method="qlora", r=32, optim="adamw", checkpointing="corept",
                           slack=0.0)
         preds = {str(s): round(_predict("llama", args.tiny, "qlora", s, 1, 32, EMULATED_GPU).peak_allocated / GIB, 3)
@@ -346,7 +349,8 @@ def _md(records: list[dict], env: dict) -> str:
                                  r.get("reserved_gib"), r.get("step_s"), within(r)] for r in meas])
     emu = [r for r in records if r.get("emulated")]
     if emu:
-        out += [f"24 GB emulation (`set_per_process_memory_fraction`, {EMULATED_GPU} usable memory):", ""]
+        out += [f"24 GB emulation (`set_per_process_memory_fraction`: {EMULATED_GPU} usable memory minus its CUDA "
+                "context):", ""]
         out += _table("model,method,seq,batch,r,kind,planner required GiB,trained,peak GiB",
                       [cfg(r) + [r["kind"], r.get("planner_required_gib"), ok(r), r.get("measured_gib")] for r in emu])
     probes = [r for r in records if r["kind"] == "search-probe"]
@@ -397,7 +401,8 @@ def main(argv=None) -> int:
             ("--emulate-steps", 5, None), ("--probe-steps", 1, "steady-state steps per search probe"),
             ("--max-probes", 7, None), ("--search-cap", 131072, None),
             ("--ckpt-dir", "/tmp/corept-plan-ckpt", "where QLoRA bases are saved once"),
-            ("--budget-s", 540.0, "wall-clock budget of this call")):
+            ("--budget-s", 540.0, "wall-clock budget of this call"),
+            ("--emulate-gib", 0.0, "allocator cap of the emulated card (default: rtx3090 usable - context)")):
         ap.add_argument(flag, type=type(default), default=default, help=help_)
     ap.add_argument("--keep-ckpt", action="store_true")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: dry run of the code paths")

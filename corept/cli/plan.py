@@ -53,7 +53,8 @@ def _notes(est) -> dict:
         ck = f"{m.layers} layer inputs [B,S,H] kept on the GPU"
     return {
         "weights": w, "trainable_params": t,
-        "optimizer_states": "AdamW: 2 states per trainable param" if est.optim == "adamw" else "8-bit AdamW (bnb)",
+        "optimizer_states": "AdamW: 2 states per trainable param (+1 temp in the step)" if est.optim == "adamw"
+        else "8-bit AdamW (bnb)",
         "gradients": "trainable params' grads (backward -> step)", "checkpoints": ck,
         "layer_working_set": f"one layer's recompute + backward ({d['attention']} attention)",
         "loss": f"fused CE: {d['loss_chunk_tokens']} tokens x {m.vocab} logits per chunk + d hidden",

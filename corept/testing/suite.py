@@ -30,10 +30,6 @@ from corept.testing.interpreter import nearest_bf16_rounding
 from corept.testing.tolerances import scaled_error
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-KNOWN_BF16_LORA = (
-    "corept_kernels.lora_mlp/lora_o run the LoRA branch (x A^T, dA, dB) in x's dtype (bf16), while peft "
-    "keeps fp32 adapters and computes that branch in fp32: lora_A/lora_B gradients carry 2-3.5x the "
-    "unpatched bf16 error (kernel issue, reported; corept/testing/suite.py KNOWN_BF16_LORA)")
 
 
 def _glob(name: str, pattern: str) -> bool:
@@ -103,9 +99,7 @@ class ConformanceSuite:
     full_matrix: tuple[str, ...] | None = None
     convergence: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
-    known_failures: dict[str, str] = {
-        "test_matrix[*-bf16-*lora*]": KNOWN_BF16_LORA,
-    }
+    known_failures: dict[str, str] = {}
     seed = 0
     batch_size = 2
     seq_len = 8

@@ -64,8 +64,9 @@ def build_tiny_chat_model(target: Path, *, seed: int = 0) -> Path:
     tok.chat_template = TINY_CHAT_TEMPLATE
     # head_dim 32 (!= hidden / heads = 16), intermediate 128: every projection width is a multiple of 64, as in
     # real models (bitsandbytes' CPU 4-bit layout needs that)
-    model = tiny_model("llama", seed=seed, head_dim=32, intermediate_size=128, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=False)
+    model = tiny_model("llama", seed=seed, head_dim=32, intermediate_size=128, vocab_size=len(tok),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
     return save_tiny(model, tok, target)
 
 

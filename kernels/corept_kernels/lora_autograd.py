@@ -27,8 +27,10 @@ Measured (saved bytes, parameters excluded): Llama-3.1-8B MLP, 4x2048 tokens, r 
 MiB), and with fp32 adapters peft adds an fp32 copy of ``x`` per linear (test shapes: q/k/v
 3,120 B vs 14,560 B).
 
-Matmuls run through torch (cuBLAS on GPU) in the input dtype: ``A``, ``B`` (small) and the base
-weight are cast to it; gradients of ``A``/``B`` are returned in their own dtype. 4-bit bases are
+Matmuls run through torch (cuBLAS on GPU). Base-weight matmuls run in the input dtype; the adapter
+branch runs in the adapter dtype promoted with the input's (fp32 adapters on a bf16 model: an fp32
+branch added to the base output before the cast back, as peft does); gradients of ``A``/``B`` are
+returned in their own dtype. 4-bit bases are
 dequantized right before each matmul that needs them and dropped right after.
 """
 from __future__ import annotations
@@ -55,18 +57,32 @@ def _stacked_A(lws: Sequence[LoraWeights], As: Sequence[torch.Tensor], dt: torch
     return torch.cat([A.to(dt) for A in As])
 
 
+def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
+    """The dtype the adapter branch runs in: the adapter's own, promoted with the input's.
+
+    peft runs ``lora_B(lora_A(x.to(A.dtype)))`` and adds it to the base output in that dtype (fp32
+    adapters on a bf16 model: fp32 branch); matching it keeps the fused path's numerics peft's.
+    """
+    return torch.promote_types(A.dtype, dt)
+
+
 def _forward_shared(x2: torch.Tensor, lws: Sequence[LoraWeights], As, Bs, dt: torch.dtype):
-    """Outputs ``[N, out_i]`` of linears sharing ``x2`` ``[N, in]``, and ``xa`` ``[N, sum r]``."""
-    xa = x2 @ _stacked_A(lws, As, dt).t()
+    """Outputs ``[N, out_i]`` (in ``dt``) of linears sharing ``x2`` ``[N, in]``, and ``xa``
+    ``[N, sum r]`` (in the adapter dtype, see :func:`lora_dtype`)."""
+    ldt = lora_dtype(As[0], dt)
+    xa = (x2 if ldt == dt else x2.to(ldt)) @ _stacked_A(lws, As, ldt).t()
     outs, off = [], 0
     for lw, B in zip(lws, Bs):
         r = B.shape[1]
         w = lw.dense_weight(dt)
         y = x2 @ w.t()
         del w
-        y.addmm_(xa[:, off:off + r], B.to(dt).t(), alpha=lw.scaling)
         if lw.bias is not None:
             y += lw.bias.to(dt)
+        if ldt == dt:
+            y.addmm_(xa[:, off:off + r], B.to(dt).t(), alpha=lw.scaling)
+        else:
+            y = torch.addmm(y.to(ldt), xa[:, off:off + r], B.to(ldt).t(), alpha=lw.scaling).to(dt)
         outs.append(y)
         off += r
     return outs, xa
@@ -77,8 +93,9 @@ def _backward_lora_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool
     dBs, dxas, off = [], [], 0
     for lw, B, d, need in zip(lws, Bs, douts, need_B):
         r = B.shape[1]
+        d = d.to(xa.dtype)
         dBs.append(_mm_scaled(d.t(), xa[:, off:off + r], lw.scaling).to(B.dtype) if need else None)
-        dxas.append(_mm_scaled(d, B.to(d.dtype), lw.scaling))
+        dxas.append(_mm_scaled(d, B.to(xa.dtype), lw.scaling))
         off += r
     return dBs, (dxas[0] if len(dxas) == 1 else torch.cat(dxas, dim=1))
 
@@ -90,14 +107,16 @@ def _backward_input(douts, dxa: torch.Tensor, lws, A_stack: torch.Tensor) -> tor
         w = lw.dense_weight(d.dtype)
         dx = d @ w if dx is None else dx.addmm_(d, w)
         del w
-    return dx.addmm_(dxa, A_stack)
+    if dxa.dtype == dx.dtype:
+        return dx.addmm_(dxa, A_stack)
+    return dx.add_((dxa @ A_stack).to(dx.dtype))  # adapter-dtype branch, cast like peft's x.to(A.dtype)
 
 
 def _split_dA(dxa: torch.Tensor, x2: torch.Tensor, As, need_A: Sequence[bool]):
     """``dA_i`` ``[r_i, in]`` from one ``dxa^T x`` product (None where not needed)."""
     if not any(need_A):
         return [None] * len(As)
-    dA = dxa.t() @ x2
+    dA = dxa.t() @ x2.to(dxa.dtype)
     out, off = [], 0
     for A, need in zip(As, need_A):
         r = A.shape[0]
@@ -140,7 +159,7 @@ class LoraSharedInput(torch.autograd.Function):
         dBs, dxa = _backward_lora_small(xa, d2, ctx.lws, Bs, need_B)
         dx = None
         if need[0]:
-            dx = _backward_input(d2, dxa, ctx.lws, _stacked_A(ctx.lws, As, x2.dtype)).view(*ctx.lead, x2.shape[1])
+            dx = _backward_input(d2, dxa, ctx.lws, _stacked_A(ctx.lws, As, dxa.dtype)).view(*ctx.lead, x2.shape[1])
         dAs = _split_dA(dxa, x2, As, need_A)
         grads = [dx, None]
         for lw, dA, dB, d, nb in zip(ctx.lws, dAs, dBs, d2, need_b):
@@ -181,7 +200,7 @@ class LoraMLP(torch.autograd.Function):
         (dBd,), dxa_d = _backward_lora_small(xa_d, (dy2,), (down,), (Bd,), (need[10],))
         dbd = _bias_grad(dy2, down.bias, need[11])
         if need_up:
-            dh = _backward_input((dy2,), dxa_d, (down,), Ad.to(x2.dtype))
+            dh = _backward_input((dy2,), dxa_d, (down,), Ad.to(dxa_d.dtype))
             glu_backward_(dh, e, g, ctx.activation)  # dh <- h, e <- de, g <- dg
             h, de, dg = dh, e, g
         else:
@@ -195,7 +214,7 @@ class LoraMLP(torch.autograd.Function):
         dbg, dbu = _bias_grad(de, gate.bias, need[5]), _bias_grad(dg, up.bias, need[8])
         dx = None
         if need[0]:
-            A_gu = _stacked_A((gate, up), (Ag, Au), x2.dtype)
+            A_gu = _stacked_A((gate, up), (Ag, Au), dxa_gu.dtype)
             dx = _backward_input((de, dg), dxa_gu, (gate, up), A_gu).view(*ctx.lead, x2.shape[1])
         dAg, dAu = _split_dA(dxa_gu, x2, (Ag, Au), (need[3], need[6]))
         return (dx, None, None, dAg, dBg, dbg, dAu, dBu, dbu, dAd, dBd, dbd)

@@ -23,7 +23,7 @@ def pv():
 def _args(**kw):
     base = dict(parts=["measure", "emulate", "search"], archs=["llama", "qwen3"], methods=["lora", "qlora"],
                 seqs=[1024, 4096, 16384], steps=3, emulate_steps=5, probe_steps=1, max_probes=7, search_cap=131072,
-                ckpt_dir="/tmp/x", device="cuda", tiny=False)
+                ckpt_dir="/tmp/x", device="cuda", tiny=False, emulate_gib=0.0)
     return argparse.Namespace(**{**base, **kw})
 
 
@@ -38,6 +38,7 @@ def test_default_plan_covers_the_issue(pv):
     for arch, method, r, run in measured:  # under the 24 GB cap exactly when the planner says it fits
         est = estimate(model_shape(pv.model_config(arch, False)), method=method, seq=run["seq"], r=16, gpu="rtx3090")
         assert run["emulated"] == est.fits and (run["cap_bytes"] is not None) == est.fits
+        assert run["cap_bytes"] in (None, int((23.70 - 0.5) * 2**30))  # a real 3090 minus its CUDA context
         assert run["steps"] == (5 if est.fits else 3) and run["predicted_gib"] > 5
     recs = [x for x in runs if x[3]["kind"] == "emulate-recommended"]
     assert len(recs) == 4 and all(x[3]["emulated"] and x[2] == 32 for x in recs)

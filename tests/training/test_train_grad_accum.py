@@ -86,7 +86,8 @@ def _train_one_step(folder, tmp_path, batch_size, accum):
     model, tok = corept.load(folder)
     rows = _rows(model.config.vocab_size) * 2
     ds = Dataset.from_list([{"input_ids": x.tolist(), "labels": y.tolist()} for x, y in rows])
-    args = TrainingArguments(output_dir=str(tmp_path / f"t{batch_size}x{accum}"), per_device_train_batch_size=batch_size,
+    args = TrainingArguments(output_dir=str(tmp_path / f"t{batch_size}x{accum}"),
+                             per_device_train_batch_size=batch_size,
                              gradient_accumulation_steps=accum, max_steps=1, learning_rate=1.0, optim="sgd",
                              lr_scheduler_type="constant", max_grad_norm=0.0, use_cpu=True, report_to="none",
                              save_strategy="no", seed=0, data_seed=0, logging_steps=1, disable_tqdm=True,

@@ -36,7 +36,8 @@ def _float_twin(folder, qmodel):
         for name, m in qbase.named_modules():
             state = getattr(getattr(m, "weight", None), "quant_state", None)
             if state is not None:
-                model.get_submodule(name.replace(".base_layer", "")).weight.copy_(bnbf.dequantize_4bit(m.weight.data, state).float())
+                dense = bnbf.dequantize_4bit(m.weight.data, state).float()
+                model.get_submodule(name.replace(".base_layer", "")).weight.copy_(dense)
     model = corept.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
     q_params = dict(qmodel.named_parameters())
     with torch.no_grad():

@@ -1,0 +1,75 @@
+"""``corept train`` and ``corept demo`` end to end (tiny built-in model: COREPT_DEMO_MODEL=tiny)."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import training_helpers as h
+
+from corept.cli import main
+
+
+def _record(folder):
+    return json.loads((folder / "run.json").read_text())
+
+
+def test_no_arguments_runs_the_embedded_default(corept_cache, capsys):
+    assert main(["train"]) == 0
+    out = capsys.readouterr().out
+    run = corept_cache / "runs" / "demo-sft"
+    rec = _record(run)
+    for needle in ("a tiny random Llama built in", "held-out question: Can you explain what corept is?",
+                   "before training:", "after training:", "loss: first", f"adapter (LoRA, safetensors): {run}/adapter",
+                   f"merged model (merged_16bit, loads in plain transformers): {run}/merged",
+                   "generate() patched vs unpatched (greedy, ", "): identical", "corept kernels: "):
+        assert needle in out, needle
+    assert rec["options"]["method"] == "sft" and rec["options"]["embedded"] is True
+    assert rec["loss"]["last"] < rec["loss"]["first"], rec["loss"]
+    assert rec["greedy_patched_equals_unpatched"] is True
+    assert {"norm", "mlp", "rope", "lora"} <= set(rec["applied"])
+    assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
+
+
+def test_demo_kto_is_one_flag_away(corept_cache, tmp_path, capsys):
+    assert main(["demo", "--method", "kto", "--max-steps", "3", "--output", str(tmp_path / "kto")]) == 0
+    out = capsys.readouterr().out
+    assert "unpaired preference format) -> method kto" in out and "before training:" in out
+    rec = _record(tmp_path / "kto")
+    assert rec["options"]["max_steps"] == 3 and rec["greedy_patched_equals_unpatched"] is True
+    assert len(rec["loss"]["points"]) == 3
+
+
+def test_dpo_from_csv_saves_adapter_only(tiny_chat, tmp_path, capsys):
+    data = tmp_path / "prefs.csv"
+    data.write_text("prompt,chosen,rejected\n" + f"{h.Q},{h.A},{h.BAD.replace(',', '')}\n" * 6)
+    out = tmp_path / "out"
+    rc = main(["train", "--model", tiny_chat, "--data", str(data), "--method", "dpo", "--output", str(out),
+               "--max-steps", "3", "--batch-size", "2", "--save-method", "lora", "--lr", "1e-2", "--r", "4"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "sample prompt: What is corept?" in text and "merged model" not in text
+    assert sorted(p.name for p in out.iterdir()) == ["adapter", "run.json"]
+    assert not (out / "adapter" / "ref").exists()
+    cfg = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["lora_alpha"] == 4
+
+
+def test_full_finetuning_from_parquet(tiny_chat, tmp_path):
+    pq.write_table(pa.Table.from_pylist([{"text": f"{h.Q} {h.A}"}] * 8), tmp_path / "d.parquet")
+    out = tmp_path / "out"
+    assert main(["train", "--model", tiny_chat, "--data", str(tmp_path / "d.parquet"), "--output", str(out),
+                 "--full-finetuning", "--max-steps", "4", "--batch-size", "4", "--lr", "3e-3"]) == 0
+    rec = _record(out)
+    assert rec["adapter"] is None and (out / "merged" / "model.safetensors").is_file()
+    assert rec["loss"]["last"] < rec["loss"]["first"]
+    assert "lora" not in rec["applied"] and {"norm", "mlp", "rope", "loss"} <= set(rec["applied"])
+
+
+def test_qlora_kto_from_jsonl(tiny_chat, tmp_path):
+    data = h.write_jsonl(tmp_path / "kto.jsonl", h.rows("kto", 8))
+    out = tmp_path / "out"
+    assert main(["train", "--model", tiny_chat, "--data", str(data), "--method", "kto", "--output", str(out),
+                 "--load-in-4bit", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2"]) == 0
+    rec = _record(out)
+    assert rec["options"]["load_in_4bit"] is True and rec["greedy_patched_equals_unpatched"] is True
+    merged_cfg = json.loads((out / "merged" / "config.json").read_text())
+    assert "quantization_config" not in merged_cfg  # merged_16bit from a 4-bit base is a plain folder
