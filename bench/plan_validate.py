@@ -156,7 +156,7 @@ def _run_one(model, opt, run: dict, spec: dict, dev: str, gen) -> dict:
         cuda.set_per_process_memory_fraction(1.0)
     else:
         rec["measured_gib"] = None
-    if rec.get("measured_gib") and rec.get("predicted_gib"):
+    if rec.get("ok") and rec.get("measured_gib") and rec.get("predicted_gib"):
         rec["error_pct"] = round(100 * (rec["predicted_gib"] - rec["measured_gib"]) / rec["measured_gib"], 2)
     return rec
 

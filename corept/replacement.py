@@ -17,7 +17,7 @@ class Replacement:
     :param forward_globals: module-global names to rebind for this instance only: the current
         forward's function is cloned with a private copy of its globals in which these names are
         replaced (how RoPE is swapped without touching transformers' ``apply_rotary_pos_emb``
-        process-wide). Ignored when ``forward`` is given.
+        process-wide). Applied to ``forward`` when one is given, else to the class's forward.
     :param fallback_reason: set when the implementation runs a pure-torch twin instead of its
         Triton kernel (e.g. CPU without the Triton interpreter); shown in the report.
     """

@@ -140,7 +140,7 @@ def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: st
 def _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_code):
     shape = model if isinstance(model, ModelShape) else model_shape(model, trust_remote_code=trust_remote_code)
     gpu = get_gpu(gpu, vram_gib=vram) if not isinstance(gpu, GpuProfile) else gpu
-    validate(method, 1, 1, r or 1, optim, checkpointing)
+    validate(method, 1, 1, 1 if r is None else r, optim, checkpointing)
     return shape, gpu
 
 
@@ -157,7 +157,7 @@ def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, ma
     shape, gpu = _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_code)
     if not isinstance(target_batch, int) or target_batch < 1:
         raise PlanError(f"target_batch must be a positive int, got {target_batch!r}")
-    rank = r or default_rank(shape)
+    rank = default_rank(shape) if r is None else r
     cfg = dict(method=method, optim=optim, checkpointing=checkpointing)
     if max_seq_length is not None and batch_size is not None:
         est = estimate(shape, seq=max_seq_length, batch=batch_size, r=rank, gpu=gpu, margin=margin, **cfg)

@@ -18,7 +18,7 @@ import json
 import math
 from dataclasses import dataclass, field
 
-from corept.errors import CoreptError, ModelNotFoundError
+from corept.errors import CoreptError
 
 
 class PlanError(CoreptError):
@@ -115,8 +115,9 @@ class ModelShape:
 def load_config(model, *, trust_remote_code: bool = False):
     """``(config, name, source)`` from a name/path, a ``PretrainedConfig`` or a config dict.
 
-    Names resolve like ``corept.load`` (local folder, plugin alias, HF cache, hub unless offline);
-    when that fails, a built-in copy (:mod:`corept.planning.known`) is used if there is one.
+    A name is looked up as: a local folder or ``.json`` file, a plugin alias, the HF cache
+    (``config.json`` only), a built-in copy (:mod:`corept.planning.known`), and last the hub —
+    ``config.json`` alone, never weights, and not at all with ``HF_HUB_OFFLINE`` set.
     """
     from transformers import AutoConfig, PretrainedConfig
 
@@ -132,27 +133,56 @@ def load_config(model, *, trust_remote_code: bool = False):
             raise PlanError(f"cannot build a config from the dict: {type(exc).__name__}: {exc}") from exc
     if not isinstance(model, str) or not model.strip():
         raise PlanError(f"model must be a name, a folder, a config.json path, a config or a dict; got {model!r}")
+    found = _config_file(model)
+    if isinstance(found[1], dict):  # a built-in copy: (canonical name, config dict)
+        name, d = found
+        return AutoConfig.for_model(d.pop("model_type"), **d), name, f"built-in copy of {name}'s config"
+    path, how = found
+    try:
+        config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    except Exception as exc:  # noqa: BLE001 - unreadable / invalid config.json
+        raise PlanError(f"cannot read the config of {model!r} ({path}): {type(exc).__name__}: {exc}") from exc
+    return config, model, f"{how}: {path}"
+
+
+def _config_file(name: str, depth: int = 0):
+    """``(path, how)`` of ``name``'s config, or ``(canonical, dict)`` for a built-in copy."""
     from pathlib import Path
 
     from corept.planning.known import known_config
-    from corept.resolve import resolve_model_path
+    from corept.resolve import offline
 
-    if model.endswith(".json") and Path(model).expanduser().is_file():
-        folder, how = Path(model).expanduser(), "config file"
-    else:
-        try:
-            folder, how = resolve_model_path(model)
-        except ModelNotFoundError as exc:
-            known = known_config(model)
-            if known is None:
-                raise PlanError(f"cannot read the config of {model!r}: {exc}") from exc
-            name, d = known
-            return AutoConfig.for_model(d.pop("model_type"), **d), name, f"built-in copy of {name}'s config"
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise PlanError(f"cannot read the config of {name!r}: the folder holds no config.json.")
+        return path / "config.json", "local folder"
+    if path.is_file():
+        return path, "config file"
+    if path.suffix == ".json" or name.startswith((".", "/", "~")):
+        raise PlanError(f"cannot read the config of {name!r}: no such file or folder.")
+    from corept.plugins import get_plugin_manager
+
+    alias = get_plugin_manager().alias_target(name)
+    if alias is not None and alias[0] != name and depth < 3:
+        return _config_file(alias[0], depth + 1)
+    from huggingface_hub import hf_hub_download
+
     try:
-        config = AutoConfig.from_pretrained(str(folder), trust_remote_code=trust_remote_code)
-    except Exception as exc:  # noqa: BLE001 - unreadable / invalid config.json
-        raise PlanError(f"cannot read the config of {model!r} ({folder}): {type(exc).__name__}: {exc}") from exc
-    return config, model, f"{how}: {folder}"
+        return Path(hf_hub_download(name, "config.json", local_files_only=True)), "HF cache"
+    except Exception:  # noqa: BLE001 - not cached (or not a repo id): try the built-ins, then the hub
+        pass
+    known = known_config(name)
+    if known is not None:
+        return known
+    if offline():
+        raise PlanError(f"cannot read the config of {name!r}: not a local folder or file, not a plugin alias, "
+                        f"not in the HF cache and not built in, and HF_HUB_OFFLINE is set. Pass a folder or "
+                        f"config.json, or download it once: huggingface-cli download {name} config.json")
+    try:
+        return Path(hf_hub_download(name, "config.json")), "hub (config.json only)"
+    except Exception as exc:  # noqa: BLE001 - surfaced with the cause
+        raise PlanError(f"cannot read the config of {name!r}: {type(exc).__name__}: {exc}") from exc
 
 
 _CACHE: dict = {}

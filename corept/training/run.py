@@ -181,7 +181,8 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
     if result.adapter:
         echo(f"adapter (LoRA, safetensors): {result.adapter}")
     if result.merged:
-        echo(f"merged model ({result.options.save_method}, loads in plain transformers): {result.merged}")
+        needs = "transformers + bitsandbytes" if result.options.save_method == "merged_4bit" else "plain transformers"
+        echo(f"merged model ({result.options.save_method}, loads in {needs}): {result.merged}")
     echo(f"{label}: {_show(result.question)}")
     if result.before is not None:
         echo(f"  before training: {result.before}")

@@ -99,3 +99,14 @@ def test_corept_plan_wrapper(llama):
     p = corept.plan(LLAMA, "qlora", gpu="rtx3090")
     assert p.fits and p.recommendation["r"] == 32
     assert p.to_dict()["estimate"]["model"]["name"] == LLAMA
+
+
+def test_invalid_pinned_values_are_rejected():
+    from corept.errors import InvalidOptionsError
+
+    with pytest.raises(InvalidOptionsError, match="r must be a positive int"):
+        plan(LLAMA, "qlora", gpu="rtx3090", r=0)
+    with pytest.raises(InvalidOptionsError, match="max_seq_length must be a positive int"):
+        plan(LLAMA, "qlora", gpu="rtx3090", max_seq_length=-5)
+    with pytest.raises(InvalidOptionsError, match="method must be one of lora, qlora, full"):
+        recommend(LLAMA, "dora", "rtx3090")

@@ -98,6 +98,7 @@ def test_built_in_configs_resolve_offline():
     assert name == "meta-llama/Llama-3.1-8B" and d["hidden_size"] == 4096
     assert known_config("qwen3-8b")[0] == "Qwen/Qwen3-8B"
     assert known_config("not-a-model") is None
+    assert model_shape("llama-3.1-8b").name == "meta-llama/Llama-3.1-8B"  # plugin alias -> built-in
     shape = model_shape("meta-llama/Llama-3.1-8B")
     assert "built-in" in shape.source and shape.plugin == "llama" and shape.patched
     assert round(shape.n_params / 1e9, 2) == 8.03 and shape.lora_params(16) == 41_943_040
