@@ -359,7 +359,7 @@ def _md(records: list[dict], env: dict) -> str:
         out += _table("seq,predicted GiB,measured GiB,error %,trained", [
             [r["config"]["seq"], r.get("predicted_gib"), r.get("measured_gib"), r.get("error_pct"), ok(r)] for r in probes])
     for r in (r for r in records if r["kind"] == "search"):
-        out += _table("search (QLoRA r 32, batch 1, 24 GB cap),planner longest seq,measured longest seq,first OOM,"
+        out += _table("search (QLoRA r 32; batch 1; 24 GB cap),planner longest seq,measured longest seq,first OOM,"
                       "planner / measured,within 15%", [[r["config"]["model"], r["planner_seq"], r["measured_max_seq"],
                                                           r["first_oom_seq"], r["ratio"],
                                                           "yes" if r["within_15pct"] else "**no**"]])

@@ -11,9 +11,10 @@ measurement, term by term):
 * every ``[H]`` norm saves its input and fp32 rstd: ``a*H + 4`` each (2 norms in Llama/Qwen,
   4 in Gemma2/3);
 * q/k/v/o LoRA linears: fused path (``lora_o``, no bias) saves its input (q/k/v share the normed
-  input: ``a*H`` once) and ``x A^T``: ``a*r``; peft's path (a base bias, e.g. qwen2 q/k/v) saves an
-  fp32 copy of its input and an fp32 ``x A^T``: ``4*in + 4*r``; a frozen linear saves nothing;
-  full fine-tuning: an ``nn.Linear`` saves its input (shared);
+  input: ``a*H`` once) and ``x A^T`` in the adapter dtype (``p`` bytes: fp32, peft's default
+  adapters, so ``4*r``); peft's path (a base bias, e.g. qwen2 q/k/v) saves an fp32 copy of its
+  input and an fp32 ``x A^T``: ``4*in + 4*r``; a frozen linear saves nothing; full fine-tuning:
+  an ``nn.Linear`` saves its input (shared);
 * qk-norms (qwen3, gemma3): ``a*(Hq + Hkv) + 4*(h + kv_heads)``;
 * attention, SDPA with FlashAttention (no mask, GQA native): q, k, v after RoPE, the output
   (shared with o_proj's input) and fp32 logsumexp: ``a*(2*Hq + 2*Hkv) + 4*h``; eager (gemma2/3) or
@@ -21,15 +22,26 @@ measurement, term by term):
   token ``S`` scores: fp32 softmax + probabilities (+ tanh output with softcap):
   ``(4 + a (+ a)) * h * S``;
 * gated MLP, fused LoRA (``lora_mlp``): input, gate and up projections and the three ``x A^T``:
-  ``a*H + 2*a*I + 3*a*r``; full fine-tuning adds the down projection's input ``a*I``; an MLP
+  ``a*H + 2*a*I + 3*p*r``; full fine-tuning adds the down projection's input ``a*I``; an MLP
   without adapters keeps only the gate/up projections ``2*a*I``.
 
 **Backward working set** on top of the saved set, for the layer being differentiated:
 ``out`` (the recomputed layer output, corept checkpointing only) and ``dy``, both ``a*H``; then the
-larger of the MLP phase (``dh`` ``a*I`` + ``dx`` ``a*H``; ``3*a*I + a*H`` when the activation's
-backward is not in place) and the attention phase (MLP's saved set released; ``d(h1)`` ``a*H``,
-``d(attn)`` ``a*Hq``, FlashAttention-2 backward: fp32 ``dq`` accumulator ``4*Hq``, ``dq`` ``a*Hq``,
-GQA-expanded ``dk``/``dv`` ``2*a*Hq`` and their reduced copies ``2*a*Hkv``, ``4*h``).
+larger of the MLP phase and the attention phase. MLP, fused LoRA: ``dh = dy W_down`` ``a*I``, plus,
+with adapters in another dtype than the activations (fp32 on bf16: peft's numerics, which the
+fused kernels follow), the adapter branch ``dxa A`` in ``p`` bytes and its cast, ``(p + a)*I``:
+``(2a + p)*I`` (``a*I + a*H`` with same-dtype adapters; ``3*a*I + a*H`` when the activation's
+backward is not in place). Attention: MLP's saved set released; ``d(h1)`` ``a*H``, ``d(attn)``
+``a*Hq`` (+ ``(a + p)*Hq`` for o_proj's adapter branch), FlashAttention-2 backward: fp32 ``dq``
+accumulator ``4*Hq``, ``dq`` ``a*Hq``, GQA-expanded ``dk``/``dv`` ``2*a*Hq`` and their reduced
+copies ``2*a*Hkv``, ``4*h``. The no-grad first forward holds ``3*a*H`` (input, residual, normed)
+and the MLP's projections: ``3*a*I``, or with fp32 adapters ``(2a + 2p)*I`` at the up
+projection's fp32 adapter add (the bf16 output, its fp32 copy and the fp32 sum).
+
+The saved set is checked on CPU term by term (``tests/planning``). The backward and forward
+transients are read off the kernels' code (``corept_kernels.lora_autograd``): on CPU the Triton
+interpreter keeps its last launch's arguments alive and bf16 GEMMs allocate workspaces, so a CPU
+memory trace cannot pin them to the byte; the H200 validation (``bench/plan_validate.py``) does.
 """
 from __future__ import annotations
 
@@ -95,12 +107,13 @@ def projection_paths(shape: ModelShape, method: str) -> dict:
     return paths
 
 
-def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) -> LayerBytes:
+def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, p: int = 4) -> LayerBytes:
     """The formulas of the module docstring for ``shape``'s first decoder layer.
 
     :param method: ``lora``/``qlora`` (adapters) or ``full``.
     :param attention: ``flash`` (SDPA on a FlashAttention GPU) or ``eager`` (eager, or the math
         fallback of GPUs without FlashAttention).
+    :param p: adapter dtype bytes (4: peft's fp32 adapters, what ``corept.get_peft_model`` makes).
     """
     H, Hq, Hkv, I = _dims(shape)
     h, kv, layer = shape.heads, shape.kv_heads, shape.layer
@@ -110,10 +123,10 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) 
     shared_input = any(paths[p] in ("fused", "trainable") for p in ("q_proj", "k_proj", "v_proj"))
     shared_input = shared_input or (a == 4 and any(paths[p] == "peft" for p in ("q_proj", "k_proj", "v_proj")))
     saved["qkv_input"] = (a * H if shared_input else 0.0, 0.0)
-    proj = 0.0
+    proj, pb = 0.0, p
     for p in ("q_proj", "k_proj", "v_proj", "o_proj"):
         if paths[p] == "fused":
-            proj += a * r
+            proj += pb * r
         elif paths[p] == "peft":
             proj += (0 if a == 4 else 4 * lin[p].in_features) + 4 * r
     saved["lora_products"] = (proj, 0.0)
@@ -123,10 +136,10 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) 
         saved["attention"] = (a * (2 * Hq + 2 * Hkv) + 4 * h, 0.0)
     else:
         saved["attention"] = (4 * a * Hq, (4 + a + (a if layer.attn_softcap else 0)) * h)
-    mlp = paths["mlp"]
+    mlp, mixed = paths["mlp"], pb != a  # mixed: the adapter branch runs in another dtype
     if mlp == "fused":
-        mlp_saved = a * H + 2 * a * I + 3 * a * r
-        bwd_mlp = a * I + a * H
+        mlp_saved = a * H + 2 * a * I + 3 * pb * r
+        bwd_mlp = (2 * a + pb) * I if mixed else a * I + a * H
     elif mlp == "trainable":
         mlp_saved = a * H + 3 * a * I
         bwd_mlp = 3 * a * I + a * H
@@ -141,8 +154,10 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str) 
     saved["mlp"] = (mlp_saved, 0.0)
     gqa = 2 * a * Hq if Hq != Hkv else 0
     bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
+    if mixed and paths["o_proj"] == "fused":
+        bwd_attn += (a + pb) * Hq
     bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
-    fwd = a * (3 * H + 3 * I)
+    fwd = a * 3 * H + ((2 * a + 2 * pb) * I if mixed and mlp == "fused" else 3 * a * I)
     fwd_seq = 0.0 if attention == "flash" else (4 + 2 * a) * h
     if not shape.patched:
         saved = {k: (lin_ * UNPATCHED_FACTOR, q * UNPATCHED_FACTOR) for k, (lin_, q) in saved.items()}

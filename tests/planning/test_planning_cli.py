@@ -44,14 +44,14 @@ def test_load_in_4bit_is_qlora(capsys):
 
 
 def test_config_that_does_not_fit_exits_1_with_suggestions(capsys):
-    argv = ("--model", LLAMA, "--method", "lora", "--gpu", "rtx3090", "--max-seq-length", "32768", "--batch-size", "2")
+    argv = ("--model", LLAMA, "--method", "lora", "--gpu", "rtx3090", "--max-seq-length", "8192", "--batch-size", "4")
     rc, out, _ = run(capsys, *argv)
     assert rc == 1 and "DOES NOT FIT" in out
     tail = out.split("would fit with (one change each, smallest first):")[1]
-    assert tail.index("--batch-size 1") < tail.index("seq <= ") < tail.index("--method qlora") < tail.index("--gpu")
+    assert tail.index("--batch-size 2") < tail.index("seq <= ") < tail.index("--method qlora") < tail.index("--gpu")
     rc, out, _ = run(capsys, *argv, "--json")
     d = json.loads(out)
-    assert rc == 1 and d["fits"] is False and d["suggestions"][0].startswith("--batch-size 1")
+    assert rc == 1 and d["fits"] is False and d["suggestions"][0].startswith("--batch-size 2")
 
 
 @pytest.mark.parametrize("argv,message", [

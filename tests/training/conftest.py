@@ -7,10 +7,13 @@ folder far over its time budget. So each test here runs with ``TRITON_INTERPRET=
 patches stay applied (the report says ``torch:<kernel>``) and each kernel call dispatches to its
 pure-torch twin (``corept_kernels.capabilities`` decides per call). Kernel numerics are the job of
 ``kernels/tests``; tests marked ``triton_interpreter`` (test_train_interpreter.py) keep the
-interpreter on to show TRL training runs through the Triton kernels too.
+interpreter on to show TRL training runs through the Triton kernels too. Triton fixes a kernel's
+mode when its module is imported, so the kernels are imported here, at collection, while
+``TRITON_INTERPRET`` is still the session's value.
 """
 import os
 
+import corept_kernels  # noqa: F401 - build every @triton.jit kernel now, in the session's mode (interpreter)
 import pytest
 
 
