@@ -44,11 +44,16 @@ def atomic_folder(path: str | os.PathLike):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _dequantized(weight: torch.Tensor) -> torch.Tensor:
+def _dequantized(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
     state = getattr(weight, "quant_state", None)
     if state is None:
-        if hasattr(weight, "SCB") and weight.dtype == torch.int8:  # LLM.int8 weights
-            return (weight.float() * weight.SCB.float().unsqueeze(1) / 127.0)
+        if weight.dtype == torch.int8:  # LLM.int8: per-row scales on the weight, or on the module once it ran
+            scb = getattr(weight, "SCB", None)
+            if scb is None:
+                scb = getattr(getattr(module, "state", None), "SCB", None)
+            if scb is None:
+                raise ValueError("8-bit weight without its scales (SCB): cannot dequantize it")
+            return weight.float() * scb.float().unsqueeze(1) / 127.0
         return weight.detach().float()
     import bitsandbytes.functional as bnbf
 
@@ -65,7 +70,7 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
     lora_modules = {name: m for name, m in base.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
     for name, m in lora_modules.items():
         bl = m.get_base_layer()
-        w = _dequantized(bl.weight)
+        w = _dequantized(bl.weight, bl)
         if not getattr(m, "merged", False) and not getattr(m, "disable_adapters", False):
             for adapter in m.active_adapters:
                 if adapter in m.lora_A:
@@ -80,8 +85,9 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
         if key.startswith(skip) or ".lora_" in key:
             continue
         owner = base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base
-        if key.endswith(".weight") and hasattr(owner.weight if hasattr(owner, "weight") else None, "quant_state"):
-            out[key] = _dequantized(owner.weight).to(dtype).cpu()
+        weight = getattr(owner, "weight", None) if key.endswith(".weight") else None
+        if weight is not None and (hasattr(weight, "quant_state") or weight.dtype == torch.int8):
+            out[key] = _dequantized(weight, owner).to(dtype).cpu()
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
             out[key] = t.detach().to(dtype).cpu()
     return out

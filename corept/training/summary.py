@@ -48,13 +48,18 @@ def loss_table(points: list[tuple[int, float]], rows: int = 6) -> list[str]:
     return [f"    step {s:>5}  loss {v:.4f}" for s, v in chosen]
 
 
+TAIL = 5  # logged values averaged into "last_mean" (single steps are noisy at small batch sizes)
+
+
 def loss_summary(log_history: list[dict]) -> dict:
-    """``{"first", "min", "last", "steps", "points"}`` of the training loss (``None`` values if none)."""
+    """``{"first", "min", "last", "last_mean", "steps", "points"}`` of the training loss (``None`` if none)."""
     pts = loss_points(log_history)
     if not pts:
-        return {"first": None, "min": None, "last": None, "steps": 0, "points": []}
+        return {"first": None, "min": None, "last": None, "last_mean": None, "steps": 0, "points": []}
     vals = [v for _, v in pts]
-    return {"first": vals[0], "min": min(vals), "last": vals[-1], "steps": pts[-1][0], "points": pts}
+    tail = vals[-TAIL:]
+    return {"first": vals[0], "min": min(vals), "last": vals[-1], "last_mean": sum(tail) / len(tail),
+            "steps": pts[-1][0], "points": pts}
 
 
 def format_loss_summary(log_history: list[dict]) -> str:
@@ -64,7 +69,7 @@ def format_loss_summary(log_history: list[dict]) -> str:
         return "loss: (no training loss was logged)"
     vals = [v for _, v in s["points"]]
     lines = [f"loss: first {s['first']:.4f}  min {s['min']:.4f}  last {s['last']:.4f}  "
-             f"({len(vals)} logged steps)",
+             f"(mean of the last {min(TAIL, len(vals))}: {s['last_mean']:.4f}; {len(vals)} logged steps)",
              f"  {sparkline(vals)}"]
     lines += loss_table(s["points"])
     return "\n".join(lines)

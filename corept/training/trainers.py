@@ -45,7 +45,20 @@ def model_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, dtype: torch.dtype):
+def kto_weights(dataset) -> dict:
+    """``desirable_weight`` / ``undesirable_weight`` balancing the two labels' total loss (KTO paper,
+    TRL's recommended range): the rarer label's weight is the count ratio, the other 1."""
+    labels = list(dataset["label"])
+    n_good, n_bad = sum(bool(v) for v in labels), sum(not v for v in labels)
+    if not n_good or not n_bad or n_good == n_bad:
+        return {}
+    if n_good > n_bad:
+        return {"undesirable_weight": n_good / n_bad}
+    return {"desirable_weight": n_bad / n_good}
+
+
+def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, dtype: torch.dtype,
+               extra: dict | None = None):
     """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``KTOConfig``) for ``opts``."""
     from trl import DPOConfig, KTOConfig, SFTConfig
 
@@ -60,6 +73,7 @@ def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, d
         dataloader_num_workers=0)
     if opts.warmup_ratio > 0:
         common["warmup_steps"] = float(opts.warmup_ratio)
+    common.update(extra or {})
     if method == "sft":
         return SFTConfig(**common, packing=False)
     if method == "dpo":
@@ -123,7 +137,8 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
         raise ValueError("LoRA/QLoRA models use the adapter-disabled model as reference: pass ref_model=None")
     gpu = on_gpu(model)
     args = trl_config(method, opts, output_dir=output_dir or tempfile.mkdtemp(prefix="corept-trl-"),
-                      gpu=gpu, dtype=model_dtype(model))
+                      gpu=gpu, dtype=model_dtype(model),
+                      extra=kto_weights(train_dataset) if method == "kto" else None)
     kwargs = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                   callbacks=callbacks)
     if method == "sft":

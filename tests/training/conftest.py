@@ -36,6 +36,16 @@ def corept_cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
+def _restore_threads():
+    """corept train may lower torch's thread count on a busy CPU (run.cpu_threads); undo it per test."""
+    import torch
+
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
 def _private_cache(corept_cache, monkeypatch):
     monkeypatch.setenv("COREPT_CACHE", str(corept_cache))
     monkeypatch.setenv("COREPT_DEMO_MODEL", "tiny")

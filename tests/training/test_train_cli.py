@@ -29,10 +29,11 @@ def test_no_arguments_runs_the_embedded_default(corept_cache, capsys):
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
 
 
-def test_demo_kto_is_one_flag_away(corept_cache, tmp_path, capsys):
+def test_demo_kto_is_one_flag_away(corept_cache, tmp_path, capsys, caplog):
     assert main(["demo", "--method", "kto", "--max-steps", "3", "--output", str(tmp_path / "kto")]) == 0
     out = capsys.readouterr().out
     assert "unpaired preference format) -> method kto" in out and "before training:" in out
+    assert "ideal range" not in caplog.text  # desirable/undesirable weights balanced for the 46/23 labels
     rec = _record(tmp_path / "kto")
     assert rec["options"]["max_steps"] == 3 and rec["greedy_patched_equals_unpatched"] is True
     assert len(rec["loss"]["points"]) == 3

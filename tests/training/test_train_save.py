@@ -109,3 +109,30 @@ def test_interrupted_save_keeps_previous(tiny_chat, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="injected"):
         corept.save(model, tok, tmp_path / "fresh", method="merged_16bit")
     assert not (tmp_path / "fresh").exists()
+
+
+def test_8bit_merge_after_training(tiny_chat, tmp_path):
+    """LLM.int8 base, adapters on q/v only, trained by TRL (bitsandbytes moves the row scales to the
+    module after a forward): the merged folder holds every weight, dequantized, adapters merged."""
+    from safetensors.torch import load_file
+
+    model, tok = corept.load(tiny_chat, load_in_8bit=True)
+    model = corept.get_peft_model(model, r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"],
+                                  use_gradient_checkpointing=False)
+    with trl_head_scope(model):
+        build_trainer("sft", model, tok, h.dataset("sft"), h.options("sft", max_steps=2, load_in_8bit=True,
+                                                                    load_in_4bit=False)).train()
+    merged = load_file(corept.save(model, tok, tmp_path / "merged", method="merged_16bit") / "model.safetensors")
+    plain, _ = corept.load(tiny_chat, patch=False)
+    original = plain.state_dict()
+    assert set(merged) == set(original)
+    # bitsandbytes rounds each row to int8 steps of absmax/127 (from an fp16 copy: allow one full step)
+    for name in ("model.layers.0.self_attn.k_proj.weight", "model.layers.1.mlp.down_proj.weight"):  # no adapter
+        step = original[name].abs().amax(dim=1, keepdim=True) / 127
+        assert ((merged[name] - original[name]).abs() <= step).all(), name
+    q = model.get_base_model().model.layers[0].self_attn.q_proj
+    delta = q.scaling["default"] * (q.lora_B["default"].weight.float() @ q.lora_A["default"].weight.float())
+    assert delta.abs().max() > 0
+    name = "model.layers.0.self_attn.q_proj.weight"
+    step = original[name].abs().amax(dim=1, keepdim=True) / 127
+    assert ((merged[name] - delta - original[name]).abs() <= step).all()
