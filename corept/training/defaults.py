@@ -30,8 +30,8 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content']
 #: (model kind, method) -> option values of the embedded run.
 EMBEDDED: dict[tuple[str, str], dict] = {
     ("smollm2", "sft"): dict(r=16, lora_alpha=32, lr=1e-3, max_steps=40, batch_size=4, max_seq_length=256),
-    ("smollm2", "dpo"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=16, batch_size=2, max_seq_length=256),
-    ("smollm2", "kto"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=20, batch_size=4, max_seq_length=256),
+    ("smollm2", "dpo"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=24, batch_size=2, max_seq_length=256),
+    ("smollm2", "kto"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=30, batch_size=4, max_seq_length=256),
     ("tiny", "sft"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=20, batch_size=4, max_seq_length=256),
     ("tiny", "dpo"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),
     ("tiny", "kto"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),

@@ -24,6 +24,7 @@ from typing import Callable
 
 from corept.errors import InvalidOptionsError
 from corept.training.data import load_training_data
+from corept.training.cpu import initial_threads
 from corept.training.generation import GreedyCheck, answer, patched_unpatched_check
 from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
 from corept.training.summary import format_loss_summary, loss_summary
@@ -46,6 +47,7 @@ class RunResult:
     greedy: GreedyCheck | None = None
     applied: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
+    thread_changes: list = field(default_factory=list)  # (step, torch threads) set on a busy CPU
 
 
 def prepare(opts: TrainOptions):
@@ -64,50 +66,6 @@ def prepare(opts: TrainOptions):
     folder, _ = resolve_model_path(opts.model)
     dataset, fmt = load_training_data(opts.data, opts.method)
     return opts, dataset, fmt, str(folder)
-
-
-def _busy_cores(cores: int, seconds: float = 0.5) -> float:
-    """Cores kept busy by other processes now: ``/proc/stat`` sampled over ``seconds`` (else the
-    1-minute load average, which lags by a minute)."""
-    import os
-    import time
-
-    def snapshot():
-        with open("/proc/stat") as fh:
-            values = [int(v) for v in fh.readline().split()[1:]]
-        return values[3] + values[4], sum(values)  # idle + iowait, total
-
-    try:
-        idle0, total0 = snapshot()
-        time.sleep(seconds)
-        idle1, total1 = snapshot()
-        return cores * (1.0 - (idle1 - idle0) / max(1, total1 - total0))
-    except (OSError, ValueError, IndexError):
-        return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
-
-
-def cpu_threads() -> str | None:
-    """On a CPU-only run, use only the cores other processes leave idle; a note, or ``None`` if unchanged.
-
-    torch's intra-op threads synchronize at every op: when another process keeps a core busy, two
-    threads on two cores wait on each other (measured here: a SmolLM2-135M LoRA step 5.0 s with 2
-    threads vs 2.8 s with 1 thread next to one busy process; 1.6 s with 2 threads on an idle
-    machine). ``OMP_NUM_THREADS`` wins.
-    """
-    import os
-
-    import torch
-
-    if torch.cuda.is_available() or "OMP_NUM_THREADS" in os.environ:
-        return None
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = _busy_cores(cores)
-    want = max(1, min(torch.get_num_threads(), int(cores - busy + 0.5)))
-    if want >= torch.get_num_threads():
-        return None
-    torch.set_num_threads(want)
-    return (f"cpu: other processes keep {busy:.1f} of {cores} cores busy, so {want} torch thread(s) "
-            f"(set OMP_NUM_THREADS to choose)")
 
 
 def sample_question(dataset, fmt: str):
@@ -145,16 +103,20 @@ def _add_trainable(model, opts: TrainOptions):
                                  use_gradient_checkpointing=mode, random_state=opts.seed)
 
 
-def _train(model, tokenizer, dataset, opts: TrainOptions):
+def _train(model, tokenizer, dataset, opts: TrainOptions, max_threads: int):
     from corept.training.compat import trl_head_scope
+    from corept.training.cpu import ThreadGovernor, managed
     from corept.training.progress import CompactProgress, use_progress
     from corept.training.trainers import build_trainer
 
     with trl_head_scope(model):
         trainer = build_trainer(opts.method, model, tokenizer, dataset, opts)
         use_progress(trainer, CompactProgress())
+        governor = ThreadGovernor(ceiling=max_threads) if managed() else None
+        if governor is not None:
+            trainer.add_callback(governor)
         trainer.train()
-    return trainer.state.log_history
+    return trainer.state.log_history, (governor.changes if governor else [])
 
 
 def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
@@ -172,7 +134,7 @@ def _write_record(result: RunResult) -> None:
               "loss": loss_summary(result.log_history),
               "question": result.question, "before": result.before, "after": result.after,
               "greedy_patched_equals_unpatched": None if result.greedy is None else result.greedy.equal,
-              "applied": result.applied, "seconds": result.seconds,
+              "applied": result.applied, "seconds": result.seconds, "thread_changes": result.thread_changes,
               "adapter": str(result.adapter) if result.adapter else None,
               "merged": str(result.merged) if result.merged else None}
     (result.output / "run.json").write_text(json.dumps(record, indent=2, default=str))
@@ -186,10 +148,13 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
     """Run ``opts`` end to end (see the module docstring); ``echo`` receives every printed line."""
     import corept
 
+    import torch
+
     t0 = time.perf_counter()
     opts, dataset, fmt, folder = prepare(opts)
     result = RunResult(options=opts, output=Path(opts.output).expanduser())
-    for note in opts.notes + [cpu_threads()]:
+    max_threads = torch.get_num_threads()
+    for note in opts.notes + [initial_threads()]:
         if note:
             echo(note)
     echo(f"data: {opts.data} ({len(dataset)} rows, {fmt} format) -> method {opts.method}, "
@@ -207,7 +172,7 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
     result.applied = dict(corept.report(model).applied)
     echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items()))
     t1 = time.perf_counter()
-    result.log_history = _train(model, tokenizer, dataset, opts)
+    result.log_history, result.thread_changes = _train(model, tokenizer, dataset, opts, max_threads)
     result.seconds["train"] = round(time.perf_counter() - t1, 1)
     result.greedy = patched_unpatched_check(model, tokenizer, result.question, opts.max_new_tokens)
     result.after = result.greedy.text
@@ -233,5 +198,8 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
         echo(f"  before training: {result.before}")
     echo(f"  after training:  {result.after}")
     echo(result.greedy.line())
+    if result.thread_changes:
+        echo("cpu threads (other processes came and went): "
+             + ", ".join(f"{n} from step {step}" for step, n in result.thread_changes))
     s = result.seconds
     echo(f"time: load {s.get('load')} s, train {s.get('train')} s, save {s.get('save')} s, total {s.get('total')} s")

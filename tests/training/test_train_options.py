@@ -114,48 +114,6 @@ def test_cli_writes_nothing_before_validation(tiny_chat, tmp_path, capsys, case)
     assert not out.exists()
 
 
-def test_cpu_threads_follow_the_load(monkeypatch):
-    import os
-
-    import torch
-
-    from corept.training import run
-
-    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1})
-    before = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        monkeypatch.setattr(run, "_busy_cores", lambda cores: 0.3)
-        assert run.cpu_threads() is None and torch.get_num_threads() == 2  # idle machine: keep both
-        monkeypatch.setattr(run, "_busy_cores", lambda cores: 1.2)
-        note = run.cpu_threads()
-        assert torch.get_num_threads() == 1 and "keep 1.2 of 2 cores busy, so 1 torch thread(s)" in note
-        torch.set_num_threads(2)
-        monkeypatch.setenv("OMP_NUM_THREADS", "2")
-        assert run.cpu_threads() is None and torch.get_num_threads() == 2  # the user's choice wins
-    finally:
-        torch.set_num_threads(before)
-
-
-def test_busy_cores_sees_a_busy_process():
-    import os
-    import subprocess
-    import sys
-    import time
-
-    from corept.training.run import _busy_cores
-
-    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 2: pass"])
-    try:
-        time.sleep(0.3)
-        cores = os.cpu_count() or 1  # /proc/stat counts every CPU of the machine
-        busy = _busy_cores(cores, seconds=0.5)
-    finally:
-        spin.wait()
-    assert 0.6 <= busy <= cores
-
-
 def test_kto_weights_balance_the_labels():
     from datasets import Dataset
 
