@@ -9,8 +9,6 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 logger = logging.getLogger("corept")
@@ -49,7 +47,9 @@ def smollm2_folder() -> Path | None:
         return None
     logger.warning("corept: converting %s to a safetensors folder in %s (once, ~15 s)", gguf.name, target)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corept.saving import atomic_folder
 
     tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     quantized = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -57,17 +57,10 @@ def smollm2_folder() -> Path | None:
     config.quantization_config = None
     if hasattr(config, "__dict__"):
         config.__dict__.pop("quantization_config", None)
-    plain = LlamaForCausalLM(config).to(torch.float32)
+    plain = AutoModelForCausalLM.from_config(config).to(torch.float32)  # same class, no gguf quantizer
     plain.load_state_dict(quantized.state_dict(), strict=False)
     plain.tie_weights()
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{FOLDER_NAME}-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         plain.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target

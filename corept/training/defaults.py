@@ -15,8 +15,6 @@
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 from importlib import resources
 from pathlib import Path
 
@@ -77,15 +75,10 @@ def tiny_chat_model_folder() -> Path:
     target = cache_root() / "models" / TINY_FOLDER
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{TINY_FOLDER}-", dir=target.parent))
-    try:
+    from corept.saving import atomic_folder
+
+    with atomic_folder(target) as tmp:
         build_tiny_chat_model(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

@@ -15,15 +15,17 @@ What corept decides and TRL does not:
   forward). A trained adapter keeps TRL's copy. Full fine-tuning DPO/KTO gets an explicit frozen
   copy from :func:`reference_copy` (TRL would otherwise reload ``config._name_or_path``).
 * **Memory of DPO/KTO log-probs**: TRL's fused LM head (``add_fused_lm_head``) computes per-token
-  log-probs of the policy and the reference chunk by chunk over the positions with a label,
-  without full-vocabulary logits for the whole batch.
+  log-probs of the policy and the reference tile by tile (on CUDA only over the positions with a
+  label, elsewhere over all), without full-vocabulary logits for the whole batch.
 """
 from __future__ import annotations
 
 import copy
 import logging
 import math
+import shutil
 import tempfile
+import weakref
 
 import torch
 import torch.nn as nn
@@ -126,7 +128,7 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
     :param ref_model: DPO/KTO full fine-tuning only (``None`` makes a :func:`reference_copy`);
         must stay ``None`` for peft models (the reference is the adapter disabled).
     :param output_dir: TRL's ``output_dir`` (nothing is written there with the default
-        ``save_strategy="no"``); default a fresh temporary folder.
+        ``save_strategy="no"``); default a temporary folder removed with the trainer.
     """
     from trl import DPOTrainer, KTOTrainer, SFTTrainer
 
@@ -136,7 +138,8 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
     if is_peft and ref_model is not None:
         raise ValueError("LoRA/QLoRA models use the adapter-disabled model as reference: pass ref_model=None")
     gpu = on_gpu(model)
-    args = trl_config(method, opts, output_dir=output_dir or tempfile.mkdtemp(prefix="corept-trl-"),
+    temporary = None if output_dir else tempfile.mkdtemp(prefix="corept-trl-")
+    args = trl_config(method, opts, output_dir=output_dir or temporary,
                       gpu=gpu, dtype=model_dtype(model),
                       extra=kto_weights(train_dataset) if method == "kto" else None)
     kwargs = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
@@ -149,6 +152,8 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
         trainer = KTOTrainer(ref_model=ref_model, **kwargs)
     else:
         raise ValueError(f"unknown method {method!r}")
+    if temporary is not None:
+        weakref.finalize(trainer, shutil.rmtree, temporary, True)
     if is_peft and method in ("dpo", "kto"):
         use_disabled_adapter_reference(trainer.model)
     guard_4bit(trainer.model)
