@@ -66,6 +66,66 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def warm_up_gpu(seconds: float = 2.0) -> None:
+    """Run matmuls for ``seconds`` so clocks are up before the first timed case."""
+    import time
+
+    a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16)
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        for _ in range(10):
+            a @ a
+        torch.cuda.synchronize()
+
+
+def input_grads(case: BenchCase, fn) -> list[torch.Tensor]:
+    """fp32 copies of the gradients one fwd+bwd of ``fn`` leaves on ``case.grad_inputs``
+    (upstream gradients drawn from a fixed seed, so every implementation gets the same)."""
+    for t in case.grad_inputs:
+        t.grad = None
+    torch.manual_seed(1234)
+    _fwd_bwd(fn, _upstream_grads(fn))
+    out = [t.grad.detach().float().clone() for t in case.grad_inputs]
+    for t in case.grad_inputs:
+        t.grad = None
+    return out
+
+
+def check(case: BenchCase, fn, ref_out, ref_grads) -> dict:
+    """Relative error of ``fn``'s first output and of every input gradient against torch's.
+    Run before timing: some peers (Liger's CE) overwrite their inputs with gradients."""
+    rec = {}
+    if ref_out is not None:
+        rec["rel_err_vs_torch"] = _rel_err(_first_output(fn), ref_out)
+    if ref_grads is not None:
+        rec["grad_rel_err_vs_torch"] = max(_rel_err(g, r) for g, r in zip(input_grads(case, fn), ref_grads))
+    return rec
+
+
+def profile(case: BenchCase, fn, top: int = 8) -> list[dict]:
+    """CUDA kernels of three fwd+bwd runs of ``fn`` by total time: ``[{name, ms_per_run, calls}]``."""
+    from torch.profiler import ProfilerActivity, profile as torch_profile
+
+    grads = _upstream_grads(fn) if case.backward else None
+    for _ in range(2):
+        _fwd_bwd(fn, grads) if case.backward else fn()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            for t in case.grad_inputs:
+                t.grad = None
+            _fwd_bwd(fn, grads) if case.backward else fn()
+        torch.cuda.synchronize()
+    for t in case.grad_inputs:
+        t.grad = None
+    rows = []
+    for e in prof.key_averages():
+        dev_us = getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0)
+        if dev_us > 0:
+            rows.append({"name": e.key[:90], "ms_per_run": dev_us / 3 / 1e3, "calls": e.count // 3})
+    return sorted(rows, key=lambda r: -r["ms_per_run"])[:top]
+
+
 def measure(case: BenchCase, name: str, fn) -> dict:
     import triton
 
@@ -111,16 +171,22 @@ def markdown(records: list[dict], env: dict) -> str:
     lines = [f"Kernels on {env.get('gpu')} (torch {env['torch']}, triton {env['triton']}, liger {env.get('liger_kernel')}), "
              f"{env['date']}; median ms (`triton.testing.do_bench`); peak = extra allocated MiB of one fwd+bwd; "
              f"%BW = share of the measured copy bandwidth ({env['copy_bandwidth_gbs']:.0f} GB/s).", "",
-             "| kernel | shape | impl | fwd ms | fwd+bwd ms | peak MiB | fwd %BW | fwd+bwd %BW | rel err vs torch |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| kernel | shape | impl | fwd ms | fwd+bwd ms | peak MiB | fwd %BW | fwd+bwd %BW | rel err vs torch | grad rel err |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     fmt = lambda v, p=3: "–" if v is None else (f"{v:.{p}f}" if isinstance(v, float) else str(v))  # noqa: E731
     for r in records:
         if "error" in r:
-            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | error: {r['error'][:60]} | | | | | |")
+            lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | error: {r['error'][:60]} | | | | | | |")
             continue
         lines.append(f"| {r['kernel']} | {r['shape']} | {r['impl']} | {fmt(r.get('fwd_ms'))} | {fmt(r.get('fwd_bwd_ms'))} "
                      f"| {fmt(r.get('peak_mib'), 0)} | {fmt(r.get('fwd_pct_copy_bw'), 0)} | {fmt(r.get('fwd_bwd_pct_copy_bw'), 0)} "
-                     f"| {fmt(r.get('rel_err_vs_torch'), 6) if 'rel_err_vs_torch' in r else '–'} |")
+                     f"| {fmt(r.get('rel_err_vs_torch'), 6)} | {fmt(r.get('grad_rel_err_vs_torch'), 6)} |")
+    profiles = [r for r in records if r.get("profile")]
+    if profiles:
+        lines += ["", "CUDA kernels per fwd+bwd (torch.profiler, mean of 3 runs):", ""]
+        for r in profiles:
+            lines.append(f"- {r['kernel']} {r['shape']} {r['impl']}: " + "; ".join(
+                f"{p['name']} {p['ms_per_run']:.3f} ms x{p['calls']}" for p in r["profile"]))
     return "\n".join(lines) + "\n"
 
 
@@ -129,11 +195,15 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--impls", default="", help="comma-separated implementation names")
+    ap.add_argument("--profile", default="fused_linear_cross_entropy,layer_norm",
+                    help="kernels whose corept and torch_compile runs are profiled ('' for none)")
     args = ap.parse_args()
+    warm_up_gpu()
     env = environment()
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs()
     print(f"copy bandwidth {env['copy_bandwidth_gbs']:.0f} GB/s", flush=True)
     only = {k for k in args.only.split(",") if k}
+    profiled = {k for k in args.profile.split(",") if k}
     impls = {k for k in args.impls.split(",") if k}
     records = []
     for modname in CASE_MODULES:
@@ -145,18 +215,24 @@ def main() -> int:
         for case in cases:
             if only and case.kernel not in only:
                 continue
-            reference = _first_output(case.impls["torch"]) if "torch" in case.impls else None
+            torch_fn = case.impls.get("torch")
+            reference = _first_output(torch_fn) if torch_fn else None
+            ref_grads = input_grads(case, torch_fn) if torch_fn and case.backward and case.grad_inputs else None
             for name, fn in case.impls.items():
                 if impls and name not in impls:
                     continue
-                rec = measure(case, name, fn)
-                if reference is not None and "error" not in rec:
-                    rec["rel_err_vs_torch"] = _rel_err(_first_output(fn), reference)
+                try:
+                    errs = check(case, fn, reference, ref_grads)
+                except Exception as exc:  # noqa: BLE001 - recorded with the timing record
+                    errs = {"check_error": f"{type(exc).__name__}: {exc}"}
+                rec = {**measure(case, name, fn), **errs}
+                if case.kernel in profiled and name in ("corept", "torch_compile") and "error" not in rec:
+                    rec["profile"] = profile(case, fn)
                 add_bandwidth(rec, case, env["copy_bandwidth_gbs"])
                 records.append(rec)
                 print(json.dumps(rec), flush=True)
                 _write(Path(args.out), env, records)  # partial results survive a timeout
-            del case
+            del case, reference, ref_grads
             torch.cuda.empty_cache()
     _write(Path(args.out), env, records)
     print(markdown(records, env))

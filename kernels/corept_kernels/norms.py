@@ -9,7 +9,7 @@ fresh buffer, so norms chained with residuals (gemma2/3 pre/post norms) keep cor
 """
 from __future__ import annotations
 
-import functools
+from typing import Callable
 
 import torch
 import triton
@@ -19,6 +19,7 @@ from corept_kernels import capabilities
 from corept_kernels.capabilities import KernelInfo
 from corept_kernels.torch_ref import norms as ref
 from corept_kernels.torch_ref.norms import CASTING_MODES, rms_norm_out_dtype
+from corept_kernels.tuning import Launcher, sm_count
 
 _CASTING_ID = {"llama": 0, "gemma": 1, "none": 2}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -55,14 +56,16 @@ def _rms_fwd_kernel(X, W, Y, RSTD, M, H, stride_x, stride_y, eps, offset,
 
 @triton.jit
 def _rms_bwd_kernel(DY, X, W, RSTD, DX, DW_PART, M, H, stride_dy, stride_x, stride_dx, offset,
-                    rows_per_prog, CASTING: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                    BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                    CASTING: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                    BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PER_SM: tl.constexpr):
     pid = tl.program_id(0)
+    # contiguous ranges of whole ROWS-blocks, one per program: they never overlap
+    rows_per_prog = tl.cdiv(tl.cdiv(M, ROWS), tl.num_programs(0)) * ROWS
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
     dw = tl.zeros([BLOCK_H], dtype=tl.float32)
-    start = pid * rows_per_prog  # rows_per_prog is a multiple of ROWS: ranges never overlap
+    start = pid * rows_per_prog
     for i in range(0, rows_per_prog, ROWS):
         rows = start + i + tl.arange(0, ROWS)
         rmask = rows < M
@@ -109,9 +112,10 @@ def _ln_fwd_kernel(X, W, B, Y, MEAN, RSTD, M, H, stride_x, stride_y, eps,
 
 @triton.jit
 def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, H, stride_dy, stride_x, stride_dx,
-                   rows_per_prog, COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
-                   BLOCK_H: tl.constexpr, ROWS: tl.constexpr):
+                   COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                   BLOCK_H: tl.constexpr, ROWS: tl.constexpr, PER_SM: tl.constexpr):
     pid = tl.program_id(0)
+    rows_per_prog = tl.cdiv(tl.cdiv(M, ROWS), tl.num_programs(0)) * ROWS
     cols = tl.arange(0, BLOCK_H)
     cmask = cols < H
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32)
@@ -144,30 +148,71 @@ def _ln_bwd_kernel(DY, X, W, MEAN, RSTD, DX, DW_PART, DB_PART, M, H, stride_dy, 
 
 
 def _config(H: int) -> tuple[int, int, int]:
-    """(BLOCK_H, ROWS, num_warps): about 2k elements per program for small H, one row otherwise.
-    Warps as measured best on an H200 (bf16, fwd and bwd)."""
+    """(BLOCK_H, ROWS, default num_warps): about 2k elements per program for small H, one row
+    otherwise. The default warps serve off CUDA; on CUDA :data:`_LAUNCH` tunes them."""
     block = triton.next_power_of_2(H)
     rows = max(1, min(16, 2048 // block))
     warps = 4 if block <= 2048 else 8 if block <= 8192 else 16
     return block, rows, warps
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+def _warp_choices(H: int) -> list[int]:
+    tile = triton.next_power_of_2(H) * _config(H)[1]
+    return [w for w in (4, 8, 16) if w * 32 <= tile] or [4]
 
 
-def _bwd_grid(M: int, block: int, rows: int, device: torch.device) -> tuple[int, int]:
-    """(programs, rows per program) for the backward; rows per program is a multiple of ``rows``.
+#: Backward programs per SM tried on CUDA. Off CUDA the grid is :data:`_OFF_CUDA_PROGRAMS` programs.
+_PER_SM_CHOICES = (1, 2, 4, 8)
+_OFF_CUDA_PROGRAMS = 4
 
-    Programs per SM shrink as the tile grows (H200: 4 for tiles <= 2k elements, 2 at 4k, 1 at 8k+):
-    enough warps in flight to hide latency, few fp32 partial rows to reduce afterwards.
+
+def _fwd_configs():
+    return [triton.Config({}, num_warps=w) for w in (4, 8, 16)]
+
+
+def _bwd_configs():
+    return [triton.Config({"PER_SM": p}, num_warps=w) for p in _PER_SM_CHOICES for w in (4, 8, 16)]
+
+
+def _prune_warps(configs, nargs, **kwargs):
+    ok = set(_warp_choices(nargs["H"]))
+    kept = [c for c in configs if c.num_warps in ok]
+    return kept or configs[:1]
+
+
+def _launcher(kernel, configs, key, zero=(), **default_meta) -> Launcher:
+    return Launcher(kernel, configs, triton.Config(default_meta, num_warps=8), key,
+                    prune=_prune_warps, reset_to_zero=zero)
+
+
+# The partial-row buffers are re-zeroed around tuning runs: a candidate launching more programs
+# than the winner would otherwise leave its rows behind in the sum.
+_LAUNCH = {
+    "rms_fwd": _launcher(_rms_fwd_kernel, _fwd_configs(), ["H"]),
+    "rms_bwd": _launcher(_rms_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW"], ("DW_PART",), PER_SM=2),
+    "ln_fwd": _launcher(_ln_fwd_kernel, _fwd_configs(), ["H"]),
+    "ln_bwd": _launcher(_ln_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW", "COMPUTE_DB"],
+                        ("DW_PART", "DB_PART"), PER_SM=2),
+}
+
+
+def _launch(name: str, grid, device: torch.device, H: int, *args, **constexprs) -> None:
+    """Run one norm kernel (tuned on CUDA; off CUDA with the default warps for ``H``)."""
+    _LAUNCH[name](grid, device, *args, default_warps=_config(H)[2], **constexprs)
+
+
+def _bwd_programs(M: int, rows: int, device: torch.device) -> tuple[Callable, int]:
+    """(grid function, most programs any config launches) for a backward over ``M`` rows.
+
+    A program walks a contiguous range of rows and keeps its dW/dB share in fp32 registers, so
+    programs per SM trade latency hiding against partial rows to reduce; the tuner picks.
     """
     blocks = triton.cdiv(M, rows)
-    per_sm = max(1, 8192 // (block * rows))
-    target = per_sm * _sm_count(device.index or 0) if device.type == "cuda" else 4
-    per_prog = triton.cdiv(blocks, min(blocks, target)) * rows
-    return triton.cdiv(M, per_prog), per_prog
+    if device.type != "cuda":
+        n = min(blocks, _OFF_CUDA_PROGRAMS)
+        return (lambda meta: (n,)), n
+    sms = sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    return (lambda meta: (min(blocks, meta["PER_SM"] * sms),)), min(blocks, max(_PER_SM_CHOICES) * sms)
 
 
 def _rows(t: torch.Tensor) -> torch.Tensor:
@@ -185,10 +230,10 @@ class _RMSNormFn(torch.autograd.Function):
         M = x2.shape[0]
         y = _empty((M, H), rms_norm_out_dtype(x, weight, casting), x.device)
         rstd = _empty((M,), torch.float32, x.device)
-        block, rows, warps = _config(H)
-        _rms_fwd_kernel[(triton.cdiv(M, rows),)](
-            x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), eps, offset,
-            CASTING=_CASTING_ID[casting], BLOCK_H=block, ROWS=rows, num_warps=warps)
+        block, rows, _ = _config(H)
+        _launch("rms_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
+                x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), eps, offset,
+                CASTING=_CASTING_ID[casting], BLOCK_H=block, ROWS=rows)
         ctx.save_for_backward(x2, weight, rstd)
         ctx.shape, ctx.offset, ctx.casting = shape, offset, casting
         return y.view(shape)
@@ -199,14 +244,15 @@ class _RMSNormFn(torch.autograd.Function):
         M, H = x2.shape
         dy2 = _rows(dy)
         dx = _empty((M, H), x2.dtype, x2.device)
-        block, rows, warps = _config(H)
-        grid, per_prog = _bwd_grid(M, block, rows, x2.device)
+        block, rows, _ = _config(H)
+        grid, most = _bwd_programs(M, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
-        dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx
-        _rms_bwd_kernel[(grid,)](
-            dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
-            ctx.offset, per_prog, CASTING=_CASTING_ID[ctx.casting], COMPUTE_DW=need_dw,
-            BLOCK_H=block, ROWS=rows, num_warps=warps)
+        # zeros: the tuned config may launch fewer programs than there are partial rows
+        dw_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_dw else dx
+        _launch("rms_bwd", grid, x2.device, H,
+                dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
+                ctx.offset, CASTING=_CASTING_ID[ctx.casting], COMPUTE_DW=need_dw,
+                BLOCK_H=block, ROWS=rows)
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         return dx.view(ctx.shape), dw, None, None, None
 
@@ -222,11 +268,11 @@ class _LayerNormFn(torch.autograd.Function):
         y = _empty((M, H), x.dtype, x.device)
         mean = _empty((M,), torch.float32, x.device)
         rstd = _empty((M,), torch.float32, x.device)
-        block, rows, warps = _config(H)
-        _ln_fwd_kernel[(triton.cdiv(M, rows),)](
-            x2, weight, bias if bias is not None else weight, y, mean, rstd, M, H,
-            x2.stride(0), y.stride(0), eps,
-            HAS_BIAS=bias is not None, BLOCK_H=block, ROWS=rows, num_warps=warps)
+        block, rows, _ = _config(H)
+        _launch("ln_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
+                x2, weight, bias if bias is not None else weight, y, mean, rstd, M, H,
+                x2.stride(0), y.stride(0), eps,
+                HAS_BIAS=bias is not None, BLOCK_H=block, ROWS=rows)
         ctx.save_for_backward(x2, weight, mean, rstd)
         ctx.shape = shape
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -238,16 +284,16 @@ class _LayerNormFn(torch.autograd.Function):
         M, H = x2.shape
         dy2 = _rows(dy)
         dx = _empty((M, H), x2.dtype, x2.device)
-        block, rows, warps = _config(H)
-        grid, per_prog = _bwd_grid(M, block, rows, x2.device)
+        block, rows, _ = _config(H)
+        grid, most = _bwd_programs(M, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        dw_part = _empty((grid, H), torch.float32, x2.device) if need_dw else dx
-        db_part = _empty((grid, H), torch.float32, x2.device) if need_db else dx
-        _ln_bwd_kernel[(grid,)](
-            dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, H,
-            dy2.stride(0), x2.stride(0), dx.stride(0), per_prog,
-            COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows, num_warps=warps)
+        dw_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_dw else dx
+        db_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_db else dx
+        _launch("ln_bwd", grid, x2.device, H,
+                dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, H,
+                dy2.stride(0), x2.stride(0), dx.stride(0),
+                COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows)
         dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
         db = db_part.sum(0).to(ctx.bias_dtype) if need_db else None
         return dx.view(ctx.shape), dw, db, None

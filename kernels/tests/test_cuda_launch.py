@@ -1,0 +1,78 @@
+"""The tuned CUDA launch paths (Triton's autotuner picks warps / programs per SM) against float64.
+
+The interpreter tests (CPU) cover the kernels' arithmetic with the default launch; these cover
+what only a GPU runs: every autotuning candidate writing the same outputs, the partial-row buffers
+re-zeroed between candidates, and a second call reusing the cached config. Run them on a GPU with
+``TRITON_INTERPRET=0 pytest kernels/tests/test_cuda_launch.py``.
+"""
+import pytest
+import torch
+
+from corept_kernels import capabilities, norms
+from corept_kernels.norms import layer_norm, rms_norm
+from tolerances import assert_close_fp32, assert_low_precision_ok
+
+pytestmark = pytest.mark.skipif(
+    not torch.cuda.is_available() or capabilities.interpreter_active(),
+    reason="needs a CUDA GPU with TRITON_INTERPRET=0 (tuned launches run on CUDA only; the "
+           "interpreter twins of these tests are in test_norms.py)")
+
+EPS = 1e-6
+
+
+def _grads(fn, inputs, dy):
+    leaves = [None if t is None else t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*leaves)
+    out.backward(dy)
+    return out.detach(), [None if t is None else t.grad for t in leaves]
+
+
+def _gold_rms(x, w, offset):
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + EPS) * (offset + w)
+
+
+def _check(kernel_fn, gold_fn, lowp_fn, inputs, dtype):
+    dev = inputs[0].device
+    out0 = kernel_fn(*inputs)
+    dy = torch.randn(out0.shape, device=dev, dtype=torch.float64)
+    got = _grads(kernel_fn, inputs, dy.to(out0.dtype))
+    gold = _grads(gold_fn, [None if t is None else t.double() for t in inputs], dy)
+    again = _grads(kernel_fn, inputs, dy.to(out0.dtype))  # the cached config: same results
+    for a, b in zip([got[0], *got[1]], [again[0], *again[1]]):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+    pairs = [(got[0], gold[0])] + [(g, w) for g, w in zip(got[1], gold[1]) if g is not None]
+    if dtype == torch.float32:
+        for g, w in pairs:
+            assert_close_fp32(g, w, rtol=1e-4, atol=1e-4)
+        return
+    low = _grads(lowp_fn, inputs, dy.to(out0.dtype))
+    lows = [low[0]] + [g for g in low[1] if g is not None]
+    for (g, w), lo in zip(pairs, lows):
+        assert_low_precision_ok(g, w, lo)
+
+
+@pytest.mark.parametrize("H", [4096, 1000, 128])
+@pytest.mark.parametrize("M", [1, 37, 8195])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("casting,offset", [("llama", 0.0), ("gemma", 1.0)])
+def test_rms_norm_tuned(H, M, dtype, casting, offset):
+    x = torch.randn(M, H, device="cuda", dtype=dtype)
+    w = (torch.randn(H, device="cuda") * 0.5 + 1.0 - offset).to(dtype)
+    _check(lambda x, w: rms_norm(x, w, EPS, offset=offset, casting=casting),
+           lambda x, w: _gold_rms(x, w, offset),
+           lambda x, w: norms.ref.rms_norm(x, w, EPS, offset=offset, casting=casting), [x, w], dtype)
+    assert norms._LAUNCH["rms_bwd"].best() is not None, "the CUDA path did not go through the tuner"
+
+
+@pytest.mark.parametrize("H", [4096, 1000])
+@pytest.mark.parametrize("M", [37, 8195])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_layer_norm_tuned(H, M, dtype, bias):
+    x = torch.randn(M, H, device="cuda", dtype=dtype) * 2 + 0.5
+    w = torch.randn(H, device="cuda", dtype=dtype)
+    b = torch.randn(H, device="cuda", dtype=dtype) if bias else None
+    gold = lambda x, w, b: torch.nn.functional.layer_norm(x, (H,), w, b, EPS)  # noqa: E731
+    _check(lambda x, w, b: layer_norm(x, w, b, EPS), gold, gold, [x, w, b], dtype)
+    assert norms._LAUNCH["ln_bwd"].best() is not None, "the CUDA path did not go through the tuner"
