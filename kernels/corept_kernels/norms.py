@@ -180,25 +180,25 @@ def _prune_warps(configs, nargs, **kwargs):
     return kept or configs[:1]
 
 
-def _launcher(kernel, configs, key, zero=(), **default_meta) -> Launcher:
-    return Launcher(kernel, configs, triton.Config(default_meta, num_warps=8), key,
-                    prune=_prune_warps, reset_to_zero=zero)
+def _launcher(kernel, configs, key, **default_meta) -> Launcher:
+    return Launcher(kernel, configs, triton.Config(default_meta, num_warps=8), key, prune=_prune_warps)
 
 
-# The partial-row buffers are re-zeroed around tuning runs: a candidate launching more programs
-# than the winner would otherwise leave its rows behind in the sum.
 _LAUNCH = {
     "rms_fwd": _launcher(_rms_fwd_kernel, _fwd_configs(), ["H"]),
-    "rms_bwd": _launcher(_rms_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW"], ("DW_PART",), PER_SM=2),
+    "rms_bwd": _launcher(_rms_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW"], PER_SM=2),
     "ln_fwd": _launcher(_ln_fwd_kernel, _fwd_configs(), ["H"]),
-    "ln_bwd": _launcher(_ln_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW", "COMPUTE_DB"],
-                        ("DW_PART", "DB_PART"), PER_SM=2),
+    "ln_bwd": _launcher(_ln_bwd_kernel, _bwd_configs(), ["H", "COMPUTE_DW", "COMPUTE_DB"], PER_SM=2),
 }
 
 
-def _launch(name: str, grid, device: torch.device, H: int, *args, **constexprs) -> None:
-    """Run one norm kernel (tuned on CUDA; off CUDA with the default warps for ``H``)."""
-    _LAUNCH[name](grid, device, *args, default_warps=_config(H)[2], **constexprs)
+def _launch(name: str, grid, device: torch.device, H: int, *args, **constexprs) -> int:
+    """Run one norm kernel (tuned on CUDA; off CUDA with the default warps for ``H``).
+
+    :returns: the number of programs the writing launch ran (backward: partial rows written).
+    """
+    meta = _LAUNCH[name](grid, device, *args, default_warps=_config(H)[2], **constexprs)
+    return grid(meta)[0]
 
 
 def _bwd_programs(M: int, rows: int, device: torch.device) -> tuple[Callable, int]:
@@ -247,13 +247,13 @@ class _RMSNormFn(torch.autograd.Function):
         block, rows, _ = _config(H)
         grid, most = _bwd_programs(M, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
-        # zeros: the tuned config may launch fewer programs than there are partial rows
-        dw_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_dw else dx
-        _launch("rms_bwd", grid, x2.device, H,
+        dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
+        # the tuned config may launch fewer programs than the buffer has rows: sum what it wrote
+        n = _launch("rms_bwd", grid, x2.device, H,
                 dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
                 ctx.offset, CASTING=_CASTING_ID[ctx.casting], COMPUTE_DW=need_dw,
                 BLOCK_H=block, ROWS=rows)
-        dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
+        dw = dw_part[:n].sum(0).to(weight.dtype) if need_dw else None
         return dx.view(ctx.shape), dw, None, None, None
 
 
@@ -288,14 +288,14 @@ class _LayerNormFn(torch.autograd.Function):
         grid, most = _bwd_programs(M, rows, x2.device)
         need_dw = ctx.needs_input_grad[1]
         need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        dw_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_dw else dx
-        db_part = torch.zeros((most, H), dtype=torch.float32, device=x2.device) if need_db else dx
-        _launch("ln_bwd", grid, x2.device, H,
+        dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
+        db_part = _empty((most, H), torch.float32, x2.device) if need_db else dx
+        n = _launch("ln_bwd", grid, x2.device, H,
                 dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, H,
                 dy2.stride(0), x2.stride(0), dx.stride(0),
                 COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows)
-        dw = dw_part.sum(0).to(weight.dtype) if need_dw else None
-        db = db_part.sum(0).to(ctx.bias_dtype) if need_db else None
+        dw = dw_part[:n].sum(0).to(weight.dtype) if need_dw else None
+        db = db_part[:n].sum(0).to(ctx.bias_dtype) if need_db else None
         return dx.view(ctx.shape), dw, db, None
 
 

@@ -41,29 +41,31 @@ class Launcher:
     :param default: the config used off CUDA (and when ``configs`` is empty).
     :param key: argument names whose values select a tuning entry (tensor dtypes are added).
     :param prune: optional ``prune(configs, named_args, **kwargs) -> configs`` run before timing.
-    :param reset_to_zero: tensor argument names zeroed before each timing run and after tuning.
     """
 
     def __init__(self, kernel, configs: Sequence[triton.Config], default: triton.Config,
-                 key: Sequence[str], prune: Callable | None = None,
-                 reset_to_zero: Sequence[str] = ()):
+                 key: Sequence[str], prune: Callable | None = None):
         self.kernel, self.default = kernel, default
         self.tuned = None
         if len(configs) > 1:
             by = {"early_config_prune": prune} if prune is not None else None
             self.tuned = triton.autotune(configs=list(configs), key=list(key), prune_configs_by=by,
-                                         reset_to_zero=list(reset_to_zero) or None,
                                          do_bench=_bench)(kernel)
 
     def __call__(self, grid: Callable[[dict], tuple], device: torch.device, *args,
-                 default_warps: int | None = None, **constexprs):
-        """Launch over ``grid(meta)``; ``default_warps`` overrides the default config's off CUDA."""
+                 default_warps: int | None = None, **constexprs) -> dict:
+        """Launch over ``grid(meta)``; ``default_warps`` overrides the default config's off CUDA.
+
+        :returns: the meta-parameters of the launch that wrote the outputs (``grid(meta)`` is
+            the grid it ran on).
+        """
         if self.tuned is not None and device.type == "cuda" and not interpreter_active():
             self.tuned[grid](*args, **constexprs)
-            return
+            return {**self.tuned.best_config.kwargs, **constexprs}
         meta = {**self.default.kwargs, **constexprs}
         self.kernel[grid(meta)](*args, **meta, num_warps=default_warps or self.default.num_warps,
                                  num_stages=self.default.num_stages)
+        return meta
 
     def best(self) -> triton.Config | None:
         """The config the last CUDA call used (None before one / off CUDA)."""
