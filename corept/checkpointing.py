@@ -10,6 +10,14 @@ checkpointing (the input stays where it is), with a log line.
 
 Installed per instance: transformers' checkpointable layers call ``self._gradient_checkpointing_func``,
 which corept sets on each layer instance (no class or global is changed).
+
+Distributed engines. The recompute calls the layer (its ``__call__``, hooks included) inside
+backward and back-propagates through it there, like torch's *reentrant* checkpointing. FSDP2's
+hooks therefore re-gather the layer's shards for the recompute and reduce-scatter its gradients as
+usual. DDP must be built with ``find_unused_parameters=False`` (or ``static_graph=True``): with
+``True`` it sees no parameter in the forward graph, marks them all unused, and fails with "Expected
+to mark a variable ready only once" when their gradients arrive (``corept train`` sets
+``ddp_find_unused_parameters=False``; the HF Trainer's default for a peft model is ``True``).
 """
 from __future__ import annotations
 
@@ -120,22 +128,66 @@ def enable_checkpointing(model: torch.nn.Module, mode: str | bool) -> str:
     if mode not in (True, "corept", "unsloth"):
         raise ValueError(f"use_gradient_checkpointing must be 'corept', True or False, got {mode!r}")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    disable_reinstall(base)
     enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
     enable(**({"activation_checkpointing_kwargs": {"use_reentrant": False}}
               if enable.__name__ == "activation_checkpointing_enable"
               else {"gradient_checkpointing_kwargs": {"use_reentrant": False}}))
     if mode is True:
         return "standard (non-reentrant)"
-    on_gpu = any(p.is_cuda for p in base.parameters())
-    func = make_checkpoint_func(offload=on_gpu)
-    n = 0
-    for m in base.modules():
-        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
-            m._gradient_checkpointing_func = func
-            n += 1
+    # Whether a layer input is offloaded is decided per call (CUDA input, >= MIN_OFFLOAD_TOKENS), so a
+    # model loaded on CPU and moved to its GPU later (FSDP sharding, accelerate) still offloads.
+    on_gpu = any(p.is_cuda for p in base.parameters()) or torch.cuda.is_available()
+    func = make_checkpoint_func(offload=True)
+    n = _install(base, func)
+    _reinstall_on_enable(base, func)
     if not on_gpu:
         logger.info("corept: checkpointing on CPU: ordinary recompute, no offload (%d layers)", n)
         return "corept (CPU: ordinary recompute)"
     logger.info("corept: offloaded checkpointing on %d layers (inputs to pinned CPU memory for sequences "
                 ">= %d tokens)", n, MIN_OFFLOAD_TOKENS)
     return f"corept offloaded ({n} layers)"
+
+
+def _install(base: torch.nn.Module, func: Callable) -> int:
+    """Set ``func`` on every checkpointable layer of ``base`` that has checkpointing on."""
+    n = 0
+    for m in base.modules():
+        if getattr(m, "gradient_checkpointing", False) and hasattr(m, "_gradient_checkpointing_func"):
+            m._gradient_checkpointing_func = func
+            n += 1
+    return n
+
+
+#: transformers' methods that (re-)enable checkpointing and reset each layer's function.
+_ENABLE_METHODS = ("gradient_checkpointing_enable", "activation_checkpointing_enable")
+
+
+def _reinstall_on_enable(base: torch.nn.Module, func: Callable) -> None:
+    """Keep corept's function when checkpointing is switched off and on again on this instance.
+
+    TRL's DPO/KTO reference pass runs inside ``disable_gradient_checkpointing``, which calls
+    ``gradient_checkpointing_disable()`` and then ``gradient_checkpointing_enable(...)``: transformers
+    then puts its own checkpoint function back on every layer. An instance attribute wraps each
+    enable method so corept's function is installed again after it (the class is untouched;
+    :func:`disable_reinstall` removes the wrappers).
+    """
+    for name in _ENABLE_METHODS:
+        method = getattr(type(base), name, None)
+        if method is None:
+            continue
+
+        def enable_again(*args, _method=method, **kwargs):
+            out = _method(base, *args, **kwargs)
+            _install(base, func)
+            return out
+
+        enable_again.corept_checkpointing = True
+        base.__dict__[name] = enable_again
+
+
+def disable_reinstall(base: torch.nn.Module) -> None:
+    """Remove the instance wrappers of :func:`_reinstall_on_enable` (no-op if absent)."""
+    for name in _ENABLE_METHODS:
+        if getattr(base.__dict__.get(name), "corept_checkpointing", False):
+            del base.__dict__[name]

@@ -15,7 +15,9 @@
   module (peft or TRL may have created new ones) and checks none was repacked already.
 * **Gradient checkpointing.** corept installs its own checkpoint function on each layer; TRL's
   config must say ``gradient_checkpointing=False`` or the HF Trainer would re-enable transformers'
-  own and replace it. :func:`checkpointing_functions` lets tests check it survived.
+  own and replace it. DPO/KTO still switch checkpointing off and on around the reference pass;
+  :mod:`corept.checkpointing` re-installs corept's function after every enable on that instance.
+  :func:`checkpointing_functions` lets tests check it survived.
 """
 from __future__ import annotations
 

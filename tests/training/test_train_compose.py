@@ -99,9 +99,11 @@ def test_trl_head_scope_makes_unpatch_exact(tiny_chat, caplog):
     assert leftovers == []
 
 
-@pytest.mark.parametrize("mode", ["lora", "full"])
-def test_corept_checkpointing_survives_trl(tiny_chat, mode):
-    """TRL's config says gradient_checkpointing=False, so HF's Trainer keeps corept's checkpoint function."""
+@pytest.mark.parametrize("method,mode", [("sft", "lora"), ("sft", "full"), ("dpo", "lora"), ("kto", "lora")])
+def test_corept_checkpointing_survives_trl(tiny_chat, method, mode):
+    """TRL's config says gradient_checkpointing=False, so HF's Trainer keeps corept's checkpoint
+    function; DPO/KTO switch checkpointing off and on around the reference pass, and corept's
+    function must come back after it (not transformers' own)."""
     from corept.training.trainers import enable_full_checkpointing
 
     model, tok = h.load(tiny_chat, mode, checkpointing="corept")
@@ -110,7 +112,7 @@ def test_corept_checkpointing_survives_trl(tiny_chat, mode):
     funcs = checkpointing_functions(model)
     assert len(funcs) == 1 and "make_checkpoint_func" in next(iter(funcs)).__qualname__
     with trl_head_scope(model):
-        trainer = build_trainer("sft", model, tok, h.dataset("sft"), h.options("sft", mode, max_steps=2))
+        trainer = build_trainer(method, model, tok, h.dataset(method), h.options(method, mode, max_steps=2))
         trainer.train()
     assert checkpointing_functions(model) == funcs
     h.assert_falling(h.losses(trainer))
