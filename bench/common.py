@@ -54,4 +54,21 @@ def environment() -> dict:
             info[mod] = None
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
+    info["commit"] = source_commit()
     return info
+
+
+def source_commit() -> str | None:
+    """The corept commit the benchmark ran from: a ``COMMIT`` file at the tree's root (written when
+    a snapshot is exported with ``git archive``), else ``git rev-parse HEAD``, else None."""
+    import pathlib
+    import subprocess
+
+    root = pathlib.Path(__file__).resolve().parent.parent
+    if (root / "COMMIT").is_file():
+        return (root / "COMMIT").read_text().strip()
+    try:
+        return subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True,
+                              text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None

@@ -223,6 +223,13 @@ def main() -> int:
     ap.add_argument("--profile", default="rms_norm,layer_norm,rope,fused_linear_cross_entropy",
                     help="kernels whose corept and torch_compile runs are profiled ('' for none)")
     args = ap.parse_args()
+    # One torch.compile per case, but dynamo counts recompiles per function: past the default
+    # limit (8) the later shapes would silently run eager and be reported as "torch_compile".
+    import torch._dynamo
+
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 64)
     warm_up_gpu()
     env = environment()
     env["copy_bandwidth_gbs"] = copy_bandwidth_gbs()

@@ -23,8 +23,8 @@ PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir 
 (
   if [ ! -f /tmp/site_pref/.ok ]; then
     rm -rf /tmp/site_pref
-    WHEELS=$(ls .whl/*.whl 2>/dev/null | grep -E '/(trl|datasets|dill|multiprocess|importlib_metadata|zipp)-')
-    [ "$(echo "$WHEELS" | grep -c .)" -eq 6 ] || { echo "FAILED: .whl/ lacks some of trl, datasets, dill," \
+    WHEELS=$(ls .whl/*.whl 2>/dev/null | grep -E '/(trl|datasets|dill|multiprocess|importlib_metadata|zipp|lazy_importer)-')
+    [ "$(echo "$WHEELS" | grep -c .)" -eq 7 ] || { echo "FAILED: .whl/ lacks some of trl, datasets, dill, lazy_importer," \
       "multiprocess, importlib_metadata, zipp (found: $WHEELS); carry .whl"; exit 1; }
     $PIP --target /tmp/site_pref $WHEELS && touch /tmp/site_pref/.ok || { echo "FAILED: wheels into /tmp/site_pref"; exit 1; }
   fi
