@@ -1,7 +1,8 @@
 """Rotary position embedding (rotate-half convention) for q and k in one Triton launch.
 
-Grid: ``(B * S, q head groups + k head groups)``. A program loads the token's cos/sin row once and
-rotates a group of heads of q or of k, computing in fp32. Inputs are read through their strides
+Grid: ``(B * S, q head groups + k head groups)``, or ``(B * S, 1)`` with q and k of a token in one
+program; on CUDA the autotuner picks the layout and warps per head shape (``_configs``). A program
+loads the token's cos/sin row once and rotates its heads, computing in fp32. Inputs are read through their strides
 (HF's ``view(...).transpose(1, 2)`` layout needs no copy); outputs are fresh tensors with the
 inputs' layout, so nothing is modified in place. Partial rotary (``Dr < D``) copies dims
 ``Dr..D`` through. Backward applies the transposed rotation to the incoming gradients with the
@@ -16,6 +17,7 @@ import triton.language as tl
 from corept_kernels import capabilities
 from corept_kernels.capabilities import KernelInfo
 from corept_kernels.torch_ref import rope as ref
+from corept_kernels.tuning import Launcher
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -56,12 +58,13 @@ def _rope_heads(X, O, b, s, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, 
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D, N_QGROUPS,
+def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd,
                  sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
                  scb, scs, scd, ssb, sss, ssd,
                  BACKWARD: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
+                 BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
+                 FUSE_QK: tl.constexpr):
     tok = tl.program_id(0)
     grp = tl.program_id(1)
     b = (tok // S).to(tl.int64)
@@ -78,12 +81,55 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D, N_QGROUPS,
         # Forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2. Its transpose has the same form with
         # (s1, s2) -> (-s2, -s1): rotation by -sin when the halves of cos/sin are equal, as in HF.
         s1, s2 = -s2, -s1
-    if grp < N_QGROUPS:
-        _rope_heads(Q, QO, b, s, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+    if FUSE_QK:  # one program per token: every q head, then every k head (HBQ >= HQ, HBK >= HK)
+        _rope_heads(Q, QO, b, s, 0, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
                     c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+        _rope_heads(K, KO, b, s, 0, HK, skb, skh, sks, skd, skob, skoh, skos, skod,
+                    c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
     else:
-        _rope_heads(K, KO, b, s, (grp - N_QGROUPS) * HBK, HK, skb, skh, sks, skd, skob, skoh, skos,
-                    skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+        n_qgroups = tl.cdiv(HQ, HBQ)
+        if grp < n_qgroups:
+            _rope_heads(Q, QO, b, s, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+                        c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+        else:
+            _rope_heads(K, KO, b, s, (grp - n_qgroups) * HBK, HK, skb, skh, sks, skd, skob, skoh,
+                        skos, skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+
+
+def _configs(HQ: int, HK: int, block_half: int) -> tuple[list[triton.Config], triton.Config]:
+    """(candidates tuned on CUDA, the default used elsewhere) for one head layout.
+
+    Candidates: head groups of :data:`HEAD_TILE` pairs and of four times that, q and k in separate
+    programs; and q and k of a token in one program (when a token's heads fit 8k pairs).
+    """
+    def groups(tile, fuse, warps):
+        per_prog = max(1, tile // block_half)
+        hbq = triton.next_power_of_2(HQ) if fuse else min(triton.next_power_of_2(HQ), per_prog)
+        hbk = triton.next_power_of_2(HK) if fuse else min(triton.next_power_of_2(HK), per_prog)
+        return triton.Config({"HBQ": hbq, "HBK": hbk, "FUSE_QK": fuse}, num_warps=warps)
+
+    default_warps = 4 if min(triton.next_power_of_2(max(HQ, HK)), max(1, HEAD_TILE // block_half)) * block_half <= 1024 else 8
+    default = groups(HEAD_TILE, FUSE_QK_OFF_CUDA, default_warps)
+    cands = [groups(t, False, w) for t in (HEAD_TILE, 4 * HEAD_TILE) for w in (4, 8)]
+    if triton.next_power_of_2(max(HQ, HK)) * block_half <= 8192:
+        cands += [groups(0, True, w) for w in (4, 8, 16)]
+    unique = {(tuple(sorted(c.kwargs.items())), c.num_warps): c for c in cands}
+    return list(unique.values()), default
+
+
+#: Off CUDA (the interpreter), rotate q and k of a token in one program. Tests switch it on to
+#: cover that layout; on CUDA the autotuner chooses (see :func:`_configs`).
+FUSE_QK_OFF_CUDA = False
+
+_LAUNCHERS: dict = {}
+
+
+def _launcher(HQ: int, HK: int, block_half: int) -> Launcher:
+    key = (HQ, HK, block_half, HEAD_TILE, FUSE_QK_OFF_CUDA)
+    if key not in _LAUNCHERS:
+        configs, default = _configs(HQ, HK, block_half)
+        _LAUNCHERS[key] = Launcher(_rope_kernel, configs, default, key=["HALF", "BACKWARD"])
+    return _LAUNCHERS[key]
 
 
 def _launch(q, k, cos, sin, backward: bool):
@@ -93,17 +139,18 @@ def _launch(q, k, cos, sin, backward: bool):
     half = cos.shape[-1] // 2
     qo, ko = _empty_like(q), _empty_like(k)
     block_half = triton.next_power_of_2(half)
-    per_prog = max(1, HEAD_TILE // block_half)  # heads per program
-    hbq = min(triton.next_power_of_2(HQ), per_prog)
-    hbk = min(triton.next_power_of_2(HK), per_prog)
-    nq = triton.cdiv(HQ, hbq)
     pass_dims = D - 2 * half
-    warps = 4 if max(hbq, hbk) * block_half <= 1024 else 8
-    _rope_kernel[(B * S, nq + triton.cdiv(HK, hbk))](
-        q, k, qo, ko, cos, sin, S, HQ, HK, half, D, nq,
+
+    def grid(meta):
+        if meta["FUSE_QK"]:
+            return (B * S, 1)
+        return (B * S, triton.cdiv(HQ, meta["HBQ"]) + triton.cdiv(HK, meta["HBK"]))
+
+    _launcher(HQ, HK, block_half)(
+        grid, q.device, q, k, qo, ko, cos, sin, S, HQ, HK, half, D,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
-        BACKWARD=backward, HBQ=hbq, HBK=hbk, BLOCK_HALF=block_half, HAS_PASS=pass_dims > 0,
-        BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)), num_warps=warps)
+        BACKWARD=backward, BLOCK_HALF=block_half, HAS_PASS=pass_dims > 0,
+        BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)))
     return qo, ko
 
 

@@ -78,9 +78,17 @@ def _check(q, k, cos, sin, same_layout=True):
         assert_low_precision_ok(g, w, lo, name)
 
 
-@pytest.mark.parametrize("Hq,Hk", [(4, 4), (8, 2), (8, 1)])
+@pytest.fixture(params=[False, True], ids=["qk-separate", "qk-fused"])
+def layout(request, monkeypatch):
+    """Both program layouts the CUDA tuner chooses between: q and k heads in separate programs,
+    or a token's q and k in one program."""
+    monkeypatch.setattr(rope_mod, "FUSE_QK_OFF_CUDA", request.param)
+    return request.param
+
+
+@pytest.mark.parametrize("Hq,Hk", [(4, 4), (8, 2), (8, 1), (6, 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_gqa_per_row_positions(Hq, Hk, dtype):
+def test_rope_gqa_per_row_positions(Hq, Hk, dtype, layout):
     B, S, D = 2, 7, 16
     pos = torch.stack([torch.arange(S) + 5, torch.tensor([0, 1, 2, 0, 1, 2, 3])])  # row 1: packed
     cos, sin = _cos_sin(pos, D)
@@ -100,7 +108,7 @@ def test_rope_several_head_groups_per_tensor(monkeypatch, dtype):
 
 @pytest.mark.parametrize("D,Dr", [(16, 8), (24, 12), (20, 16)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_partial_rotary(D, Dr, dtype):
+def test_rope_partial_rotary(D, Dr, dtype, layout):
     B, S = 2, 5
     cos, sin = _cos_sin(torch.randint(0, 300, (B, S)), Dr)
     q, k = _qk(B, 4, 1, S, D, dtype)
