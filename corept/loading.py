@@ -83,7 +83,7 @@ def choose_dtype(requested: torch.dtype | None, force_float32: bool) -> tuple[to
     return requested, why
 
 
-def _quantization_config(opts: LoadOptions, dtype: torch.dtype):
+def _quantization_config(opts: LoadOptions, dtype: torch.dtype, quant_storage: torch.dtype | None = None):
     if not (opts.load_in_4bit or opts.load_in_8bit):
         return None
     try:
@@ -94,8 +94,9 @@ def _quantization_config(opts: LoadOptions, dtype: torch.dtype):
     from transformers import BitsAndBytesConfig
 
     if opts.load_in_4bit:
+        extra = {} if quant_storage is None else {"bnb_4bit_quant_storage": quant_storage}
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=dtype)
+                                  bnb_4bit_compute_dtype=dtype, **extra)
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
@@ -157,7 +158,7 @@ def load_tokenizer(folder, *, trust_remote_code: bool, max_seq_length: int):
 def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
          load_in_8bit: bool = False, full_finetuning: bool = False, device_map=None, patch: bool = True,
          trust_remote_code: bool = False, token: str | None = None, revision: str | None = None,
-         strict: bool = False, cache_dir: str | os.PathLike | None = None):
+         strict: bool = False, cache_dir: str | os.PathLike | None = None, bnb_4bit_quant_storage=None):
     """Load a causal LM and its tokenizer, choose its plugin from the config, and patch it.
 
     :param name_or_path: local folder, HF cache / hub repo id, or a plugin-declared alias.
@@ -167,10 +168,15 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     :param load_in_4bit: NF4 with double quantization through bitsandbytes (QLoRA).
     :param load_in_8bit: LLM.int8 through bitsandbytes.
     :param full_finetuning: every weight will train (no quantization allowed).
-    :param device_map: passed to transformers; default: the first GPU if any, else CPU.
+    :param device_map: passed to transformers; default: this rank's GPU under ``torchrun`` /
+        ``accelerate launch`` (``LOCAL_RANK``, which also becomes the current CUDA device), else
+        the current GPU, else CPU.
     :param patch: apply the plugin's patches (``corept.patch``).
     :param trust_remote_code: off by default; remote modeling code is never run unless asked.
     :param strict: raise if no plugin supports the architecture instead of warning.
+    :param bnb_4bit_quant_storage: dtype the packed 4-bit weights are stored in (default uint8);
+        ``"auto"`` or a float dtype stores them in the compute dtype, which FSDP needs to shard
+        4-bit weights like the other (floating) parameters (docs/distributed.md).
     :returns: ``(model, tokenizer)``; the tokenizer is ``None`` if the folder has none.
     """
     opts = validate_options(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
@@ -189,11 +195,23 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     if quirks is not None and quirks.forced_attn_implementation:
         kwargs["attn_implementation"] = quirks.forced_attn_implementation
         logger.info("corept: attention implementation %r (architecture quirk)", quirks.forced_attn_implementation)
-    qconfig = _quantization_config(opts, torch_dtype)
+    storage = bnb_4bit_quant_storage
+    if storage == "auto":
+        storage = torch_dtype
+    elif isinstance(storage, str):
+        if storage.lower() not in _DTYPES:
+            raise InvalidOptionsError(f"bnb_4bit_quant_storage {storage!r} is not understood; use 'auto' or one of "
+                                      f"{sorted(_DTYPES)}.")
+        storage = _DTYPES[storage.lower()]
+    qconfig = _quantization_config(opts, torch_dtype, storage if opts.load_in_4bit else None)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
-    if device_map is None and torch.cuda.is_available():
-        device_map = {"": torch.cuda.current_device()}
+    if torch.cuda.is_available():
+        from corept.distributed.launcher import use_local_device
+
+        local = use_local_device()  # under torchrun / accelerate launch: GPU LOCAL_RANK becomes current
+        if device_map is None:
+            device_map = {"": local}
     if device_map is not None:
         kwargs["device_map"] = device_map
     max_pos = getattr(config.get_text_config(), "max_position_embeddings", None)

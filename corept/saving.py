@@ -103,10 +103,15 @@ def _untied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
 
 
 def _save_merged(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    write_weights(model, merged_state_dict(model, dtype), folder, dtype)
+
+
+def write_weights(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path, dtype: torch.dtype) -> None:
+    """Write ``sd`` (transformers names) as safetensors shards + ``model``'s config (no quantization) to ``folder``."""
     from huggingface_hub import split_torch_state_dict_into_shards
     from safetensors.torch import save_file
 
-    sd = _untied(model, merged_state_dict(model, dtype))
+    sd = _untied(model, sd)
     split = split_torch_state_dict_into_shards(sd, max_shard_size=SHARD_SIZE)
     for filename, keys in split.filename_to_tensors.items():
         save_file({k: sd[k].contiguous() for k in keys}, folder / filename, metadata={"format": "pt"})

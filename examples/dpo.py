@@ -40,11 +40,13 @@ def main() -> None:
         args=DPOConfig(output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=4,
                        learning_rate=2e-4, beta=0.1, logging_steps=5, max_length=256, save_strategy="no",
                        report_to="none", use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),
-                       gradient_checkpointing=False))
+                       gradient_checkpointing=False,
+                       ddp_find_unused_parameters=False))  # needed by corept's checkpointing under DDP
     use_disabled_adapter_reference(model)  # TRL copied the fresh adapter as "ref": use it disabled instead
     trainer.train()
-    print("adapter:", corept.save(model, tokenizer, f"{args.output}/adapter", method="lora"))
-    print("merged: ", corept.save(model, tokenizer, f"{args.output}/merged", method="merged_16bit"))
+    if trainer.is_world_process_zero():  # under torchrun / accelerate launch: rank 0 saves
+        print("adapter:", corept.save(model, tokenizer, f"{args.output}/adapter", method="lora"))
+        print("merged: ", corept.save(model, tokenizer, f"{args.output}/merged", method="merged_16bit"))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,10 @@ def add_arguments(p) -> None:
     p.add_argument("--gpu", default=None, help=f"one of {', '.join(GPUS)} (default: the detected GPU)")
     p.add_argument("--vram", type=float, default=None, metavar="GIB", help="usable GPU memory in GiB instead of --gpu")
     p.add_argument("--target-batch", type=int, default=16, help="effective batch for grad accumulation (default 16)")
+    p.add_argument("--gpus", type=int, default=1, help="GPUs training together, one process each (default 1); "
+                                                       "every figure is then per GPU")
+    p.add_argument("--distributed", choices=("ddp", "fsdp"), default=None,
+                   help="with --gpus N: ddp (a replica per GPU, the default) or fsdp (FSDP2 shards)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"fraction of VRAM kept free (default {DEFAULT_MARGIN})")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -41,6 +45,8 @@ def _notes(est) -> dict:
         w = f"nf4 + double quant: {m.n_quantized / 1e9:.2f}B params ~0.52 B; {m.n_unquantized / 1e9:.2f}B at 2 B"
     else:
         w = f"{m.n_params / 1e9:.2f}B params x {2 if est.dtype != 'fp32' else 4} B ({est.dtype})"
+    if est.sharding.mode == "fsdp":
+        w += f", sharded over {est.sharding.gpus} GPUs"
     if est.method == "full":
         t = f"none extra: the {m.n_params / 1e9:.2f}B weights themselves train"
     else:
@@ -60,6 +66,8 @@ def _notes(est) -> dict:
         "loss": f"fused CE: {d['loss_chunk_tokens']} tokens x {m.vocab} logits per chunk + d hidden",
         "hidden_states": "embedding output / final norm in and out",
         "workspace": "cuBLAS workspace, RoPE tables, ids and labels",
+        "distributed_buffers": {None: "", "ddp": "DDP gradient buckets",
+                                "fsdp": "gathered units (root + 2 layers) and unsharded grads"}[est.sharding.mode],
     }
 
 
@@ -71,7 +79,8 @@ def render(p) -> str:
              f"config: {est.method}" + (f"  r {est.r}" if est.method != "full" else "") +
              f"  optim {est.optim}  checkpointing {est.checkpointing}  seq {est.seq}  batch {est.batch}"
              f"  dtype {est.dtype}",
-             f"GPU:    {est.gpu.name} - {est.gpu.label} ({est.gpu.usable_gib:.1f} GiB usable)", "",
+             f"GPU:    {est.gpu.name} - {est.gpu.label} ({est.gpu.usable_gib:.1f} GiB usable)"
+             + ("" if est.sharding.mode is None else f"; {est.sharding.label}"), "",
              f"{'component':26s} {'GiB':>7s}   note"]
     notes = _notes(est)
     for k, v in est.components.items():
@@ -90,7 +99,8 @@ def render(p) -> str:
         r = p.recommendation
         lines += ["", f"recommended: max_seq_length {r['max_seq_length']}, batch_size {r['batch_size']}, "
                       f"gradient_accumulation_steps {r['grad_accum']}" + (f", r {r['r']}" if r['r'] else "") +
-                      f" (effective batch {r['effective_batch']})"]
+                      f" (effective batch {r['effective_batch']}"
+                      + (f" over {r['gpus']} GPUs)" if r.get("gpus", 1) > 1 else ")")]
         if p.longest_seq_at_batch_1:
             lines.append(f"longest sequence at batch 1: {p.longest_seq_at_batch_1} tokens")
     if p.suggestions:
@@ -114,7 +124,8 @@ def run(args) -> int:
         raise InvalidOptionsError(f"--load-in-4bit contradicts --method {method}: 4-bit bases train with qlora")
     p = plan(args.model, method, gpu=args.gpu, vram=args.vram, max_seq_length=args.max_seq_length,
              batch_size=args.batch_size, r=args.r, optim=args.optim, checkpointing=args.checkpointing,
-             target_batch=args.target_batch, margin=args.margin, trust_remote_code=args.trust_remote_code)
+             target_batch=args.target_batch, margin=args.margin, trust_remote_code=args.trust_remote_code,
+             gpus=args.gpus, distributed=args.distributed)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:

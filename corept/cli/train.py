@@ -45,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--gradient-checkpointing", default=None, choices=("corept", "true", "false"),
                    help="corept (offloaded, default), true (standard) or false")
     s.add_argument("--beta", type=float, default=0.1, help="DPO/KTO beta")
+    s.add_argument("--distributed", choices=("ddp", "fsdp"),
+                   help="under torchrun / accelerate launch: ddp (a replica per GPU; the default when launched "
+                        "with >1 process) or fsdp (FSDP2 shards, CUDA only); see docs/distributed.md")
     s.add_argument("--seed", type=int, default=3407)
     o = p.add_argument_group("output")
     o.add_argument("--save-method", choices=("lora", "merged_16bit", "merged_4bit"), default=None,
@@ -55,13 +58,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
           "gradient_checkpointing", "save_method", "sample_prompt")
-_FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite")
+_FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite", "distributed")
 
 
 def options_from_args(args):
     """The :class:`~corept.training.options.TrainOptions` of parsed ``corept train`` arguments."""
+    import os
+
     from corept.training.defaults import embedded_options
     from corept.training.options import TrainOptions
+
+    if getattr(args, "distributed", None) is None and os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        args.distributed = "fsdp"  # `accelerate launch` with an FSDP config file
 
     given = {k: getattr(args, k) for k in _SIZES if getattr(args, k, None) is not None}
     given.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k, None)})
@@ -75,7 +83,8 @@ def options_from_args(args):
         model = args.model or default_model()[0]
     else:
         data, model = args.data, args.model
-    given.setdefault("save_method", "merged_16bit")
+    sharded_lora = getattr(args, "distributed", None) == "fsdp" and not args.full_finetuning
+    given.setdefault("save_method", "lora" if sharded_lora else "merged_16bit")
     given.setdefault("gradient_checkpointing", "corept")
     return TrainOptions(model=model, data=data, method=args.method, output=args.output, **common, **given)
 

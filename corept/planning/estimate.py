@@ -36,6 +36,10 @@ for ``none``; ``A(N)`` a layer's saved set, ``X(N)`` its backward extra; see
 * optimizer step: ``P + G`` + the foreach temporary.
 
 Plus a constant library workspace (cuBLAS/cuBLASLt) and per-sequence RoPE tables and labels.
+
+With ``gpus > 1`` every figure is per GPU (:mod:`corept.planning.sharding`): DDP adds its gradient
+buckets; FSDP2 divides weights, adapters, gradients and optimizer states by the GPU count and adds
+the gathered units (``distributed_buffers``). Activations are per process (per-device batch).
 """
 from __future__ import annotations
 
@@ -45,12 +49,13 @@ from corept.errors import InvalidOptionsError
 from corept.planning.activations import UNPATCHED_FACTOR, layer_bytes, loss_chunk_tokens
 from corept.planning.gpus import GIB, GpuProfile, get_gpu
 from corept.planning.shape import ModelShape
+from corept.planning.sharding import Sharding, per_gpu
 
 METHODS = ("lora", "qlora", "full")
 OPTIMS = ("adamw", "adamw_8bit")
 CHECKPOINTING = ("corept", "standard", "none")
 COMPONENTS = ("weights", "trainable_params", "optimizer_states", "gradients", "checkpoints",
-              "layer_working_set", "loss", "hidden_states", "workspace")
+              "layer_working_set", "loss", "hidden_states", "workspace", "distributed_buffers")
 MIN_OFFLOAD_TOKENS = 512  # corept.checkpointing.MIN_OFFLOAD_TOKENS (a test keeps them equal)
 WORKSPACE_BYTES = 64 * 2**20
 DEFAULT_MARGIN = 0.05
@@ -73,6 +78,7 @@ class Estimate:
     margin: float
     slack: float
     dtype: str
+    sharding: Sharding
     components: dict
     phases: dict
     peak_phase: str
@@ -110,6 +116,7 @@ class Estimate:
             "model": self.model.to_dict(), "method": self.method, "max_seq_length": self.seq,
             "batch_size": self.batch, "r": self.r if self.method != "full" else None, "optim": self.optim,
             "checkpointing": self.checkpointing, "dtype": self.dtype, "gpu": self.gpu.to_dict(),
+            "gpus": self.sharding.gpus, "distributed": self.sharding.mode,
             "components_gib": {k: g(v) for k, v in self.components.items()},
             "phases_gib": {k: g(v) for k, v in self.phases.items()}, "peak_phase": self.peak_phase,
             "peak_allocated_gib": g(self.peak_allocated), "allocator_slack_gib": g(self.allocator_slack),
@@ -166,9 +173,15 @@ def dequant_bytes(shape: ModelShape, method: str, a: int) -> int:
 
 def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch: int = 1, r: int = 16,
              optim: str = "adamw", checkpointing: str = "corept", gpu: GpuProfile | str | None = None,
-             margin: float = DEFAULT_MARGIN, slack: float = DEFAULT_SLACK) -> Estimate:
-    """Predict the peak of one training step for ``shape`` (see the module docstring)."""
+             margin: float = DEFAULT_MARGIN, slack: float = DEFAULT_SLACK, gpus: int = 1,
+             distributed: str | None = None) -> Estimate:
+    """Predict the peak of one training step for ``shape`` (see the module docstring).
+
+    :param gpus: GPUs training together (one process each; ``batch`` is per GPU).
+    :param distributed: ``"ddp"`` (default with ``gpus > 1``) or ``"fsdp"``; figures are per GPU.
+    """
     validate(method, seq, batch, r, optim, checkpointing)
+    sharding = Sharding.of(gpus, distributed)
     gpu = get_gpu(gpu) if not isinstance(gpu, GpuProfile) else gpu
     a = 4 if (shape.force_float32 and not gpu.bf16) else 2
     dtype = "fp32" if a == 4 else ("bf16" if gpu.bf16 else "fp16")
@@ -182,6 +195,13 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
 
     weights = weight_bytes(shape, method, a)
     n_train, params, grads, states = trainable_bytes(shape, method, r, optim, a)
+    nf4_side = weights - shape.n_quantized // 2 - a * shape.n_unquantized if method == "qlora" else 0
+    head_trains = method == "full"
+    grad_top = grads / shape.layers if not head_trains else (a * V * H + (grads - a * V * H) / L)
+    split = per_gpu(shape, sharding, method=method, a=a, weights=weights, params=params, grads=grads,
+                    states=states, grad_top=grad_top, nf4_side=nf4_side)
+    weights, params, grads, states, grad_top = (split.weights, split.trainable_params, split.gradients,
+                                                split.optimizer_states, split.grad_top)
     static = {"weights": weights, "trainable_params": params, "optimizer_states": states}
 
     offload = checkpointing == "corept" and N >= MIN_OFFLOAD_TOKENS
@@ -195,9 +215,10 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     workspace = WORKSPACE_BYTES + seq_tables
     deq = dequant_bytes(shape, method, a)
 
-    def phase(ckpt=0, layer=0, loss=0, hidden=0, grad=0):
+    def phase(name, ckpt=0, layer=0, loss=0, hidden=0, grad=0):
         return {**static, "gradients": int(grad), "checkpoints": int(ckpt), "layer_working_set": int(layer),
-                "loss": int(loss), "hidden_states": int(hidden), "workspace": int(workspace)}
+                "loss": int(loss), "hidden_states": int(hidden), "workspace": int(workspace),
+                "distributed_buffers": split.buffers[name]}
 
     chunk = loss_chunk_tokens(N, H, V, a)
     if shape.patched:
@@ -205,20 +226,18 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     else:  # transformers' loss: [N, V] logits, their fp32 upcast and log-softmax
         loss = (a + 8) * V * N
         notes.append("unpatched loss materializes [tokens, vocab] logits (approximate)")
-    head_trains = method == "full"
     if head_trains:
         loss += 4 * V * H  # fp32 grad accumulator of the fused loss, forward -> backward
     recomputed_out = checkpointing == "corept"
     bwd_layer = saved + lb.backward_extra(S, recomputed_out, a, H) * N + deq
-    grad_top = grads / L if not head_trains else (a * V * H + (grads - a * V * H) / L)
     phases = {
-        "forward": phase(ckpt=(L - 1) * store, layer=lb.forward_extra(S) * N + deq,
+        "forward": phase("forward", ckpt=(L - 1) * store, layer=lb.forward_extra(S) * N + deq,
                          hidden=a * H * N * (3 if offload else 2)),
-        "loss": phase(ckpt=L * store, loss=loss, hidden=2 * a * H * N + 4 * N,
+        "loss": phase("loss", ckpt=L * store, loss=loss, hidden=2 * a * H * N + 4 * N,
                       grad=a * V * H // 4 if head_trains else 0),  # backward casts the fp32 grad in 4 slices
-        "backward (top layer)": phase(ckpt=(L - 1) * store, layer=bwd_layer, grad=grad_top),
-        "backward (layer 0)": phase(layer=bwd_layer, grad=grads),
-        "optimizer step": phase(grad=grads),
+        "backward (top layer)": phase("backward (top layer)", ckpt=(L - 1) * store, layer=bwd_layer, grad=grad_top),
+        "backward (layer 0)": phase("backward (layer 0)", layer=bwd_layer, grad=grads),
+        "optimizer step": phase("optimizer step", grad=grads),
     }
     phases["optimizer step"]["optimizer_states"] += states // 2 if optim == "adamw" else 0  # foreach temp
     totals = {k: sum(v.values()) for k, v in phases.items()}
@@ -226,11 +245,13 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     if not shape.patched:
         notes.append(f"no corept patches: layer activations scaled by {UNPATCHED_FACTOR} (measured on Llama)")
     est = Estimate(model=shape, method=method, seq=seq, batch=batch, r=r, optim=optim, checkpointing=checkpointing,
-                   gpu=gpu, margin=margin, slack=slack, dtype=dtype, components=phases[peak_phase],
+                   gpu=gpu, margin=margin, slack=slack, dtype=dtype, sharding=sharding, components=phases[peak_phase],
                    phases=totals, peak_phase=peak_phase, host_pinned=host, notes=notes)
     est.details = {"n_trainable": n_train, "loss_chunk_tokens": chunk, "layer_saved_per_token": lb.saved_per_token(S),
                    "layer_backward_extra_per_token": lb.backward_extra(S, recomputed_out, a, H),
                    "offloaded": offload, "attention": attention}
+    if sharding.mode is not None and host:
+        notes.append(f"pinned host RAM is per process: {sharding.gpus} x {host / GIB:.1f} GiB on the machine")
     if shape.max_positions and seq > shape.max_positions:
         notes.append(f"seq {seq} exceeds the model's max_position_embeddings {shape.max_positions}")
     return est

@@ -25,6 +25,11 @@ KNOWN_CONFIGS: dict[str, dict] = {
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
         max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
         rope_scaling=dict(_LLAMA3_ROPE)),
+    "meta-llama/Llama-3.1-70B": dict(
+        model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+        num_attention_heads=64, num_key_value_heads=8, head_dim=128, vocab_size=128256,
+        max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
+        rope_scaling=dict(_LLAMA3_ROPE)),
     "mistralai/Mistral-7B-v0.3": dict(
         model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
         num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=32768,

@@ -9,7 +9,9 @@ Policy (every number below is a parameter):
   corept offloads checkpoints, from 512 tokens; shorter ones are checked one by one).
 * **recommended (seq, batch)**: ``seq`` = the given one, else ``min(2048, longest at batch 1)``;
   ``batch`` = the given one, else the largest power of two ``<= target_batch`` that fits at that
-  ``seq``; ``grad_accum = ceil(target_batch / batch)`` (effective batch ``>= target_batch``).
+  ``seq``; ``grad_accum = ceil(target_batch / (batch * gpus))`` (effective batch ``>= target_batch``).
+* **N GPUs** (``gpus``, ``distributed``): every figure is per GPU and ``batch`` is per GPU
+  (:mod:`corept.planning.sharding`).
 
 "Fits" means ``peak_allocated * (1 + slack) + CUDA context <= usable VRAM * (1 - margin)``
 (:mod:`corept.planning.estimate`).
@@ -104,9 +106,9 @@ def largest_batch(shape: ModelShape, gpu: GpuProfile, margin: float, *, seq: int
 
 
 def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: str, seq: int, batch: int, r: int,
-                optim: str, checkpointing: str) -> list[str]:
+                optim: str, checkpointing: str, gpus: int = 1, distributed: str | None = None) -> list[str]:
     """Single changes that make the configuration fit, the smallest first."""
-    cfg = dict(method=method, r=r, optim=optim, checkpointing=checkpointing)
+    cfg = dict(method=method, r=r, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed)
     out = []
     if batch > 1:
         b = largest_batch(shape, gpu, margin, seq=seq, limit=batch - 1, **cfg)
@@ -134,6 +136,11 @@ def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: st
               if g.usable_gib > gpu.usable_gib and _fits(shape, g, margin, **alt)]
     if bigger:
         out.append(f"a GPU with >= {bigger[0].usable_gib:.0f} GiB (e.g. --gpu {bigger[0].name})")
+    for n in (2, 4, 8):
+        if (n > gpus or distributed != "fsdp") and n >= gpus and _fits(shape, gpu, margin,
+                                                                     **dict(alt, gpus=n, distributed="fsdp")):
+            out.append(f"--gpus {n} --distributed fsdp (FSDP2 shards across {n} {gpu.name}s)")
+            break
     return out
 
 
@@ -147,7 +154,7 @@ def _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_cod
 def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, max_seq_length: int | None = None,
          batch_size: int | None = None, r: int | None = None, optim: str = "adamw",
          checkpointing: str = "corept", target_batch: int = 16, margin: float = DEFAULT_MARGIN,
-         trust_remote_code: bool = False) -> Plan:
+         trust_remote_code: bool = False, gpus: int = 1, distributed: str | None = None) -> Plan:
     """Plan ``model`` on ``gpu``: the estimate of the given configuration, or the recommended one.
 
     With both ``max_seq_length`` and ``batch_size`` it estimates that configuration (``fits`` may
@@ -158,7 +165,7 @@ def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, ma
     if not isinstance(target_batch, int) or target_batch < 1:
         raise PlanError(f"target_batch must be a positive int, got {target_batch!r}")
     rank = default_rank(shape) if r is None else r
-    cfg = dict(method=method, optim=optim, checkpointing=checkpointing)
+    cfg = dict(method=method, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed)
     if max_seq_length is not None and batch_size is not None:
         est = estimate(shape, seq=max_seq_length, batch=batch_size, r=rank, gpu=gpu, margin=margin, **cfg)
         sugg = [] if est.fits else suggestions(shape, gpu, margin, seq=max_seq_length, batch=batch_size, r=rank, **cfg)
@@ -172,8 +179,9 @@ def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, ma
     if not longest:
         sugg = suggestions(shape, gpu, margin, seq=SEQ_STEP, batch=batch_size or 1, r=rank, **cfg)
         need = estimate(shape, seq=SEQ_STEP, batch=batch_size or 1, r=rank, gpu=gpu, margin=margin, **cfg)
+        where = gpu.name if gpus == 1 else f"{gpus} x {gpu.name} ({need.sharding.mode})"
         raise DoesNotFitError(
-            f"{shape.name} ({method}, r {rank}, {optim}) does not fit on {gpu.name} ({gpu.usable_gib:.1f} GiB) "
+            f"{shape.name} ({method}, r {rank}, {optim}) does not fit on {where} ({gpu.usable_gib:.1f} GiB per GPU) "
             f"even at seq {SEQ_STEP}, batch {batch_size or 1}: it needs {need.required / GIB:.1f} GiB "
             f"(budget {need.budget / GIB:.1f} GiB with a {margin:.0%} margin).", sugg)
     if max_seq_length is not None:
@@ -191,9 +199,11 @@ def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, ma
 
 
 def _recommendation(est: Estimate, target_batch: int, longest: int | None) -> dict:
-    accum = math.ceil(target_batch / est.batch)
+    gpus = est.sharding.gpus
+    accum = math.ceil(target_batch / (est.batch * gpus))
     return {"max_seq_length": est.seq, "batch_size": est.batch, "grad_accum": accum,
-            "r": est.r if est.method != "full" else None, "effective_batch": est.batch * accum,
+            "r": est.r if est.method != "full" else None, "effective_batch": est.batch * accum * gpus,
+            "gpus": gpus, "distributed": est.sharding.mode,
             "longest_seq_at_batch_1": longest, "method": est.method, "optim": est.optim,
             "checkpointing": est.checkpointing, "gpu": est.gpu.name, "vram_gib": round(est.gpu.usable_gib, 2),
             "predicted_peak_gib": round(est.peak_allocated / GIB, 2), "required_gib": round(est.required / GIB, 2),
@@ -203,7 +213,8 @@ def _recommendation(est: Estimate, target_batch: int, longest: int | None) -> di
 def recommend(model, method: str = "lora", gpu=None, *, max_seq_length: int | None = None,
               batch_size: int | None = None, r: int | None = None, optim: str = "adamw",
               checkpointing: str = "corept", target_batch: int = 16, margin: float = DEFAULT_MARGIN,
-              vram: float | None = None, trust_remote_code: bool = False) -> dict:
+              vram: float | None = None, trust_remote_code: bool = False, gpus: int = 1,
+              distributed: str | None = None) -> dict:
     """The training profile for ``corept train --profile auto``.
 
     :param model: name/path (config only is read), a ``PretrainedConfig`` or a config dict.
@@ -216,7 +227,7 @@ def recommend(model, method: str = "lora", gpu=None, *, max_seq_length: int | No
     """
     p = plan(model, method, gpu=gpu, vram=vram, max_seq_length=max_seq_length, batch_size=batch_size, r=r,
              optim=optim, checkpointing=checkpointing, target_batch=target_batch, margin=margin,
-             trust_remote_code=trust_remote_code)
+             trust_remote_code=trust_remote_code, gpus=gpus, distributed=distributed)
     if not p.fits:
         raise DoesNotFitError(
             f"{p.estimate.model.name} ({method}) at seq {p.estimate.seq}, batch {p.estimate.batch} needs "

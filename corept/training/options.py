@@ -56,6 +56,7 @@ class TrainOptions:
     max_new_tokens: int = 48
     warmup_ratio: float = 0.0
     logging_steps: int = 1
+    distributed: str | None = None  # "ddp" / "fsdp" under torchrun or accelerate launch (training/distributed.py)
     embedded: bool = False  # the no-argument run (shipped data; answer a held-out question)
     notes: list = field(default_factory=list)
 
@@ -100,8 +101,8 @@ def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
     out = replace(opts, **values)
     if out.lora_alpha is None:
         out.lora_alpha = out.r
-    if out.optim is None:
-        out.optim = default_optim(on_gpu)
+    if out.optim is None:  # FSDP: torch's AdamW (bitsandbytes' 8-bit states are not DTensor-aware)
+        out.optim = "adamw_torch" if out.distributed == "fsdp" else default_optim(on_gpu)
     if out.lr is None:
         lora_lr, full_lr = DEFAULT_LR.get(out.method, DEFAULT_LR["sft"])
         out.lr = full_lr if out.full_finetuning else lora_lr
@@ -148,6 +149,9 @@ def validate(opts: TrainOptions) -> None:
     if str(opts.gradient_checkpointing).lower() not in CHECKPOINTING:
         raise InvalidOptionsError(f"--gradient-checkpointing must be one of {sorted(CHECKPOINTING)}, "
                                   f"got {opts.gradient_checkpointing!r}")
+    from corept.training.distributed import validate as validate_distributed
+
+    validate_distributed(opts)
     if opts.output is None:
         raise InvalidOptionsError("--output DIR is required when --model or --data is given")
     out = Path(opts.output).expanduser()

@@ -82,9 +82,11 @@ def sample_question(dataset, fmt: str):
 
 def _load_model(opts: TrainOptions, folder: str):
     import corept
+    from corept.training.distributed import load_kwargs
 
     model, tokenizer = corept.load(folder, max_seq_length=opts.max_seq_length, load_in_4bit=opts.load_in_4bit,
-                                   load_in_8bit=opts.load_in_8bit, full_finetuning=opts.full_finetuning)
+                                   load_in_8bit=opts.load_in_8bit, full_finetuning=opts.full_finetuning,
+                                   **load_kwargs(opts))
     if tokenizer is None:
         raise InvalidOptionsError(f"{opts.model} has no tokenizer; training needs one in the model folder")
     return model, tokenizer
@@ -150,8 +152,14 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
 
     import torch
 
+    from corept.distributed.launcher import is_main_process
+    from corept.training import distributed
+
     t0 = time.perf_counter()
     opts, dataset, fmt, folder = prepare(opts)
+    mode, main = distributed.mode_of(opts), is_main_process()
+    if not main:
+        echo = _quiet  # one rank speaks for the group
     result = RunResult(options=opts, output=Path(opts.output).expanduser())
     max_threads = torch.get_num_threads()
     for note in opts.notes + [initial_threads()]:
@@ -165,24 +173,40 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
     result.seconds["load"] = round(time.perf_counter() - t0, 1)
     result.question = opts.held_out_question or opts.sample_prompt or sample_question(dataset, fmt)
     label = "held-out question" if opts.held_out_question else "sample prompt"
-    if opts.held_out_question:
+    if mode is not None:
+        from corept.distributed.launcher import launch
+
+        echo(f"distributed: {mode}, {launch().world_size} processes; each trains on its own share of every "
+             f"batch (--batch-size is per process)")
+    if opts.held_out_question and main and mode != "fsdp":
         result.before = answer(model, tokenizer, result.question, opts.max_new_tokens)
         echo(f"{label}: {_show(result.question)}\n  before training: {result.before}")
     model = _add_trainable(model, opts)
     result.applied = dict(corept.report(model).applied)
     echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items()))
+    if mode == "fsdp" and not any(p.is_cuda for p in model.parameters()):
+        echo("  (loaded on CPU for sharding: each kernel call picks Triton once its shards are on the GPU)")
     t1 = time.perf_counter()
     result.log_history, result.thread_changes = _train(model, tokenizer, dataset, opts, max_threads)
     result.seconds["train"] = round(time.perf_counter() - t1, 1)
-    result.greedy = patched_unpatched_check(model, tokenizer, result.question, opts.max_new_tokens)
-    result.after = result.greedy.text
+    if main and mode != "fsdp":  # a sharded model generates only with every rank taking part: skipped
+        result.greedy = patched_unpatched_check(model, tokenizer, result.question, opts.max_new_tokens)
+        result.after = result.greedy.text
     t2 = time.perf_counter()
-    _save(model, tokenizer, opts, result)
+    if mode is None:
+        _save(model, tokenizer, opts, result)
+    else:
+        result.adapter, result.merged = distributed.save(model, tokenizer, opts, result.output)
     result.seconds["save"] = round(time.perf_counter() - t2, 1)
     result.seconds["total"] = round(time.perf_counter() - t0, 1)
-    _write_record(result)
+    if main:
+        _write_record(result)
     _print_summary(result, label, echo)
     return result
+
+
+def _quiet(*_args) -> None:
+    return None
 
 
 def _print_summary(result: RunResult, label: str, echo) -> None:
@@ -196,8 +220,11 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
     echo(f"{label}: {_show(result.question)}")
     if result.before is not None:
         echo(f"  before training: {result.before}")
-    echo(f"  after training:  {result.after}")
-    echo(result.greedy.line())
+    if result.greedy is not None:
+        echo(f"  after training:  {result.after}")
+        echo(result.greedy.line())
+    else:
+        echo("  after training:  (not generated: the model is sharded across ranks; load the saved folder to try it)")
     if result.thread_changes:
         echo("cpu threads (other processes came and went): "
              + ", ".join(f"{n} from step {step}" for step, n in result.thread_changes))

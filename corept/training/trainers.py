@@ -137,11 +137,15 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
         ref_model = reference_copy(model)
     if is_peft and ref_model is not None:
         raise ValueError("LoRA/QLoRA models use the adapter-disabled model as reference: pass ref_model=None")
-    gpu = on_gpu(model)
+    from corept.training.distributed import trainer_kwargs
+
+    extra = trainer_kwargs(opts, model)  # ddp_find_unused_parameters=False; FSDP2 plugin under --distributed fsdp
+    gpu = on_gpu(model) or ("fsdp" in extra and torch.cuda.is_available())  # FSDP loads on CPU, shards onto GPUs
     temporary = None if output_dir else tempfile.mkdtemp(prefix="corept-trl-")
-    args = trl_config(method, opts, output_dir=output_dir or temporary,
-                      gpu=gpu, dtype=model_dtype(model),
-                      extra=kto_weights(train_dataset) if method == "kto" else None)
+    if method == "kto":
+        extra.update(kto_weights(train_dataset))
+    args = trl_config(method, opts, output_dir=output_dir or temporary, gpu=gpu, dtype=model_dtype(model),
+                      extra=extra)
     kwargs = dict(model=model, args=args, train_dataset=train_dataset, processing_class=tokenizer,
                   callbacks=callbacks)
     if method == "sft":
