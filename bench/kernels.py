@@ -220,9 +220,14 @@ def main() -> int:
     ap.add_argument("--out", default="bench/results")
     ap.add_argument("--only", default="", help="comma-separated kernel names")
     ap.add_argument("--impls", default="", help="comma-separated implementation names")
+    ap.add_argument("--merge", nargs=2, metavar=("BASE_JSON", "NEW_JSON"), default=None,
+                    help="write BASE's records with every kernel that NEW measured replaced by NEW's "
+                         "records (a re-run of some kernels after a change), then exit")
     ap.add_argument("--profile", default="rms_norm,layer_norm,rope,fused_linear_cross_entropy",
                     help="kernels whose corept and torch_compile runs are profiled ('' for none)")
     args = ap.parse_args()
+    if args.merge:
+        return merge(*args.merge, Path(args.out))
     # One torch.compile per case, but dynamo counts recompiles per function: past the default
     # limit (8) the later shapes would silently run eager and be reported as "torch_compile".
     import torch._dynamo
@@ -268,6 +273,27 @@ def main() -> int:
             torch.cuda.empty_cache()
     _write(Path(args.out), env, records)
     print(markdown(records, env))
+    return 0
+
+
+def merge(base_json: str, new_json: str, out: Path) -> int:
+    """BASE's records with the kernels NEW measured taken from NEW; environment from NEW, with
+    BASE's kept under ``merged_from`` (GPU, versions, commit and command of both stay on record)."""
+    base, new = json.loads(Path(base_json).read_text()), json.loads(Path(new_json).read_text())
+    rerun = {r["kernel"] for r in new["records"]}
+    records, placed = [], set()
+    for r in base["records"]:
+        if r["kernel"] in rerun:
+            if r["kernel"] not in placed:
+                records += [n for n in new["records"] if n["kernel"] == r["kernel"]]
+                placed.add(r["kernel"])
+        else:
+            records.append(r)
+    records += [n for n in new["records"] if n["kernel"] not in placed]
+    env = {**new["environment"], "merged_from": {"kernels_kept": sorted({r["kernel"] for r in base["records"]} - rerun),
+                                                 "environment": base["environment"]}}
+    _write(out, env, records)
+    print(f"merged: {sorted(rerun)} from {new_json}, the rest from {base_json}")
     return 0
 
 
