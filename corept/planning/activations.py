@@ -27,16 +27,17 @@ measurement, term by term):
 
 **Backward working set** on top of the saved set, for the layer being differentiated:
 ``out`` (the recomputed layer output, corept checkpointing only) and ``dy``, both ``a*H``; then the
-larger of the MLP phase and the attention phase. MLP, fused LoRA: ``dh = dy W_down`` ``a*I``, plus,
-with adapters in another dtype than the activations (fp32 on bf16: peft's numerics, which the
-fused kernels follow), the adapter branch ``dxa A`` in ``p`` bytes and its cast, ``(p + a)*I``:
-``(2a + p)*I`` (``a*I + a*H`` with same-dtype adapters; ``3*a*I + a*H`` when the activation's
-backward is not in place). Attention: MLP's saved set released; ``d(h1)`` ``a*H``, ``d(attn)``
-``a*Hq`` (+ ``(a + p)*Hq`` for o_proj's adapter branch), FlashAttention-2 backward: fp32 ``dq``
-accumulator ``4*Hq``, ``dq`` ``a*Hq``, GQA-expanded ``dk``/``dv`` ``2*a*Hq`` and their reduced
-copies ``2*a*Hkv``, ``4*h``. The no-grad first forward holds ``3*a*H`` (input, residual, normed)
-and the MLP's projections: ``3*a*I``, or with fp32 adapters ``(2a + 2p)*I`` at the up
-projection's fp32 adapter add (the bf16 output, its fp32 copy and the fp32 sum).
+larger of the MLP phase and the attention phase. MLP, fused LoRA: ``dh = dy W_down`` ``a*I`` and
+``dx`` with one base product in flight, ``a*I + a*H`` (``3*a*I + a*H`` when the activation's
+backward is not in place). With adapters in another dtype than the activations (fp32 on bf16:
+peft's numerics, which the fused kernels follow) every cast of an ``[N, width]`` activation to
+the adapter dtype runs over row chunks of at most ``corept_kernels.lora_autograd.CHUNK_BYTES``:
+a token-independent ``chunk_bytes`` (a chunk, its product and the cast back: about three chunks)
+instead of per-token fp32 copies. Attention: MLP's saved set released; ``d(h1)`` ``a*H``,
+``d(attn)`` ``a*Hq``, FlashAttention-2 backward: fp32 ``dq`` accumulator ``4*Hq``, ``dq``
+``a*Hq``, GQA-expanded ``dk``/``dv`` ``2*a*Hq`` and their reduced copies ``2*a*Hkv``, ``4*h``.
+The no-grad first forward holds ``3*a*H`` (input, residual, normed) and the MLP's projections
+``3*a*I`` (+ ``chunk_bytes`` with mixed-dtype adapters).
 
 The saved set is checked on CPU term by term (``tests/planning``). The backward and forward
 transients are read off the kernels' code (``corept_kernels.lora_autograd``): on CPU the Triton
@@ -63,6 +64,7 @@ class LayerBytes:
     bwd_attn_seq: float   # per-token-per-seq extra during the attention backward
     fwd: float            # per-token no-grad forward working set (checkpointed first pass)
     fwd_seq: float
+    chunk_bytes: float = 0.0  # token-independent transients: row chunks of adapter-dtype casts
 
     def saved_per_token(self, seq: int) -> float:
         return sum(lin + quad * seq for lin, quad in self.saved.values())
@@ -139,7 +141,7 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     mlp, mixed = paths["mlp"], pb != a  # mixed: the adapter branch runs in another dtype
     if mlp == "fused":
         mlp_saved = a * H + 2 * a * I + 3 * pb * r
-        bwd_mlp = (2 * a + pb) * I if mixed else a * I + a * H
+        bwd_mlp = a * I + a * H
     elif mlp == "trainable":
         mlp_saved = a * H + 3 * a * I
         bwd_mlp = 3 * a * I + a * H
@@ -154,16 +156,25 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     saved["mlp"] = (mlp_saved, 0.0)
     gqa = 2 * a * Hq if Hq != Hkv else 0
     bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
-    if mixed and paths["o_proj"] == "fused":
-        bwd_attn += (a + pb) * Hq
     bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
-    fwd = a * 3 * H + ((2 * a + 2 * pb) * I if mixed and mlp == "fused" else 3 * a * I)
+    fwd = a * 3 * H + 3 * a * I
+    fused_any = mlp == "fused" or paths.get("o_proj") == "fused"
+    chunk_bytes = 3.0 * _lora_chunk_bytes() if mixed and fused_any else 0.0
     fwd_seq = 0.0 if attention == "flash" else (4 + 2 * a) * h
     if not shape.patched:
         saved = {k: (lin_ * UNPATCHED_FACTOR, q * UNPATCHED_FACTOR) for k, (lin_, q) in saved.items()}
         mlp_saved *= UNPATCHED_FACTOR
     return LayerBytes(saved=saved, mlp_saved=mlp_saved, bwd_mlp=bwd_mlp, bwd_attn=bwd_attn,
-                      bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq)
+                      bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq, chunk_bytes=chunk_bytes)
+
+
+def _lora_chunk_bytes() -> float:
+    """The fused LoRA kernels' row-chunk bound for adapter-dtype casts (their own constant)."""
+    try:
+        from corept_kernels.lora_autograd import CHUNK_BYTES
+    except ImportError:  # planning needs no kernels; the value as of corept-kernels 0.1
+        return float(64 << 20)
+    return float(CHUNK_BYTES)
 
 
 def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:

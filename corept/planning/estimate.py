@@ -229,9 +229,10 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     if head_trains:
         loss += 4 * V * H  # fp32 grad accumulator of the fused loss, forward -> backward
     recomputed_out = checkpointing == "corept"
-    bwd_layer = saved + lb.backward_extra(S, recomputed_out, a, H) * N + deq
+    bwd_layer = saved + lb.backward_extra(S, recomputed_out, a, H) * N + deq + lb.chunk_bytes
     phases = {
-        "forward": phase("forward", ckpt=(L - 1) * store, layer=lb.forward_extra(S) * N + deq,
+        "forward": phase("forward", ckpt=(L - 1) * store,
+                         layer=lb.forward_extra(S) * N + deq + lb.chunk_bytes,
                          hidden=a * H * N * (3 if offload else 2)),
         "loss": phase("loss", ckpt=L * store, loss=loss, hidden=2 * a * H * N + 4 * N,
                       grad=a * V * H // 4 if head_trains else 0),  # backward casts the fp32 grad in 4 slices

@@ -87,7 +87,7 @@ class ConformanceSuite:
     :cvar convergence: config names given the LoRA convergence check (default: the first).
     :cvar skip: ``{test id glob: reason}``: not run; every skip carries its reason.
     :cvar known_failures: ``{test id glob: reason}``: run as non-strict xfail (an XPASS shows when
-        the case happens to pass); the default lists the kernels' known bf16 LoRA precision gap.
+        the case happens to pass); empty by default.
     """
 
     configs: dict[str, Callable] = {}
@@ -99,14 +99,7 @@ class ConformanceSuite:
     full_matrix: tuple[str, ...] | None = None
     convergence: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
-    known_failures: dict[str, str] = {
-        # Open defect (closing note 2026-11-28): in bf16, some LoRA gradients through the fused LoRA
-        # path exceed 2x the unpatched bf16 error (gemma2 2.9x, and with an NF4 base qwen3/gemma2
-        # up to 4x). The adapter branch now runs in the adapter dtype as peft does, which fixed the
-        # other architectures' cases; the rest is not yet diagnosed. Non-strict: passes show as XPASS.
-        "test_matrix[*-bf16-*lora*]": "bf16 + fused LoRA: some LoRA grads above 2x the unpatched bf16 "
-                                      "error on gemma2 and with NF4 bases (open defect)",
-    }
+    known_failures: dict[str, str] = {}
     seed = 0
     batch_size = 2
     seq_len = 8

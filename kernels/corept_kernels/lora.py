@@ -10,9 +10,11 @@ in :mod:`corept_kernels.lora_autograd`): the MLP keeps ``x``, the gate/up projec
 ``[N, r]`` products, and recomputes ``act(e) * g`` in backward inside one fused Triton kernel.
 
 Use :func:`lora_fast_path_reason` on a peft layer to know whether these apply, and
-:func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU) in the
-input dtype (autocast's dtype inside ``torch.autocast``); only the MLP's gated activation is a
-Triton kernel (torch elementwise code where Triton cannot run).
+:func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU): the
+base ones in the input dtype (autocast's dtype inside ``torch.autocast``), the adapter branch in
+the adapter dtype promoted with it (peft's numerics; fp32 adapters on a bf16 model: fp32 branch),
+with every value rounded where peft rounds it (:mod:`corept_kernels.lora_autograd`); only the
+MLP's gated activation is a Triton kernel (torch elementwise code where Triton cannot run).
 """
 from __future__ import annotations
 
@@ -106,7 +108,8 @@ def lora_o(x: torch.Tensor, o: LoraWeights) -> torch.Tensor:
 
 
 _NOTES_COMMON = ("hand-derived backward (grads for x, A, B; base W frozen); matmuls via torch "
-                 "(cuBLAS) in x's dtype (autocast's under autocast); 4-bit (nf4/fp4) base "
+                 "(cuBLAS) in x's dtype (autocast's under autocast), adapter branch in the adapter "
+                 "dtype, rounded where peft rounds; 4-bit (nf4/fp4) base "
                  "dequantized per use via bitsandbytes; peft fast path only: dropout 0, no "
                  "DoRA/variants, one active unmerged adapter")
 
@@ -121,7 +124,8 @@ register(KernelInfo(
     name="lora_qkv", triton_fn=lora_qkv, reference_fn=_ref.lora_qkv, has_backward=True,
     compile_safe=False, devices=("cuda", "cpu"),
     notes=_NOTES_COMMON + "; no Triton kernel (torch matmuls only, runs on any device); "
-          "one stacked x @ [Aq;Ak;Av]^T; saves x and [N, rq+rk+rv]",
+          "one node for q, k and v: x saved once, one dA matmul, dx accumulated in peft's order; "
+          "saves x and [N, rq+rk+rv]",
 ))
 register(KernelInfo(
     name="lora_o", triton_fn=lora_o, reference_fn=_ref.lora_o, has_backward=True,

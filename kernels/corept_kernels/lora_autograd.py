@@ -1,15 +1,34 @@
 """autograd.Functions of the fused LoRA paths, with hand-derived backwards.
 
 Notation, per LoRA linear ``L`` with input ``x`` ``[N, in]``: ``xa = x A^T`` ``[N, r]``,
-``y = x W^T + s * xa B^T (+ bias)``. Given ``dy`` ``[N, out]``:
+``y = x W^T (+ bias) + s * xa B^T``. Given ``dy`` ``[N, out]``:
 
-    dB  = s * dy^T xa              [out, r]
-    dxa = s * dy B                 [N, r]
+    dB  = (s dy)^T xa              [out, r]
+    dxa = (s dy) B                 [N, r]
     dA  = dxa^T x                  [r, in]
-    dx  = dy W + dxa A             [N, in]      (W frozen: no dW, ever)
+    dx  = dxa A + dy W             [N, in]      (W frozen: no dW, ever)
 
-Linears that share an input (q/k/v; gate/up) do their ``x A^T`` products as one matmul against the
-stacked ``A``s, and likewise ``dxa A`` and ``dxa^T x`` in backward.
+Linears that share an input (q/k/v; gate/up) run as one autograd node: the input is saved (and
+cast to the adapter dtype) once, ``dA`` for all of them is one ``dxa^T x`` matmul against the
+stacked ``[N, sum r]`` ``dxa``, and ``dx`` is one accumulation (in peft's order, below).
+
+**Rounding points are peft's.** The adapter branch runs in the *adapter* dtype promoted with the
+input's (:func:`lora_dtype`; fp32 adapters on a bf16 model: an fp32 branch), and every value is
+rounded to the model dtype exactly where peft's ``LoraLayer.forward`` and autograd round it:
+
+* forward, float base: the base product ``x W^T`` in the model dtype, the branch ``(xa B^T) * s``
+  added to it in the adapter dtype, the sum rounded once; bitsandbytes 4-bit base (peft's
+  ``Linear4bit``): the branch is rounded to the model dtype first, then added (two roundings);
+* backward: ``dx`` is accumulated in the model dtype in the order autograd accumulates peft's
+  contributions: linears in reverse order, each one's branch ``(dxa A)`` before its base ``dy W``,
+  each rounded, each sum rounded. (The gated activation's rounding points are in
+  :mod:`corept_kernels.lora_act`.)
+
+Equal rounding points keep the fused path's bf16 results on the trajectory of the reference it
+replaces. Rounding once where peft rounds two or three times is individually more precise, but
+draws an independent error sample whose max over a small tensor drifts 2-4x from the reference's
+(issue 4: single bf16 LoRA gradients above 2x peft's error). ``x A^T`` is one product per
+linear, with peft's GEMM shape, for the same reason.
 
 What is saved for backward (activations; parameters are referenced, not copied):
 
@@ -22,15 +41,19 @@ What is saved for backward (activations; parameters are referenced, not copied):
   backward by the fused activation kernel, which overwrites ``e``/``g``/``dh`` in place (so a
   second backward through the same graph, ``retain_graph=True``, fails loudly on the version check).
 
+**Transients.** When the adapter dtype differs from the model's, every cast of an ``[N, width]``
+activation to the adapter dtype (``h``, ``de``, ``dg``, the branch outputs and ``dxa A``) is done
+over row chunks of at most :data:`CHUNK_BYTES`, so the fp32 temporaries stay bounded whatever
+``N``. Same-dtype adapters need no cast and run as single matmuls. The MLP backward's working set
+beyond the saved tensors is then ``dh`` ``[N, F]`` (model dtype, overwritten in place by ``h``)
+plus chunk-sized temporaries; ``dx`` starts from the first base product, so it needs no buffer
+of its own.
+
 Measured (saved bytes, parameters excluded): Llama-3.1-8B MLP, 4x2048 tokens, r 16, bf16 adapters:
 512.75 MiB vs peft's 960.75 MiB; q/k/v and o: equal to peft with bf16 adapters (64.75 / 64.25
-MiB), and with fp32 adapters peft adds an fp32 copy of ``x`` per linear (test shapes: q/k/v
-3,120 B vs 14,560 B).
+MiB), and with fp32 adapters peft adds an fp32 copy of ``x`` per linear.
 
-Matmuls run through torch (cuBLAS on GPU). Base-weight matmuls run in the input dtype; the adapter
-branch runs in the adapter dtype promoted with the input's (fp32 adapters on a bf16 model: an fp32
-branch added to the base output before the cast back, as peft does); gradients of ``A``/``B`` are
-returned in their own dtype. 4-bit bases are
+Matmuls run through torch (cuBLAS on GPU); base-weight matmuls in the input dtype. 4-bit bases are
 dequantized right before each matmul that needs them and dropped right after.
 """
 from __future__ import annotations
@@ -38,90 +61,140 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
 from corept_kernels.lora_act import glu_backward_, glu_forward
 from corept_kernels.lora_weights import LoraWeights
 
-
-def _mm_scaled(a: torch.Tensor, b: torch.Tensor, s: float) -> torch.Tensor:
-    """``s * (a @ b)`` with a single rounding (the scale is the GEMM's alpha)."""
-    if s == 1.0:
-        return a @ b
-    return torch.addmm(a.new_zeros(()), a, b, beta=0, alpha=s)
-
-
-def _stacked_A(lws: Sequence[LoraWeights], As: Sequence[torch.Tensor], dt: torch.dtype) -> torch.Tensor:
-    """The ``A``s of linears sharing an input, stacked: ``[sum r, in]`` in ``dt``."""
-    if len(As) == 1:
-        return As[0].to(dt)
-    return torch.cat([A.to(dt) for A in As])
+CHUNK_BYTES = 64 << 20
+"""Upper bound (bytes) of one row chunk of an adapter-dtype copy of an ``[N, width]`` activation."""
 
 
 def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
     """The dtype the adapter branch runs in: the adapter's own, promoted with the input's.
 
-    peft runs ``lora_B(lora_A(x.to(A.dtype)))`` and adds it to the base output in that dtype (fp32
-    adapters on a bf16 model: fp32 branch); matching it keeps the fused path's numerics peft's.
+    peft runs ``lora_B(lora_A(x.to(A.dtype)))`` (fp32 adapters on a bf16 model: fp32 branch);
+    matching it keeps the fused path's numerics peft's.
     """
     return torch.promote_types(A.dtype, dt)
+
+
+def _rows(n: int, width: int, ldt: torch.dtype, dt: torch.dtype) -> list[slice]:
+    """Row slices of ``[n, width]``: one when no cast to ``ldt`` is needed, else chunks whose
+    ``ldt`` copy takes at most :data:`CHUNK_BYTES`."""
+    if ldt == dt:
+        return [slice(0, n)]
+    step = max(1, CHUNK_BYTES // max(1, width * ldt.itemsize))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def _offsets(ranks: Sequence[int]) -> list[tuple[int, int]]:
+    """Column ranges of each linear's block in a stacked ``[N, sum r]`` product."""
+    out, off = [], 0
+    for r in ranks:
+        out.append((off, off + r))
+        off += r
+    return out
+
+
+def _xa(x2: torch.Tensor, As: Sequence[torch.Tensor], ldt: torch.dtype) -> torch.Tensor:
+    """``[x2 A_1^T, ..., x2 A_k^T]`` ``[N, sum r]`` in ``ldt``, casting ``x2`` by row chunks.
+
+    One product per ``A`` (not one against the stacked ``A``s): each then has peft's GEMM shape and
+    so its fp32 results, which the model-dtype rounding of the outputs would otherwise turn into
+    occasional one-ulp differences.
+    """
+    dt = x2.dtype
+    Als = [A.to(ldt) for A in As]
+    xa = x2.new_empty(x2.shape[0], sum(A.shape[0] for A in As), dtype=ldt)
+    offs = _offsets([A.shape[0] for A in As])
+    for sl in _rows(x2.shape[0], x2.shape[1], ldt, dt):
+        xs = x2[sl] if ldt == dt else x2[sl].to(ldt)
+        for Al, (a, b) in zip(Als, offs):
+            xa[sl, a:b] = xs @ Al.t()
+    return xa
+
+
+def _forward_one(x2: torch.Tensor, lw: LoraWeights, xa: torch.Tensor, B: torch.Tensor, dt: torch.dtype):
+    """``[N, out]`` in ``dt``: the base product, plus the branch ``(xa B^T) * s`` added as peft does."""
+    w = lw.dense_weight(dt)
+    y = F.linear(x2, w, None if lw.bias is None else lw.bias.to(dt))
+    del w
+    ldt, Bt = xa.dtype, B.to(xa.dtype).t()
+    for sl in _rows(y.shape[0], y.shape[1], ldt, dt):
+        z = xa[sl] @ Bt
+        if lw.scaling != 1.0:
+            z.mul_(lw.scaling)
+        if ldt == dt:
+            y[sl] += z
+        elif lw.is_4bit:  # peft's bnb Linear4bit: output.to(result dtype), then result + output
+            y[sl] += z.to(dt)
+        else:  # peft's Linear: result (model dtype) + branch (adapter dtype), rounded once
+            y[sl] = z.add_(y[sl]).to(dt)
+    return y
 
 
 def _forward_shared(x2: torch.Tensor, lws: Sequence[LoraWeights], As, Bs, dt: torch.dtype):
     """Outputs ``[N, out_i]`` (in ``dt``) of linears sharing ``x2`` ``[N, in]``, and ``xa``
     ``[N, sum r]`` (in the adapter dtype, see :func:`lora_dtype`)."""
-    ldt = lora_dtype(As[0], dt)
-    xa = (x2 if ldt == dt else x2.to(ldt)) @ _stacked_A(lws, As, ldt).t()
-    outs, off = [], 0
-    for lw, B in zip(lws, Bs):
-        r = B.shape[1]
-        w = lw.dense_weight(dt)
-        y = x2 @ w.t()
-        del w
-        if lw.bias is not None:
-            y += lw.bias.to(dt)
-        if ldt == dt:
-            y.addmm_(xa[:, off:off + r], B.to(dt).t(), alpha=lw.scaling)
-        else:
-            y = torch.addmm(y.to(ldt), xa[:, off:off + r], B.to(ldt).t(), alpha=lw.scaling).to(dt)
-        outs.append(y)
-        off += r
+    xa = _xa(x2, As, lora_dtype(As[0], dt))
+    offs = _offsets([B.shape[1] for B in Bs])
+    outs = [_forward_one(x2, lw, xa[:, a:b], B, dt) for lw, B, (a, b) in zip(lws, Bs, offs)]
     return outs, xa
 
 
-def _backward_lora_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
-    """``dB`` per linear (None where not needed) and ``dxa`` ``[N, sum r]`` for all of them."""
-    dBs, dxas, off = [], [], 0
-    for lw, B, d, need in zip(lws, Bs, douts, need_B):
-        r = B.shape[1]
-        d = d.to(xa.dtype)
-        dBs.append(_mm_scaled(d.t(), xa[:, off:off + r], lw.scaling).to(B.dtype) if need else None)
-        dxas.append(_mm_scaled(d, B.to(xa.dtype), lw.scaling))
-        off += r
-    return dBs, (dxas[0] if len(dxas) == 1 else torch.cat(dxas, dim=1))
+def _backward_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
+    """``dB`` per linear (None where not needed) and ``dxa`` ``[N, sum r]`` (adapter dtype)."""
+    ldt, dt = xa.dtype, douts[0].dtype
+    dxa = torch.empty_like(xa)
+    dBs = []
+    for lw, B, d, need, (a, b) in zip(lws, Bs, douts, need_B, _offsets([B.shape[1] for B in Bs])):
+        Bl = B.to(ldt)
+        dB = None
+        for sl in _rows(d.shape[0], d.shape[1], ldt, dt):
+            ds = d[sl].to(ldt)  # a copy when casting; d itself otherwise (then scaled out of place)
+            ds = ds.mul_(lw.scaling) if ldt != dt else (ds * lw.scaling if lw.scaling != 1.0 else ds)
+            torch.mm(ds, Bl, out=dxa[sl, a:b])
+            if need:
+                dB = ds.t() @ xa[sl, a:b] if dB is None else dB.addmm_(ds.t(), xa[sl, a:b])
+        dBs.append(dB.to(B.dtype) if need else None)
+    return dBs, dxa
 
 
-def _backward_input(douts, dxa: torch.Tensor, lws, A_stack: torch.Tensor) -> torch.Tensor:
-    """``dx = sum_i d_i W_i + dxa A_stack`` ``[N, in]``, dequantizing one base weight at a time."""
+def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
+    """``dx`` ``[N, in]`` in the model dtype, accumulated in peft's order (see the module notes):
+    for linears last to first, ``+= dxa_i A_i`` (adapter dtype, rounded) then ``+= d_i W_i``."""
+    ldt, dt = dxa.dtype, douts[0].dtype
+    offs = _offsets([A.shape[0] for A in As])
     dx = None
-    for lw, d in zip(lws, douts):
-        w = lw.dense_weight(d.dtype)
-        dx = d @ w if dx is None else dx.addmm_(d, w)
+    for lw, A, d, (a, b) in reversed(list(zip(lws, As, douts, offs))):
+        Al = A.to(ldt)
+        w = lw.dense_weight(dt)
+        base = d @ w
         del w
-    if dxa.dtype == dx.dtype:
-        return dx.addmm_(dxa, A_stack)
-    return dx.add_((dxa @ A_stack).to(dx.dtype))  # adapter-dtype branch, cast like peft's x.to(A.dtype)
+        first, dx = dx is None, base if dx is None else dx
+        # the first two terms commute (one rounded sum): start from the base product, no extra buffer
+        for sl in _rows(dx.shape[0], dx.shape[1], ldt, dt):
+            br = dxa[sl, a:b] @ Al
+            dx[sl] += br if ldt == dt else br.to(dt)
+        if not first:
+            dx += base
+        del base
+    return dx
 
 
-def _split_dA(dxa: torch.Tensor, x2: torch.Tensor, As, need_A: Sequence[bool]):
+def _dA(dxa: torch.Tensor, x2: torch.Tensor, As, need_A: Sequence[bool]):
     """``dA_i`` ``[r_i, in]`` from one ``dxa^T x`` product (None where not needed)."""
     if not any(need_A):
         return [None] * len(As)
-    dA = dxa.t() @ x2.to(dxa.dtype)
+    ldt, dA = dxa.dtype, None
+    for sl in _rows(x2.shape[0], x2.shape[1], ldt, x2.dtype):
+        xs = x2[sl].to(ldt)
+        dA = dxa[sl].t() @ xs if dA is None else dA.addmm_(dxa[sl].t(), xs)
     out, off = [], 0
     for A, need in zip(As, need_A):
-        r = A.shape[0]
-        out.append(dA[off:off + r].to(A.dtype) if need else None)
-        off += r
+        out.append(dA[off:off + A.shape[0]].to(A.dtype) if need else None)
+        off += A.shape[0]
     return out
 
 
@@ -156,11 +229,11 @@ class LoraSharedInput(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_A, need_B, need_b = need[2::3], need[3::3], need[4::3]
         d2 = [d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in douts]
-        dBs, dxa = _backward_lora_small(xa, d2, ctx.lws, Bs, need_B)
+        dBs, dxa = _backward_small(xa, d2, ctx.lws, Bs, need_B)
         dx = None
         if need[0]:
-            dx = _backward_input(d2, dxa, ctx.lws, _stacked_A(ctx.lws, As, dxa.dtype)).view(*ctx.lead, x2.shape[1])
-        dAs = _split_dA(dxa, x2, As, need_A)
+            dx = _backward_input(d2, dxa, ctx.lws, As).view(*ctx.lead, x2.shape[1])
+        dAs = _dA(dxa, x2, As, need_A)
         grads = [dx, None]
         for lw, dA, dB, d, nb in zip(ctx.lws, dAs, dBs, d2, need_b):
             grads += [dA, dB, _bias_grad(d, lw.bias, nb)]
@@ -197,24 +270,23 @@ class LoraMLP(torch.autograd.Function):
         need_up = need[0] or any(need[3:9])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
 
-        (dBd,), dxa_d = _backward_lora_small(xa_d, (dy2,), (down,), (Bd,), (need[10],))
+        (dBd,), dxa_d = _backward_small(xa_d, (dy2,), (down,), (Bd,), (need[10],))
         dbd = _bias_grad(dy2, down.bias, need[11])
         if need_up:
-            dh = _backward_input((dy2,), dxa_d, (down,), Ad.to(dxa_d.dtype))
+            dh = _backward_input((dy2,), dxa_d, (down,), (Ad,))
             glu_backward_(dh, e, g, ctx.activation)  # dh <- h, e <- de, g <- dg
             h, de, dg = dh, e, g
         else:
             h = glu_forward(e, g, ctx.activation)
-        (dAd,) = _split_dA(dxa_d, h, (Ad,), (need[9],))
+        (dAd,) = _dA(dxa_d, h, (Ad,), (need[9],))
         del h
         if not need_up:
             return (None,) * 3 + (None,) * 6 + (dAd, dBd, dbd)
 
-        (dBg, dBu), dxa_gu = _backward_lora_small(xa_gu, (de, dg), (gate, up), (Bg, Bu), (need[4], need[7]))
+        (dBg, dBu), dxa_gu = _backward_small(xa_gu, (de, dg), (gate, up), (Bg, Bu), (need[4], need[7]))
         dbg, dbu = _bias_grad(de, gate.bias, need[5]), _bias_grad(dg, up.bias, need[8])
         dx = None
         if need[0]:
-            A_gu = _stacked_A((gate, up), (Ag, Au), dxa_gu.dtype)
-            dx = _backward_input((de, dg), dxa_gu, (gate, up), A_gu).view(*ctx.lead, x2.shape[1])
-        dAg, dAu = _split_dA(dxa_gu, x2, (Ag, Au), (need[3], need[6]))
+            dx = _backward_input((de, dg), dxa_gu, (gate, up), (Ag, Au)).view(*ctx.lead, x2.shape[1])
+        dAg, dAu = _dA(dxa_gu, x2, (Ag, Au), (need[3], need[6]))
         return (dx, None, None, dAg, dBg, dbg, dAu, dBu, dbu, dAd, dBd, dbd)

@@ -16,6 +16,7 @@ import triton.language as tl
 
 from corept_kernels import capabilities
 from corept_kernels.capabilities import KernelInfo
+from corept_kernels.rounding import rounded, store_rounded
 from corept_kernels.torch_ref import rope as ref
 from corept_kernels.tuning import Launcher
 
@@ -37,7 +38,7 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 @triton.jit
 def _rope_heads(X, O, b, s, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, s1, s2, HALF, D,
                 HB: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr,
-                BLOCK_PASS: tl.constexpr):
+                BLOCK_PASS: tl.constexpr, ROUND_MID: tl.constexpr):
     h = h0 + tl.arange(0, HB)
     hmask = h < NH
     d = tl.arange(0, BLOCK_HALF)
@@ -47,10 +48,14 @@ def _rope_heads(X, O, b, s, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, 
     ob = O + b * sob + s * sos + h64 * soh
     x1 = tl.load(xb + d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(xb + (d[None, :] + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
-    o1 = x1 * c1[None, :] - x2 * s1[None, :]
-    o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    tl.store(ob + d[None, :] * sod, o1.to(O.dtype.element_ty), mask=mask)
-    tl.store(ob + (d[None, :] + HALF) * sod, o2.to(O.dtype.element_ty), mask=mask)
+    if ROUND_MID:  # transformers' rounding points: each product, then the sum, in the model dtype
+        o1 = rounded(x1 * c1[None, :], O.dtype.element_ty) - rounded(x2 * s1[None, :], O.dtype.element_ty)
+        o2 = rounded(x2 * c2[None, :], O.dtype.element_ty) + rounded(x1 * s2[None, :], O.dtype.element_ty)
+    else:
+        o1 = x1 * c1[None, :] - x2 * s1[None, :]
+        o2 = x2 * c2[None, :] + x1 * s2[None, :]
+    store_rounded(ob + d[None, :] * sod, o1, mask)
+    store_rounded(ob + (d[None, :] + HALF) * sod, o2, mask)
     if HAS_PASS:
         p = 2 * HALF + tl.arange(0, BLOCK_PASS)
         pmask = hmask[:, None] & (p < D)[None, :]
@@ -64,7 +69,7 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D,
                  scb, scs, scd, ssb, sss, ssd,
                  BACKWARD: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
-                 FUSE_QK: tl.constexpr):
+                 FUSE_QK: tl.constexpr, ROUND_MID: tl.constexpr):
     tok = tl.program_id(0)
     grp = tl.program_id(1)
     b = (tok // S).to(tl.int64)
@@ -83,17 +88,17 @@ def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D,
         s1, s2 = -s2, -s1
     if FUSE_QK:  # one program per token: every q head, then every k head (HBQ >= HQ, HBK >= HK)
         _rope_heads(Q, QO, b, s, 0, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
-                    c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+                    c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
         _rope_heads(K, KO, b, s, 0, HK, skb, skh, sks, skd, skob, skoh, skos, skod,
-                    c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+                    c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
     else:
         n_qgroups = tl.cdiv(HQ, HBQ)
         if grp < n_qgroups:
             _rope_heads(Q, QO, b, s, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
-                        c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+                        c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
         else:
             _rope_heads(K, KO, b, s, (grp - n_qgroups) * HBK, HK, skb, skh, sks, skd, skob, skoh,
-                        skos, skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS)
+                        skos, skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
 
 
 def _configs(HQ: int, HK: int, block_half: int) -> tuple[list[triton.Config], triton.Config]:
@@ -150,7 +155,8 @@ def _launch(q, k, cos, sin, backward: bool):
         grid, q.device, q, k, qo, ko, cos, sin, S, HQ, HK, half, D,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
         BACKWARD=backward, BLOCK_HALF=block_half, HAS_PASS=pass_dims > 0,
-        BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)))
+        BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)),
+        ROUND_MID=q.dtype != torch.float32 and cos.dtype != torch.float32)
     return qo, ko
 
 

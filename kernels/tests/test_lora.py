@@ -50,10 +50,10 @@ def test_fp32_matches_peft_and_gold(kind, activation):
 def test_bf16_error_within_peft_bound(kind, activation, fp32_adapters):
     """bf16 model; error vs float64 gold <= 2x peft's bf16 error + 1 ulp, for outputs and all grads.
 
-    With fp32 adapters (peft's default on a bf16 model) corept still computes in bf16 (A and B cast
-    to bf16, grads returned in fp32) while peft upcasts x to fp32 for the LoRA branch; the bound is
-    then taken from peft's bf16 computation, i.e. the same model with its adapters cast to bf16.
-    The gold uses the fp32 adapter values in both cases.
+    With fp32 adapters (peft's default on a bf16 model) corept runs the adapter branch in fp32 as
+    peft does (exact parity with peft: test_lora_rounding.py); the bound here is taken from peft's
+    all-bf16 computation, i.e. the same model with its adapters cast to bf16. The gold uses the
+    fp32 adapter values in both cases.
     """
     model, targets = tiny(kind, activation)
     pm = peftify(model.to(torch.bfloat16), targets, fp32_adapters=fp32_adapters)

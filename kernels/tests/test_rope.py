@@ -178,3 +178,20 @@ def test_rope_twin_matches_gold_and_fallback(monkeypatch):
         assert torch.equal(a, b)
     with pytest.raises(ValueError):
         rope(q, k, cos[..., :5], sin[..., :5])  # odd rotary dim
+
+
+@pytest.mark.parametrize("Hq,Hk,D", [(4, 2, 16), (6, 3, 64)])
+def test_rope_bf16_rounds_like_transformers(Hq, Hk, D, layout):
+    """bf16 q/k with bf16 cos/sin (as HF's rotary module returns them): outputs and input grads are
+    transformers' bit for bit (each product, then the sum, rounded to bf16), so LoRA gradients
+    through a patched attention keep the reference's error pattern (the bf16 conformance rule)."""
+    B, S = 2, 9
+    cos, sin = _cos_sin(torch.randint(0, 500, (B, S)), D)
+    cos, sin = cos.bfloat16(), sin.bfloat16()
+    q, k = _qk(B, Hq, Hk, S, D, torch.bfloat16)
+    dq = torch.randn(q.shape, dtype=torch.float64).bfloat16()
+    dk = torch.randn(k.shape, dtype=torch.float64).bfloat16()
+    got = _run(rope, q, k, cos, sin, dq, dk)
+    want = _run(_gold, q, k, cos, sin, dq, dk)
+    for name, g, w in zip(("q", "k", "dq", "dk"), got, want):
+        assert torch.equal(g, w), f"{name}: {(g.float() - w.float()).abs().max().item()}"

@@ -1,0 +1,122 @@
+"""The fused LoRA paths round where peft rounds, and bound their adapter-dtype transients.
+
+* bf16 model, fp32 adapters (peft's default): corept's outputs and input gradient are bitwise
+  peft's (same rounding points: the gated activation's, the adapter branch added in fp32 or, on
+  an NF4 base, rounded first as peft's ``Linear4bit`` does, ``dx`` accumulated in autograd's
+  order); the adapter gradients differ from peft's only at fp32 level (one ``dA`` matmul for
+  linears sharing an input).
+* fp32 copies of ``[N, F]`` activations are made over row chunks of at most ``CHUNK_BYTES``.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from lora_helpers import (H, INTER, MLP, QKV, TOKENS, TinyAttnProj, TinyMLP, case, layers, lora_params, peftify,
+                          quantize_nf4, run, tiny)
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import corept_kernels.lora_autograd as la
+
+CASES = [("mlp", "swiglu", False), ("mlp", "geglu_tanh", False), ("mlp", "geglu", False), ("qkv", None, False),
+         ("o", None, False), ("mlp", "swiglu", True), ("qkv", None, True)]
+
+
+def _model(kind, activation, nf4):
+    if not nf4:
+        model, targets = tiny(kind, activation)
+        return peftify(model.to(torch.bfloat16), targets), targets
+    names = MLP if kind == "mlp" else QKV
+    model = quantize_nf4(TinyMLP() if kind == "mlp" else TinyAttnProj(), names, torch.bfloat16)
+    return peftify(model, names), names
+
+
+def _inputs(kind, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    width = {"mlp": (H,), "qkv": (48, 24, 24), "o": (H,)}[kind]
+    x = torch.randn(*TOKENS, 48 if kind == "o" else H, generator=g).bfloat16()
+    return x, [torch.randn(*TOKENS, w, generator=g).bfloat16() for w in width]
+
+
+@pytest.mark.parametrize("kind,activation,nf4", CASES,
+                         ids=[f"{k}-{a or 'lin'}{'-nf4' if q else ''}" for k, a, q in CASES])
+def test_bf16_fp32_adapters_follow_peft_rounding(kind, activation, nf4):
+    pm, _ = _model(kind, activation, nf4)
+    peft_fn, ours_fn, _, mods = case(kind, pm, activation or "swiglu")
+    assert {p.dtype for p in lora_params(mods)} == {torch.float32}
+    x, dys = _inputs(kind)
+    params = lora_params(mods)
+    ours, theirs = run(ours_fn, x, dys, params), run(peft_fn, x, dys, params)
+    for i, (a, b) in enumerate(zip(ours[0] + ours[1][:1], theirs[0] + theirs[1][:1])):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(a, b), f"output/x.grad {i}: max diff {(a.float() - b.float()).abs().max():.3e}"
+    for a, b in zip(ours[1][1:], theirs[1][1:]):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+class _Fp32Outputs(TorchDispatchMode):
+    """Records the largest fp32 ``[*, F]`` tensor (an activation of the MLP's width) any op produces."""
+
+    def __init__(self):
+        super().__init__()
+        self.largest = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.dtype == torch.float32 and t.dim() == 2 and t.shape[1] == INTER:
+                self.largest = max(self.largest, t.numel())
+        return out
+
+
+def _mlp_run(pm, x, dy, mode=None):
+    _, ours_fn, _, mods = case("mlp", pm)
+    params = lora_params(mods)
+    xx = x.detach().clone().requires_grad_(True)
+    for p in params:
+        p.grad = None
+    y = ours_fn(xx)
+    if mode is None:
+        y.backward(dy)
+    else:
+        with mode:
+            y.backward(dy)
+    return [y.detach(), xx.grad] + [p.grad.clone() for p in params]
+
+
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4-bf16"])
+def test_chunked_adapter_casts_bound_fp32_transients(monkeypatch, nf4):
+    """Without chunks the MLP backward makes fp32 ``[N, F]`` copies (of de, dg and h); with them
+    no fp32 ``[*, F]`` tensor exceeds one chunk. Results are unchanged."""
+    pm, _ = _model("mlp", "swiglu", nf4)
+    rows, n = 4, 160
+    g = torch.Generator().manual_seed(n)
+    x, dy = (torch.randn(n, H, generator=g).bfloat16() for _ in range(2))
+    whole = _Fp32Outputs()
+    unchunked = _mlp_run(pm, x, dy, whole)
+    assert whole.largest >= n * INTER
+    monkeypatch.setattr(la, "CHUNK_BYTES", rows * INTER * 4)
+    mode = _Fp32Outputs()
+    chunked = _mlp_run(pm, x, dy, mode)
+    assert mode.largest <= rows * INTER, (mode.largest, rows * INTER)
+    assert torch.equal(chunked[0], unchunked[0]) and torch.equal(chunked[1], unchunked[1])
+    for a, b in zip(chunked[2:], unchunked[2:]):  # dA/dB sum over N: chunked partial sums, fp32 order
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+
+
+def test_chunked_forward_matches(monkeypatch):
+    pm, _ = _model("qkv", None, False)
+    _, ours_fn, _, mods = case("qkv", pm)
+    x, dys = _inputs("qkv")
+    params = lora_params(mods)
+    whole = run(ours_fn, x, dys, params)
+    monkeypatch.setattr(la, "CHUNK_BYTES", 3 * 48 * 4)  # 3 rows of the widest output
+    chunked = run(ours_fn, x, dys, params)
+    for a, b in zip(chunked[0] + chunked[1][:1], whole[0] + whole[1][:1]):
+        assert torch.equal(a, b)
+    for a, b in zip(chunked[1][1:], whole[1][1:]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    assert len(la._rows(26, 48, torch.float32, torch.bfloat16)) == 9
+    assert la._rows(26, 48, torch.bfloat16, torch.bfloat16) == [slice(0, 26)]
+    assert la._rows(0, 48, torch.float32, torch.bfloat16) == [slice(0, 0)]
+    assert layers(pm, QKV)[0].lora_A["default"].weight.dtype == torch.float32

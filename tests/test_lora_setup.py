@@ -1,0 +1,156 @@
+"""``corept.get_peft_model``: q/k/v as one ``lora_qkv`` call, against plain peft.
+
+Each test builds one tiny model twice: plain peft (the reference) and ``corept.get_peft_model``
+with the same adapters (randomised by name: peft zero-initialises ``B``). ``corept.patch(only=
+["attention"])`` first, where the fused LoRA path is to be judged alone: the built-ins leave
+attention to transformers, so nothing but the LoRA forwards is replaced.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from tiny import tiny_model
+
+import corept
+from corept.lora_setup import QKVGroup
+from corept.testing.builders import randomize_lora
+from corept.testing.tolerances import assert_fp32_close
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+IDS = torch.tensor([[5, 9, 17, 33, 2, 64, 128, 200], [7, 7, 1, 250, 99, 3, 45, 12]])
+
+
+def _pair(model_type: str, dtype=torch.float32, only=("attention",), **overrides):
+    """(plain peft model, corept peft model) with identical weights and adapters, in train mode."""
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model(model_type, **overrides).to(dtype)
+    ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                         lora_dropout=0.0, task_type="CAUSAL_LM"))
+    pat = copy.deepcopy(base)
+    if only is not None:
+        corept.patch(pat, only=list(only))
+    pat = corept.get_peft_model(pat, r=4, lora_alpha=8, target_modules=TARGETS, use_gradient_checkpointing=False)
+    for m in (ref, pat):
+        randomize_lora(m, seed=3)
+        m.train()
+    return ref, pat
+
+
+def _step(model):
+    """Loss and every trainable gradient of one training step."""
+    for p in model.parameters():
+        p.grad = None
+    out = model(input_ids=IDS, labels=IDS)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _attn(model, layer=0):
+    return model.get_base_model().model.layers[layer].self_attn
+
+
+def test_qkv_grouped_reported_and_matches_peft_fp32():
+    ref, pat = _pair("llama")
+    rep = corept.report(pat)
+    assert rep.applied["lora"] == "triton:lora_mlp x2, triton:lora_qkv x2, triton:lora_o x2", rep.applied
+    assert "lora" not in rep.fallbacks, rep.fallbacks
+    for layer in range(2):
+        attn = _attn(pat, layer)
+        group = attn.q_proj.corept_qkv_group
+        assert isinstance(group, QKVGroup) and group.mods == (attn.q_proj, attn.k_proj, attn.v_proj)
+        assert attn.k_proj.corept_qkv_group is group and attn.v_proj.corept_qkv_group is group
+        assert "corept_qkv_group" not in attn.o_proj.__dict__
+    (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
+    assert_fp32_close("loss", loss, ref_loss)
+    assert set(grads) == set(ref_grads) and len(grads) == 28
+    for n in ref_grads:
+        assert_fp32_close(n, grads[n], ref_grads[n])
+    assert all(g._kept is None for g in (_attn(pat, i).q_proj.corept_qkv_group for i in range(2)))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
+def test_bf16_fused_lora_follows_peft(model_type):
+    """bf16 model, fp32 adapters: the fused path (MLP, q/k/v, o) rounds where peft does, so the loss
+    is bitwise peft's and every gradient equal up to fp32 summation order (one ``dA`` matmul for
+    linears sharing an input)."""
+    ref, pat = _pair(model_type, torch.bfloat16)
+    assert "lora_qkv x2" in corept.report(pat).applied["lora"]
+    (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
+    assert torch.equal(loss, ref_loss), (loss, ref_loss)
+    for n, g in ref_grads.items():
+        assert grads[n].dtype == g.dtype == torch.float32, n
+        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+
+
+def test_qwen2_biased_qkv_fall_back_with_reason():
+    ref, pat = _pair("qwen2")
+    rep = corept.report(pat)
+    assert "lora_qkv" not in rep.applied["lora"] and "lora_o x2" in rep.applied["lora"], rep.applied
+    why = rep.fallbacks["lora"]
+    assert "6 LoRA layer(s) keep peft's path" in why and "base layer has bias" in why, why
+    assert "2 MLP/attention module(s) not fused as one call" in why and "q_proj: base layer has bias" in why, why
+    assert "corept_qkv_group" not in _attn(pat).q_proj.__dict__
+    (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
+    assert_fp32_close("loss", loss, ref_loss)
+    for n in ref_grads:
+        assert_fp32_close(n, grads[n], ref_grads[n])
+
+
+def test_unpatch_restores_peft_forwards_bitwise():
+    ref, pat = _pair("llama", only=None)  # every component patched, then undone
+    _step(pat)
+    corept.unpatch(pat)
+    for name, m in pat.named_modules():
+        assert not any(k.startswith("corept_") or k == "forward" for k in m.__dict__), name
+    (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
+    assert torch.equal(loss, ref_loss)
+    assert all(torch.equal(grads[n], ref_grads[n]) for n in ref_grads)
+
+
+def test_group_keeps_outputs_only_for_the_same_input_and_weights():
+    ref, pat = _pair("llama")
+    attn, rattn = _attn(pat), _attn(ref)
+    group = attn.q_proj.corept_qkv_group
+    x1, x2 = torch.randn(2, 5, 64), torch.randn(2, 5, 64)
+
+    def unfused(name, x):
+        return getattr(rattn, name)(x)
+
+    q1 = attn.q_proj(x1)
+    assert set(group._kept[3]) == {1, 2}
+    k2 = attn.k_proj(x2)  # another input: a fresh fused call, not x1's kept k
+    v2 = attn.v_proj(x2)
+    assert set(group._kept[3]) == {0}  # x2's q, never asked for: kept until the next call replaces it
+    for got, want in ((q1, unfused("q_proj", x1)), (k2, unfused("k_proj", x2)), (v2, unfused("v_proj", x2))):
+        assert_fp32_close("proj", got, want)
+
+    q = attn.q_proj(x1)
+    with torch.no_grad():  # an optimizer step between the calls: kept outputs are stale
+        for m in (attn.k_proj, rattn.k_proj):
+            m.lora_B["default"].weight.add_(0.5)
+    assert_fp32_close("k after step", attn.k_proj(x1), unfused("k_proj", x1))
+    assert_fp32_close("q", q, unfused("q_proj", x1))
+    clone = copy.deepcopy(pat)  # kept outputs (non-leaf tensors) are not copied
+    assert _attn(clone).q_proj.corept_qkv_group._kept is None
+    assert _attn(clone).q_proj.corept_qkv_group.mods[0] is _attn(clone).q_proj
+
+
+def test_eval_no_grad_and_disabled_adapters_take_peft_path():
+    ref, pat = _pair("llama")
+    x = torch.randn(2, 5, 64)
+    attn, rattn = _attn(pat), _attn(ref)
+    group = attn.q_proj.corept_qkv_group
+    with torch.no_grad():
+        assert torch.equal(attn.q_proj(x), rattn.q_proj(x)) and group._kept is None
+    pat.eval()
+    ref.eval()
+    assert torch.equal(attn.k_proj(x), rattn.k_proj(x)) and group._kept is None
+    pat.train()
+    ref.train()
+    with pat.disable_adapter(), ref.disable_adapter():
+        assert not group.ready()
+        assert torch.equal(attn.v_proj(x), rattn.v_proj(x)) and group._kept is None
+    assert group.ready()
