@@ -123,4 +123,5 @@ def test_rope_tuned(Hq, Hk, D, S, dtype):
         low = run(_rope_gold, q, k, cos.to(dtype), sin.to(dtype), dq, dk)
         for g, w, lo in zip(got, gold, low):
             assert_low_precision_ok(g, w, lo)
+            assert torch.equal(g, lo), "bf16 rope must round where transformers rounds (bitwise)"
     assert any(l.best() is not None for l in rope_mod._LAUNCHERS.values()), "rope did not go through the tuner"
