@@ -15,7 +15,10 @@ def rounded(x, DT: tl.constexpr):
     """fp32 ``x`` rounded to nearest-even in storage dtype ``DT``, returned as fp32.
 
     bf16 by integer arithmetic on the bits (exact on GPUs and under the Triton interpreter, whose
-    own fp32 -> bf16 conversion truncates); other dtypes by a cast there and back.
+    own fp32 -> bf16 conversion truncates); other dtypes by a cast there and back. A plain
+    ``x.to(tl.bfloat16).to(tl.float32)`` does not work when compiled: Triton 3.6 folds the round
+    trip away (tried on an H200: RoPE then matched the unrounded result, not transformers';
+    ``bench/results/kernels-2026-11-28-h200-rope-foldedcast.json``).
     """
     if DT == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)
