@@ -59,7 +59,7 @@ def link_site(target: str, repo: str, projects=DEFAULT_PROJECTS) -> list[str]:
             os.symlink(os.path.join(pdir, pkg), dst)
         norm = re.sub(r"[-_.]+", "_", name)
         for old in os.listdir(target):
-            if old.endswith(".dist-info") and re.sub(r"[-_.]+", "_", old.rsplit("-", 1)[0]) == norm:
+            if old.endswith(".dist-info") and re.sub(r"[-_.]+", "_", old[:-len(".dist-info")].rsplit("-", 1)[0]) == norm:
                 shutil.rmtree(os.path.join(target, old))
         dist = os.path.join(target, f"{norm}-{version}.dist-info")
         os.makedirs(dist)

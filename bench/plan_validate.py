@@ -199,13 +199,17 @@ def _search(model, opt, spec: dict, dev: str, gen, emit, deadline: float) -> Non
 
 
 def worker(spec: dict) -> int:
+    from corept.training.cuda_memory import prefer_expandable_segments
+
+    prefer_expandable_segments()  # as `corept train` runs (the planner assumes it); before CUDA starts
     import torch
 
     dev, out = spec["device"], spec["jsonl"]
     deadline = spec["deadline"]
 
     def emit(rec: dict) -> None:
-        rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1))
+        rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1),
+                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
         with open(out, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         c, keys = rec.get("config", {}), ("ok", "measured_gib", "predicted_gib", "error_pct", "error", "planner_seq",
@@ -328,7 +332,20 @@ def _environment(records: list[dict]) -> dict:
             info[mod] = None
     info["cuda"] = getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)
     info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
+    info["cuda_alloc_conf"] = next((r["alloc_conf"] for r in records if r.get("alloc_conf")), None)
+    info["commit"] = _commit()
     return info
+
+
+def _commit() -> str | None:
+    """``bench/common.py``'s ``source_commit`` (loaded by path: bench/ is not on ``sys.path``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("corept_bench_common", os.path.join(os.path.dirname(
+        os.path.abspath(__file__)), "common.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.source_commit()
 
 
 def _table(head: str, rows: list) -> list[str]:

@@ -57,7 +57,14 @@ def prepare_quantized(model: nn.Module) -> None:
 
 
 def _is_training_call(layer: nn.Module) -> bool:
-    return layer.training and torch.is_grad_enabled()
+    """Training mode, with or without gradients.
+
+    Checkpointing's first pass runs the layers under ``no_grad``: on peft's path it would hold
+    fp32 ``[N, out]`` adapter products (``N`` tokens; 56 KiB per token for an 8B MLP), which at long
+    sequences is the step's peak. The fused path's outputs are peft's, so both passes take it; only
+    eval mode (generation, evaluation) keeps peft's own forward.
+    """
+    return layer.training
 
 
 def _adapter_dtype_reason(mods, names) -> str | None:

@@ -138,13 +138,11 @@ def test_group_keeps_outputs_only_for_the_same_input_and_weights():
     assert _attn(clone).q_proj.corept_qkv_group.mods[0] is _attn(clone).q_proj
 
 
-def test_eval_no_grad_and_disabled_adapters_take_peft_path():
+def test_eval_and_disabled_adapters_take_peft_path():
     ref, pat = _pair("llama")
     x = torch.randn(2, 5, 64)
     attn, rattn = _attn(pat), _attn(ref)
     group = attn.q_proj.corept_qkv_group
-    with torch.no_grad():
-        assert torch.equal(attn.q_proj(x), rattn.q_proj(x)) and group._kept is None
     pat.eval()
     ref.eval()
     assert torch.equal(attn.k_proj(x), rattn.k_proj(x)) and group._kept is None
@@ -154,3 +152,39 @@ def test_eval_no_grad_and_disabled_adapters_take_peft_path():
         assert not group.ready()
         assert torch.equal(attn.v_proj(x), rattn.v_proj(x)) and group._kept is None
     assert group.ready()
+
+
+def _largest_fp32_temporary(fn) -> int:
+    """Bytes of the largest fp32 tensor any op creates while ``fn`` runs."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Largest(TorchDispatchMode):
+        biggest = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in out if isinstance(out, (tuple, list)) else (out,):
+                if isinstance(o, torch.Tensor) and o.dtype == torch.float32 and o._base is None:
+                    Largest.biggest = max(Largest.biggest, o.numel() * o.element_size())
+            return out
+
+    with Largest():
+        fn()
+    return Largest.biggest
+
+
+def test_no_grad_training_forward_takes_fused_path_bounded_by_chunks(monkeypatch):
+    """Checkpointing's first pass (train mode, ``no_grad``): the fused path, so the fp32 adapter
+    temporaries stay within ``CHUNK_BYTES`` where peft's path makes whole ``[N, I]`` fp32 products;
+    outputs bitwise peft's in bf16."""
+    import corept_kernels.lora_autograd as la
+
+    ref, pat = _pair("llama", torch.bfloat16, only=None)
+    mlp, rmlp = pat.get_base_model().model.layers[0].mlp, ref.get_base_model().model.layers[0].mlp
+    x = torch.randn(4, 64, 64, dtype=torch.bfloat16)
+    n_i_fp32 = x.shape[0] * x.shape[1] * mlp.gate_proj.base_layer.out_features * 4
+    monkeypatch.setattr(la, "CHUNK_BYTES", n_i_fp32 // 8)
+    with torch.no_grad():
+        assert _largest_fp32_temporary(lambda: mlp(x)) <= n_i_fp32 // 8
+        assert _largest_fp32_temporary(lambda: rmlp(x)) >= n_i_fp32  # the control: peft's path
+        assert torch.equal(mlp(x), rmlp(x))

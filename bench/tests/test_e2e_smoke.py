@@ -101,6 +101,9 @@ def test_link_site_exposes_the_plugins(tmp_path):
            for ep in d.entry_points if ep.group == "corept"}
     assert eps == {"llama": "corept_llama:plugin", "qwen": "corept_qwen:plugin"}
     assert (tmp_path / "corept" / "__init__.py").is_file() and (tmp_path / "corept_kernels").is_dir()
+    again = site.link_site(str(tmp_path), str(REPO), (".", "kernels"))  # a warm machine's second call
+    assert again == ["corept", "corept-kernels"]
+    assert len([d for d in importlib.metadata.distributions(path=[str(tmp_path)]) if d.name == "corept"]) == 1
 
 
 def test_report_merges_and_tabulates(tmp_path):

@@ -90,7 +90,10 @@ def options_from_args(args):
 
 
 def run(args) -> int:
+    from corept.training.cuda_memory import prefer_expandable_segments
     from corept.training.run import run_training
+
+    prefer_expandable_segments()
 
     result = run_training(options_from_args(args))
     return 0 if result.greedy is None or result.greedy.equal else 1
