@@ -40,11 +40,20 @@ CONFIGS = {
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=512)
 NAMES = {"llama": "Llama-3.1-8B", "qwen3": "Qwen3-8B"}
+# the other size classes of the seed's RTX 3090 table (`--archs llama1b,qwen14b`), from corept's known configs
+KNOWN = {"llama1b": "meta-llama/Llama-3.2-1B", "llama3b": "meta-llama/Llama-3.2-3B", "qwen14b": "Qwen/Qwen2.5-14B",
+         "qwen32b": "Qwen/Qwen2.5-32B"}
+NAMES.update({k: v.split("/")[1] for k, v in KNOWN.items()})
 EMULATED_GPU = "rtx3090"
 
 
 def model_config(arch: str, tiny: bool) -> dict:
-    d = dict(CONFIGS[arch])
+    if arch in KNOWN:
+        from corept.planning.known import KNOWN_CONFIGS
+
+        d = dict(KNOWN_CONFIGS[KNOWN[arch]])
+    else:
+        d = dict(CONFIGS[arch])
     if tiny:
         d.update(TINY, max_position_embeddings=4096)
         if "rope_scaling" in d:
@@ -205,11 +214,11 @@ def worker(spec: dict) -> int:
     import torch
 
     dev, out = spec["device"], spec["jsonl"]
-    deadline = spec["deadline"]
+    deadline, commit = spec["deadline"], _commit()
 
     def emit(rec: dict) -> None:
         rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1),
-                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"))
+                   alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF"), commit=commit)
         with open(out, "a") as fh:
             fh.write(json.dumps(rec) + "\n")
         c, keys = rec.get("config", {}), ("ok", "measured_gib", "predicted_gib", "error_pct", "error", "planner_seq",
@@ -333,7 +342,7 @@ def _environment(records: list[dict]) -> dict:
     info["cuda"] = getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)
     info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
     info["cuda_alloc_conf"] = next((r["alloc_conf"] for r in records if r.get("alloc_conf")), None)
-    info["commit"] = _commit()
+    info["commit"] = next((r["commit"] for r in records if r.get("commit")), None) or _commit()
     return info
 
 
@@ -344,6 +353,7 @@ def _commit() -> str | None:
     spec = importlib.util.spec_from_file_location("corept_bench_common", os.path.join(os.path.dirname(
         os.path.abspath(__file__)), "common.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # its dataclasses look their module up there
     spec.loader.exec_module(mod)
     return mod.source_commit()
 
@@ -438,7 +448,7 @@ def main(argv=None) -> int:
     args.parts = [p for p in args.parts.split(",") if p]
     args.archs = args.archs.split(",")
     args.methods = args.methods.split(",")
-    args.seqs = [int(s) for s in args.seqs.split(",")]
+    args.seqs = [] if args.seqs == "none" else [int(s) for s in args.seqs.split(",")]  # none: recommendations only
     specs = _specs(args)
     os.makedirs(args.out, exist_ok=True)
     jsonl, work = os.path.join(args.out, f"records-{int(t0)}.jsonl"), tempfile.mkdtemp(prefix="plan-validate-")
