@@ -19,3 +19,14 @@ def test_example_runs(name, tmp_path, corept_env):
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "merged" / "model.safetensors").is_file()
     assert not (out / "adapter" / "ref").exists()  # the reference was the disabled adapter, not a saved copy
+
+
+def test_sft_example_under_torchrun(tmp_path, corept_env):
+    """Two gloo ranks (DDP): the example trains and rank 0 alone writes the adapter."""
+    out = tmp_path / "sft"
+    proc = subprocess.run([sys.executable, "-P", "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           str(EXAMPLES / "sft.py"), "--tiny", "--max-steps", "2", "--output", str(out)],
+                          env=corept_env, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, (proc.stdout[-2000:], proc.stderr[-3000:])
+    assert proc.stdout.count(f"adapter: {out / 'adapter'}") == 1, proc.stdout[-2000:]
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
