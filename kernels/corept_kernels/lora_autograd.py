@@ -44,7 +44,8 @@ What is saved for backward (activations; parameters are referenced, not copied):
 **Transients.** When the adapter dtype differs from the model's, every cast of an ``[N, width]``
 activation to the adapter dtype (``h``, ``de``, ``dg``, the branch outputs and ``dxa A``) is done
 over row chunks of at most :data:`CHUNK_BYTES`, so the fp32 temporaries stay bounded whatever
-``N``. Same-dtype adapters need no cast and run as single matmuls. The MLP backward's working set
+``N``. The rank-``r`` products added into model-dtype tensors (``xa B^T``, ``dxa A``) run in such
+chunks in every case. Other matmuls of same-dtype adapters need no cast and run whole. The MLP backward's working set
 beyond the saved tensors is then ``dh`` ``[N, F]`` (model dtype, overwritten in place by ``h``)
 plus chunk-sized temporaries; ``dx`` starts from the first base product, so it needs no buffer
 of its own.
@@ -82,8 +83,16 @@ def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
 def _rows(n: int, width: int, ldt: torch.dtype, dt: torch.dtype) -> list[slice]:
     """Row slices of ``[n, width]``: one when no cast to ``ldt`` is needed, else chunks whose
     ``ldt`` copy takes at most :data:`CHUNK_BYTES`."""
-    if ldt == dt:
-        return [slice(0, n)]
+    return [slice(0, n)] if ldt == dt else _product_rows(n, width, ldt)
+
+
+def _product_rows(n: int, width: int, ldt: torch.dtype) -> list[slice]:
+    """Row slices of ``[n, width]`` for a rank-``r`` product (``xa B^T``, ``dxa A``) whose result
+    is added into a model-dtype tensor: chunks of at most :data:`CHUNK_BYTES` whatever the dtypes.
+
+    The inner dimension is the LoRA rank, so splitting the rows changes no element's sum; the
+    full-size temporary it avoids is one ``[N, width]`` (e.g. one ``[N, H]`` in q/k/v's backward).
+    """
     step = max(1, CHUNK_BYTES // max(1, width * ldt.itemsize))
     return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
 
@@ -121,7 +130,7 @@ def _forward_one(x2: torch.Tensor, lw: LoraWeights, xa: torch.Tensor, B: torch.T
     y = F.linear(x2, w, None if lw.bias is None else lw.bias.to(dt))
     del w
     ldt, Bt = xa.dtype, B.to(xa.dtype).t()
-    for sl in _rows(y.shape[0], y.shape[1], ldt, dt):
+    for sl in _product_rows(y.shape[0], y.shape[1], ldt):
         z = xa[sl] @ Bt
         if lw.scaling != 1.0:
             z.mul_(lw.scaling)
@@ -174,7 +183,7 @@ def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
         del w
         first, dx = dx is None, base if dx is None else dx
         # the first two terms commute (one rounded sum): start from the base product, no extra buffer
-        for sl in _rows(dx.shape[0], dx.shape[1], ldt, dt):
+        for sl in _product_rows(dx.shape[0], dx.shape[1], ldt):
             br = dxa[sl, a:b] @ Al
             dx[sl] += br if ldt == dt else br.to(dt)
         if not first:

@@ -120,3 +120,44 @@ def test_chunked_forward_matches(monkeypatch):
     assert la._rows(26, 48, torch.bfloat16, torch.bfloat16) == [slice(0, 26)]
     assert la._rows(0, 48, torch.float32, torch.bfloat16) == [slice(0, 0)]
     assert layers(pm, QKV)[0].lora_A["default"].weight.dtype == torch.float32
+
+
+class _RankProducts(TorchDispatchMode):
+    """Records the most rows of any ``mm`` whose inner dimension is the LoRA rank ``r``."""
+
+    def __init__(self, r):
+        super().__init__()
+        self.r, self.rows = r, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func is torch.ops.aten.mm.default and args[0].shape[1] == self.r and args[1].shape[0] == self.r:
+            self.rows = max(self.rows, out.shape[0])
+        return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "qkv", "o"])
+def test_same_dtype_rank_products_run_in_chunks(monkeypatch, kind):
+    """bf16 adapters on a bf16 model (no casts): ``xa B^T`` and ``dxa A`` still run in row chunks,
+    so neither makes a whole ``[N, width]`` temporary; every result is bitwise the unchunked one."""
+    pm, _ = _model(kind, "swiglu" if kind == "mlp" else None, False)
+    names = {"mlp": MLP, "qkv": QKV, "o": ("o_proj",)}[kind]
+    for p in lora_params(layers(pm, names)):
+        p.data = p.data.bfloat16()
+    _, ours_fn, _, mods = case(kind, pm)
+    params = lora_params(mods)
+    r = params[0].shape[0]
+    x, dys = _inputs(kind)
+    n = x.numel() // x.shape[-1]
+    whole_mode = _RankProducts(r)
+    with whole_mode:
+        whole = run(ours_fn, x, dys, params)
+    assert whole_mode.rows == n
+    monkeypatch.setattr(la, "CHUNK_BYTES", 3 * 48 * 2)  # 3 rows of a 48-wide bf16 output
+    mode = _RankProducts(r)
+    with mode:
+        chunked = run(ours_fn, x, dys, params)
+    assert 0 < mode.rows <= 3 * 48 // 24 < n, mode.rows  # the narrowest output (24 wide) gets the most rows
+    for a, b in zip(chunked[0] + chunked[1], whole[0] + whole[1]):
+        assert a.dtype == b.dtype == torch.bfloat16
+        assert torch.equal(a, b)
