@@ -166,6 +166,9 @@ def import_stack(variant: str) -> None:
         import unsloth  # noqa: F401
     elif variant.startswith("corept"):
         import corept  # noqa: F401
+        from corept.training.cuda_memory import prefer_expandable_segments
+
+        prefer_expandable_segments()  # what `corept train` runs with (Unsloth sets its own at import)
     elif variant == "liger":
         import liger_kernel.transformers  # noqa: F401
     import peft  # noqa: F401

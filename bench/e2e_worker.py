@@ -150,7 +150,8 @@ def train(spec: dict, records: list, flush) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, spec["cap_gib"] * GIB / total))
     mem = Memory(torch, cuda)
     env = {"gpu": torch.cuda.get_device_name(0) if cuda else None, "versions": versions(),
-           "memory_kind": mem.kind, "import_s": round(time.perf_counter() - t0, 2)}
+           "memory_kind": mem.kind, "import_s": round(time.perf_counter() - t0, 2),
+           "cuda_alloc_conf": os.environ.get("PYTORCH_CUDA_ALLOC_CONF")}
     for r in records:
         r.update(env)
     flush()
