@@ -174,7 +174,7 @@ class Driver:
                 "warmup": self.a.warmup if warmup is None else warmup, "rank": rank, "alpha": rank,
                 "device": self.a.device, "dtype": self.a.dtype, "seed": self.a.seed, "lr": self.a.lr,
                 "weights": self.a.weights, "cap_gib": cap_gib, "vocab": V.MODELS[model]["vocab_size"],
-                "record": rec_path}
+                "record": rec_path, "profile": bool(self.a.profile) and kind == "throughput"}
         if os.path.exists(rec_path):
             os.remove(rec_path)
         res = self.spawn(name, spec, stack, timeout if timeout is not None else min(self.a.run_timeout, self.remaining()))
@@ -307,6 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="checkpoint", choices=["checkpoint", "config"],
                     help="config: hf/hf_bf16/liger rebuild the seeded weights instead of reading the checkpoint")
     ap.add_argument("--group-shapes", action="store_true", help="all shapes of a variant x model in one process")
+    ap.add_argument("--profile", action="store_true",
+                    help="one extra step per throughput run under torch.profiler: time per kernel and category")
     ap.add_argument("--jobs", type=int, help="runs at once: 1 on a GPU (default); smoke default 4")
     ap.add_argument("--run-timeout", type=float, help="seconds per training subprocess; default 420")
     ap.add_argument("--prepare-timeout", type=float, default=420.0)

@@ -96,6 +96,23 @@ def maxseq_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def profile_table(records: list[dict]) -> list[str]:
+    """One row per profiled throughput record: busy vs wall time, the four largest categories and
+    the largest kernel (``bench/e2e_profile.py``)."""
+    rows = [r for r in records if r.get("kind") == "throughput" and r.get("profile")]
+    if not rows:
+        return []
+    lines = ["", "Profiled step (one extra step after the timed ones, torch.profiler; ms):", "",
+             "| variant | model | shape | busy / wall ms | largest categories | largest kernel |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        p = r["profile"]
+        cats = ", ".join(f"{k} {v:.1f}" for k, v in list(p["by_category_ms"].items())[:4])
+        big = p["top"][0] if p["top"] else {"name": "-", "ms": 0.0}
+        lines.append(f"| {r['variant']} | {r['model']} | {r['shape']} | {p['busy_ms']:.1f} / {p['wall_ms']:.1f} "
+                     f"| {cats} | {big['name'][:60]} {big['ms']:.1f} |")
+    return lines
+
+
 def markdown(records: list[dict]) -> str:
     """Header (GPU, versions, method), the throughput table and the longest-sequence table."""
     env = next((r for r in records if r.get("versions")), {})
@@ -109,4 +126,4 @@ def markdown(records: list[dict]) -> str:
             + "; peak = max allocated; activation = peak − after load (bench/e2e.py, "
             "docs/benchmarks-e2e-method.md). × hf / × unsloth: against the 16-bit or QLoRA peer of the same "
             "model and shape. Versions per record in the JSON (unsloth runs carry their own package set).", ""]
-    return "\n".join(head + throughput_table(records) + maxseq_table(records))
+    return "\n".join(head + throughput_table(records) + maxseq_table(records) + profile_table(records))

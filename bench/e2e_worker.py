@@ -4,9 +4,11 @@ Usage: ``python -P bench/e2e_worker.py SPEC.json`` where the spec says what to d
 
 * ``{"mode": "prepare", "models": [...], "ckpt_dir", "seed", "device", "dtype"}``: save checkpoints.
 * ``{"mode": "train", "variant", "model", "folder", "shapes": [[B, S], ...], "steps", "warmup",
-  "rank", "alpha", "device", "dtype", "seed", "weights", "cap_gib" (optional), "record": PATH}``:
+  "rank", "alpha", "device", "dtype", "seed", "weights", "cap_gib" (optional), "profile" (optional),
+  "record": PATH}``:
   import the stack, cap memory if asked, load + LoRA, then per shape reset the adapters, run
-  ``warmup + steps`` AdamW steps on seeded random tokens (labels = inputs) and measure.
+  ``warmup + steps`` AdamW steps on seeded random tokens (labels = inputs) and measure; with
+  ``profile``, one more step under torch.profiler (``bench/e2e_profile.py``) into ``rec["profile"]``.
 
 Records (a JSON list, one per shape) are rewritten to ``record`` after every step, so a run that
 is killed (timeout) still leaves what it measured. Memory on CUDA is ``torch.cuda`` allocated
@@ -102,7 +104,8 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
     opt = torch.optim.AdamW(trainable, lr=spec.get("lr", 1e-4))
     device = "cuda" if mem.cuda else "cpu"
     vocab = model.get_input_embeddings().weight.shape[0] if spec.get("vocab") is None else spec["vocab"]
-    data = batches(torch, vocab, b, s, spec["warmup"] + spec["steps"], spec["seed"])
+    data = batches(torch, vocab, b, s, spec["warmup"] + spec["steps"] + int(bool(spec.get("profile"))), spec["seed"])
+    extra = data.pop() if spec.get("profile") else None  # the profiled step's batch, after the timed ones
     mem.sync()
     rec["after_load_gib"] = round(mem.now(), 4)
     mem.reset_peak()
@@ -128,6 +131,18 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
         flush()
         print(f"  step {i + 1}/{len(data)} {'(warm-up) ' if i < spec['warmup'] else ''}loss {loss:.4f} "
               f"{rec['step_s'][-1]:.3f}s peak {peak:.2f} GiB", flush=True)
+    if extra is not None:  # after the timed steps and the peak: neither includes the profiler
+        x = extra.to(device)
+
+        def step():
+            with ctx():
+                out = model(input_ids=x, labels=x)
+            out.loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        rec["profile"] = load_sibling("e2e_profile").profiled_step(torch, step, mem.cuda)
+        flush()
     timed = rec["step_s"][spec["warmup"]:] or rec["step_s"][-1:]
     rec.update(tokens_per_s=round(b * s * len(timed) / sum(timed), 1), median_step_s=statistics.median(timed),
                activation_gib=round(max(0.0, rec["peak_gib"] - rec["after_load_gib"]), 4),

@@ -36,13 +36,14 @@ def _load(name: str):
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory):
     out = tmp_path_factory.mktemp("e2e-smoke")
-    proc = subprocess.run([sys.executable, "-P", str(BENCH / "e2e.py"), "--smoke", "--out", str(out)], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-P", str(BENCH / "e2e.py"), "--smoke", "--profile", "--out", str(out)], cwd=REPO,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     files = list(out.glob("e2e-*-cpu-smoke.json"))
     assert len(files) == 1, (list(out.iterdir()), proc.stdout[-2000:])
     assert files[0].with_suffix(".md").is_file()
     records = json.loads(files[0].read_text())
+    assert "Profiled step" in files[0].with_suffix(".md").read_text()
     logs = {p.name: p.read_text()[-2000:] for p in (out / "logs").glob("*.log")}
     return [r for r in records if r.get("kind") == "throughput"], logs
 
@@ -61,6 +62,13 @@ def test_smoke_records_have_the_fields_and_finite_numbers(smoke):
         assert len(r["losses"]) == r["warmup"] + r["steps"] and all(math.isfinite(x) for x in r["losses"])
         assert r["versions"]["torch"] and r["versions"]["transformers"] and r["versions"]["peft"]
         assert "gpu" in r and r["shape"] == "2x64"
+        prof = r["profile"]  # --profile: one extra step, not among the timed ones
+        assert len(r["losses"]) == r["warmup"] + r["steps"]
+        assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0 and prof["timer"] == "cpu ops (self time)"
+        assert prof["by_category_ms"].get("gemm", 0) > 0 and len(prof["top"]) > 3
+        assert abs(sum(prof["by_category_ms"].values()) - prof["busy_ms"]) < 1e-2 * prof["busy_ms"] + 0.01
+        if r["variant"] == "corept" and not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
+            assert r["cuda_alloc_conf"] == "expandable_segments:True"  # as `corept train` runs
 
 
 def test_smoke_hf_and_corept_losses_agree(smoke):
@@ -120,3 +128,12 @@ def test_report_merges_and_tabulates(tmp_path):
     assert len(merged) == 3 and "error" not in merged[1]
     text = rep.markdown(merged)
     assert "| unsloth | m | 1x8 | 200 | 2.00 | 1.00 |" in text and "9,216" in text
+
+
+def test_profile_categories():
+    prof = _load("e2e_profile")
+    assert prof.category("flash_fwd_kernel") == "attention"
+    assert prof.category("nvjet_tst_128x256_64x4") == "gemm" and prof.category("aten::mm") == "gemm"
+    assert prof.category("Memcpy DtoH (Device -> Pinned)") == "copy_cast"
+    assert prof.category("_rms_norm_fwd") == "norm" and prof.category("_rope_kernel") == "rope"
+    assert prof.category("something_new") == "other"
