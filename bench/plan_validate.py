@@ -15,7 +15,8 @@ H200 commands). Parts (``--parts``; each within one ~9-minute call with the defa
 One subprocess per (arch, method, rank) loads the model once and runs its configs in order;
 ``max_memory_allocated`` is reset before each config. QLoRA bases are saved once to ``--ckpt-dir``
 and loaded with ``corept.load(load_in_4bit=True)``. One line is printed per record; results go to
-``<out>/plan-<date>-<tag>-<parts>.json`` and ``.md``; ``--merge`` combines several such files.
+``<out>/plan-<date>-<tag>-<parts>.json`` and ``.md``; ``--merge`` combines several such files
+(the reports: ``bench/plan_report.py``).
 """
 from __future__ import annotations
 
@@ -27,33 +28,36 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("PYTHONUNBUFFERED", "1"), ("TOKENIZERS_
     os.environ.setdefault(_k, _v)
 
 GIB = 2**30
-CONFIGS = {
-    "llama": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=128256,
-                  max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=False, rms_norm_eps=1e-5,
-                  rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                "original_max_position_embeddings": 8192}),
-    "qwen3": dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
-                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
-                  max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6),
-}
+
+
+def _report():
+    """bench/plan_report.py (by path, like every bench module)."""
+    import importlib.util
+
+    key = "corept_bench_plan_report"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                                        "plan_report.py"))
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[key] = mod
+        spec.loader.exec_module(mod)
+    return sys.modules[key]
+
+
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=512)
-NAMES = {"llama": "Llama-3.1-8B", "qwen3": "Qwen3-8B"}
-# the other size classes of the seed's RTX 3090 table (`--archs llama1b,qwen14b`), from corept's known configs
-KNOWN = {"llama1b": "meta-llama/Llama-3.2-1B", "llama3b": "meta-llama/Llama-3.2-3B", "qwen14b": "Qwen/Qwen2.5-14B",
-         "qwen32b": "Qwen/Qwen2.5-32B"}
-NAMES.update({k: v.split("/")[1] for k, v in KNOWN.items()})
-EMULATED_GPU = "rtx3090"
+# `--archs` names -> corept's built-in configs (corept/planning/known.py): the validation grid's two
+# 8B architectures, and the other size classes of the seed's RTX 3090 table (`--archs llama1b,qwen14b`)
+KNOWN = {"llama": "meta-llama/Llama-3.1-8B", "qwen3": "Qwen/Qwen3-8B", "llama1b": "meta-llama/Llama-3.2-1B",
+         "llama3b": "meta-llama/Llama-3.2-3B", "qwen14b": "Qwen/Qwen2.5-14B", "qwen32b": "Qwen/Qwen2.5-32B"}
+NAMES = {k: v.split("/")[1] for k, v in KNOWN.items()}
+EMULATED_GPU = _report().EMULATED_GPU
 
 
 def model_config(arch: str, tiny: bool) -> dict:
-    if arch in KNOWN:
-        from corept.planning.known import KNOWN_CONFIGS
+    from corept.planning.known import KNOWN_CONFIGS
 
-        d = dict(KNOWN_CONFIGS[KNOWN[arch]])
-    else:
-        d = dict(CONFIGS[arch])
+    d = dict(KNOWN_CONFIGS[KNOWN[arch]])
     if tiny:
         d.update(TINY, max_position_embeddings=4096)
         if "rope_scaling" in d:
@@ -214,7 +218,7 @@ def worker(spec: dict) -> int:
     import torch
 
     dev, out = spec["device"], spec["jsonl"]
-    deadline, commit = spec["deadline"], _commit()
+    deadline, commit = spec["deadline"], _report().commit()
 
     def emit(rec: dict) -> None:
         rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1),
@@ -331,94 +335,6 @@ def _specs(args) -> list[dict]:
     return list(groups.values())
 
 
-def _environment(records: list[dict]) -> dict:
-    info = {"date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
-            "python": platform.python_version(), "host": platform.node()}
-    for mod in ("torch", "triton", "transformers", "peft", "bitsandbytes", "corept", "corept_kernels"):
-        try:
-            info[mod] = getattr(__import__(mod), "__version__", "?")
-        except Exception:  # noqa: BLE001 - absent packages recorded as such
-            info[mod] = None
-    info["cuda"] = getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)
-    info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
-    info["cuda_alloc_conf"] = next((r["alloc_conf"] for r in records if r.get("alloc_conf")), None)
-    info["commit"] = next((r["commit"] for r in records if r.get("commit")), None) or _commit()
-    return info
-
-
-def _commit() -> str | None:
-    """``bench/common.py``'s ``source_commit`` (loaded by path: bench/ is not on ``sys.path``)."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("corept_bench_common", os.path.join(os.path.dirname(
-        os.path.abspath(__file__)), "common.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod  # its dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod.source_commit()
-
-
-def _table(head: str, rows: list) -> list[str]:
-    return ["| " + " | ".join(head.split(",")) + " |", "|" + "---|" * len(head.split(","))] + \
-        ["| " + " | ".join(str(c) for c in row) + " |" for row in rows] + [""]
-
-
-def _md(records: list[dict], env: dict) -> str:
-    out = [f"GPU: {env.get('gpu')} · torch {env.get('torch')} · transformers {env.get('transformers')} · "
-           f"peft {env.get('peft')} · bitsandbytes {env.get('bitsandbytes')} · {env.get('date')}", ""]
-    cfg = lambda r: [r["config"][k] for k in ("model", "method", "seq", "batch", "r")]  # noqa: E731
-    ok = lambda r: "yes" if r.get("ok") else f"**no** ({str(r.get('error'))[:60]})"  # noqa: E731
-    within = lambda r: "—" if r.get("error_pct") is None else ("yes" if abs(r["error_pct"]) <= 10 else "**no**")  # noqa: E731
-    meas = [r for r in records if r["kind"] == "measure"]
-    if meas:
-        out += _table("model,method,seq,batch,r,predicted GiB,measured GiB,error %,reserved GiB,s/step,within ±10%",
-                      [cfg(r) + [r.get("predicted_gib"), r.get("measured_gib"), r.get("error_pct", r.get("error")),
-                                 r.get("reserved_gib"), r.get("step_s"), within(r)] for r in meas])
-    emu = [r for r in records if r.get("emulated")]
-    if emu:
-        out += [f"24 GB emulation (`set_per_process_memory_fraction`: {EMULATED_GPU} usable memory minus its CUDA "
-                "context):", ""]
-        out += _table("model,method,seq,batch,r,kind,planner required GiB,trained,peak GiB",
-                      [cfg(r) + [r["kind"], r.get("planner_required_gib"), ok(r), r.get("measured_gib")] for r in emu])
-    probes = [r for r in records if r["kind"] == "search-probe"]
-    if probes:
-        out += ["Search probes (QLoRA r 32, batch 1, under the 24 GB cap, steady-state step):", ""]
-        out += _table("seq,predicted GiB,measured GiB,error %,trained", [
-            [r["config"]["seq"], r.get("predicted_gib"), r.get("measured_gib"), r.get("error_pct"), ok(r)] for r in probes])
-    for r in (r for r in records if r["kind"] == "search"):
-        out += _table("search (QLoRA r 32; batch 1; 24 GB cap),planner longest seq,measured longest seq,first OOM,"
-                      "planner / measured,within 15%", [[r["config"]["model"], r["planner_seq"], r["measured_max_seq"],
-                                                          r["first_oom_seq"], r["ratio"],
-                                                          "yes" if r["within_15pct"] else "**no**"]])
-    return "\n".join(out)
-
-
-def _write(records: list[dict], env: dict, out_dir: str, stem: str) -> str:
-    os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, stem + ".json")
-    with open(path, "w") as fh:
-        json.dump({"environment": env, "gpu": env.get("gpu"), "versions": {k: env.get(k) for k in (
-            "torch", "triton", "transformers", "peft", "bitsandbytes", "corept", "cuda", "python")},
-            "command": env.get("command"), "records": records}, fh, indent=1)
-    with open(os.path.join(out_dir, stem + ".md"), "w") as fh:
-        fh.write(_md(records, env) + "\n")
-    return path
-
-
-def merge(paths: list[str], out_dir: str, tag: str) -> str:
-    records, env = {}, {}
-    for p in paths:  # result files, or a run's records-*.jsonl if it was cut short
-        data = json.load(open(p)) if p.endswith(".json") else {"records": [json.loads(x) for x in open(p) if x.strip()]}
-        env = env or data.get("environment", {})
-        for r in data["records"]:
-            key = (r["kind"], r.get("emulated"), json.dumps(r.get("config"), sort_keys=True))
-            records[key] = r  # later files win
-    stem = f"plan-{datetime.date.today().isoformat()}-{tag}"
-    path = _write(list(records.values()), env, out_dir, stem)
-    print(_md(list(records.values()), env))
-    return path
-
-
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", required=True, help="folder for the results (JSON + markdown)")
@@ -441,7 +357,7 @@ def main(argv=None) -> int:
     if args.worker:
         return worker(json.loads(open(args.worker).read()))
     if args.merge:
-        print(merge(args.merge, args.out, args.tag or "h200"))
+        print(_report().merge(args.merge, args.out, args.tag or "h200"))
         return 0
     t0 = time.time()
     deadline = t0 + args.budget_s
@@ -471,11 +387,11 @@ def main(argv=None) -> int:
     if not args.keep_ckpt:
         shutil.rmtree(args.ckpt_dir, ignore_errors=True)
     records = [json.loads(line) for line in open(jsonl)] if os.path.exists(jsonl) else []
-    env = _environment(records)
+    env = _report().environment(records)
     tag = args.tag or ("h200" if "H200" in str(env.get("gpu")) else str(env.get("gpu") or args.device).split()[-1].lower())
     stem = f"plan-{env['date']}-{tag}-{'-'.join(args.parts)}" + ("-tiny" if args.tiny else "")
-    path = _write(records, env, args.out, stem)
-    print(_md(records, env))
+    path = _report().write(records, env, args.out, stem)
+    print(_report().markdown(records, env))
     print(f"[parent] wrote {path} ({len(records)} records, {time.time() - t0:.0f}s)")
     return 0
 

@@ -73,20 +73,22 @@ def test_search_bisection_brackets_the_limit(pv, monkeypatch, limit):
 
 
 def test_reports_and_merge(pv, tmp_path):
+    report = pv._report()  # bench/plan_report.py
     rec = {"kind": "measure", "config": {"arch": "llama", "model": "Llama-3.1-8B", "method": "qlora", "seq": 4096,
                                          "batch": 1, "r": 16}, "predicted_gib": 6.7, "measured_gib": 6.5,
            "error_pct": 3.08, "ok": True, "gpu": "NVIDIA H200", "emulated": True, "planner_required_gib": 7.5}
-    env = pv._environment([rec])
-    path = pv._write([rec], env, str(tmp_path), "part-a")
+    env = report.environment([rec])
+    path = report.write([rec], env, str(tmp_path), "part-a")
     d = json.loads(Path(path).read_text())
     assert {"gpu", "versions", "command", "records"} <= set(d) and d["gpu"] == "NVIDIA H200"
+    assert d["environment"]["commit"]  # the source commit (COMMIT file of a snapshot, else git HEAD)
     assert {"config", "predicted_gib", "measured_gib", "error_pct"} <= set(d["records"][0])
     other = dict(rec, kind="search", planner_seq=90_112, planner_raw_seq=100_096, measured_max_seq=95_000,
                  first_oom_seq=97_000, ratio=0.948, within_15pct=True)
-    path_b = pv._write([other], env, str(tmp_path), "part-b")
-    merged = json.loads(Path(pv.merge([path, path_b], str(tmp_path), "h200")).read_text())
+    path_b = report.write([other], env, str(tmp_path), "part-b")
+    merged = json.loads(Path(report.merge([path, path_b], str(tmp_path), "h200")).read_text())
     assert [r["kind"] for r in merged["records"]] == ["measure", "search"]
-    md = (tmp_path / Path(pv.merge([path, path_b], str(tmp_path), "h200")).with_suffix(".md").name).read_text()
+    md = (tmp_path / Path(report.merge([path, path_b], str(tmp_path), "h200")).with_suffix(".md").name).read_text()
     assert "| Llama-3.1-8B | qlora | 4096 | 1 | 16 | 6.7 | 6.5 | 3.08 |" in md
     assert "| search (QLoRA r 32; batch 1; 24 GB cap) | planner longest seq |" in md
     assert "| Llama-3.1-8B | 90112 | 95000 | 97000 | 0.948 | yes |" in md
