@@ -1,28 +1,17 @@
 """Reports of ``bench/plan_validate.py``: environment, markdown tables, result files, merging.
 
-Loaded by path (``bench_module``): bench/ is never on ``sys.path`` (its kernels.py would shadow
+Loaded by path from plan_validate.py: bench/ is never on ``sys.path`` (its kernels.py would shadow
 the ``kernels`` package transformers probes for).
 """
 from __future__ import annotations
 
-import datetime, importlib.util, json, os, platform, sys  # noqa: E401
+import datetime, json, os, platform, sys  # noqa: E401
 
 EMULATED_GPU = "rtx3090"
 
 
-def bench_module(name: str):
-    """A module of bench/ by file path, registered in ``sys.modules`` (dataclasses look it up)."""
-    key = f"corept_bench_{name}"
-    if key not in sys.modules:
-        spec = importlib.util.spec_from_file_location(key, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                        f"{name}.py"))
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[key] = mod
-        spec.loader.exec_module(mod)
-    return sys.modules[key]
-
-
-def environment(records: list[dict]) -> dict:
+def environment(records: list[dict], commit: str | None = None) -> dict:
+    """Date, command, versions, GPU, allocator setting and source commit (the records' own, else ``commit``)."""
     info = {"date": datetime.date.today().isoformat(), "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
             "python": platform.python_version(), "host": platform.node()}
     for mod in ("torch", "triton", "transformers", "peft", "bitsandbytes", "corept", "corept_kernels"):
@@ -33,13 +22,8 @@ def environment(records: list[dict]) -> dict:
     info["cuda"] = getattr(getattr(sys.modules.get("torch"), "version", None), "cuda", None)
     info["gpu"] = next((r["gpu"] for r in records if r.get("gpu")), None)
     info["cuda_alloc_conf"] = next((r["alloc_conf"] for r in records if r.get("alloc_conf")), None)
-    info["commit"] = next((r["commit"] for r in records if r.get("commit")), None) or commit()
+    info["commit"] = next((r["commit"] for r in records if r.get("commit")), None) or commit
     return info
-
-
-def commit() -> str | None:
-    """``bench/common.py``'s ``source_commit`` (loaded by path: bench/ is not on ``sys.path``)."""
-    return bench_module("common").source_commit()
 
 
 def table(head: str, rows: list) -> list[str]:

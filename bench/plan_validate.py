@@ -30,18 +30,28 @@ for _k, _v in (("HF_HUB_OFFLINE", "1"), ("PYTHONUNBUFFERED", "1"), ("TOKENIZERS_
 GIB = 2**30
 
 
-def _report():
-    """bench/plan_report.py (by path, like every bench module)."""
+def _bench(name: str):
+    """A bench/ module by file path (bench/ is not on ``sys.path``), registered in ``sys.modules``
+    (dataclasses look their module up there)."""
     import importlib.util
 
-    key = "corept_bench_plan_report"
+    key = f"corept_bench_{name}"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                        "plan_report.py"))
+                                                                        f"{name}.py"))
         mod = importlib.util.module_from_spec(spec)
         sys.modules[key] = mod
         spec.loader.exec_module(mod)
     return sys.modules[key]
+
+
+def _report():
+    """bench/plan_report.py: environment, tables, result files, merging."""
+    return _bench("plan_report")
+
+
+def _commit() -> str | None:
+    return _bench("common").source_commit()
 
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -218,7 +228,7 @@ def worker(spec: dict) -> int:
     import torch
 
     dev, out = spec["device"], spec["jsonl"]
-    deadline, commit = spec["deadline"], _report().commit()
+    deadline, commit = spec["deadline"], _commit()
 
     def emit(rec: dict) -> None:
         rec.update(gpu=torch.cuda.get_device_name(0) if dev == "cuda" else "cpu", worker_s=round(time.time() - t0, 1),
@@ -387,7 +397,7 @@ def main(argv=None) -> int:
     if not args.keep_ckpt:
         shutil.rmtree(args.ckpt_dir, ignore_errors=True)
     records = [json.loads(line) for line in open(jsonl)] if os.path.exists(jsonl) else []
-    env = _report().environment(records)
+    env = _report().environment(records, _commit())
     tag = args.tag or ("h200" if "H200" in str(env.get("gpu")) else str(env.get("gpu") or args.device).split()[-1].lower())
     stem = f"plan-{env['date']}-{tag}-{'-'.join(args.parts)}" + ("-tiny" if args.tiny else "")
     path = _report().write(records, env, args.out, stem)

@@ -3,12 +3,12 @@
 ``bench/e2e.py --smoke`` runs the real code paths (prepare step, one subprocess per run, the hf and
 corept stacks on tiny llama and qwen3 models in fp32) and writes the results files; this checks
 their fields and that hf and corept losses agree. Nothing here is timed. The search, the site
-linker and the report are checked directly (standard library, no subprocess).
+linker and the report are checked directly (standard library, no subprocess; modules loaded by the
+``bench_module`` fixture of conftest.py).
 """
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
 import json
 import math
 import os
@@ -23,14 +23,6 @@ REPO = BENCH.parent
 REQUIRED = ("variant", "model", "shape", "tokens_per_s", "median_step_s", "peak_gib", "after_load_gib",
             "activation_gib", "loss", "losses", "versions", "command", "date")
 NUMBERS = ("tokens_per_s", "median_step_s", "peak_gib", "after_load_gib", "activation_gib", "loss")
-
-
-def _load(name: str):
-    """A bench module by path (bench/ is not put on sys.path: its kernels.py shadows a package)."""
-    spec = importlib.util.spec_from_file_location(f"corept_bench_test_{name}", BENCH / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +74,8 @@ def test_smoke_hf_and_corept_losses_agree(smoke):
         assert cp["corept_applied"], "corept patched nothing"
 
 
-def test_search_finds_the_threshold():
-    ms = _load("e2e_maxseq")
+def test_search_finds_the_threshold(bench_module):
+    ms = bench_module("e2e_maxseq")
     for limit, start in ((9300, 8192), (71_700, 8192), (3000, 8192), (500, 1024)):
         seen = []
         res = ms.search(lambda s: seen.append(s) or s <= limit, start, 262_144, 1024)
@@ -101,8 +93,8 @@ def test_search_finds_the_threshold():
         "hf_qlora": 8192, "unsloth_qlora": 65536}
 
 
-def test_link_site_exposes_the_plugins(tmp_path):
-    site = _load("e2e_site")
+def test_link_site_exposes_the_plugins(tmp_path, bench_module):
+    site = bench_module("e2e_site")
     names = site.link_site(str(tmp_path), str(REPO), (".", "kernels", "plugins/llama", "plugins/qwen"))
     assert names == ["corept", "corept-kernels", "corept-llama", "corept-qwen"]
     eps = {ep.name: ep.value for d in importlib.metadata.distributions(path=[str(tmp_path)])
@@ -114,8 +106,8 @@ def test_link_site_exposes_the_plugins(tmp_path):
     assert len([d for d in importlib.metadata.distributions(path=[str(tmp_path)]) if d.name == "corept"]) == 1
 
 
-def test_report_merges_and_tabulates(tmp_path):
-    rep = _load("e2e_report")
+def test_report_merges_and_tabulates(tmp_path, bench_module):
+    rep = bench_module("e2e_report")
     a = [{"kind": "throughput", "variant": "hf", "model": "m", "shape": "1x8", "tokens_per_s": 100.0, "loss": 2.0},
          {"kind": "throughput", "variant": "unsloth", "model": "m", "shape": "1x8", "error": "boom"}]
     b = [{"kind": "throughput", "variant": "unsloth", "model": "m", "shape": "1x8", "tokens_per_s": 200.0,
@@ -130,8 +122,8 @@ def test_report_merges_and_tabulates(tmp_path):
     assert "| unsloth | m | 1x8 | 200 | 2.00 | 1.00 |" in text and "9,216" in text
 
 
-def test_profile_categories():
-    prof = _load("e2e_profile")
+def test_profile_categories(bench_module):
+    prof = bench_module("e2e_profile")
     assert prof.category("flash_fwd_kernel") == "attention"
     assert prof.category("nvjet_tst_128x256_64x4") == "gemm" and prof.category("aten::mm") == "gemm"
     assert prof.category("Memcpy DtoH (Device -> Pinned)") == "copy_cast"

@@ -6,7 +6,6 @@ writes the results files; this checks their fields. Nothing here is timed. ~30 s
 """
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import subprocess
@@ -17,13 +16,6 @@ import pytest
 
 BENCH = Path(__file__).resolve().parent.parent
 REPO = BENCH.parent
-
-
-def _driver():
-    spec = importlib.util.spec_from_file_location("corept_bench_test_multigpu", BENCH / "multigpu.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +44,8 @@ def test_every_part_trained_with_finite_losses(doc):
     assert set(doc["summary"]) >= {"ddp_speedup", "fsdp_finite_loss"}
 
 
-def test_markdown_reports_skips_and_errors():
-    md = _driver().markdown({"date": "2026-01-01", "tag": "t", "command": "c", "summary": {
+def test_markdown_reports_skips_and_errors(bench_module):
+    md = bench_module("multigpu").markdown({"date": "2026-01-01", "tag": "t", "command": "c", "summary": {
         "ddp_speedup": 1.9, "ddp_target": 1.85, "ddp_meets_target": True}, "records": [
         {"part": "single", "engine": "single", "gpus": 1, "model": "m", "batch": 2, "seq": 8, "tokens_per_s": 10.0,
          "peak_gib_per_rank": [1.0], "loss0": 2.0, "loss": 1.0, "versions": {"torch": "x"}, "gpu": "G"},

@@ -192,10 +192,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    code = main(sys.argv[1:])
-    # Everything is written and the process group destroyed. Skip the interpreter's teardown:
-    # with FSDP2 on gloo (CPU) it intermittently aborts in a C++ destructor ("terminate called
-    # without an active exception": 2 of 7 dry runs on a 2-core machine) after the work is done.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code or 0)
+    from corept.distributed.launcher import exit_skipping_teardown
+
+    exit_skipping_teardown(main(sys.argv[1:]))  # everything is written and the process group destroyed

@@ -77,7 +77,7 @@ def test_reports_and_merge(pv, tmp_path):
     rec = {"kind": "measure", "config": {"arch": "llama", "model": "Llama-3.1-8B", "method": "qlora", "seq": 4096,
                                          "batch": 1, "r": 16}, "predicted_gib": 6.7, "measured_gib": 6.5,
            "error_pct": 3.08, "ok": True, "gpu": "NVIDIA H200", "emulated": True, "planner_required_gib": 7.5}
-    env = report.environment([rec])
+    env = report.environment([rec], pv._commit())
     path = report.write([rec], env, str(tmp_path), "part-a")
     d = json.loads(Path(path).read_text())
     assert {"gpu", "versions", "command", "records"} <= set(d) and d["gpu"] == "NVIDIA H200"
