@@ -16,7 +16,7 @@ from tiny import tiny_model
 import corept
 from corept.lora_setup import QKVGroup
 from corept.testing.builders import randomize_lora
-from corept.testing.tolerances import assert_fp32_close
+from corept.testing.tolerances import assert_bf16_within, assert_fp32_close
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 IDS = torch.tensor([[5, 9, 17, 33, 2, 64, 128, 200], [7, 7, 1, 250, 99, 3, 45, 12]])
@@ -73,16 +73,18 @@ def test_qkv_grouped_reported_and_matches_peft_fp32():
 
 @pytest.mark.parametrize("model_type", ["llama", "qwen3", "gemma2"])
 def test_bf16_fused_lora_follows_peft(model_type):
-    """bf16 model, fp32 adapters: the fused path (MLP, q/k/v, o) rounds where peft does, so the loss
-    is bitwise peft's and every gradient equal up to fp32 summation order (one ``dA`` matmul for
-    linears sharing an input)."""
+    """bf16 model, fp32 adapters: the fused path (MLP, q/k/v, o) rounds where peft does from values
+    equal to fp32 precision (``corept_kernels.lora_branch``), so the loss and every gradient meet
+    the bf16 rule against an fp32 gold copy (measured: at most 1.6x peft's own error; the bound is
+    2x plus one ulp)."""
     ref, pat = _pair(model_type, torch.bfloat16)
+    gold = copy.deepcopy(ref).to(torch.float32)
     assert "lora_qkv x2" in corept.report(pat).applied["lora"]
-    (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
-    assert torch.equal(loss, ref_loss), (loss, ref_loss)
+    (loss, grads), (ref_loss, ref_grads), (gold_loss, gold_grads) = _step(pat), _step(ref), _step(gold)
+    assert_bf16_within("loss", loss, ref_loss, gold_loss)
     for n, g in ref_grads.items():
         assert grads[n].dtype == g.dtype == torch.float32, n
-        torch.testing.assert_close(grads[n], g, rtol=1e-5, atol=1e-6 * g.abs().max().item(), msg=n)
+        assert_bf16_within(n, grads[n], g, gold_grads[n])
 
 
 def test_qwen2_biased_qkv_fall_back_with_reason():
@@ -176,15 +178,20 @@ def _largest_fp32_temporary(fn) -> int:
 def test_no_grad_training_forward_takes_fused_path_bounded_by_chunks(monkeypatch):
     """Checkpointing's first pass (train mode, ``no_grad``): the fused path, so the fp32 adapter
     temporaries stay within ``CHUNK_BYTES`` where peft's path makes whole ``[N, I]`` fp32 products;
-    outputs bitwise peft's in bf16."""
-    import corept_kernels.lora_autograd as la
+    outputs peft's in bf16 but for rare one-ulp flips (``corept_kernels.lora_branch``)."""
+    import corept_kernels.lora_branch as lb
 
-    ref, pat = _pair("llama", torch.bfloat16, only=None)
+    # intermediate 512: the fp32 [N, 2r] products (r-sized, any N) stay far below an eighth of [N, I]
+    ref, pat = _pair("llama", torch.bfloat16, only=None, intermediate_size=512)
     mlp, rmlp = pat.get_base_model().model.layers[0].mlp, ref.get_base_model().model.layers[0].mlp
     x = torch.randn(4, 64, 64, dtype=torch.bfloat16)
     n_i_fp32 = x.shape[0] * x.shape[1] * mlp.gate_proj.base_layer.out_features * 4
-    monkeypatch.setattr(la, "CHUNK_BYTES", n_i_fp32 // 8)
+    monkeypatch.setattr(lb, "CHUNK_BYTES", n_i_fp32 // 8)
     with torch.no_grad():
         assert _largest_fp32_temporary(lambda: mlp(x)) <= n_i_fp32 // 8
         assert _largest_fp32_temporary(lambda: rmlp(x)) >= n_i_fp32  # the control: peft's path
-        assert torch.equal(mlp(x), rmlp(x))
+        ours, theirs = mlp(x), rmlp(x)
+        # the bounds of kernels/tests/lora_helpers.py (TWIN_*): rare one-ulp flips, propagated
+        share = (ours != theirs).float().mean().item()
+        rel = ((ours.float() - theirs.float()).norm() / theirs.float().norm()).item()
+        assert share <= 0.08 and rel <= 1.2e-3, (share, rel)

@@ -171,7 +171,7 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
 def _lora_chunk_bytes() -> float:
     """The fused LoRA kernels' row-chunk bound for adapter-dtype casts (their own constant)."""
     try:
-        from corept_kernels.lora_autograd import CHUNK_BYTES
+        from corept_kernels.lora_branch import CHUNK_BYTES
     except ImportError:  # planning needs no kernels; the value as of corept-kernels 0.1
         return float(64 << 20)
     return float(CHUNK_BYTES)

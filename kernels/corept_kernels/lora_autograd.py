@@ -41,6 +41,11 @@ What is saved for backward (activations; parameters are referenced, not copied):
   backward by the fused activation kernel, which overwrites ``e``/``g``/``dh`` in place (so a
   second backward through the same graph, ``retain_graph=True``, fails loudly on the version check).
 
+**fp32 adapters on a bf16 model** (peft's default, the common case) run the branch through
+:mod:`corept_kernels.lora_branch`: bf16-operand GEMMs with fp32 accumulation whose values equal
+peft's fp32 ones to fp32 precision, rounded at the points below; no fp32 copy of an activation
+is made. The paragraphs below describe the generic path, which every other dtype pair takes.
+
 **Transients.** When the adapter dtype differs from the model's, every cast of an ``[N, width]``
 activation to the adapter dtype (``h``, ``de``, ``dg``, the branch outputs and ``dxa A``) is done
 over row chunks of at most :data:`CHUNK_BYTES`, so the fp32 temporaries stay bounded whatever
@@ -64,18 +69,18 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from corept_kernels import lora_branch as lb
 from corept_kernels.lora_act import glu_backward_, glu_forward
+from corept_kernels.lora_branch import CHUNK_BYTES  # noqa: F401 - re-exported (planner, tests)
 from corept_kernels.lora_weights import LoraWeights
-
-CHUNK_BYTES = 64 << 20
-"""Upper bound (bytes) of one row chunk of an adapter-dtype copy of an ``[N, width]`` activation."""
 
 
 def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
     """The dtype the adapter branch runs in: the adapter's own, promoted with the input's.
 
     peft runs ``lora_B(lora_A(x.to(A.dtype)))`` (fp32 adapters on a bf16 model: fp32 branch);
-    matching it keeps the fused path's numerics peft's.
+    matching it keeps the fused path's numerics peft's (for fp32 adapters on a bf16 model through
+    :mod:`corept_kernels.lora_branch`'s bf16-operand GEMMs).
     """
     return torch.promote_types(A.dtype, dt)
 
@@ -83,7 +88,7 @@ def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
 def _rows(n: int, width: int, ldt: torch.dtype, dt: torch.dtype) -> list[slice]:
     """Row slices of ``[n, width]``: one when no cast to ``ldt`` is needed, else chunks whose
     ``ldt`` copy takes at most :data:`CHUNK_BYTES`."""
-    return [slice(0, n)] if ldt == dt else _product_rows(n, width, ldt)
+    return [slice(0, n)] if ldt == dt else lb.product_rows(n, width, ldt.itemsize)
 
 
 def _product_rows(n: int, width: int, ldt: torch.dtype) -> list[slice]:
@@ -93,8 +98,7 @@ def _product_rows(n: int, width: int, ldt: torch.dtype) -> list[slice]:
     The inner dimension is the LoRA rank, so splitting the rows changes no element's sum; the
     full-size temporary it avoids is one ``[N, width]`` (e.g. one ``[N, H]`` in q/k/v's backward).
     """
-    step = max(1, CHUNK_BYTES // max(1, width * ldt.itemsize))
-    return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
+    return lb.product_rows(n, width, ldt.itemsize)
 
 
 def _offsets(ranks: Sequence[int]) -> list[tuple[int, int]]:
@@ -114,6 +118,8 @@ def _xa(x2: torch.Tensor, As: Sequence[torch.Tensor], ldt: torch.dtype) -> torch
     occasional one-ulp differences.
     """
     dt = x2.dtype
+    if lb.uses_split(ldt, dt):
+        return lb.xa(x2, As)
     Als = [A.to(ldt) for A in As]
     xa = x2.new_empty(x2.shape[0], sum(A.shape[0] for A in As), dtype=ldt)
     offs = _offsets([A.shape[0] for A in As])
@@ -129,6 +135,8 @@ def _forward_one(x2: torch.Tensor, lw: LoraWeights, xa: torch.Tensor, B: torch.T
     w = lw.dense_weight(dt)
     y = F.linear(x2, w, None if lw.bias is None else lw.bias.to(dt))
     del w
+    if lb.uses_split(xa.dtype, dt):
+        return lb.add_branch_(y, xa, B, lw.scaling, lw.is_4bit)
     ldt, Bt = xa.dtype, B.to(xa.dtype).t()
     for sl in _product_rows(y.shape[0], y.shape[1], ldt):
         z = xa[sl] @ Bt
@@ -158,6 +166,10 @@ def _backward_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
     dxa = torch.empty_like(xa)
     dBs = []
     for lw, B, d, need, (a, b) in zip(lws, Bs, douts, need_B, _offsets([B.shape[1] for B in Bs])):
+        if lb.uses_split(ldt, dt):
+            dB, dxa[:, a:b] = lb.dxa_dB(d, xa[:, a:b], B, lw.scaling, need)
+            dBs.append(dB.to(B.dtype) if need else None)
+            continue
         Bl = B.to(ldt)
         dB = None
         for sl in _rows(d.shape[0], d.shape[1], ldt, dt):
@@ -177,15 +189,18 @@ def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
     offs = _offsets([A.shape[0] for A in As])
     dx = None
     for lw, A, d, (a, b) in reversed(list(zip(lws, As, douts, offs))):
-        Al = A.to(ldt)
+        Al = A if lb.uses_split(ldt, dt) else A.to(ldt)
         w = lw.dense_weight(dt)
         base = d @ w
         del w
         first, dx = dx is None, base if dx is None else dx
         # the first two terms commute (one rounded sum): start from the base product, no extra buffer
-        for sl in _product_rows(dx.shape[0], dx.shape[1], ldt):
-            br = dxa[sl, a:b] @ Al
-            dx[sl] += br if ldt == dt else br.to(dt)
+        if lb.uses_split(ldt, dt):
+            lb.add_dx_branch_(dx, dxa[:, a:b], A)
+        else:
+            for sl in _product_rows(dx.shape[0], dx.shape[1], ldt):
+                br = dxa[sl, a:b] @ Al
+                dx[sl] += br if ldt == dt else br.to(dt)
         if not first:
             dx += base
         del base
@@ -197,9 +212,12 @@ def _dA(dxa: torch.Tensor, x2: torch.Tensor, As, need_A: Sequence[bool]):
     if not any(need_A):
         return [None] * len(As)
     ldt, dA = dxa.dtype, None
-    for sl in _rows(x2.shape[0], x2.shape[1], ldt, x2.dtype):
-        xs = x2[sl].to(ldt)
-        dA = dxa[sl].t() @ xs if dA is None else dA.addmm_(dxa[sl].t(), xs)
+    if lb.uses_split(ldt, x2.dtype):
+        dA = lb.dA(dxa, x2)
+    else:
+        for sl in _rows(x2.shape[0], x2.shape[1], ldt, x2.dtype):
+            xs = x2[sl].to(ldt)
+            dA = dxa[sl].t() @ xs if dA is None else dA.addmm_(dxa[sl].t(), xs)
     out, off = [], 0
     for A, need in zip(As, need_A):
         out.append(dA[off:off + A.shape[0]].to(A.dtype) if need else None)

@@ -1,21 +1,25 @@
 """The fused LoRA paths round where peft rounds, and bound their adapter-dtype transients.
 
-* bf16 model, fp32 adapters (peft's default): corept's outputs and input gradient are bitwise
-  peft's (same rounding points: the gated activation's, the adapter branch added in fp32 or, on
-  an NF4 base, rounded first as peft's ``Linear4bit`` does, ``dx`` accumulated in autograd's
-  order); the adapter gradients differ from peft's only at fp32 level (one ``dA`` matmul for
-  linears sharing an input).
+* bf16 model, fp32 adapters (peft's default): corept rounds at peft's points (the gated
+  activation's, the adapter branch added in fp32 or, on an NF4 base, rounded first as peft's
+  ``Linear4bit`` does, ``dx`` accumulated in autograd's order) from values equal to peft's fp32
+  ones to fp32 precision (bf16 operands split in hi/lo parts, ``corept_kernels.lora_branch``).
+  So its outputs and input gradient are peft's but for rare one-ulp flips
+  (:func:`lora_helpers.assert_rounding_twin`); moving a rounding point or dropping the ``lo``
+  parts fails that check (the controls below).
 * fp32 copies of ``[N, F]`` activations are made over row chunks of at most ``CHUNK_BYTES``.
 """
 from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import (H, INTER, MLP, QKV, TOKENS, TinyAttnProj, TinyMLP, case, layers, lora_params, peftify,
-                          quantize_nf4, run, tiny)
+from lora_helpers import (H, INTER, MLP, QKV, TOKENS, TWIN_GRAD_REL_L2, TWIN_MISMATCH, TWIN_REL_L2, TinyAttnProj, TinyMLP,
+                          assert_rounding_twin, case, layers, lora_params, peftify, quantize_nf4, rounding_twin_stats,
+                          run, tiny)
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import corept_kernels.lora_autograd as la
+import corept_kernels.lora_branch as lb
 
 CASES = [("mlp", "swiglu", False), ("mlp", "geglu_tanh", False), ("mlp", "geglu", False), ("qkv", None, False),
          ("o", None, False), ("mlp", "swiglu", True), ("qkv", None, True)]
@@ -37,21 +41,52 @@ def _inputs(kind, seed=3):
     return x, [torch.randn(*TOKENS, w, generator=g).bfloat16() for w in width]
 
 
-@pytest.mark.parametrize("kind,activation,nf4", CASES,
-                         ids=[f"{k}-{a or 'lin'}{'-nf4' if q else ''}" for k, a, q in CASES])
-def test_bf16_fp32_adapters_follow_peft_rounding(kind, activation, nf4):
+def _ours_and_peft(kind, activation, nf4):
     pm, _ = _model(kind, activation, nf4)
     peft_fn, ours_fn, _, mods = case(kind, pm, activation or "swiglu")
     assert {p.dtype for p in lora_params(mods)} == {torch.float32}
     x, dys = _inputs(kind)
     params = lora_params(mods)
-    ours, theirs = run(ours_fn, x, dys, params), run(peft_fn, x, dys, params)
+    return run(ours_fn, x, dys, params), run(peft_fn, x, dys, params)
+
+
+@pytest.mark.parametrize("kind,activation,nf4", CASES,
+                         ids=[f"{k}-{a or 'lin'}{'-nf4' if q else ''}" for k, a, q in CASES])
+def test_bf16_fp32_adapters_follow_peft_rounding(kind, activation, nf4):
+    ours, theirs = _ours_and_peft(kind, activation, nf4)
     for i, (a, b) in enumerate(zip(ours[0] + ours[1][:1], theirs[0] + theirs[1][:1])):
         assert a.dtype == b.dtype == torch.bfloat16
-        assert torch.equal(a, b), f"output/x.grad {i}: max diff {(a.float() - b.float()).abs().max():.3e}"
-    for a, b in zip(ours[1][1:], theirs[1][1:]):
+        assert_rounding_twin(a, b, f"output/x.grad {i}")
+    for a, b in zip(ours[1][1:], theirs[1][1:]):  # adapter grads: fp32, downstream of the bf16 flips
         assert a.dtype == b.dtype == torch.float32
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+        assert rounding_twin_stats(a, b)[1] <= TWIN_GRAD_REL_L2
+
+
+def _without_lo_parts(monkeypatch):
+    def hi_only(t, dim, dtype=torch.bfloat16):
+        hi = t.to(dtype)
+        return torch.cat([hi, torch.zeros_like(hi)], dim)
+
+    def hi_factors(u, v, dtype):
+        return torch.cat([u.to(dtype)] * 3, 1), torch.cat([v.to(dtype), torch.zeros_like(v.to(dtype)).repeat(2, 1)], 0)
+
+    monkeypatch.setattr(lb, "split", hi_only)
+    monkeypatch.setattr(lb, "rank_factors", hi_factors)
+
+
+def _branch_rounded_first(monkeypatch):
+    four_bit_rounding = lb.add_branch_
+    monkeypatch.setattr(lb, "add_branch_", lambda y, xa, B, s, four_bit: four_bit_rounding(y, xa, B, s, True))
+
+
+@pytest.mark.parametrize("defect", [_without_lo_parts, _branch_rounded_first], ids=["no-lo-parts", "rounded-first"])
+@pytest.mark.parametrize("kind", ["mlp", "qkv"])
+def test_rounding_twin_check_catches_a_defect(monkeypatch, defect, kind):
+    """The controls: a plausible defect of the split branch fails :func:`assert_rounding_twin`."""
+    defect(monkeypatch)
+    ours, theirs = _ours_and_peft(kind, "swiglu" if kind == "mlp" else None, False)
+    stats = [rounding_twin_stats(a, b) for a, b in zip(ours[0] + ours[1][:1], theirs[0] + theirs[1][:1])]
+    assert any(share > TWIN_MISMATCH or rel > TWIN_REL_L2 for share, rel in stats), stats
 
 
 class _Fp32Outputs(TorchDispatchMode):
@@ -89,19 +124,21 @@ def test_chunked_adapter_casts_bound_fp32_transients(monkeypatch, nf4):
     """Without chunks the MLP backward makes fp32 ``[N, F]`` copies (of de, dg and h); with them
     no fp32 ``[*, F]`` tensor exceeds one chunk. Results are unchanged."""
     pm, _ = _model("mlp", "swiglu", nf4)
-    rows, n = 4, 160
+    rows, n = 16, 160  # 16 rows: more than the [3r, F] weight factors of the CPU twin (r 4 on down_proj)
     g = torch.Generator().manual_seed(n)
     x, dy = (torch.randn(n, H, generator=g).bfloat16() for _ in range(2))
     whole = _Fp32Outputs()
     unchunked = _mlp_run(pm, x, dy, whole)
     assert whole.largest >= n * INTER
-    monkeypatch.setattr(la, "CHUNK_BYTES", rows * INTER * 4)
+    monkeypatch.setattr(lb, "CHUNK_BYTES", rows * INTER * 4)
     mode = _Fp32Outputs()
     chunked = _mlp_run(pm, x, dy, mode)
     assert mode.largest <= rows * INTER, (mode.largest, rows * INTER)
-    assert torch.equal(chunked[0], unchunked[0]) and torch.equal(chunked[1], unchunked[1])
-    for a, b in zip(chunked[2:], unchunked[2:]):  # dA/dB sum over N: chunked partial sums, fp32 order
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+    # chunks change only the order of fp32 sums (in the CPU twin of the fp32-output GEMMs)
+    assert_rounding_twin(chunked[0], unchunked[0], "y")
+    assert_rounding_twin(chunked[1], unchunked[1], "x.grad")
+    for a, b in zip(chunked[2:], unchunked[2:]):
+        assert rounding_twin_stats(a, b)[1] <= TWIN_GRAD_REL_L2
 
 
 def test_chunked_forward_matches(monkeypatch):
@@ -110,12 +147,12 @@ def test_chunked_forward_matches(monkeypatch):
     x, dys = _inputs("qkv")
     params = lora_params(mods)
     whole = run(ours_fn, x, dys, params)
-    monkeypatch.setattr(la, "CHUNK_BYTES", 3 * 48 * 4)  # 3 rows of the widest output
+    monkeypatch.setattr(lb, "CHUNK_BYTES", 3 * 48 * 4)  # 3 rows of the widest output
     chunked = run(ours_fn, x, dys, params)
     for a, b in zip(chunked[0] + chunked[1][:1], whole[0] + whole[1][:1]):
-        assert torch.equal(a, b)
+        assert_rounding_twin(a, b, "output/x.grad")
     for a, b in zip(chunked[1][1:], whole[1][1:]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6 * b.abs().max().item())
+        assert rounding_twin_stats(a, b)[1] <= TWIN_GRAD_REL_L2
     assert len(la._rows(26, 48, torch.float32, torch.bfloat16)) == 9
     assert la._rows(26, 48, torch.bfloat16, torch.bfloat16) == [slice(0, 26)]
     assert la._rows(0, 48, torch.float32, torch.bfloat16) == [slice(0, 0)]
@@ -153,7 +190,7 @@ def test_same_dtype_rank_products_run_in_chunks(monkeypatch, kind):
     with whole_mode:
         whole = run(ours_fn, x, dys, params)
     assert whole_mode.rows == n
-    monkeypatch.setattr(la, "CHUNK_BYTES", 3 * 48 * 2)  # 3 rows of a 48-wide bf16 output
+    monkeypatch.setattr(lb, "CHUNK_BYTES", 3 * 48 * 2)  # 3 rows of a 48-wide bf16 output
     mode = _RankProducts(r)
     with mode:
         chunked = run(ours_fn, x, dys, params)

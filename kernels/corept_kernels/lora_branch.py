@@ -1,0 +1,180 @@
+"""The adapter branch of fp32 adapters on a bf16 model, without fp32 copies of activations.
+
+peft runs the branch of fp32 adapters (its default) in fp32: ``x.to(fp32)``, fp32 GEMMs, an fp32
+``[N, out]`` product added to the bf16 base output. On a GPU those casts, fp32 adds and
+non-tensor-core fp32 GEMMs were ~30% of an 8B LoRA step (``bench/lora_branch_probe.py``,
+docs/perf-notes.md). Here every GEMM takes bf16 operands and accumulates in fp32, and the values
+stay fp32-accurate:
+
+* an fp32 tensor ``t`` is carried as two bf16 parts, ``hi = bf16(t)`` and ``lo = bf16(t - hi)``,
+  whose sum is ``t`` to ~2^-17 relative (:func:`split`); the big activations ``x``, ``dy`` are
+  bf16 already, so they enter the GEMMs as they are;
+* a product of a bf16 activation with an fp32 adapter value is the sum of its products with the
+  two parts: one GEMM against the concatenated parts, fp32 output, halves summed
+  (:func:`mm_f32`, :func:`sum_halves`);
+* a rank-``r`` product of two fp32 factors ``u v^T`` added into a bf16 tensor is ``[u_hi, u_hi,
+  u_lo] [v_hi, v_lo, v_hi]^T`` (the ``lo * lo`` term is below fp32's precision): one bf16 GEMM
+  with ``K = 3r`` whose fp32 accumulator is rounded once, added into the output in the GEMM's
+  epilogue (:func:`addmm_round_`) or rounded alone where peft rounds the branch first
+  (:func:`mm_round`).
+
+So the rounding points stay peft's; the values rounded differ from peft's fp32 ones only at fp32
+precision (an occasional one-ulp flip of a bf16 result). On CUDA the fp32-output GEMMs are
+``torch.mm(..., out_dtype=torch.float32)``; elsewhere (CPU, the interpreter tests) the same sums
+are formed by upcasting chunks of the operands, which is exact for products of bf16 values.
+
+Shapes: ``x`` ``[N, in]``, ``A`` ``[r, in]``, ``B`` ``[out, r]``, ``xa``/``dxa`` ``[N, r]``.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 64 << 20
+"""Upper bound (bytes) of one row chunk of a temporary copy or product of an ``[N, width]``
+activation made by the fused LoRA paths."""
+
+
+def uses_split(adapter_dtype: torch.dtype, model_dtype: torch.dtype) -> bool:
+    """True where this module's branch applies: fp32 adapters on a bf16 model."""
+    return adapter_dtype == torch.float32 and model_dtype == torch.bfloat16
+
+
+def product_rows(n: int, width: int, itemsize: int) -> list[slice]:
+    """Row slices of ``[n, width]`` whose temporaries of ``itemsize`` bytes per element take at
+    most :data:`CHUNK_BYTES` each (one slice ``[0:0]`` when ``n`` is 0)."""
+    step = max(1, CHUNK_BYTES // max(1, width * itemsize))
+    return [slice(i, min(n, i + step)) for i in range(0, n, step)] or [slice(0, 0)]
+
+
+def split(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp32 ``t`` as ``[hi, lo]`` concatenated along ``dim`` in ``dtype`` (``hi + lo`` = ``t``)."""
+    hi = t.to(dtype)
+    return torch.cat([hi, (t - hi.float()).to(dtype)], dim)
+
+
+def sum_halves(p: torch.Tensor, dim: int) -> torch.Tensor:
+    """``p`` split in two equal halves along ``dim``, summed (the products with ``hi`` and ``lo``)."""
+    a, b = p.chunk(2, dim)
+    return a + b
+
+
+_OUT_DTYPE_MM: bool | None = None
+"""Whether this torch's CUDA ``torch.mm`` takes ``out_dtype`` (None: not tried yet)."""
+
+
+def _fp32_out_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+    """The CUDA fp32-output GEMM, or None where this torch lacks it (then logged once)."""
+    global _OUT_DTYPE_MM
+    if not a.is_cuda or a.dtype not in (torch.bfloat16, torch.float16) or _OUT_DTYPE_MM is False:
+        return None
+    try:
+        out = torch.mm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError, NotImplementedError) as e:
+        _OUT_DTYPE_MM = False
+        logger.warning("torch %s has no fp32-output bf16 GEMM (torch.mm out_dtype: %s); the fused LoRA "
+                       "branch upcasts operand chunks instead (correct, slower)", torch.__version__, e)
+        return None
+    _OUT_DTYPE_MM = True
+    return out
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` ``[M, K] x [K, P]`` of bf16 operands, accumulated in fp32, returned in fp32.
+
+    On CUDA one cuBLAS GEMM with an fp32 output. Elsewhere, fp32 copies of ``K``-slices of both
+    operands (each at most :data:`CHUNK_BYTES`) multiplied and summed: products of bf16 values are
+    exact in fp32, so this forms the same sums up to their order.
+    """
+    out = _fp32_out_mm(a, b)
+    if out is not None:
+        return out
+    M, K = a.shape
+    P = b.shape[1]
+    out = torch.zeros(M, P, dtype=torch.float32, device=a.device)
+    step = max(1, CHUNK_BYTES // (4 * max(M, P, 1)))
+    for k in range(0, K, step):
+        out.addmm_(a[:, k:k + step].float(), b[k:k + step].float())
+    return out
+
+
+def mm_round(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` ``[M, K] x [K, P]`` (``K`` small: a rank product) accumulated in fp32, rounded once
+    to ``a``'s dtype. Callers pass row chunks of ``a`` so the result stays chunk-sized."""
+    if a.is_cuda:
+        return a @ b
+    return (a.float() @ b.float()).to(a.dtype)
+
+
+def addmm_round_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
+    """``y <- round(y + alpha * (a @ b))`` in place: ``y`` ``[M, P]`` bf16, ``a @ b`` a rank
+    product accumulated in fp32; one rounding, as peft adds its fp32 branch to the base output."""
+    if y.is_cuda:
+        return y.addmm_(a, b, alpha=alpha)  # cuBLAS: fp32 accumulator + beta * y, rounded once
+    for sl in product_rows(y.shape[0], y.shape[1], 4):
+        z = a[sl].float() @ b.float()
+        if alpha != 1.0:
+            z.mul_(alpha)
+        y[sl] = z.add_(y[sl]).to(y.dtype)
+    return y
+
+
+def rank_factors(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """bf16 factors ``L`` ``[M, 3r]``, ``R`` ``[3r, P]`` with ``L @ R`` = ``u @ v`` to fp32 precision,
+    for fp32 ``u`` ``[M, r]`` and ``v`` ``[r, P]``: ``[u_hi, u_hi, u_lo] @ [v_hi; v_lo; v_hi]``."""
+    u_hi, v_hi = u.to(dtype), v.to(dtype)
+    u_lo, v_lo = (u - u_hi.float()).to(dtype), (v - v_hi.float()).to(dtype)
+    return torch.cat([u_hi, u_hi, u_lo], 1), torch.cat([v_hi, v_lo, v_hi], 0)
+
+
+# ----------------------------------------------------------------------------- the branch's products
+
+
+def xa(x2: torch.Tensor, As) -> torch.Tensor:
+    """``[x A_1^T, ..., x A_k^T]`` ``[N, sum r]`` fp32, for bf16 ``x2`` ``[N, in]`` and fp32 ``A_i``."""
+    A = torch.cat(list(As), 0)
+    return sum_halves(mm_f32(x2, split(A, 0, x2.dtype).t()), 1)
+
+
+def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, four_bit: bool) -> torch.Tensor:
+    """``y`` ``[N, out]`` (base output, bf16) plus ``scaling * xa_i B^T``, rounded as peft rounds:
+    once for a float base; for a 4-bit base (peft's ``Linear4bit``) the branch is rounded first."""
+    dt = y.dtype
+    if not four_bit:
+        L, R = rank_factors(xa_i, B.t(), dt)
+        return addmm_round_(y, L, R, scaling)
+    L, R = rank_factors(xa_i * scaling, B.t(), dt)
+    for sl in product_rows(y.shape[0], y.shape[1], 4):  # 4: the CPU twin's fp32 product
+        y[sl] += mm_round(L[sl], R)
+    return y
+
+
+def dxa_dB(d: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, need_B: bool):
+    """``(dB, dxa)`` for one linear: ``dxa = s d B`` ``[N, r]`` and, if needed, ``dB = s d^T xa``
+    ``[out, r]``, both fp32, for ``d`` ``[N, out]`` bf16 (the output's gradient)."""
+    dxa_i = sum_halves(mm_f32(d, split(B, 1, d.dtype)), 1)
+    dB = None
+    if need_B:
+        dB = sum_halves(mm_f32(d.t(), split(xa_i, 1, d.dtype)), 1)
+        if scaling != 1.0:
+            dB.mul_(scaling)
+    if scaling != 1.0:
+        dxa_i.mul_(scaling)
+    return dB, dxa_i
+
+
+def dA(dxa: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``dxa^T x`` ``[sum r, in]`` fp32 for fp32 ``dxa`` ``[N, sum r]`` and bf16 ``x2`` ``[N, in]``."""
+    return sum_halves(mm_f32(split(dxa, 1, x2.dtype).t(), x2), 0)
+
+
+def add_dx_branch_(dx: torch.Tensor, dxa_i: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    """``dx += round(dxa_i A)`` over row chunks: the branch's input gradient rounded to ``dx``'s
+    dtype before it is added, as autograd accumulates peft's branch into the base's gradient."""
+    L, R = rank_factors(dxa_i, A, dx.dtype)
+    for sl in product_rows(dx.shape[0], dx.shape[1], 4):  # 4: the CPU twin's fp32 product
+        dx[sl] += mm_round(L[sl], R)
+    return dx

@@ -1,0 +1,112 @@
+"""``corept_kernels.lora_branch``: fp32-accurate adapter products from bf16-operand GEMMs.
+
+Each product is checked against float64 on odd shapes: the fp32 results to fp32 precision (a
+bf16-only product would be ~1e-3 off, far outside these bounds), the bf16 results as the float64
+value rounded at peft's points, but for rare one-ulp flips. The CUDA twins check what only a GPU
+runs (``torch.mm(..., out_dtype=float32)``, the GEMM epilogue's single rounding in ``addmm_``).
+"""
+import pytest
+import torch
+
+import corept_kernels.lora_branch as lb
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU: the cuBLAS paths (fp32-output GEMM, addmm_ epilogue)"))]
+N, IN, OUT, R = 203, 96, 72, 7
+FP32_REL = 2e-5
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b).norm() / b.norm()).item()
+
+
+def _bf16(*shape, dev, scale=1.0):
+    return (torch.randn(*shape, device=dev) * scale).bfloat16()
+
+
+def _ulp_check(ours: torch.Tensor, exact: torch.Tensor, scale: torch.Tensor, max_share=0.01, rounded_term=None):
+    """``ours`` (bf16) is ``exact`` (float64, the value peft rounds) rounded to nearest, but for at
+    most ``max_share`` of elements one ulp off: where the fp32-accurate operands (error ~2^-17 of
+    the terms' magnitude ``scale``) straddle a rounding boundary, or cancel. ``rounded_term``: a
+    term peft rounds to bf16 before the sum, whose own flip adds one of its ulps."""
+    want = exact.to(torch.bfloat16)  # float64 -> bf16 rounds to nearest even
+    eps = torch.finfo(torch.bfloat16).eps
+    bound = eps * want.double().abs() + 2.0 ** -16 * scale
+    if rounded_term is not None:
+        bound = bound + eps * rounded_term.abs()
+    assert ((ours.double() - want.double()).abs() <= bound).all()
+    share = (ours != want).float().mean().item()
+    assert share <= max_share, share
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_split_parts_sum_to_the_fp32_value(dev):
+    t = torch.randn(R, IN, device=dev) * torch.logspace(-6, 3, IN, device=dev)
+    parts = lb.split(t, 0)
+    assert parts.dtype == torch.bfloat16 and parts.shape == (2 * R, IN)
+    back = parts[:R].float() + parts[R:].float()
+    assert ((back - t).abs() <= t.abs() * 2.0 ** -16).all()
+    assert torch.equal(lb.sum_halves(torch.arange(6.0).view(1, 6), 1), torch.tensor([[3.0, 5.0, 7.0]]))
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("shape", [(N, IN, 2 * R), (2 * R, N, IN), (1, 3, 1)])
+def test_mm_f32_is_an_fp32_accumulated_product(dev, shape, monkeypatch):
+    M, K, P = shape
+    a, b = _bf16(M, K, dev=dev), _bf16(K, P, dev=dev)
+    exact = a.double() @ b.double()
+    got = lb.mm_f32(a, b)
+    assert got.dtype == torch.float32
+    assert _rel(got, exact) <= 1e-6
+    monkeypatch.setattr(lb, "CHUNK_BYTES", 4 * max(M, P) * 2)  # two K-columns per chunk (CPU twin)
+    assert _rel(lb.mm_f32(a, b), exact) <= 1e-6
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_small_products_are_fp32_accurate(dev):
+    x, d = _bf16(N, IN, dev=dev), _bf16(N, OUT, dev=dev)
+    As = [torch.randn(R, IN, device=dev) * 0.05, torch.randn(3, IN, device=dev) * 0.05]
+    B = torch.randn(OUT, R, device=dev) * 0.05
+    xa = lb.xa(x, As)
+    assert xa.dtype == torch.float32 and xa.shape == (N, R + 3)
+    assert _rel(xa, x.double() @ torch.cat(As).double().t()) <= FP32_REL
+    s = 0.37
+    dB, dxa = lb.dxa_dB(d, xa[:, :R], B, s, True)
+    assert _rel(dxa, s * d.double() @ B.double()) <= FP32_REL
+    assert _rel(dB, s * d.double().t() @ xa[:, :R].double()) <= FP32_REL
+    assert lb.dxa_dB(d, xa[:, :R], B, s, False)[0] is None
+    dA = lb.dA(dxa, x)
+    assert _rel(dA, dxa.double().t() @ x.double()) <= FP32_REL
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("four_bit", [False, True], ids=["float-base", "4bit-base"])
+def test_branch_added_with_peft_rounding(dev, four_bit):
+    y0 = _bf16(N, OUT, dev=dev)
+    xa = torch.randn(N, R, device=dev)
+    B = torch.randn(OUT, R, device=dev) * 0.3
+    s = 1.5
+    z = s * (xa.double() @ B.double().t())
+    got = lb.add_branch_(y0.clone(), xa, B, s, four_bit)
+    if four_bit:  # peft's Linear4bit: the branch rounded to bf16, then added, the sum rounded
+        zr = z.to(torch.bfloat16).double()
+        _ulp_check(got, y0.double() + zr, y0.double().abs() + z.abs(), max_share=0.02, rounded_term=zr)
+    else:  # peft's Linear: one rounding of base + fp32 branch
+        _ulp_check(got, y0.double() + z, y0.double().abs() + z.abs())
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_dx_branch_rounded_before_it_is_added(dev, monkeypatch):
+    dx0 = _bf16(N, IN, dev=dev)
+    dxa, A = torch.randn(N, R, device=dev), torch.randn(R, IN, device=dev) * 0.2
+    br = (dxa.double() @ A.double()).to(torch.bfloat16).double()
+    monkeypatch.setattr(lb, "CHUNK_BYTES", 5 * IN * 4)  # several row chunks
+    _ulp_check(lb.add_dx_branch_(dx0.clone(), dxa, A), dx0.double() + br, dx0.double().abs() + br.abs(),
+               max_share=0.02, rounded_term=br)
+
+
+def test_split_applies_to_fp32_adapters_on_bf16_only():
+    assert lb.uses_split(torch.float32, torch.bfloat16)
+    assert not lb.uses_split(torch.bfloat16, torch.bfloat16)
+    assert not lb.uses_split(torch.float32, torch.float16)
+    assert not lb.uses_split(torch.float32, torch.float32)
