@@ -93,6 +93,37 @@ def gemm_forms(dev, emit):
     emit(case="dB_fp32", ms=_time(lambda: dy.float().t() @ xa32))
 
 
+def cpu_side(dev, emit):
+    """Where the host time of one fp32-adapter q/k/v and MLP fwd+bwd goes (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from corept_kernels.lora import lora_mlp, lora_qkv
+
+    x = (torch.randn(N, H, device=dev) * 0.5).bfloat16().requires_grad_()
+    q, k, v = _lws((Q, KV, KV), H, torch.float32, dev)
+    gate, up = _lws((INTER, INTER), H, torch.float32, dev)
+    (down,) = _lws((H,), INTER, torch.float32, dev)
+    dq = [torch.randn(N, w, device=dev).bfloat16() for w in (Q, KV, KV)]
+    dy = torch.randn(N, H, device=dev).bfloat16()
+
+    def once():
+        torch.autograd.backward(lora_qkv(x, q, k, v), dq)
+        lora_mlp(x, gate, up, down, "swiglu").backward(dy)
+
+    for _ in range(3):
+        once()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(5):
+            once()
+        torch.cuda.synchronize()
+    ev = prof.key_averages()
+    top = sorted(ev, key=lambda e: e.self_cpu_time_total, reverse=True)[:14]
+    emit(case="cpu_side_qkv_mlp_x5", ops=[{"name": e.key, "calls": e.count, "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 3)}
+                                          for e in top],
+         total_self_cpu_ms=round(sum(e.self_cpu_time_total for e in ev) / 1e3, 2))
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -108,6 +139,7 @@ def main():
          tf32=torch.backends.cuda.matmul.allow_tf32)
     gemm_forms(dev, emit)
     fused_cases(dev, emit)
+    cpu_side(dev, emit)
     if args.out:
         with open(os.path.join(args.out, "lora-branch-probe.jsonl"), "w") as f:
             f.writelines(json.dumps(r) + "\n" for r in rows)

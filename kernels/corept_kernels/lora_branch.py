@@ -12,11 +12,13 @@ stay fp32-accurate:
 * a product of a bf16 activation with an fp32 adapter value is the sum of its products with the
   two parts: one GEMM against the concatenated parts, fp32 output, halves summed
   (:func:`mm_f32`, :func:`sum_halves`);
-* a rank-``r`` product of two fp32 factors ``u v^T`` added into a bf16 tensor is ``[u_hi, u_hi,
-  u_lo] [v_hi, v_lo, v_hi]^T`` (the ``lo * lo`` term is below fp32's precision): one bf16 GEMM
-  with ``K = 3r`` whose fp32 accumulator is rounded once, added into the output in the GEMM's
-  epilogue (:func:`addmm_round_`) or rounded alone where peft rounds the branch first
-  (:func:`mm_round`).
+* a rank-``r`` product of two fp32 factors added into a bf16 tensor (``s xa B^T`` into the base
+  output, ``dxa A`` into ``dx``) is summed in fp32 registers and rounded in one Triton kernel
+  (:func:`rank_add_`, :mod:`corept_kernels.rank_add`): once, or twice where peft rounds the
+  branch before the add. The first version used a bf16 GEMM with ``K = 3r`` split factors and
+  cuBLAS's ``addmm_`` epilogue: its GPU time was small, but its ~10 extra launches per call made
+  the 8B step CPU-bound (docs/perf-notes.md), and the epilogue's rounding did not pass the
+  float64 check on the H200.
 
 So the rounding points stay peft's; the values rounded differ from peft's fp32 ones only at fp32
 precision (an occasional one-ulp flip of a bf16 result). On CUDA the fp32-output GEMMs are
@@ -30,6 +32,9 @@ from __future__ import annotations
 import logging
 
 import torch
+
+from corept_kernels.lora_act import use_triton
+from corept_kernels.rank_add import rank_add_triton_
 
 logger = logging.getLogger(__name__)
 
@@ -101,33 +106,21 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def mm_round(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` ``[M, K] x [K, P]`` (``K`` small: a rank product) accumulated in fp32, rounded once
-    to ``a``'s dtype. Callers pass row chunks of ``a`` so the result stays chunk-sized."""
-    if a.is_cuda:
-        return a @ b
-    return (a.float() @ b.float()).to(a.dtype)
-
-
-def addmm_round_(y: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> torch.Tensor:
-    """``y <- round(y + alpha * (a @ b))`` in place: ``y`` ``[M, P]`` bf16, ``a @ b`` a rank
-    product accumulated in fp32; one rounding, as peft adds its fp32 branch to the base output."""
-    if y.is_cuda:
-        return y.addmm_(a, b, alpha=alpha)  # cuBLAS: fp32 accumulator + beta * y, rounded once
+def rank_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float, round_first: bool) -> torch.Tensor:
+    """``y <- round(y + round?(scaling * (u @ v)))`` in place, ``u @ v`` an fp32 rank product
+    (``[M, r] x [r, N]``): the Triton kernel of :mod:`corept_kernels.rank_add` where it can launch,
+    else the same fp32 math in torch over row chunks of at most :data:`CHUNK_BYTES`."""
+    if use_triton(y):
+        return rank_add_triton_(y, u, v, scaling, round_first)
     for sl in product_rows(y.shape[0], y.shape[1], 4):
-        z = a[sl].float() @ b.float()
-        if alpha != 1.0:
-            z.mul_(alpha)
-        y[sl] = z.add_(y[sl]).to(y.dtype)
+        z = u[sl] @ v
+        if scaling != 1.0:
+            z.mul_(scaling)
+        if round_first:
+            y[sl] += z.to(y.dtype)
+        else:
+            y[sl] = z.add_(y[sl]).to(y.dtype)
     return y
-
-
-def rank_factors(u: torch.Tensor, v: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """bf16 factors ``L`` ``[M, 3r]``, ``R`` ``[3r, P]`` with ``L @ R`` = ``u @ v`` to fp32 precision,
-    for fp32 ``u`` ``[M, r]`` and ``v`` ``[r, P]``: ``[u_hi, u_hi, u_lo] @ [v_hi; v_lo; v_hi]``."""
-    u_hi, v_hi = u.to(dtype), v.to(dtype)
-    u_lo, v_lo = (u - u_hi.float()).to(dtype), (v - v_hi.float()).to(dtype)
-    return torch.cat([u_hi, u_hi, u_lo], 1), torch.cat([v_hi, v_lo, v_hi], 0)
 
 
 # ----------------------------------------------------------------------------- the branch's products
@@ -142,14 +135,7 @@ def xa(x2: torch.Tensor, As) -> torch.Tensor:
 def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, four_bit: bool) -> torch.Tensor:
     """``y`` ``[N, out]`` (base output, bf16) plus ``scaling * xa_i B^T``, rounded as peft rounds:
     once for a float base; for a 4-bit base (peft's ``Linear4bit``) the branch is rounded first."""
-    dt = y.dtype
-    if not four_bit:
-        L, R = rank_factors(xa_i, B.t(), dt)
-        return addmm_round_(y, L, R, scaling)
-    L, R = rank_factors(xa_i * scaling, B.t(), dt)
-    for sl in product_rows(y.shape[0], y.shape[1], 4):  # 4: the CPU twin's fp32 product
-        y[sl] += mm_round(L[sl], R)
-    return y
+    return rank_add_(y, xa_i, B.t(), scaling, round_first=four_bit)
 
 
 def dxa_dB(d: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, need_B: bool):
@@ -172,9 +158,6 @@ def dA(dxa: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
 
 
 def add_dx_branch_(dx: torch.Tensor, dxa_i: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    """``dx += round(dxa_i A)`` over row chunks: the branch's input gradient rounded to ``dx``'s
-    dtype before it is added, as autograd accumulates peft's branch into the base's gradient."""
-    L, R = rank_factors(dxa_i, A, dx.dtype)
-    for sl in product_rows(dx.shape[0], dx.shape[1], 4):  # 4: the CPU twin's fp32 product
-        dx[sl] += mm_round(L[sl], R)
-    return dx
+    """``dx += round(dxa_i A)``: the branch's input gradient rounded to ``dx``'s dtype before it is
+    added, as autograd accumulates peft's branch into the base's gradient."""
+    return rank_add_(dx, dxa_i, A, 1.0, round_first=True)

@@ -79,9 +79,17 @@ def test_small_products_are_fp32_accurate(dev):
     assert _rel(dA, dxa.double().t() @ x.double()) <= FP32_REL
 
 
+@pytest.fixture(params=["triton", "torch"])
+def impl(request, monkeypatch):
+    """Both forms of the rank add: the Triton kernel (interpreter on CPU) and its torch twin."""
+    if request.param == "torch":
+        monkeypatch.setattr(lb, "use_triton", lambda t: False)
+    return request.param
+
+
 @pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("four_bit", [False, True], ids=["float-base", "4bit-base"])
-def test_branch_added_with_peft_rounding(dev, four_bit):
+def test_branch_added_with_peft_rounding(dev, four_bit, impl):
     y0 = _bf16(N, OUT, dev=dev)
     xa = torch.randn(N, R, device=dev)
     B = torch.randn(OUT, R, device=dev) * 0.3
@@ -96,7 +104,7 @@ def test_branch_added_with_peft_rounding(dev, four_bit):
 
 
 @pytest.mark.parametrize("dev", DEVICES)
-def test_dx_branch_rounded_before_it_is_added(dev, monkeypatch):
+def test_dx_branch_rounded_before_it_is_added(dev, monkeypatch, impl):
     dx0 = _bf16(N, IN, dev=dev)
     dxa, A = torch.randn(N, R, device=dev), torch.randn(R, IN, device=dev) * 0.2
     br = (dxa.double() @ A.double()).to(torch.bfloat16).double()
@@ -110,3 +118,13 @@ def test_split_applies_to_fp32_adapters_on_bf16_only():
     assert not lb.uses_split(torch.bfloat16, torch.bfloat16)
     assert not lb.uses_split(torch.float32, torch.float16)
     assert not lb.uses_split(torch.float32, torch.float32)
+
+
+def test_rank_add_rejects_mismatched_shapes():
+    from corept_kernels.rank_add import rank_add_triton_
+
+    y = torch.zeros(4, 6, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="need y"):
+        rank_add_triton_(y, torch.zeros(4, 2), torch.zeros(3, 6), 1.0, False)
+    with pytest.raises(ValueError, match="unit column stride"):
+        rank_add_triton_(y.t(), torch.zeros(6, 2), torch.zeros(2, 4), 1.0, False)

@@ -67,11 +67,7 @@ def _without_lo_parts(monkeypatch):
         hi = t.to(dtype)
         return torch.cat([hi, torch.zeros_like(hi)], dim)
 
-    def hi_factors(u, v, dtype):
-        return torch.cat([u.to(dtype)] * 3, 1), torch.cat([v.to(dtype), torch.zeros_like(v.to(dtype)).repeat(2, 1)], 0)
-
     monkeypatch.setattr(lb, "split", hi_only)
-    monkeypatch.setattr(lb, "rank_factors", hi_factors)
 
 
 def _branch_rounded_first(monkeypatch):
@@ -79,7 +75,13 @@ def _branch_rounded_first(monkeypatch):
     monkeypatch.setattr(lb, "add_branch_", lambda y, xa, B, s, four_bit: four_bit_rounding(y, xa, B, s, True))
 
 
-@pytest.mark.parametrize("defect", [_without_lo_parts, _branch_rounded_first], ids=["no-lo-parts", "rounded-first"])
+def _rank_add_rounded_once(monkeypatch):
+    rank_add = lb.rank_add_
+    monkeypatch.setattr(lb, "rank_add_", lambda y, u, v, s, round_first: rank_add(y, u, v, s, False))
+
+
+@pytest.mark.parametrize("defect", [_without_lo_parts, _branch_rounded_first, _rank_add_rounded_once],
+                         ids=["no-lo-parts", "rounded-first", "dx-rounded-once"])
 @pytest.mark.parametrize("kind", ["mlp", "qkv"])
 def test_rounding_twin_check_catches_a_defect(monkeypatch, defect, kind):
     """The controls: a plausible defect of the split branch fails :func:`assert_rounding_twin`."""

@@ -1,0 +1,63 @@
+"""``y += s * (u @ v)`` for a low-rank fp32 product, in place on a bf16/fp16 ``y``: one Triton kernel.
+
+The fused LoRA paths add the adapter branch ``s * xa B^T`` to the base output and the branch's
+input gradient ``dxa A`` to ``dx``. With fp32 adapters on a bf16 model peft forms these products in
+fp32 and rounds them where :mod:`corept_kernels.lora_autograd` says. Here each output tile sums its
+``r`` outer products in fp32 registers (the inner dimension is the LoRA rank: a few FMAs per
+element) and rounds to nearest-even once, or twice where peft rounds the branch before the add
+(``round_first``: 4-bit bases, and ``dx``). So the only traffic is reading and writing ``y``: no
+``[N, out]`` fp32 product, no extra launches for casts (the torch form took about ten per call).
+
+Shapes: ``y`` ``[M, N]`` (unit column stride), ``u`` ``[M, R]``, ``v`` ``[R, N]`` (any strides), fp32.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from corept_kernels.rounding import rounded, store_rounded
+
+BLOCK_M, BLOCK_N = 32, 128
+
+
+@triton.jit
+def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling,
+                     ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask, cmask = rows < M, cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, R):
+        u = tl.load(U + rows * su0 + k * su1, mask=rmask, other=0.0)
+        v = tl.load(V + k * sv0 + cols * sv1, mask=cmask, other=0.0)
+        acc += u[:, None] * v[None, :]
+    z = acc * scaling
+    if ROUND_FIRST:
+        z = rounded(z, Y.dtype.element_ty)
+    ptrs = Y + rows[:, None] * sy + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    store_rounded(ptrs, y + z, mask)
+
+
+def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float, round_first: bool) -> torch.Tensor:
+    """``y <- round(y + round?(scaling * (u @ v)))`` in place through the kernel; returns ``y``.
+
+    :param y: ``[M, N]`` bf16/fp16 with unit column stride, on a device Triton can launch on
+        (CUDA, or CPU under the interpreter: :func:`corept_kernels.lora_act.use_triton`).
+    :param u: ``[M, R]`` fp32. :param v: ``[R, N]`` fp32 (views with any strides, e.g. ``B.t()``).
+    :param round_first: round the product to ``y``'s dtype before the add (peft's 4-bit branch and
+        autograd's accumulation of the branch's input gradient); else one rounding of the sum.
+    """
+    M, N = y.shape
+    if u.shape != (M, v.shape[0]) or v.shape[1] != N or y.stride(1) != 1:
+        raise ValueError(f"rank_add: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
+                         f"v {tuple(v.shape)}: need y [M, N] with unit column stride, u [M, R], v [R, N]")
+    if M == 0 or N == 0:
+        return y
+    grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
+    _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
+                           v.stride(1), float(scaling), ROUND_FIRST=round_first, BLOCK_M=BLOCK_M,
+                           BLOCK_N=BLOCK_N, num_warps=4)
+    return y
