@@ -61,6 +61,24 @@ def split(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.bfloat16) -> tor
     return torch.cat([hi, (t - hi.float()).to(dtype)], dim)
 
 
+def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """:func:`split` of the adapter weights ``ts`` concatenated along ``dim``, cached on ``ts[0]``.
+
+    Adapter weights change only at optimizer steps, while a checkpointed training step uses each
+    split up to three times; the cache saves those launches (the host time of an 8B step was the
+    bound, docs/perf-notes.md). The key is every tensor's identity, storage address and version
+    counter (bumped by every in-place update, the optimizer's included), so a stale entry is never
+    served.
+    """
+    key = (dim, dtype) + tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
+    cached = getattr(ts[0], "_corept_split", None)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = split(ts[0] if len(ts) == 1 else torch.cat(list(ts), dim), dim, dtype)
+    ts[0]._corept_split = (key, value)
+    return value
+
+
 def sum_halves(p: torch.Tensor, dim: int) -> torch.Tensor:
     """``p`` split in two equal halves along ``dim``, summed (the products with ``hi`` and ``lo``)."""
     a, b = p.chunk(2, dim)
@@ -128,8 +146,7 @@ def rank_add_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float,
 
 def xa(x2: torch.Tensor, As) -> torch.Tensor:
     """``[x A_1^T, ..., x A_k^T]`` ``[N, sum r]`` fp32, for bf16 ``x2`` ``[N, in]`` and fp32 ``A_i``."""
-    A = torch.cat(list(As), 0)
-    return sum_halves(mm_f32(x2, split(A, 0, x2.dtype).t()), 1)
+    return sum_halves(mm_f32(x2, weight_split(tuple(As), 0, x2.dtype).t()), 1)
 
 
 def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, four_bit: bool) -> torch.Tensor:
@@ -141,7 +158,7 @@ def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: f
 def dxa_dB(d: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, need_B: bool):
     """``(dB, dxa)`` for one linear: ``dxa = s d B`` ``[N, r]`` and, if needed, ``dB = s d^T xa``
     ``[out, r]``, both fp32, for ``d`` ``[N, out]`` bf16 (the output's gradient)."""
-    dxa_i = sum_halves(mm_f32(d, split(B, 1, d.dtype)), 1)
+    dxa_i = sum_halves(mm_f32(d, weight_split((B,), 1, d.dtype)), 1)
     dB = None
     if need_B:
         dB = sum_halves(mm_f32(d.t(), split(xa_i, 1, d.dtype)), 1)

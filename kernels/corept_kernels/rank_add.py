@@ -4,7 +4,7 @@ The fused LoRA paths add the adapter branch ``s * xa B^T`` to the base output an
 input gradient ``dxa A`` to ``dx``. With fp32 adapters on a bf16 model peft forms these products in
 fp32 and rounds them where :mod:`corept_kernels.lora_autograd` says. Here each output tile sums its
 ``r`` outer products in fp32 registers (the inner dimension is the LoRA rank: a few FMAs per
-element) and rounds to nearest-even once, or twice where peft rounds the branch before the add
+element, one ``tl.dot`` in IEEE fp32 per 64-wide slice of the rank) and rounds to nearest-even once, or twice where peft rounds the branch before the add
 (``round_first``: 4-bit bases, and ``dx``). So the only traffic is reading and writing ``y``: no
 ``[N, out]`` fp32 product, no extra launches for casts (the torch form took about ten per call).
 
@@ -18,20 +18,22 @@ import triton.language as tl
 
 from corept_kernels.rounding import rounded, store_rounded
 
-BLOCK_M, BLOCK_N = 32, 128
+BLOCK_M, BLOCK_N = 64, 128
 
 
 @triton.jit
-def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling,
-                     ROUND_FIRST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k in range(0, R):
-        u = tl.load(U + rows * su0 + k * su1, mask=rmask, other=0.0)
-        v = tl.load(V + k * sv0 + cols * sv1, mask=cmask, other=0.0)
-        acc += u[:, None] * v[None, :]
+    for k0 in range(0, R, BLOCK_R):
+        ks = k0 + tl.arange(0, BLOCK_R)
+        kmask = ks < R
+        u = tl.load(U + rows[:, None] * su0 + ks[None, :] * su1, mask=rmask[:, None] & kmask[None, :], other=0.0)
+        v = tl.load(V + ks[:, None] * sv0 + cols[None, :] * sv1, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        acc = tl.dot(u, v, acc, input_precision="ieee")  # fp32 FMAs: no TF32 rounding of the factors
     z = acc * scaling
     if ROUND_FIRST:
         z = rounded(z, Y.dtype.element_ty)
@@ -59,5 +61,6 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
                            v.stride(1), float(scaling), ROUND_FIRST=round_first, BLOCK_M=BLOCK_M,
-                           BLOCK_N=BLOCK_N, num_warps=4)
+                           BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
+                           num_warps=8)
     return y

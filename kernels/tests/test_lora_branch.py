@@ -128,3 +128,26 @@ def test_rank_add_rejects_mismatched_shapes():
         rank_add_triton_(y, torch.zeros(4, 2), torch.zeros(3, 6), 1.0, False)
     with pytest.raises(ValueError, match="unit column stride"):
         rank_add_triton_(y.t(), torch.zeros(6, 2), torch.zeros(2, 4), 1.0, False)
+
+
+def test_weight_split_cache_follows_in_place_updates():
+    A = torch.randn(R, IN)
+    first = lb.weight_split((A,), 0)
+    assert lb.weight_split((A,), 0) is first  # served from the cache
+    with torch.no_grad():
+        A.add_(1.0)  # an optimizer step: bumps the version counter
+    again = lb.weight_split((A,), 0)
+    assert again is not first and torch.equal(again, lb.split(A, 0))
+    A.data = torch.randn(R, IN)  # a new storage under the same tensor
+    assert torch.equal(lb.weight_split((A,), 0), lb.split(A, 0))
+    B = torch.randn(3, IN)
+    assert torch.equal(lb.weight_split((A, B), 0), lb.split(torch.cat([A, B]), 0))  # another key on A
+    assert lb.weight_split((A,), 1).shape == (R, 2 * IN)
+
+
+@pytest.mark.parametrize("rank", [1, 100], ids=["r1", "r100-two-slices"])
+def test_rank_add_any_rank(rank, impl):
+    y0 = _bf16(37, 130, dev="cpu")
+    u, v = torch.randn(37, rank), torch.randn(rank, 130) * 0.2
+    z = u.double() @ v.double()
+    _ulp_check(lb.rank_add_(y0.clone(), u, v, 1.0, False), y0.double() + z, y0.double().abs() + z.abs())
