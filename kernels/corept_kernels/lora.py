@@ -12,9 +12,10 @@ in :mod:`corept_kernels.lora_autograd`): the MLP keeps ``x``, the gate/up projec
 Use :func:`lora_fast_path_reason` on a peft layer to know whether these apply, and
 :func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU): the
 base ones in the input dtype (autocast's dtype inside ``torch.autocast``), the adapter branch in
-the adapter dtype promoted with it (peft's numerics; fp32 adapters on a bf16 model: fp32 branch),
-with every value rounded where peft rounds it (:mod:`corept_kernels.lora_autograd`); only the
-MLP's gated activation is a Triton kernel (torch elementwise code where Triton cannot run).
+the adapter dtype promoted with it (peft's numerics; fp32 adapters on a bf16 model: fp32 values
+from bf16-operand GEMMs, :mod:`corept_kernels.lora_branch`), with every value rounded where peft
+rounds it (:mod:`corept_kernels.lora_autograd`); the MLP's gated activation and the rank-r adds
+of fp32 adapters on bf16 are Triton kernels (torch code where Triton cannot run).
 """
 from __future__ import annotations
 
