@@ -35,11 +35,7 @@ for ``none``; ``A(N)`` a layer's saved set, ``X(N)`` its backward extra; see
   being differentiated; QLoRA adds one dequantized weight);
 * optimizer step: ``P + G`` + the foreach temporary.
 
-Plus a constant library workspace (cuBLAS/cuBLASLt), per-sequence RoPE tables and labels, and
-for adapters on a 16-bit base the fused LoRA kernels' bf16 hi/lo parts of every adapter weight
-(``4 * n_lora`` per process, made in the first forward and cached on the weights:
-``corept_kernels.lora_branch.weight_split``; an fp16 base does not use them, so its figure is
-that much high).
+Plus a constant library workspace (cuBLAS/cuBLASLt) and per-sequence RoPE tables and labels.
 
 With ``gpus > 1`` every figure is per GPU (:mod:`corept.planning.sharding`): DDP adds its gradient
 buckets; FSDP2 divides weights, adapters, gradients and optimizer states by the GPU count and adds
@@ -216,8 +212,7 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     else:
         store, host = a * H * N, 0
     seq_tables = 2 * a * S * shape.head_dim + 8 * S + 24 * N  # cos/sin, position ids, ids/labels/targets
-    adapter_parts = 2 * a * shape.lora_params(r) if method != "full" and a == 2 else 0
-    workspace = WORKSPACE_BYTES + seq_tables + adapter_parts
+    workspace = WORKSPACE_BYTES + seq_tables
     deq = dequant_bytes(shape, method, a)
 
     def phase(name, ckpt=0, layer=0, loss=0, hidden=0, grad=0):

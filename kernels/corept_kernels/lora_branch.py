@@ -62,21 +62,15 @@ def split(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.bfloat16) -> tor
 
 
 def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """:func:`split` of the adapter weights ``ts`` concatenated along ``dim``, cached on ``ts[0]``.
+    """:func:`split` of the adapter weights ``ts`` concatenated along ``dim``.
 
-    Adapter weights change only at optimizer steps, while a checkpointed training step uses each
-    split up to three times; the cache saves those launches (the host time of an 8B step was the
-    bound, docs/perf-notes.md). The key is every tensor's identity, storage address and version
-    counter (bumped by every in-place update, the optimizer's included), so a stale entry is never
-    served.
+    Made on every use, not cached: a cache keyed on the weights' version counters was measured
+    (c92658f) but dropped. It held 4 bytes per adapter parameter for the whole run (0.16 GiB on an
+    8B model at r 16), it saved only the recomputed forward's splits (~3 per layer per step), and
+    its key could not be proven fresh for FSDP2's unsharded parameters, whose storage is refilled
+    in place every step.
     """
-    key = (dim, dtype) + tuple((id(t), t.data_ptr(), t._version, tuple(t.shape)) for t in ts)
-    cached = getattr(ts[0], "_corept_split", None)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    value = split(ts[0] if len(ts) == 1 else torch.cat(list(ts), dim), dim, dtype)
-    ts[0]._corept_split = (key, value)
-    return value
+    return split(ts[0] if len(ts) == 1 else torch.cat(list(ts), dim), dim, dtype)
 
 
 def sum_halves(p: torch.Tensor, dim: int) -> torch.Tensor:

@@ -45,12 +45,11 @@ def test_components_sum_to_the_peak_phase(llama):
 
 def test_e2e_h200_measurement_is_reproduced(llama):
     """bench/results/e2e-2026-11-29-h200.json: corept LoRA r16 Llama-3.1-8B, 2x2048, peak 16.49 GiB,
-    15.11 GiB after load (weights + adapters); the peak includes the adapters' cached bf16 parts
-    (0.16 GiB here, counted in the workspace)."""
+    15.11 GiB after load (weights + adapters). That run's code (c92658f) also cached the adapters'
+    bf16 hi/lo parts (0.16 GiB here), since dropped; the prediction sits just under it."""
     e = estimate(llama, method="lora", seq=2048, batch=2, r=16, gpu="h200")
     assert abs((e.components["weights"] + e.components["trainable_params"]) / GIB - 15.1138) < 0.01
-    assert abs(e.peak_allocated / GIB - 16.4907) / 16.4907 < 0.03
-    assert e.components["workspace"] >= 4 * llama.lora_params(16)
+    assert -0.03 < (e.peak_allocated / GIB - 16.4907) / 16.4907 <= 0
 
 
 @pytest.mark.parametrize("method", ["lora", "qlora", "full"])
