@@ -56,9 +56,18 @@ def product_rows(n: int, width: int, itemsize: int) -> list[slice]:
 
 
 def split(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
-    """fp32 ``t`` as ``[hi, lo]`` concatenated along ``dim`` in ``dtype`` (``hi + lo`` = ``t``)."""
-    hi = t.to(dtype)
-    return torch.cat([hi, (t - hi.float()).to(dtype)], dim)
+    """fp32 ``t`` as ``[hi, lo]`` concatenated along ``dim`` in ``dtype`` (``hi + lo`` = ``t``).
+
+    Two kernels: the cast into the first half, then ``t - hi`` (computed in fp32, the promoted
+    dtype, and rounded once on the store) into the second.
+    """
+    shape = list(t.shape)
+    shape[dim] *= 2
+    out = torch.empty(shape, dtype=dtype, device=t.device)
+    hi, lo = out.chunk(2, dim)
+    hi.copy_(t)
+    torch.sub(t, hi, out=lo)
+    return out
 
 
 def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:

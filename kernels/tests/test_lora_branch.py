@@ -46,6 +46,9 @@ def test_split_parts_sum_to_the_fp32_value(dev):
     assert parts.dtype == torch.bfloat16 and parts.shape == (2 * R, IN)
     back = parts[:R].float() + parts[R:].float()
     assert ((back - t).abs() <= t.abs() * 2.0 ** -16).all()
+    hi = t.to(torch.bfloat16)  # the plain formula, bitwise
+    assert torch.equal(parts, torch.cat([hi, (t - hi.float()).to(torch.bfloat16)], 0))
+    assert torch.equal(lb.split(t.t(), 1), parts.t())  # the other dim, a non-contiguous input
     assert torch.equal(lb.sum_halves(torch.arange(6.0).view(1, 6), 1), torch.tensor([[3.0, 5.0, 7.0]]))
 
 
