@@ -24,11 +24,11 @@ import torch
 from corept_kernels.capabilities import KernelInfo, register
 from corept_kernels.lora_act import ACTIVATIONS, activation_id
 from corept_kernels.lora_autograd import LoraMLP, LoraSharedInput
-from corept_kernels.lora_weights import LoraWeights, lora_fast_path_reason, lora_weights_from_peft
+from corept_kernels.lora_weights import LoraWeights, lora_fast_path_reason, lora_weights_from_peft, read_lora_weights
 from corept_kernels.torch_ref import lora as _ref
 
 __all__ = ["LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason",
-           "lora_weights_from_peft", "ACTIVATIONS"]
+           "lora_weights_from_peft", "read_lora_weights", "ACTIVATIONS"]
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)  # float64: gold references
 

@@ -207,6 +207,13 @@ def lora_weights_from_peft(module, *, allow_bias: bool = False) -> LoraWeights:
     reason = lora_fast_path_reason(module, allow_bias=allow_bias)
     if reason is not None:
         raise ValueError(f"fused LoRA path does not apply: {reason}")
+    return read_lora_weights(module)
+
+
+def read_lora_weights(module) -> LoraWeights:
+    """:func:`lora_weights_from_peft` without its check, for callers that have just run
+    :func:`lora_fast_path_reason` on ``module`` (the check costs about as much as the read, and a
+    training step makes both for every LoRA linear in every forward)."""
     name, _ = _active_name(module)
     base = _base_layer(module)
     weight = base.weight
