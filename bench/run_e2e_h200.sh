@@ -9,7 +9,8 @@
 #   llama-8k        Llama-3.1-8B 1x8192, all eight variants
 #   qwen-2k         Qwen3-8B 2x2048, all eight variants
 #   qwen-8k         Qwen3-8B 1x8192, all eight variants
-#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: 65536 up/down, 4096 steps
+#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: from 102400 (trained on
+#                   2026-11-29) up to 122880 by bisection, 4096 steps, 1 step per probe (~85 s each)
 #   maxseq-hf       the same for hf_qlora: from 8192, 1024 steps (issue's figure: 9,216)
 #   maxseq-unsloth  the same for unsloth_qlora, bracketed 65536..81920, 4096 steps, 3 steps per probe
 #                   (issue's figure: 71,680; each probe compiles, ~2 min)
@@ -72,7 +73,8 @@ case "$PRESET" in
   llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
   qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;
   qwen-8k)  ARGS=(--models qwen3-8b --shapes 1x8192 --variants $ALL) ;;
-  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 65536 --maxseq-step 4096) ;;
+  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 102400 --maxseq-max 122880
+                        --maxseq-step 4096 --maxseq-steps 1 --maxseq-timeout 150) ;;
   maxseq-hf)      ARGS=(--variants none --maxseq hf_qlora --maxseq-start 8192 --maxseq-step 1024) ;;
   maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-max 81920
                         --maxseq-step 4096 --maxseq-steps 3 --maxseq-timeout 420) ;;

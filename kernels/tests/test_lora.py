@@ -16,7 +16,8 @@ from peft import LoraConfig
 from tolerances import assert_close_fp32, assert_low_precision_ok
 
 from corept_kernels.capabilities import get
-from corept_kernels.lora import LoraWeights, lora_fast_path_reason, lora_mlp, lora_o, lora_qkv, lora_weights_from_peft
+from corept_kernels.lora import (LoraWeights, lora_fast_path_reason, lora_mlp, lora_o, lora_qkv, lora_weights_from_peft,
+                                 read_lora_weights)
 from corept_kernels.lora_act import glu_backward_, glu_forward
 from corept_kernels.torch_ref import lora as ref
 
@@ -180,6 +181,9 @@ def test_fast_path_reason_plain_bias_merged_disabled_multi():
     lw = lora_weights_from_peft(layer)
     assert lw.A is layer.lora_A["default"].weight and lw.B is layer.lora_B["default"].weight
     assert lw.scaling == layer.scaling["default"] == 2.0 and lw.bias is None
+    unchecked = read_lora_weights(layer)  # the same read, for callers that ran the check themselves
+    assert (unchecked.weight, unchecked.A, unchecked.B, unchecked.bias) == (lw.weight, lw.A, lw.B, lw.bias)
+    assert unchecked.scaling == lw.scaling and unchecked.quant_state is lw.quant_state
     pm.add_adapter("other", LoraConfig(r=4, target_modules=list(MLP)))
     pm.base_model.set_adapter(["default", "other"])
     assert "2 active adapters" in lora_fast_path_reason(layer)
