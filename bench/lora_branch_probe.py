@@ -1,6 +1,7 @@
 """GPU probe: what the fused LoRA paths' adapter branch costs, by adapter dtype and GEMM form.
 
-Llama-3.1-8B MLP and q/k/v shapes at 2x2048 tokens (the e2e 2k shape), r 16. Times are CUDA-event
+Llama-3.1-8B MLP and q/k/v shapes at 2x2048 tokens (the e2e 2k shape), r 16; plus a sweep of the
+rank-add kernel's tile and warps (its measured time was ~4x its bandwidth bound, docs/perf-notes.md). Times are CUDA-event
 medians of 20 calls after 5 warm-ups. Prints one JSON object per line and writes them to
 ``$OUT/lora-branch-probe.jsonl`` when ``--out`` is given. Not part of the results tables: it
 answers "how much of a step is the fp32 branch, and what do the alternative GEMM forms cost".
@@ -124,6 +125,24 @@ def cpu_side(dev, emit):
          total_self_cpu_ms=round(sum(e.self_cpu_time_total for e in ev) / 1e3, 2))
 
 
+def rank_add_sweep(dev, emit):
+    """The rank-add kernel's time and bandwidth per tile/warps config (it read+writes ``y``: 4 B per
+    element), on the gate/up output ``[N, I]`` and the q/o output ``[N, H]``, r 16."""
+    import corept_kernels.rank_add as ra
+
+    default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS)
+    for width in (INTER, H):
+        y = torch.randn(N, width, device=dev).bfloat16()
+        u, B = torch.randn(N, R, device=dev), torch.randn(width, R, device=dev)
+        for bm, bn, w in [(64, 128, 8), (64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4),
+                          (32, 256, 8), (16, 256, 4)]:
+            ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS = bm, bn, w
+            ms = _time(lambda: ra.rank_add_triton_(y, u, B.t(), 1.0, False))
+            emit(case="rank_add", width=width, block_m=bm, block_n=bn, warps=w, ms=ms,
+                 gbps=round(4 * N * width / ms / 1e6, 1))
+    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS = default
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out")
@@ -139,6 +158,7 @@ def main():
          tf32=torch.backends.cuda.matmul.allow_tf32)
     gemm_forms(dev, emit)
     fused_cases(dev, emit)
+    rank_add_sweep(dev, emit)
     cpu_side(dev, emit)
     if args.out:
         with open(os.path.join(args.out, "lora-branch-probe.jsonl"), "w") as f:

@@ -18,7 +18,8 @@ import triton.language as tl
 
 from corept_kernels.rounding import rounded, store_rounded
 
-BLOCK_M, BLOCK_N = 64, 128
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 8
+"""Tile and warps of every launch (module constants so ``bench/lora_branch_probe.py`` can sweep them)."""
 
 
 @triton.jit
@@ -62,5 +63,5 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
                            v.stride(1), float(scaling), ROUND_FIRST=round_first, BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
-                           num_warps=8)
+                           num_warps=NUM_WARPS)
     return y
