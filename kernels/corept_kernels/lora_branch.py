@@ -92,6 +92,19 @@ _OUT_DTYPE_MM: bool | None = None
 """Whether this torch's CUDA ``torch.mm`` takes ``out_dtype`` (None: not tried yet)."""
 
 
+def lacks_out_dtype(err: BaseException) -> bool:
+    """Whether ``err`` from ``torch.mm(..., out_dtype=...)`` says this torch cannot do it (an older
+    torch: unknown keyword, or no kernel), as opposed to a real failure such as running out of
+    memory, which must propagate instead of silently switching to the slower path."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return False
+    if isinstance(err, (TypeError, NotImplementedError)):
+        return True
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and ("out_dtype" in text or "not implemented" in text
+                                              or "not supported" in text)
+
+
 def _fp32_out_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     """The CUDA fp32-output GEMM, or None where this torch lacks it (then logged once)."""
     global _OUT_DTYPE_MM
@@ -100,6 +113,8 @@ def _fp32_out_mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
     try:
         out = torch.mm(a, b, out_dtype=torch.float32)
     except (TypeError, RuntimeError, NotImplementedError) as e:
+        if not lacks_out_dtype(e):
+            raise
         _OUT_DTYPE_MM = False
         logger.warning("torch %s has no fp32-output bf16 GEMM (torch.mm out_dtype: %s); the fused LoRA "
                        "branch upcasts operand chunks instead (correct, slower)", torch.__version__, e)

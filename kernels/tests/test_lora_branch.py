@@ -153,3 +153,13 @@ def test_rank_add_any_rank(rank, impl):
     u, v = torch.randn(37, rank), torch.randn(rank, 130) * 0.2
     z = u.double() @ v.double()
     _ulp_check(lb.rank_add_(y0.clone(), u, v, 1.0, False), y0.double() + z, y0.double().abs() + z.abs())
+
+
+def test_only_a_missing_out_dtype_switches_to_the_upcast_path():
+    """An older torch (unknown keyword / no kernel) falls back; running out of memory or any other
+    runtime error propagates instead of silently disabling the fast path."""
+    assert lb.lacks_out_dtype(TypeError("mm() got an unexpected keyword argument 'out_dtype'"))
+    assert lb.lacks_out_dtype(NotImplementedError("aten::mm.dtype"))
+    assert lb.lacks_out_dtype(RuntimeError("out_dtype is only supported for CUDA bf16/fp16 inputs"))
+    assert not lb.lacks_out_dtype(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"))
+    assert not lb.lacks_out_dtype(RuntimeError("CUBLAS_STATUS_EXECUTION_FAILED"))
