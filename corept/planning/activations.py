@@ -31,7 +31,7 @@ larger of the MLP phase and the attention phase. MLP, fused LoRA: ``dh = dy W_do
 ``dx`` with one base product in flight, ``a*I + a*H`` (``3*a*I + a*H`` when the activation's
 backward is not in place). With adapters in another dtype than the activations (fp32 on bf16:
 peft's numerics, which the fused kernels follow) every cast of an ``[N, width]`` activation to
-the adapter dtype runs over row chunks of at most ``corept_kernels.lora_autograd.CHUNK_BYTES``:
+the adapter dtype runs over row chunks of at most ``corept_kernels.lora_branch.CHUNK_BYTES``:
 a token-independent ``chunk_bytes`` (a chunk, its product and the cast back: about three chunks)
 instead of per-token fp32 copies. Attention: MLP's saved set released; ``d(h1)`` ``a*H``,
 ``d(attn)`` ``a*Hq``, FlashAttention-2 backward: fp32 ``dq`` accumulator ``4*Hq``, ``dq``

@@ -48,9 +48,10 @@ is made. The paragraphs below describe the generic path, which every other dtype
 
 **Transients.** When the adapter dtype differs from the model's, every cast of an ``[N, width]``
 activation to the adapter dtype (``h``, ``de``, ``dg``, the branch outputs and ``dxa A``) is done
-over row chunks of at most :data:`CHUNK_BYTES`, so the fp32 temporaries stay bounded whatever
-``N``. The rank-``r`` products added into model-dtype tensors (``xa B^T``, ``dxa A``) run in such
-chunks in every case. Other matmuls of same-dtype adapters need no cast and run whole. The MLP backward's working set
+over row chunks of at most :data:`~corept_kernels.lora_branch.CHUNK_BYTES`, so the fp32
+temporaries stay bounded whatever ``N``. The rank-``r`` products added into model-dtype tensors
+(``xa B^T``, ``dxa A``) run in such chunks in every case. Other matmuls of same-dtype adapters
+need no cast and run whole. The MLP backward's working set
 beyond the saved tensors is then ``dh`` ``[N, F]`` (model dtype, overwritten in place by ``h``)
 plus chunk-sized temporaries; ``dx`` starts from the first base product, so it needs no buffer
 of its own.
@@ -71,7 +72,6 @@ import torch.nn.functional as F
 
 from corept_kernels import lora_branch as lb
 from corept_kernels.lora_act import glu_backward_, glu_forward
-from corept_kernels.lora_branch import CHUNK_BYTES  # noqa: F401 - re-exported (planner, tests)
 from corept_kernels.lora_weights import LoraWeights
 
 
@@ -87,13 +87,14 @@ def lora_dtype(A: torch.Tensor, dt: torch.dtype) -> torch.dtype:
 
 def _rows(n: int, width: int, ldt: torch.dtype, dt: torch.dtype) -> list[slice]:
     """Row slices of ``[n, width]``: one when no cast to ``ldt`` is needed, else chunks whose
-    ``ldt`` copy takes at most :data:`CHUNK_BYTES`."""
+    ``ldt`` copy takes at most :data:`~corept_kernels.lora_branch.CHUNK_BYTES`."""
     return [slice(0, n)] if ldt == dt else lb.product_rows(n, width, ldt.itemsize)
 
 
 def _product_rows(n: int, width: int, ldt: torch.dtype) -> list[slice]:
     """Row slices of ``[n, width]`` for a rank-``r`` product (``xa B^T``, ``dxa A``) whose result
-    is added into a model-dtype tensor: chunks of at most :data:`CHUNK_BYTES` whatever the dtypes.
+    is added into a model-dtype tensor: chunks of at most
+    :data:`~corept_kernels.lora_branch.CHUNK_BYTES` whatever the dtypes.
 
     The inner dimension is the LoRA rank, so splitting the rows changes no element's sum; the
     full-size temporary it avoids is one ``[N, width]`` (e.g. one ``[N, H]`` in q/k/v's backward).
@@ -189,7 +190,6 @@ def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
     offs = _offsets([A.shape[0] for A in As])
     dx = None
     for lw, A, d, (a, b) in reversed(list(zip(lws, As, douts, offs))):
-        Al = A if lb.uses_split(ldt, dt) else A.to(ldt)
         w = lw.dense_weight(dt)
         base = d @ w
         del w
@@ -198,6 +198,7 @@ def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
         if lb.uses_split(ldt, dt):
             lb.add_dx_branch_(dx, dxa[:, a:b], A)
         else:
+            Al = A.to(ldt)
             for sl in _product_rows(dx.shape[0], dx.shape[1], ldt):
                 br = dxa[sl, a:b] @ Al
                 dx[sl] += br if ldt == dt else br.to(dt)

@@ -4,8 +4,9 @@ The fused LoRA paths add the adapter branch ``s * xa B^T`` to the base output an
 input gradient ``dxa A`` to ``dx``. With fp32 adapters on a bf16 model peft forms these products in
 fp32 and rounds them where :mod:`corept_kernels.lora_autograd` says. Here each output tile sums its
 ``r`` outer products in fp32 registers (the inner dimension is the LoRA rank: a few FMAs per
-element, one ``tl.dot`` in IEEE fp32 per 64-wide slice of the rank) and rounds to nearest-even once, or twice where peft rounds the branch before the add
-(``round_first``: 4-bit bases, and ``dx``). So the only traffic is reading and writing ``y``: no
+element, one ``tl.dot`` in IEEE fp32 per 64-wide slice of the rank) and rounds to nearest-even
+once, or twice where peft rounds the branch before the add (``round_first``: 4-bit bases, and
+``dx``). So the only traffic is reading and writing ``y``: no
 ``[N, out]`` fp32 product, no extra launches for casts (the torch form took about ten per call).
 
 Shapes: ``y`` ``[M, N]`` (unit column stride), ``u`` ``[M, R]``, ``v`` ``[R, N]`` (any strides), fp32.
@@ -44,7 +45,8 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
     store_rounded(ptrs, y + z, mask)
 
 
-def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float, round_first: bool) -> torch.Tensor:
+def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float,
+                     round_first: bool) -> torch.Tensor:
     """``y <- round(y + round?(scaling * (u @ v)))`` in place through the kernel; returns ``y``.
 
     :param y: ``[M, N]`` bf16/fp16 with unit column stride, on a device Triton can launch on
