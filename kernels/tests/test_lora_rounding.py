@@ -124,9 +124,10 @@ def _mlp_run(pm, x, dy, mode=None):
 @pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4-bf16"])
 def test_chunked_adapter_casts_bound_fp32_transients(monkeypatch, nf4):
     """Without chunks the MLP backward makes fp32 ``[N, F]`` copies (of de, dg and h); with them
-    no fp32 ``[*, F]`` tensor exceeds one chunk. Results are unchanged."""
+    no fp32 ``[*, F]`` tensor exceeds one chunk. Results are unchanged up to fp32 summation order."""
     pm, _ = _model("mlp", "swiglu", nf4)
-    rows, n = 16, 160  # 16 rows: more than the [3r, F] weight factors of the CPU twin (r 4 on down_proj)
+    # 16 rows: above the parameter-sized fp32 results ([2r, F] = [8, 72], the hi/lo dA of down_proj)
+    rows, n = 16, 160
     g = torch.Generator().manual_seed(n)
     x, dy = (torch.randn(n, H, generator=g).bfloat16() for _ in range(2))
     whole = _Fp32Outputs()
