@@ -19,8 +19,10 @@ import triton.language as tl
 
 from corept_kernels.rounding import rounded, store_rounded
 
-BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 8
-"""Tile and warps of every launch (module constants so ``bench/lora_branch_probe.py`` can sweep them)."""
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4
+"""Tile and warps of every launch (module constants so ``bench/lora_branch_probe.py`` can sweep them).
+Chosen from that sweep on the H200 (bench/results/lora-branch-probe-2026-11-29-h200-rankadd-sweep.jsonl):
+4 warps beat 8 by 16% at width 14336 and 10% at 4096; larger or smaller tiles were slower."""
 
 
 @triton.jit
@@ -29,6 +31,9 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
+    ptrs = Y + rows[:, None] * sy + cols[None, :]
+    mask = rmask[:, None] & cmask[None, :]
+    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # issued first: its latency overlaps the dot
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_R):
         ks = k0 + tl.arange(0, BLOCK_R)
@@ -39,9 +44,6 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
     z = acc * scaling
     if ROUND_FIRST:
         z = rounded(z, Y.dtype.element_ty)
-    ptrs = Y + rows[:, None] * sy + cols[None, :]
-    mask = rmask[:, None] & cmask[None, :]
-    y = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
     store_rounded(ptrs, y + z, mask)
 
 
