@@ -37,7 +37,10 @@ def _event_us(event, cuda: bool) -> float:
 
 
 def summarize(prof, wall_s: float, cuda: bool, top: int = 15) -> dict:
-    """``{busy_ms, wall_ms, busy_pct, by_category_ms, top: [{name, ms, calls, category}]}``."""
+    """``{busy_ms, wall_ms, busy_pct, launches, by_category_ms, top: [{name, ms, calls, category}]}``.
+
+    ``launches`` counts the step's kernels, memcpys and memsets (CPU: ops): each costs host time to
+    issue, so when ``wall_ms`` exceeds ``busy_ms`` it says how much work the host had to issue."""
     rows = []
     for e in prof.key_averages():
         us = _event_us(e, cuda)
@@ -49,7 +52,7 @@ def summarize(prof, wall_s: float, cuda: bool, top: int = 15) -> dict:
     for r in rows:
         by_cat[r["category"]] = by_cat.get(r["category"], 0.0) + r["ms"]
     wall_ms = wall_s * 1e3
-    return {"busy_ms": round(busy, 3), "wall_ms": round(wall_ms, 3),
+    return {"busy_ms": round(busy, 3), "wall_ms": round(wall_ms, 3), "launches": sum(r["calls"] for r in rows),
             "busy_pct": round(100 * busy / wall_ms, 1) if wall_ms > 0 else None,
             "by_category_ms": {k: round(v, 3) for k, v in sorted(by_cat.items(), key=lambda kv: -kv[1])},
             "top": [dict(r, ms=round(r["ms"], 3)) for r in rows[:top]],

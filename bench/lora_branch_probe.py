@@ -1,13 +1,12 @@
 """GPU probe: what the fused LoRA paths' adapter branch costs, by adapter dtype and GEMM form.
 
-Llama-3.1-8B MLP and q/k/v shapes at 2x2048 tokens (the e2e 2k shape), r 16; the 4-bit base
-dequantization (bitsandbytes vs corept's kernel); and a sweep of the
+Llama-3.1-8B MLP and q/k/v shapes at 2x2048 tokens (the e2e 2k shape), r 16; and a sweep of the
 rank-add kernel's tile and warps (its measured time was ~4x its bandwidth bound, docs/perf-notes.md). Times are CUDA-event
 medians of 20 calls after 5 warm-ups. Prints one JSON object per line and writes them to
 ``$OUT/lora-branch-probe.jsonl`` when ``--out`` is given. Not part of the results tables: it
 answers "how much of a step is the fp32 branch, and what do the alternative GEMM forms cost".
 
-    python3 -P bench/lora_branch_probe.py --out $OUT [--only rank_add,dequant4]
+    python3 -P bench/lora_branch_probe.py --out $OUT [--only rank_add,cpu_side]
 """
 from __future__ import annotations
 
@@ -144,34 +143,7 @@ def rank_add_sweep(dev, emit):
     ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS = default
 
 
-def dequant4_cases(dev, emit):
-    """4-bit base dequantization (nf4, double quant, bf16): bitsandbytes' call vs corept's one launch.
-    ``gpu_ms`` is CUDA-event time; ``host_us`` the host time per call with 100 calls enqueued back to
-    back (what a host-bound QLoRA step pays 672 times on an 8B Llama)."""
-    import time
-
-    import bitsandbytes.functional as bnbF
-
-    from corept_kernels import dequant4
-
-    for out_f, in_f in ((INTER, H), (KV, H)):
-        w = (torch.randn(out_f, in_f, device=dev) * 0.02).bfloat16()
-        packed, state = bnbF.quantize_4bit(w, quant_type="nf4", compress_statistics=True)
-        same = torch.equal(dequant4.dequantize_4bit(packed, state), bnbF.dequantize_4bit(packed, state))
-        for name, fn in (("bitsandbytes", lambda: bnbF.dequantize_4bit(packed, state)),
-                         ("corept", lambda: dequant4.dequantize_4bit(packed, state))):
-            gpu = _time(fn)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            for _ in range(100):
-                fn()
-            host = (time.perf_counter() - t0) * 1e4
-            torch.cuda.synchronize()
-            emit(case="dequant4", impl=name, shape=[out_f, in_f], gpu_ms=gpu, host_us=round(host, 1),
-                 gbps=round(out_f * in_f * 2.5 / gpu / 1e6, 1), bitwise_equal=same)
-
-
-PARTS = {"gemm": gemm_forms, "fused": fused_cases, "rank_add": rank_add_sweep, "dequant4": dequant4_cases,
+PARTS = {"gemm": gemm_forms, "fused": fused_cases, "rank_add": rank_add_sweep,
          "cpu_side": cpu_side}
 
 

@@ -58,6 +58,7 @@ def test_smoke_records_have_the_fields_and_finite_numbers(smoke):
         assert len(r["losses"]) == r["warmup"] + r["steps"]
         assert prof["busy_ms"] > 0 and prof["wall_ms"] > 0 and prof["timer"] == "cpu ops (self time)"
         assert prof["by_category_ms"].get("gemm", 0) > 0 and len(prof["top"]) > 3
+        assert prof["launches"] > sum(t["calls"] for t in prof["top"][:3])  # every op counted, not the top only
         assert abs(sum(prof["by_category_ms"].values()) - prof["busy_ms"]) < 1e-2 * prof["busy_ms"] + 0.01
         if r["variant"] == "corept" and not os.environ.get("PYTORCH_CUDA_ALLOC_CONF"):
             assert r["cuda_alloc_conf"] == "expandable_segments:True"  # as `corept train` runs

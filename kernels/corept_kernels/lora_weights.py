@@ -75,8 +75,7 @@ class LoraWeights:
         """The base weight ``[out, in]`` in ``dtype``, detached.
 
         4-bit weights are dequantized here (a fresh ``[out, in]`` buffer each call: callers drop it
-        as soon as the matmul is done, so it never lives from forward to backward), by
-        :mod:`corept_kernels.dequant4` where it takes the weight, else by bitsandbytes.
+        as soon as the matmul is done, so it never lives from forward to backward).
         """
         state = self._state()
         if state is None:
@@ -85,13 +84,9 @@ class LoraWeights:
         if getattr(state, "packing_format_for_cpu", False):
             raise ValueError("4-bit weight was repacked for bitsandbytes' CPU inference kernel "
                              "(an eval forward with support_avx512bf16_for_cpu=True); it cannot be dequantized here")
-        from corept_kernels import dequant4
+        import bitsandbytes.functional as bnbF  # lazy: only 4-bit bases need it
 
-        w = dequant4.maybe_dequantize_4bit(self.weight.data, state)  # one launch, bitsandbytes' bits
-        if w is None:
-            import bitsandbytes.functional as bnbF  # lazy: only 4-bit bases need it
-
-            w = bnbF.dequantize_4bit(self.weight.data, state)
+        w = bnbF.dequantize_4bit(self.weight.data, state)
         return w if w.dtype == dtype else w.to(dtype)
 
 
