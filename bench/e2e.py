@@ -47,7 +47,16 @@ def _sibling(name: str):
 
 
 V, MS, REP = _sibling("e2e_variants"), _sibling("e2e_maxseq"), _sibling("e2e_report")
-EST_S = {"base": 60.0, "corept": 60.0, "unsloth": 150.0}  # first-run time estimates per stack, seconds
+EST_S = {"base": (20.0, 20.0), "corept": (30.0, 20.0), "unsloth": (40.0, 50.0)}
+"""First-run estimate of one worker process per stack, seconds: (import + load, per shape); Unsloth
+compiles per shape. Measured on the H200 (2026-11-29): base 30 s for one shape and 43-51 s for two,
+corept 45 / 49-71, Unsloth 75-80 / 92-123. A flat 150 s per shape skipped an Unsloth run that
+needed ~125 s for both shapes with 220 s left."""
+
+
+def estimate_s(stack: str, n_shapes: int) -> float:
+    fixed, per_shape = EST_S[stack]
+    return fixed + per_shape * n_shapes
 
 
 def parse_shapes(text: str) -> list[list[int]]:
@@ -207,7 +216,8 @@ class Driver:
     def _run(self, model: str, variant: str, grp: list, ready: set) -> list[dict]:
         name = f"{variant}-{model}-" + "+".join(f"{b}x{s}" for b, s in grp)
         stack = V.STACK_OF[variant]
-        need = min(self.a.run_timeout, self.durations.get(stack, EST_S[stack]) * len(grp))
+        learned = self.durations.get(stack)  # seconds per shape of this stack's slowest run so far
+        need = min(self.a.run_timeout, learned * len(grp) if learned else estimate_s(stack, len(grp)))
         if model in ready and self.remaining() >= need:
             return self.train(name, variant, model, grp)
         why = "checkpoint missing (prepare failed)" if model not in ready else \
@@ -269,7 +279,7 @@ class Driver:
                 self.durations[f"maxseq-{v}"] = max(self.durations.get(f"maxseq-{v}", 0.0), r.get("wall_s") or 0.0)
                 return None if r.get("timeout") else ok
 
-            est = EST_S[V.STACK_OF[v]]
+            est = estimate_s(V.STACK_OF[v], 1)
             deadline_clock = lambda: self.elapsed() + self.durations.get(f"maxseq-{v}", est)  # noqa: E731
             res = MS.search(probe, starts[v], maxes[v], step_of[v], deadline=a.budget_s, clock=deadline_clock)
             rec = {"kind": "maxseq", "variant": v, "model": model, "cap_gib": a.maxseq_cap_gib, "rank": a.maxseq_rank,

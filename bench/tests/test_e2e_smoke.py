@@ -130,3 +130,24 @@ def test_profile_categories(bench_module):
     assert prof.category("Memcpy DtoH (Device -> Pinned)") == "copy_cast"
     assert prof.category("_rms_norm_fwd") == "norm" and prof.category("_rope_kernel") == "rope"
     assert prof.category("something_new") == "other"
+
+
+def test_budget_runs_what_fits_and_skips_the_rest(tmp_path, bench_module):
+    """A run starts when its estimate (first run: per process + per shape; later: the stack's
+    measured seconds per shape) fits the call's remaining budget, else it is recorded as skipped."""
+    e2e = bench_module("e2e")
+    args = e2e.build_parser().parse_args(["--out", str(tmp_path), "--budget-s", "1000", "--run-timeout", "420",
+                                          "--work-dir", str(tmp_path / "w"), "--models", "llama-3.1-8b"])
+    d = e2e.Driver(args)
+    started = []
+    d.train = lambda name, variant, model, shapes: started.append((variant, len(shapes))) or [{"variant": variant}]
+    two = [[2, 2048], [1, 8192]]
+    d.remaining = lambda: 145.0
+    assert d._run("llama-3.1-8b", "unsloth", two, {"llama-3.1-8b"}) == [{"variant": "unsloth"}]
+    d.remaining = lambda: 135.0  # below Unsloth's first-run estimate for two shapes (140 s)
+    skipped = d._run("llama-3.1-8b", "unsloth", two, {"llama-3.1-8b"})
+    assert [r["skipped"] for r in skipped] == [True, True] and "140s needed" in skipped[0]["error"]
+    d.durations["unsloth"] = 60.0  # a measured run: 60 s per shape
+    assert d._run("llama-3.1-8b", "unsloth", two, {"llama-3.1-8b"}) == [{"variant": "unsloth"}]
+    assert started == [("unsloth", 2), ("unsloth", 2)]
+    assert e2e.estimate_s("base", 1) < e2e.estimate_s("corept", 1) < e2e.estimate_s("unsloth", 1)
