@@ -30,25 +30,36 @@ def _empty(shape, dtype, device) -> torch.Tensor:
     return out.fill_(float("nan")) if POISON_OUTPUTS else out
 
 
+SQRT_2_OVER_PI = 0.7978845608028654
+INV_SQRT_2 = 0.7071067811865476
+INV_SQRT_2PI = 0.3989422804014327
+GELU_C = 0.044715
+# the same constants for the kernels (compiled Triton only reads constexpr globals)
+_K_SQRT_2_OVER_PI = tl.constexpr(SQRT_2_OVER_PI)
+_K_INV_SQRT_2 = tl.constexpr(INV_SQRT_2)
+_K_INV_SQRT_2PI = tl.constexpr(INV_SQRT_2PI)
+_K_GELU_C = tl.constexpr(GELU_C)
+
+
 @triton.jit
-def _act_and_grad(g, ACT: tl.constexpr):
-    """(act(g), act'(g)) in fp32."""
+def act_and_grad(e, ACT: tl.constexpr):
+    """fp32 ``e`` -> (act(e), act'(e)); ``ACT`` 0 SiLU, 1 GELU (tanh approximation), 2 GELU (erf).
+
+    The one copy of the activation math: the gated-activation kernels here and the fused LoRA
+    MLP's (:mod:`corept_kernels.lora_act`) both call it."""
     if ACT == 0:
-        s = tl.sigmoid(g)
-        a = g * s
-        da = s * (1.0 + g * (1.0 - s))
+        s = tl.sigmoid(e)
+        a = e * s
+        da = s * (1.0 + e * (1.0 - s))
     elif ACT == 1:
-        k0 = 0.7978845608028654  # sqrt(2 / pi)
-        k1 = 0.044715
-        # tanh without libdevice; |arg| <= 20 keeps exp finite (tanh(20) == 1 in fp32 anyway)
-        z = tl.minimum(tl.maximum(k0 * (g + k1 * g * g * g), -20.0), 20.0)
-        t = 2.0 * tl.sigmoid(2.0 * z) - 1.0
-        a = 0.5 * g * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * g * (1.0 - t * t) * k0 * (1.0 + 3.0 * k1 * g * g)
+        u = _K_SQRT_2_OVER_PI * (e + _K_GELU_C * e * e * e)
+        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u); libdevice tanh is not in the interpreter
+        a = 0.5 * e * (1.0 + t)
+        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _K_SQRT_2_OVER_PI * (1.0 + 3.0 * _K_GELU_C * e * e)
     else:
-        cdf = 0.5 * (1.0 + tl.erf(g * 0.7071067811865476))
-        a = g * cdf
-        da = cdf + g * tl.exp(-0.5 * g * g) * 0.3989422804014327  # 1 / sqrt(2 pi)
+        cdf = 0.5 * (1.0 + tl.erf(e * _K_INV_SQRT_2))
+        a = e * cdf
+        da = cdf + e * tl.exp(-0.5 * e * e) * _K_INV_SQRT_2PI
     return a, da
 
 
@@ -69,7 +80,7 @@ def _glu_fwd_kernel(G, U, Y, n_elem, N, sg, su, ACT: tl.constexpr, CONTIG: tl.co
     mask = idx < n_elem
     g = tl.load(G + _offsets(idx, N, sg, CONTIG), mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + _offsets(idx, N, su, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    a, _ = _act_and_grad(g, ACT)
+    a, _ = act_and_grad(g, ACT)
     tl.store(Y + idx, (a * u).to(Y.dtype.element_ty), mask=mask)
 
 
@@ -81,7 +92,7 @@ def _glu_bwd_kernel(DY, G, U, DG, DU, n_elem, N, sdy, sg, su, ACT: tl.constexpr,
     dy = tl.load(DY + _offsets(idx, N, sdy, CONTIG), mask=mask, other=0.0).to(tl.float32)
     g = tl.load(G + _offsets(idx, N, sg, CONTIG), mask=mask, other=0.0).to(tl.float32)
     u = tl.load(U + _offsets(idx, N, su, CONTIG), mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(g, ACT)
+    a, da = act_and_grad(g, ACT)
     tl.store(DG + idx, (dy * u * da).to(DG.dtype.element_ty), mask=mask)
     tl.store(DU + idx, (dy * a).to(DU.dtype.element_ty), mask=mask)
 

@@ -29,22 +29,13 @@ import torch
 import triton
 import triton.language as tl
 
+from corept_kernels.activations import GELU_C, INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI, act_and_grad
 from corept_kernels.capabilities import interpreter_active
 from corept_kernels.rounding import rounded as _rounded
 from corept_kernels.rounding import store_rounded as _store_rounded
 
 ACTIVATIONS = ("swiglu", "geglu_tanh", "geglu")
 _ACT_ID = {name: i for i, name in enumerate(ACTIVATIONS)}
-
-_SQRT_2_OVER_PI = 0.7978845608028654
-_INV_SQRT_2 = 0.7071067811865476
-_INV_SQRT_2PI = 0.3989422804014327
-_GELU_C = 0.044715
-# the same constants for the kernels (compiled Triton only reads constexpr globals)
-_K_SQRT_2_OVER_PI = tl.constexpr(_SQRT_2_OVER_PI)
-_K_INV_SQRT_2 = tl.constexpr(_INV_SQRT_2)
-_K_INV_SQRT_2PI = tl.constexpr(_INV_SQRT_2PI)
-_K_GELU_C = tl.constexpr(_GELU_C)
 
 
 def activation_id(activation: str) -> int:
@@ -56,31 +47,12 @@ def activation_id(activation: str) -> int:
 
 
 @triton.jit
-def _act_and_grad(e, ACT: tl.constexpr):
-    """fp32 ``e`` -> (act(e), act'(e))."""
-    if ACT == 0:
-        s = tl.sigmoid(e)
-        a = e * s
-        da = s * (1.0 + e * (1.0 - s))
-    elif ACT == 1:
-        u = _K_SQRT_2_OVER_PI * (e + _K_GELU_C * e * e * e)
-        t = 2.0 * tl.sigmoid(2.0 * u) - 1.0  # tanh(u); libdevice tanh is not in the interpreter
-        a = 0.5 * e * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _K_SQRT_2_OVER_PI * (1.0 + 3.0 * _K_GELU_C * e * e)
-    else:
-        cdf = 0.5 * (1.0 + tl.erf(e * _K_INV_SQRT_2))
-        a = e * cdf
-        da = cdf + e * tl.exp(-0.5 * e * e) * _K_INV_SQRT_2PI
-    return a, da
-
-
-@triton.jit
 def _glu_fwd_kernel(e_ptr, g_ptr, h_ptr, n, ACT: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a, _ = _act_and_grad(e, ACT)
+    a, _ = act_and_grad(e, ACT)
     a = _rounded(a, h_ptr.dtype.element_ty)  # the reference's rounding points (module notes)
     _store_rounded(h_ptr + offs, a * g, mask)
 
@@ -92,7 +64,7 @@ def _glu_bwd_kernel(dh_ptr, e_ptr, g_ptr, n, ACT: tl.constexpr, BLOCK: tl.conste
     dh = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     e = tl.load(e_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    a, da = _act_and_grad(e, ACT)
+    a, da = act_and_grad(e, ACT)
     a = _rounded(a, dh_ptr.dtype.element_ty)  # the reference's rounding points (module notes)
     dact = _rounded(dh * g, dh_ptr.dtype.element_ty)
     _store_rounded(dh_ptr + offs, a * g, mask)  # h
@@ -101,17 +73,17 @@ def _glu_bwd_kernel(dh_ptr, e_ptr, g_ptr, n, ACT: tl.constexpr, BLOCK: tl.conste
 
 
 def _act_and_grad_torch(e: torch.Tensor, activation: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """fp32 twin of ``_act_and_grad``."""
+    """fp32 twin of :func:`corept_kernels.activations.act_and_grad`."""
     if activation == "swiglu":
         s = torch.sigmoid(e)
         return e * s, s * (1.0 + e * (1.0 - s))
     if activation == "geglu_tanh":
-        t = torch.tanh(_SQRT_2_OVER_PI * (e + _GELU_C * e.pow(3)))
+        t = torch.tanh(SQRT_2_OVER_PI * (e + GELU_C * e.pow(3)))
         a = 0.5 * e * (1.0 + t)
-        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_C * e * e)
+        da = 0.5 * (1.0 + t) + 0.5 * e * (1.0 - t * t) * SQRT_2_OVER_PI * (1.0 + 3.0 * GELU_C * e * e)
         return a, da
-    cdf = 0.5 * (1.0 + torch.erf(e * _INV_SQRT_2))
-    return e * cdf, cdf + e * torch.exp(-0.5 * e * e) * _INV_SQRT_2PI
+    cdf = 0.5 * (1.0 + torch.erf(e * INV_SQRT_2))
+    return e * cdf, cdf + e * torch.exp(-0.5 * e * e) * INV_SQRT_2PI
 
 
 def _built_for_interpreter() -> bool:
