@@ -166,9 +166,12 @@ def _backward_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
     ldt, dt = xa.dtype, douts[0].dtype
     dxa = torch.empty_like(xa)
     dBs = []
-    for lw, B, d, need, (a, b) in zip(lws, Bs, douts, need_B, _offsets([B.shape[1] for B in Bs])):
+    ranks = [B.shape[1] for B in Bs]
+    xs = lb.split_blocks(xa, ranks, dt) if lb.uses_split(ldt, dt) and any(need_B) else None
+    for lw, B, d, need, (a, b) in zip(lws, Bs, douts, need_B, _offsets(ranks)):
         if lb.uses_split(ldt, dt):
-            dB, dxa[:, a:b] = lb.dxa_dB(d, xa[:, a:b], B, lw.scaling, need)
+            xs_i = xs[:, 2 * a:2 * b] if xs is not None else None
+            dB, _ = lb.dxa_dB(d, xs_i, B, lw.scaling, need, out=dxa[:, a:b])
             dBs.append(dB.to(B.dtype) if need else None)
             continue
         Bl = B.to(ldt)

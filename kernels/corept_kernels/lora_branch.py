@@ -70,6 +70,29 @@ def split(t: torch.Tensor, dim: int, dtype: torch.dtype = torch.bfloat16) -> tor
     return out
 
 
+def split_blocks(t: torch.Tensor, widths, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """fp32 ``t`` ``[N, sum w]`` (blocks of columns of the given widths) as ``[N, 2 sum w]`` in
+    ``dtype`` with each block's ``hi`` and ``lo`` side by side: block ``i`` of ``t`` at columns
+    ``[a, b)`` becomes columns ``[2a, 2b)``, ``hi`` first.
+
+    One :func:`split` of the whole tensor (two kernels) when the widths are equal, as for the q/k/v
+    or gate/up adapters of one rank; else one per block.
+    """
+    widths = [int(w) for w in widths]
+    if len(widths) == 1:
+        return split(t, 1, dtype)
+    n = t.shape[0]
+    if len(set(widths)) > 1:
+        return torch.cat([split(blk, 1, dtype) for blk in t.split(widths, 1)], 1)
+    k, w = len(widths), widths[0]
+    out = torch.empty(n, k, 2, w, dtype=dtype, device=t.device)
+    src = t.reshape(n, k, w)
+    hi, lo = out[:, :, 0], out[:, :, 1]
+    hi.copy_(src)
+    torch.sub(src, hi, out=lo)
+    return out.view(n, 2 * k * w)
+
+
 def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """:func:`split` of the adapter weights ``ts`` concatenated along ``dim``.
 
@@ -82,10 +105,11 @@ def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Ten
     return split(ts[0] if len(ts) == 1 else torch.cat(list(ts), dim), dim, dtype)
 
 
-def sum_halves(p: torch.Tensor, dim: int) -> torch.Tensor:
-    """``p`` split in two equal halves along ``dim``, summed (the products with ``hi`` and ``lo``)."""
+def sum_halves(p: torch.Tensor, dim: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """``p`` split in two equal halves along ``dim``, summed (the products with ``hi`` and ``lo``),
+    into ``out`` when given (a view of a larger tensor: saves the copy into it)."""
     a, b = p.chunk(2, dim)
-    return a + b
+    return torch.add(a, b, out=out) if out is not None else a + b
 
 
 _OUT_DTYPE_MM: bool | None = None
@@ -173,13 +197,16 @@ def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: f
     return rank_add_(y, xa_i, B.t(), scaling, round_first=four_bit)
 
 
-def dxa_dB(d: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: float, need_B: bool):
-    """``(dB, dxa)`` for one linear: ``dxa = s d B`` ``[N, r]`` and, if needed, ``dB = s d^T xa``
-    ``[out, r]``, both fp32, for ``d`` ``[N, out]`` bf16 (the output's gradient)."""
-    dxa_i = sum_halves(mm_f32(d, weight_split((B,), 1, d.dtype)), 1)
+def dxa_dB(d: torch.Tensor, xs_i: torch.Tensor | None, B: torch.Tensor, scaling: float, need_B: bool,
+           out: torch.Tensor | None = None):
+    """``(dB, dxa)`` for one linear: ``dxa = s d B`` ``[N, r]`` (written into ``out`` when given)
+    and, if needed, ``dB = s d^T xa`` ``[out, r]``, both fp32, for ``d`` ``[N, out]`` bf16 (the
+    output's gradient) and ``xs_i`` ``[N, 2r]``, the hi/lo parts of this linear's ``xa`` (from
+    :func:`split` or a block of :func:`split_blocks`; may be ``None`` when ``dB`` is not needed)."""
+    dxa_i = sum_halves(mm_f32(d, weight_split((B,), 1, d.dtype)), 1, out=out)
     dB = None
     if need_B:
-        dB = sum_halves(mm_f32(d.t(), split(xa_i, 1, d.dtype)), 1)
+        dB = sum_halves(mm_f32(d.t(), xs_i), 1)
         if scaling != 1.0:
             dB.mul_(scaling)
     if scaling != 1.0:

@@ -50,6 +50,9 @@ def test_split_parts_sum_to_the_fp32_value(dev):
     assert torch.equal(parts, torch.cat([hi, (t - hi.float()).to(torch.bfloat16)], 0))
     assert torch.equal(lb.split(t.t(), 1), parts.t())  # the other dim, a non-contiguous input
     assert torch.equal(lb.sum_halves(torch.arange(6.0).view(1, 6), 1), torch.tensor([[3.0, 5.0, 7.0]]))
+    into = torch.zeros(1, 5)
+    assert lb.sum_halves(torch.arange(6.0).view(1, 6), 1, out=into[:, 1:4]).data_ptr() == into[:, 1:].data_ptr()
+    assert torch.equal(into, torch.tensor([[0.0, 3.0, 5.0, 7.0, 0.0]]))
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -74,10 +77,13 @@ def test_small_products_are_fp32_accurate(dev):
     assert xa.dtype == torch.float32 and xa.shape == (N, R + 3)
     assert _rel(xa, x.double() @ torch.cat(As).double().t()) <= FP32_REL
     s = 0.37
-    dB, dxa = lb.dxa_dB(d, xa[:, :R], B, s, True)
+    dB, dxa = lb.dxa_dB(d, lb.split(xa[:, :R], 1), B, s, True)
     assert _rel(dxa, s * d.double() @ B.double()) <= FP32_REL
     assert _rel(dB, s * d.double().t() @ xa[:, :R].double()) <= FP32_REL
-    assert lb.dxa_dB(d, xa[:, :R], B, s, False)[0] is None
+    assert lb.dxa_dB(d, None, B, s, False)[0] is None
+    stacked = torch.zeros(N, R + 3, device=dev)  # dxa into its columns of a stacked [N, sum r] buffer
+    lb.dxa_dB(d, None, B, s, False, out=stacked[:, 3:])
+    assert torch.equal(stacked[:, 3:], dxa) and not stacked[:, :3].any()
     dA = lb.dA(dxa, x)
     assert _rel(dA, dxa.double().t() @ x.double()) <= FP32_REL
 
@@ -114,6 +120,15 @@ def test_dx_branch_rounded_before_it_is_added(dev, monkeypatch, impl):
     monkeypatch.setattr(lb, "CHUNK_BYTES", 5 * IN * 4)  # several row chunks
     _ulp_check(lb.add_dx_branch_(dx0.clone(), dxa, A), dx0.double() + br, dx0.double().abs() + br.abs(),
                max_share=0.02, rounded_term=br)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+@pytest.mark.parametrize("widths", [[5], [4, 4, 4], [3, 7], [2, 2]])
+def test_split_blocks_is_each_blocks_split_side_by_side(dev, widths):
+    t = torch.randn(N, sum(widths), device=dev) * torch.logspace(-4, 2, sum(widths), device=dev)
+    want = torch.cat([lb.split(blk, 1) for blk in t.split(widths, 1)], 1)
+    got = lb.split_blocks(t, widths)
+    assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
 def test_split_applies_to_fp32_adapters_on_bf16_only():

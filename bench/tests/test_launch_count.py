@@ -1,0 +1,46 @@
+"""The launch counter (bench/launch_count.py) on the tiny Llama: what one decoder layer issues.
+
+Counts, not times: a corept layer must issue fewer device launches than peft's, one rank-add per
+LoRA linear per pass, and no host synchronisation (``.item()`` and friends) at all.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                reason="counts Triton launches through the interpreter (TRITON_INTERPRET=1)")
+
+
+@pytest.fixture(scope="module")
+def counts():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "launch_count.py"
+    spec = importlib.util.spec_from_file_location("corept_bench_test_launch_count", path)
+    lc = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(lc)
+    return {v: lc.per_layer(v) for v in ("corept", "hf")}
+
+
+def test_corept_layer_issues_fewer_launches_than_peft(counts):
+    corept, hf = counts["corept"], counts["hf"]
+    assert corept["corept_applied"], "corept patched nothing: the count would be peft's"
+    assert 0 < corept["per_layer"] < hf["per_layer"], (corept["per_layer"], hf["per_layer"])
+    assert hf["per_layer_triton"] == 0 and corept["per_layer_triton"] > 0
+
+
+def test_one_rank_add_per_linear_and_pass(counts):
+    ops = counts["corept"]["per_layer_by_op"]
+    # 7 LoRA linears: forward, checkpointing's recomputed forward, backward
+    assert ops["triton::_rank_add_kernel"] == 21
+    assert ops["aten::mm (fp32 out)"] > 0
+
+
+def test_no_host_sync_in_a_layer(counts):
+    for v in ("corept", "hf"):
+        syncs = {op: n for op, n in counts[v]["per_layer_by_op"].items()
+                 if op in ("aten::_local_scalar_dense", "aten::item", "aten::nonzero")}
+        assert not syncs, (v, syncs)
