@@ -304,13 +304,13 @@ class LoraMLP(torch.autograd.Function):
         (dBd,), dxa_d = _backward_small(xa_d, (dy2,), (down,), (Bd,), (need[10],))
         dbd = _bias_grad(dy2, down.bias, need[11])
         if need_up:
-            dh = _backward_input((dy2,), dxa_d, (down,), (Ad,))
-            glu_backward_(dh, e, g, ctx.activation)  # dh <- h, e <- de, g <- dg
-            h, de, dg = dh, e, g
+            h = _backward_input((dy2,), dxa_d, (down,), (Ad,))  # dh, then (in place) h
+            glu_backward_(h, e, g, ctx.activation)  # dh <- h, e <- de, g <- dg
+            de, dg = e, g
         else:
             h = glu_forward(e, g, ctx.activation)
         (dAd,) = _dA(dxa_d, h, (Ad,), (need[9],))
-        del h
+        del h  # the only reference: its [N, I] buffer is free before the gate/up phase's dx and products
         if not need_up:
             return (None,) * 3 + (None,) * 6 + (dAd, dBd, dbd)
 

@@ -289,3 +289,37 @@ def test_lora_weights_validation():
     with pytest.raises(ValueError, match="activation"):
         lora_mlp(torch.randn(3, 5), *[LoraWeights(torch.randn(6, 5), torch.randn(2, 5), torch.randn(6, 2), 1.0)] * 2,
                  LoraWeights(torch.randn(5, 6), torch.randn(2, 6), torch.randn(5, 2), 1.0), activation="relu")
+
+
+def test_mlp_backward_frees_h_before_the_gate_up_phase(monkeypatch):
+    """The ``[N, I]`` buffer that holds ``dh`` and then ``h`` is released once ``dA`` of the down
+    projection is formed, so the gate/up input gradient (``dx`` plus a base product in flight, and
+    a dequantized weight on 4-bit bases) never coexists with it."""
+    import weakref
+
+    from corept_kernels import lora_autograd as la
+
+    held, seen = [], []
+    real_glu, real_input = la.glu_backward_, la._backward_input
+
+    def glu(h, e, g, activation):
+        held.append(weakref.ref(h))
+        return real_glu(h, e, g, activation)
+
+    def backward_input(douts, dxa, lws, As):
+        if held:  # the gate/up call comes after the GLU backward
+            seen.append(held[0]() is None)
+        return real_input(douts, dxa, lws, As)
+
+    monkeypatch.setattr(la, "glu_backward_", glu)
+    monkeypatch.setattr(la, "_backward_input", backward_input)
+    g = torch.Generator().manual_seed(0)
+
+    def lw(out_f, in_f, r):
+        return LoraWeights((torch.randn(out_f, in_f, generator=g) * 0.1).bfloat16(),
+                           (torch.randn(r, in_f, generator=g) * 0.1).requires_grad_(),
+                           (torch.randn(out_f, r, generator=g) * 0.1).requires_grad_(), 1.0)
+
+    x = torch.randn(*TOKENS, H, generator=g).bfloat16().requires_grad_()
+    lora_mlp(x, lw(INTER, H, 8), lw(INTER, H, 8), lw(H, INTER, 4), "swiglu").float().sum().backward()
+    assert held and seen == [True], (len(held), seen)
