@@ -186,14 +186,16 @@ def _backward_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
     return dBs, dxa
 
 
-def _backward_input(douts, dxa: torch.Tensor, lws, As) -> torch.Tensor:
+def _backward_input(douts, dxa: torch.Tensor, lws, As, weights=None) -> torch.Tensor:
     """``dx`` ``[N, in]`` in the model dtype, accumulated in peft's order (see the module notes):
-    for linears last to first, ``+= dxa_i A_i`` (adapter dtype, rounded) then ``+= d_i W_i``."""
+    for linears last to first, ``+= dxa_i A_i`` (adapter dtype, rounded) then ``+= d_i W_i``.
+    ``weights``: the linears' dense base weights when the caller already holds them (a 4-bit base
+    dequantized once for several row chunks); else each is made here and dropped after its use."""
     ldt, dt = dxa.dtype, douts[0].dtype
     offs = _offsets([A.shape[0] for A in As])
     dx = None
-    for lw, A, d, (a, b) in reversed(list(zip(lws, As, douts, offs))):
-        w = lw.dense_weight(dt)
+    for i, lw, A, d, (a, b) in reversed(list(zip(range(len(lws)), lws, As, douts, offs))):
+        w = lw.dense_weight(dt) if weights is None else weights[i]
         base = d @ w
         del w
         first, dx = dx is None, base if dx is None else dx
@@ -271,6 +273,32 @@ class LoraSharedInput(torch.autograd.Function):
         return tuple(grads)
 
 
+def _down_and_glu_backward_(dy2, dxa_d, e, g, down: LoraWeights, Ad, activation: str, need_dA: bool):
+    """The MLP backward from ``dy`` to the gate/up gradients, in row chunks; returns ``dA`` of down.
+
+    Per chunk of rows: ``dh = dy W_down + dxa_d A_down`` (``[rows, I]``), then the GLU backward in
+    place (``dh`` <- ``h``, ``e`` <- ``de``, ``g`` <- ``dg``), then ``h``'s share of ``dA_down``;
+    the ``h`` chunk is dropped before the next. Chunks hold at most
+    :data:`~corept_kernels.lora_branch.CHUNK_BYTES` of ``dh`` (one chunk at Llama-3.1-8B's 2x2048
+    tokens up to 64 MiB; 1x8192 takes four), so the largest live ``[N, I]`` buffers in this phase
+    are the saved ``e`` and ``g``. Rows are independent here but for ``dA_down``, summed over the
+    chunks in fp32; with adapters in a 16-bit dtype (whose chunk sums would be rounded) the phase
+    runs whole. A 4-bit ``W_down`` is dequantized once for all chunks.
+    """
+    n = dy2.shape[0]
+    fp32_branch = dxa_d.dtype in (torch.float32, torch.float64)
+    rows = lb.product_rows(n, e.shape[1], e.dtype.itemsize) if fp32_branch else [slice(0, n)]
+    weights = (down.dense_weight(dy2.dtype),) if len(rows) > 1 else None
+    dAd = None
+    for sl in rows:
+        h = _backward_input((dy2[sl],), dxa_d[sl], (down,), (Ad,), weights)  # dh, then (in place) h
+        glu_backward_(h, e[sl], g[sl], activation)
+        (part,) = _dA(dxa_d[sl], h, (Ad,), (need_dA,))
+        del h  # the only reference: the buffer is free before the next chunk and the gate/up phase
+        dAd = part if dAd is None else dAd.add_(part)
+    return dAd
+
+
 class LoraMLP(torch.autograd.Function):
     """``y = down(act(gate(x)) * up(x))``, each a LoRA linear.
 
@@ -304,13 +332,12 @@ class LoraMLP(torch.autograd.Function):
         (dBd,), dxa_d = _backward_small(xa_d, (dy2,), (down,), (Bd,), (need[10],))
         dbd = _bias_grad(dy2, down.bias, need[11])
         if need_up:
-            h = _backward_input((dy2,), dxa_d, (down,), (Ad,))  # dh, then (in place) h
-            glu_backward_(h, e, g, ctx.activation)  # dh <- h, e <- de, g <- dg
-            de, dg = e, g
+            dAd = _down_and_glu_backward_(dy2, dxa_d, e, g, down, Ad, ctx.activation, need[9])
+            de, dg = e, g  # overwritten in place
         else:
             h = glu_forward(e, g, ctx.activation)
-        (dAd,) = _dA(dxa_d, h, (Ad,), (need[9],))
-        del h  # the only reference: its [N, I] buffer is free before the gate/up phase's dx and products
+            (dAd,) = _dA(dxa_d, h, (Ad,), (need[9],))
+            del h
         if not need_up:
             return (None,) * 3 + (None,) * 6 + (dAd, dBd, dbd)
 

@@ -144,6 +144,50 @@ def test_chunked_adapter_casts_bound_fp32_transients(monkeypatch, nf4):
         assert rounding_twin_stats(a, b)[1] <= TWIN_GRAD_REL_L2
 
 
+@pytest.mark.parametrize("nf4", [False, True], ids=["bf16", "nf4-bf16"])
+def test_mlp_down_phase_runs_in_row_chunks(monkeypatch, nf4):
+    """``dh`` (``[N, I]``) is formed, turned into ``h``/``de``/``dg`` and consumed chunk by chunk;
+    a 4-bit ``W_down`` is dequantized once for all chunks; results are the whole run's up to the
+    fp32 summation order of ``dA_down``."""
+    from corept_kernels.lora_weights import LoraWeights
+
+    pm, _ = _model("mlp", "swiglu", nf4)
+    rows, n = 16, 160
+    g = torch.Generator().manual_seed(n)
+    x, dy = (torch.randn(n, H, generator=g).bfloat16() for _ in range(2))
+    whole = _mlp_run(pm, x, dy)
+    chunks, dense = [], []
+    real_glu, real_dense = la.glu_backward_, LoraWeights.dense_weight
+
+    def glu(h, e, g_, activation):
+        chunks.append(h.shape[0])
+        return real_glu(h, e, g_, activation)
+
+    def dense_weight(self, dtype):
+        w = real_dense(self, dtype)
+        dense.append(tuple(w.shape))
+        return w
+
+    monkeypatch.setattr(la, "glu_backward_", glu)
+    monkeypatch.setattr(LoraWeights, "dense_weight", dense_weight)
+    monkeypatch.setattr(lb, "CHUNK_BYTES", rows * INTER * 2)  # 16 rows of bf16 dh
+    _, ours_fn, _, mods = case("mlp", pm)
+    params = lora_params(mods)
+    for p in params:
+        p.grad = None
+    xx = x.detach().clone().requires_grad_(True)
+    y = ours_fn(xx)
+    dense.clear()
+    y.backward(dy)
+    chunked = [y.detach(), xx.grad] + [p.grad.clone() for p in params]
+    assert chunks == [rows] * (n // rows), chunks
+    assert dense.count((H, INTER)) == 1, dense  # W_down: once in backward, not once per chunk
+    assert_rounding_twin(chunked[0], whole[0], "y")
+    assert_rounding_twin(chunked[1], whole[1], "x.grad")
+    for a, b in zip(chunked[2:], whole[2:]):
+        assert rounding_twin_stats(a, b)[1] <= TWIN_GRAD_REL_L2
+
+
 def test_chunked_forward_matches(monkeypatch):
     pm, _ = _model("qkv", None, False)
     _, ours_fn, _, mods = case("qkv", pm)
