@@ -279,9 +279,9 @@ def _down_and_glu_backward_(dy2, dxa_d, e, g, down: LoraWeights, Ad, activation:
     Per chunk of rows: ``dh = dy W_down + dxa_d A_down`` (``[rows, I]``), then the GLU backward in
     place (``dh`` <- ``h``, ``e`` <- ``de``, ``g`` <- ``dg``), then ``h``'s share of ``dA_down``;
     the ``h`` chunk is dropped before the next. Chunks hold at most
-    :data:`~corept_kernels.lora_branch.CHUNK_BYTES` of ``dh`` (one chunk at Llama-3.1-8B's 2x2048
-    tokens up to 64 MiB; 1x8192 takes four), so the largest live ``[N, I]`` buffers in this phase
-    are the saved ``e`` and ``g``. Rows are independent here but for ``dA_down``, summed over the
+    :data:`~corept_kernels.lora_branch.CHUNK_BYTES` of ``dh`` (Llama-3.1-8B: two chunks at 2x2048
+    tokens, four at 1x8192), so the only whole ``[N, I]`` buffers live in this phase are the saved
+    ``e`` and ``g``. Rows are independent here but for ``dA_down``, summed over the
     chunks in fp32; with adapters in a 16-bit dtype (whose chunk sums would be rounded) the phase
     runs whole. A 4-bit ``W_down`` is dequantized once for all chunks.
     """
