@@ -125,13 +125,15 @@ class LaunchCounter:
         self._swap(lora_branch, "mm_f32", make)
 
 
-def count_step(variant: str, layers: int, *, tokens: int = 64, rank: int = 16, seed: int = 0) -> dict:
-    """Launch counts of one AdamW training step of ``variant`` on the tiny Llama with ``layers`` layers."""
+def count_step(variant: str, layers: int, *, model: str = "tiny-llama", tokens: int = 64, rank: int = 16,
+               seed: int = 0) -> dict:
+    """Launch counts of one AdamW training step of ``variant`` on ``model`` (a tiny model of
+    ``bench/e2e_variants.MODELS``) cut or grown to ``layers`` layers."""
     import torch
 
     V = _sibling("e2e_variants")
-    name = f"tiny-llama-{layers}l"
-    V.MODELS[name] = dict(V.MODELS["tiny-llama"], num_hidden_layers=layers)
+    name = f"{model}-{layers}l"
+    V.MODELS[name] = dict(V.MODELS[model], num_hidden_layers=layers)
     with tempfile.TemporaryDirectory() as folder:
         V.prepare(name, folder, seed, "cpu", "bf16")
         V.import_stack(variant)
@@ -157,14 +159,14 @@ def count_step(variant: str, layers: int, *, tokens: int = 64, rank: int = 16, s
             "optimizer": sum(c_opt.counts.values()), "corept_applied": info.get("corept_applied")}
 
 
-def per_layer(variant: str, layers: int = 2) -> dict:
+def per_layer(variant: str, layers: int = 2, model: str = "tiny-llama") -> dict:
     """``count(layers + 1) - count(layers)``, in total and by op (ops whose count changes)."""
-    a, b = count_step(variant, layers), count_step(variant, layers + 1)
+    a, b = count_step(variant, layers, model=model), count_step(variant, layers + 1, model=model)
     ops = sorted(set(a["by_op"]) | set(b["by_op"]))
     diff = {op: b["by_op"].get(op, 0) - a["by_op"].get(op, 0) for op in ops}
     diff = {op: n for op, n in sorted(diff.items(), key=lambda kv: -kv[1]) if n}
     triton = sum(n for op, n in diff.items() if op.startswith("triton::"))
-    return {"variant": variant, "per_layer": b["total"] - a["total"], "per_layer_triton": triton,
+    return {"variant": variant, "model": model, "per_layer": b["total"] - a["total"], "per_layer_triton": triton,
             "per_step_fixed": a["total"] - layers * (b["total"] - a["total"]), "optimizer": b["optimizer"],
             "per_layer_by_op": diff,
             "counted_at_layers": [layers, layers + 1], "corept_applied": a["corept_applied"]}
@@ -173,6 +175,7 @@ def per_layer(variant: str, layers: int = 2) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="corept,hf", help="e2e variants to count (CPU: hf, corept)")
+    ap.add_argument("--models", default="tiny-llama,tiny-qwen3", help="tiny models of bench/e2e_variants.py")
     ap.add_argument("--out", help="folder for launch-count-<date>-cpu.json")
     ap.add_argument("--layers-8b", type=int, default=32, help="layers of the model to extrapolate to (Llama-3.1-8B: 32)")
     a = ap.parse_args(argv)
@@ -182,11 +185,12 @@ def main(argv=None) -> int:
     import transformers
 
     rows = []
-    for v in [s.strip() for s in a.variants.split(",") if s.strip()]:
-        r = per_layer(v)
+    jobs = [(m.strip(), v.strip()) for m in a.models.split(",") if m.strip() for v in a.variants.split(",") if v.strip()]
+    for m, v in jobs:
+        r = per_layer(v, model=m)
         r["extrapolated_fwd_bwd"] = r["per_step_fixed"] + a.layers_8b * r["per_layer"]
         rows.append(r)
-        print(f"{v:8} {r['per_layer']:4d} launches per layer ({r['per_layer_triton']} Triton), "
+        print(f"{m:10} {v:8} {r['per_layer']:4d} launches per layer ({r['per_layer_triton']} Triton), "
               f"{r['per_step_fixed']} per step outside the layers; forward + backward of {a.layers_8b} layers: "
               f"{r['extrapolated_fwd_bwd']} (AdamW step apart: {r['optimizer']} here)")
         for op, n in list(r["per_layer_by_op"].items())[:12]:
@@ -196,7 +200,7 @@ def main(argv=None) -> int:
         path = os.path.join(a.out, f"launch-count-{datetime.date.today().isoformat()}-cpu.json")
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "command": "python3 -P bench/launch_count.py " + " ".join(argv or sys.argv[1:]),
-                "model": "tiny-llama (bench/e2e_variants.py), bf16, 64 tokens, LoRA r 16 on the 7 projections"}
+                "models": f"{a.models} (bench/e2e_variants.py), bf16, 64 tokens, LoRA r 16 on the 7 projections"}
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         print("wrote", path)
