@@ -167,11 +167,13 @@ def _backward_small(xa: torch.Tensor, douts, lws, Bs, need_B: Sequence[bool]):
     dxa = torch.empty_like(xa)
     dBs = []
     ranks = [B.shape[1] for B in Bs]
-    xs = lb.split_blocks(xa, ranks, dt) if lb.uses_split(ldt, dt) and any(need_B) else None
-    for lw, B, d, need, (a, b) in zip(lws, Bs, douts, need_B, _offsets(ranks)):
-        if lb.uses_split(ldt, dt):
+    split = lb.uses_split(ldt, dt)
+    xs = lb.split_blocks(xa, ranks, dt) if split and any(need_B) else None
+    b_parts = (lb.stacked_row_split(Bs, dt) if split else None) or [None] * len(Bs)
+    for lw, B, d, need, bp, (a, b) in zip(lws, Bs, douts, need_B, b_parts, _offsets(ranks)):
+        if split:
             xs_i = xs[:, 2 * a:2 * b] if xs is not None else None
-            dB, _ = lb.dxa_dB(d, xs_i, B, lw.scaling, need, out=dxa[:, a:b])
+            dB, _ = lb.dxa_dB(d, xs_i, B, lw.scaling, need, out=dxa[:, a:b], b_parts=bp)
             dBs.append(dB.to(B.dtype) if need else None)
             continue
         Bl = B.to(ldt)

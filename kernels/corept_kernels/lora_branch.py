@@ -93,6 +93,16 @@ def split_blocks(t: torch.Tensor, widths, dtype: torch.dtype = torch.bfloat16) -
     return out.view(n, 2 * k * w)
 
 
+def stacked_row_split(Bs, dtype: torch.dtype = torch.bfloat16) -> list[torch.Tensor] | None:
+    """The hi/lo parts ``[out_i, 2r]`` of each fp32 ``B_i`` ``[out_i, r]``, made by one
+    :func:`split` of the ``B`` stacked by rows (three kernels for the q/k/v group instead of six);
+    ``None`` when the ranks differ (then each is split on its own)."""
+    if len(Bs) < 2 or len({B.shape[1] for B in Bs}) > 1:
+        return None
+    parts = split(torch.cat(list(Bs), 0), 1, dtype)
+    return list(parts.split([B.shape[0] for B in Bs], 0))
+
+
 def weight_split(ts, dim: int, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """:func:`split` of the adapter weights ``ts`` concatenated along ``dim``.
 
@@ -198,12 +208,15 @@ def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: f
 
 
 def dxa_dB(d: torch.Tensor, xs_i: torch.Tensor | None, B: torch.Tensor, scaling: float, need_B: bool,
-           out: torch.Tensor | None = None):
+           out: torch.Tensor | None = None, b_parts: torch.Tensor | None = None):
     """``(dB, dxa)`` for one linear: ``dxa = s d B`` ``[N, r]`` (written into ``out`` when given)
     and, if needed, ``dB = s d^T xa`` ``[out, r]``, both fp32, for ``d`` ``[N, out]`` bf16 (the
     output's gradient) and ``xs_i`` ``[N, 2r]``, the hi/lo parts of this linear's ``xa`` (from
-    :func:`split` or a block of :func:`split_blocks`; may be ``None`` when ``dB`` is not needed)."""
-    dxa_i = sum_halves(mm_f32(d, weight_split((B,), 1, d.dtype)), 1, out=out)
+    :func:`split` or a block of :func:`split_blocks`; may be ``None`` when ``dB`` is not needed).
+    ``b_parts``: ``B``'s hi/lo parts ``[out, 2r]`` when the caller split several ``B`` at once
+    (:func:`stacked_row_split`); else they are made here."""
+    parts = b_parts if b_parts is not None else weight_split((B,), 1, d.dtype)
+    dxa_i = sum_halves(mm_f32(d, parts), 1, out=out)
     dB = None
     if need_B:
         dB = sum_halves(mm_f32(d.t(), xs_i), 1)

@@ -131,6 +131,15 @@ def test_split_blocks_is_each_blocks_split_side_by_side(dev, widths):
     assert got.dtype == torch.bfloat16 and torch.equal(got, want)
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+def test_stacked_row_split_is_each_weights_split(dev):
+    Bs = [torch.randn(o, 4, device=dev) * 0.05 for o in (7, 3, 3)]
+    parts = lb.stacked_row_split(Bs)
+    assert len(parts) == 3 and all(torch.equal(p, lb.split(B, 1)) for p, B in zip(parts, Bs))
+    assert lb.stacked_row_split([Bs[0]]) is None  # one weight: nothing to stack
+    assert lb.stacked_row_split([Bs[0], torch.randn(3, 2, device=dev)]) is None  # ranks differ
+
+
 def test_split_applies_to_fp32_adapters_on_bf16_only():
     assert lb.uses_split(torch.float32, torch.bfloat16)
     assert not lb.uses_split(torch.bfloat16, torch.bfloat16)
