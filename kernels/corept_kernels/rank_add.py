@@ -25,9 +25,19 @@ Chosen from that sweep on the H200 (bench/results/lora-branch-probe-2026-11-29-h
 4 warps beat 8 by 16% at width 14336 and 10% at 4096; larger or smaller tiles were slower."""
 
 
+TRANSPOSED_V_LOAD = True
+"""Load a ``v`` whose rank dimension is the contiguous one (``B.t()``, the forward's branch) as
+``[BLOCK_N, BLOCK_R]`` rows of ``B`` and transpose the tile in registers: each row is one
+contiguous ``r``-float run, where loading ``[BLOCK_R, BLOCK_N]`` directly reads every float from a
+different ``r``-strided place. The values, and so the results, are the same either way. Not yet
+timed on a GPU (``bench/lora_branch_probe.py`` sweeps both settings); the kernel ran ~2.7x its
+bandwidth bound with the direct load."""
+
+
 @triton.jit
 def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+                     V_BY_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
@@ -36,7 +46,11 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
         ks = k0 + tl.arange(0, BLOCK_R)
         kmask = ks < R
         u = tl.load(U + rows[:, None] * su0 + ks[None, :] * su1, mask=rmask[:, None] & kmask[None, :], other=0.0)
-        v = tl.load(V + ks[:, None] * sv0 + cols[None, :] * sv1, mask=kmask[:, None] & cmask[None, :], other=0.0)
+        if V_BY_ROWS:  # v[k, c] at V + k * sv0 + c * sv1 with sv0 == 1: load rows of v^T, transpose
+            vt = tl.load(V + cols[:, None] * sv1 + ks[None, :] * sv0, mask=cmask[:, None] & kmask[None, :], other=0.0)
+            v = tl.trans(vt)
+        else:
+            v = tl.load(V + ks[:, None] * sv0 + cols[None, :] * sv1, mask=kmask[:, None] & cmask[None, :], other=0.0)
         acc = tl.dot(u, v, acc, input_precision="ieee")  # fp32 FMAs: no TF32 rounding of the factors
     z = acc * scaling
     if ROUND_FIRST:
@@ -65,7 +79,8 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
         return y
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
-                           v.stride(1), float(scaling), ROUND_FIRST=round_first, BLOCK_M=BLOCK_M,
+                           v.stride(1), float(scaling), ROUND_FIRST=round_first,
+                           V_BY_ROWS=TRANSPOSED_V_LOAD and v.stride(0) == 1 and v.shape[0] > 1, BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
                            num_warps=NUM_WARPS)
     return y

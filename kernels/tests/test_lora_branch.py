@@ -179,6 +179,25 @@ def test_rank_add_any_rank(rank, impl):
     _ulp_check(lb.rank_add_(y0.clone(), u, v, 1.0, False), y0.double() + z, y0.double().abs() + z.abs())
 
 
+@pytest.mark.parametrize("rank", [1, 16, 100], ids=["r1", "r16", "r100-two-slices"])
+@pytest.mark.parametrize("round_first", [False, True])
+def test_rank_add_loads_a_transposed_factor_either_way(monkeypatch, rank, round_first):
+    """``v = B.t()`` (rank dimension contiguous) read by rows of ``B`` and transposed in registers,
+    or read directly: the same values, so the same bits."""
+    import corept_kernels.rank_add as ra
+
+    y0 = _bf16(37, 130, dev="cpu")
+    u, B = torch.randn(37, rank), torch.randn(130, rank) * 0.2
+    monkeypatch.setattr(ra, "TRANSPOSED_V_LOAD", True)
+    by_rows = ra.rank_add_triton_(y0.clone(), u, B.t(), 0.7, round_first)
+    monkeypatch.setattr(ra, "TRANSPOSED_V_LOAD", False)
+    direct = ra.rank_add_triton_(y0.clone(), u, B.t(), 0.7, round_first)
+    assert torch.equal(by_rows, direct)
+    z = 0.7 * (u.double() @ B.double().t())
+    if not round_first:
+        _ulp_check(by_rows, y0.double() + z, y0.double().abs() + z.abs())
+
+
 def test_only_a_missing_out_dtype_switches_to_the_upcast_path():
     """An older torch (unknown keyword / no kernel) falls back; running out of memory or any other
     runtime error propagates instead of silently disabling the fast path."""
