@@ -183,7 +183,7 @@ class Driver:
                 "warmup": self.a.warmup if warmup is None else warmup, "rank": rank, "alpha": rank,
                 "device": self.a.device, "dtype": self.a.dtype, "seed": self.a.seed, "lr": self.a.lr,
                 "weights": self.a.weights, "cap_gib": cap_gib, "vocab": V.MODELS[model]["vocab_size"],
-                "record": rec_path, "profile": bool(self.a.profile) and kind == "throughput"}
+                "record": rec_path, "profile": kind == "throughput" and self.profiles(variant)}
         if os.path.exists(rec_path):
             os.remove(rec_path)
         res = self.spawn(name, spec, stack, timeout if timeout is not None else min(self.a.run_timeout, self.remaining()))
@@ -203,6 +203,11 @@ class Driver:
             else:
                 r["error"] = f"exit {res['rc']} before finishing: {res['tail'][-600:]}"
         return recs
+
+    def profiles(self, variant: str) -> bool:
+        """Whether ``--profile`` asks for a profiled step of ``variant`` (all, or the ones it lists)."""
+        p = self.a.profile
+        return bool(p) and (p == "all" or variant in p.split(","))
 
     def summary(self, r: dict) -> str:
         head = f"{r['variant']:<14} {r['model']:<13} {r.get('shape', ''):<8}"
@@ -317,8 +322,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--weights", default="checkpoint", choices=["checkpoint", "config"],
                     help="config: hf/hf_bf16/liger rebuild the seeded weights instead of reading the checkpoint")
     ap.add_argument("--group-shapes", action="store_true", help="all shapes of a variant x model in one process")
-    ap.add_argument("--profile", action="store_true",
-                    help="one extra step per throughput run under torch.profiler: time per kernel and category")
+    ap.add_argument("--profile", nargs="?", const="all", default=None, metavar="VARIANTS",
+                    help="one extra step per throughput run under torch.profiler: time per kernel and category; "
+                         "alone: every run, with a comma list: those variants' runs only")
     ap.add_argument("--jobs", type=int, help="runs at once: 1 on a GPU (default); smoke default 4")
     ap.add_argument("--run-timeout", type=float, help="seconds per training subprocess; default 420")
     ap.add_argument("--prepare-timeout", type=float, default=420.0)
@@ -358,6 +364,8 @@ def main(argv=None) -> int:
         return 0
     models, variants = _names(a.models, V.MODELS), _names(a.variants, V.VARIANTS)
     maxseq, shapes = _names(a.maxseq, V.VARIANTS), parse_shapes(a.shapes)
+    if a.profile and a.profile != "all":
+        _names(a.profile, V.VARIANTS)  # unknown names fail here, before any run
     d = Driver(a)
     if a.dry_run:
         for st in ("base", "corept", "unsloth"):

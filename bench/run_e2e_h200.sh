@@ -5,6 +5,9 @@
 #
 # Presets, most useful first (each is self-contained: a fresh machine reinstalls the wheels and
 # re-saves the checkpoint it needs; a warm one reuses /tmp):
+#   llama-both      Llama-3.1-8B, both shapes in one process per variant (--group-shapes): hf, corept, unsloth
+#                   and their QLoRA forms, corept's runs profiled (~8.5 min; the 2026-11-29 second run's form)
+#   qwen-both       the same for Qwen3-8B
 #   llama-2k        Llama-3.1-8B 2x2048, all eight variants
 #   llama-8k        Llama-3.1-8B 1x8192, all eight variants
 #   qwen-2k         Qwen3-8B 2x2048, all eight variants
@@ -34,7 +37,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -68,7 +71,12 @@ echo "setup took $((SECONDS - T0))s"
 
 SITES=(--site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth)
 ALL=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora,liger,hf_bf16
+SIX=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora
 case "$PRESET" in
+  llama-both) ARGS=(--models llama-3.1-8b --shapes 2x2048,1x8192 --group-shapes --variants $SIX
+                    --profile corept,corept_qlora) ;;
+  qwen-both)  ARGS=(--models qwen3-8b --shapes 2x2048,1x8192 --group-shapes --variants $SIX
+                    --profile corept,corept_qlora) ;;
   llama-2k) ARGS=(--models llama-3.1-8b --shapes 2x2048 --variants $ALL) ;;
   llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
   qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;

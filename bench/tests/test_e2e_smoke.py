@@ -151,3 +151,23 @@ def test_budget_runs_what_fits_and_skips_the_rest(tmp_path, bench_module):
     assert d._run("llama-3.1-8b", "unsloth", two, {"llama-3.1-8b"}) == [{"variant": "unsloth"}]
     assert started == [("unsloth", 2), ("unsloth", 2)]
     assert e2e.estimate_s("base", 1) < e2e.estimate_s("corept", 1) < e2e.estimate_s("unsloth", 1)
+
+
+def test_profile_can_name_the_variants_it_profiles(tmp_path, bench_module):
+    """``--profile`` alone profiles every run; ``--profile corept,corept_qlora`` only those."""
+    e2e = bench_module("e2e")
+    base = ["--out", str(tmp_path), "--work-dir", str(tmp_path / "w"), "--ckpt-dir", str(tmp_path / "ck"),
+            "--run-timeout", "60", "--budget-s", "100"]
+    every = e2e.Driver(e2e.build_parser().parse_args(base + ["--profile"]))
+    assert every.profiles("hf") and every.profiles("corept")
+    some = e2e.Driver(e2e.build_parser().parse_args(base + ["--profile", "corept,corept_qlora"]))
+    assert some.profiles("corept_qlora") and not some.profiles("unsloth")
+    assert not e2e.Driver(e2e.build_parser().parse_args(base)).profiles("corept")
+    specs = []
+    some.spawn = lambda name, spec, stack, timeout: specs.append(spec) or {"rc": 0, "timed_out": False,
+                                                                           "wall_s": 1.0, "log": "x", "tail": ""}
+    some.train("a", "corept", "tiny-llama", [[1, 8]])
+    some.train("b", "hf", "tiny-llama", [[1, 8]])
+    assert [s["profile"] for s in specs] == [True, False]
+    with pytest.raises(SystemExit, match="unknown name"):
+        e2e.main(base + ["--profile", "corept,nope", "--dry-run"])
