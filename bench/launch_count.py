@@ -2,7 +2,8 @@
 
 At 2x2048 tokens the corept step on the H200 is host-bound: its GPU work is ~110 ms less than its
 median step, and the profile counts ~7,200 launches per step (docs/benchmarks.md, second e2e run).
-Every launch costs host time (a Triton launch ~60 us on those hosts), so the launch count is the
+Every launch costs host time (one Triton launch with its Python measured 71 us a call on those
+hosts, bench/results/lora-branch-probe-2026-11-29-h200-dequant4.jsonl), so the launch count is the
 figure to bring down, and it can be counted without a GPU. This tool runs one training step
 (forward, backward, AdamW) of the e2e harness's tiny model, set up exactly as the harness sets
 up a variant (``bench/e2e_variants.setup``: bf16 weights, peft's fp32 adapters for corept, gradient
@@ -16,10 +17,12 @@ checkpointing), and counts what would be a device launch on CUDA:
 
 The forward and backward are counted; the AdamW step apart (its per-parameter ``.item()`` on CPU
 step counters is host-only on CUDA). Per layer = count with ``L + 1`` decoder layers minus count
-with ``L``, which cancels the embedding, loss and other per-step work. What differs from CUDA: attention is
-PyTorch's CPU SDPA kernel (one op, as cuDNN's is one launch), and corept checkpointing's offload
+with ``L``, which cancels the embedding, loss and other per-step work. What differs from CUDA:
+attention is PyTorch's CPU SDPA kernel (one op, as cuDNN's is one launch), and corept checkpointing's offload
 copies are CPU copies. Checked against the H200: corept's Llama-3.1-8B 2x2048 profile counted
-7,203 launches in a step; this count gives 221 per layer, 7,125 for 32 layers with the optimizer.
+7,203 launches in a step; this count gave 181 per layer for the same code, 5,829 for 32 layers'
+forward and backward (bench/results/launch-count-2026-11-29-cpu-before.json); the profile also holds
+the optimizer's multi-tensor kernels, the offload copies and cuBLAS's split-K second kernels.
 
     TRITON_INTERPRET=1 PYTHONPATH=.build/all python3 -P bench/launch_count.py --out bench/results
 """

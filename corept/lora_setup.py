@@ -124,7 +124,7 @@ class QKVGroup:
     def _versions(self) -> tuple:
         """Versions of the adapter weights (the trainable tensors of a fast-path linear, which has
         no bias): an optimizer step in between invalidates kept outputs. Read from the adapter
-        dicts, not ``parameters()``: that walk was ~10% of a step's host time on a tiny model."""
+        dicts, not ``parameters()``, whose module walk is repeated for every attention call."""
         return tuple(lin.weight._version for m in self.mods for d in (m.lora_A, m.lora_B) for lin in d.values())
 
     def ready(self) -> bool:
