@@ -75,3 +75,33 @@ def profiled_step(torch, step, cuda: bool) -> dict:
             torch.cuda.synchronize()
         wall = time.perf_counter() - t0
     return summarize(prof, wall, cuda)
+
+
+def host_profiled_step(step, sync, top: int = 30) -> dict:
+    """Run ``step()`` once under ``cProfile`` and return where the host's (Python) time went.
+
+    ``{wall_ms, top_self: [{func, self_ms, cum_ms, calls}]}``, sorted by self time. ``func`` is
+    ``file:line(name)`` with the path cut to its last two parts. When the step is host-bound this
+    is the time that limits it; cProfile's own overhead inflates many small calls, so read the
+    shares, not the absolute figures."""
+    import cProfile
+    import pstats
+    import time
+
+    sync()
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    step()
+    sync()
+    prof.disable()
+    wall = time.perf_counter() - t0
+    stats = pstats.Stats(prof)
+    rows = []
+    for (path, line, name), (_cc, ncalls, tottime, cumtime, _callers) in stats.stats.items():
+        short = "/".join(path.replace("\\", "/").split("/")[-2:])
+        rows.append({"func": f"{short}:{line}({name})", "self_ms": round(tottime * 1e3, 3),
+                     "cum_ms": round(cumtime * 1e3, 3), "calls": int(ncalls)})
+    rows.sort(key=lambda r: -r["self_ms"])
+    by_cum = sorted(rows, key=lambda r: -r["cum_ms"])
+    return {"wall_ms": round(wall * 1e3, 3), "top_self": rows[:top], "top_cum": by_cum[:top]}

@@ -141,7 +141,9 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        rec["profile"] = load_sibling("e2e_profile").profiled_step(torch, step, mem.cuda)
+        profiler = load_sibling("e2e_profile")
+        rec["profile"] = profiler.profiled_step(torch, step, mem.cuda)
+        rec["host_profile"] = profiler.host_profiled_step(step, mem.sync)
         flush()
     timed = rec["step_s"][spec["warmup"]:] or rec["step_s"][-1:]
     rec.update(tokens_per_s=round(b * s * len(timed) / sum(timed), 1), median_step_s=statistics.median(timed),

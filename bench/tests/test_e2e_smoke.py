@@ -132,6 +132,20 @@ def test_profile_categories(bench_module):
     assert prof.category("something_new") == "other"
 
 
+def test_host_profile_names_the_functions_that_took_the_time(bench_module):
+    prof = bench_module("e2e_profile")
+
+    def busy_python_loop():
+        return sum(i * i for i in range(200_000))
+
+    synced = []
+    out = prof.host_profiled_step(busy_python_loop, lambda: synced.append(1), top=5)
+    assert len(synced) == 2 and out["wall_ms"] > 0 and len(out["top_self"]) <= 5
+    names = [r["func"] for r in out["top_cum"]]
+    assert any("busy_python_loop" in n for n in names), names
+    assert all(r["self_ms"] <= r["cum_ms"] + 1e-6 for r in out["top_self"])
+
+
 def test_budget_runs_what_fits_and_skips_the_rest(tmp_path, bench_module):
     """A run starts when its estimate (first run: per process + per shape; later: the stack's
     measured seconds per shape) fits the call's remaining budget, else it is recorded as skipped."""
