@@ -130,18 +130,18 @@ def rank_add_sweep(dev, emit):
     element), on the gate/up output ``[N, I]`` and the q/o output ``[N, H]``, r 16."""
     import corept_kernels.rank_add as ra
 
-    default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_LOAD)
+    default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N)
     for width in (INTER, H):
         y = torch.randn(N, width, device=dev).bfloat16()
         u, B = torch.randn(N, R, device=dev), torch.randn(width, R, device=dev)
         for by_rows in (True, False):
             for bm, bn, w in [(64, 128, 8), (64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4),
                               (32, 256, 8), (16, 256, 4)]:
-                ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_LOAD = bm, bn, w, by_rows
+                ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N = bm, bn, w, 0 if by_rows else None
                 ms = _time(lambda: ra.rank_add_triton_(y, u, B.t(), 1.0, False))
                 emit(case="rank_add", width=width, block_m=bm, block_n=bn, warps=w, transposed_v_load=by_rows,
                      ms=ms, gbps=round(4 * N * width / ms / 1e6, 1))
-    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_LOAD = default
+    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N = default
 
 
 PARTS = {"gemm": gemm_forms, "fused": fused_cases, "rank_add": rank_add_sweep,

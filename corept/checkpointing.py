@@ -2,8 +2,9 @@
 
 ``use_gradient_checkpointing="corept"``: each decoder layer runs its forward without keeping
 activations; its input hidden states ``[B, S, H]`` are copied to pinned host memory on a side
-CUDA stream (overlapping the next layer's compute) and come back for the recompute in backward.
-Device memory then holds no per-layer activations at all, only the current layer's working set.
+CUDA stream (overlapping the next layer's compute) and come back for the recompute in backward,
+prefetched while the layer after it runs its backward (:mod:`corept.offload`). Device memory then
+holds no per-layer activations at all, only the current layer's working set.
 
 On CPU, or for short sequences where the copies cost more than they save, it is ordinary
 checkpointing (the input stays where it is), with a log line.
@@ -26,40 +27,11 @@ from typing import Any, Callable
 
 import torch
 
+from corept.offload import HostCopy, Kept
+
 logger = logging.getLogger("corept")
 
 MIN_OFFLOAD_TOKENS = 512  # below this, offloading costs more than the memory it frees
-
-
-class _Offloaded:
-    """A tensor whose data was sent to pinned host memory; ``get()`` brings it back."""
-
-    _stream: torch.cuda.Stream | None = None
-
-    def __init__(self, t: torch.Tensor):
-        self.device, self.dtype, self.requires_grad = t.device, t.dtype, t.requires_grad
-        if _Offloaded._stream is None:
-            _Offloaded._stream = torch.cuda.Stream(device=t.device)
-        side = _Offloaded._stream
-        self.host = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        side.wait_stream(torch.cuda.current_stream(t.device))
-        with torch.cuda.stream(side):
-            self.host.copy_(t, non_blocking=True)
-            t.record_stream(side)  # keep the device buffer alive until the copy has run
-        self.done = torch.cuda.Event()
-        self.done.record(side)
-
-    def get(self) -> torch.Tensor:
-        torch.cuda.current_stream(self.device).wait_event(self.done)
-        return self.host.to(self.device, non_blocking=True)
-
-
-class _Kept:
-    def __init__(self, t: torch.Tensor):
-        self.t = t
-
-    def get(self) -> torch.Tensor:
-        return self.t
 
 
 class OffloadedCheckpoint(torch.autograd.Function):
@@ -76,7 +48,7 @@ class OffloadedCheckpoint(torch.autograd.Function):
         ctx.rest = rest
         ctx.cpu_rng = torch.get_rng_state()
         ctx.cuda_rng = torch.cuda.get_rng_state(hidden.device) if hidden.is_cuda else None
-        ctx.saved_hidden = _Offloaded(hidden) if offload else _Kept(hidden)
+        ctx.saved_hidden = HostCopy(hidden) if offload else Kept(hidden)
         ctx.hidden_requires_grad = hidden.requires_grad
         with torch.no_grad():
             out = fn(hidden, *rest)
@@ -84,8 +56,8 @@ class OffloadedCheckpoint(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, *grads):
-        hidden = ctx.saved_hidden.get().detach().requires_grad_(True)
-        ctx.saved_hidden = None
+        saved, ctx.saved_hidden = ctx.saved_hidden, None
+        hidden = saved.get().detach().requires_grad_(True)
         devices = [hidden.device] if hidden.is_cuda else []
         with torch.random.fork_rng(devices=devices, enabled=True):
             torch.set_rng_state(ctx.cpu_rng)
@@ -97,6 +69,9 @@ class OffloadedCheckpoint(torch.autograd.Function):
         pairs = [(o, g) for o, g in zip(outs, grads) if torch.is_tensor(o) and o.requires_grad and g is not None]
         if pairs:
             torch.autograd.backward([o for o, _ in pairs], [g for _, g in pairs])
+        # Issued, not finished: the layer below's input now copies back while these kernels run,
+        # and (in allocation order) after this layer's temporaries were freed.
+        saved.prefetch_previous()
         return (None, None, hidden.grad) + (None,) * len(ctx.rest)
 
 

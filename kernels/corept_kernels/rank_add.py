@@ -25,13 +25,14 @@ Chosen from that sweep on the H200 (bench/results/lora-branch-probe-2026-11-29-h
 4 warps beat 8 by 16% at width 14336 and 10% at 4096; larger or smaller tiles were slower."""
 
 
-TRANSPOSED_V_LOAD = True
-"""Load a ``v`` whose rank dimension is the contiguous one (``B.t()``, the forward's branch) as
-``[BLOCK_N, BLOCK_R]`` rows of ``B`` and transpose the tile in registers: each row is one
-contiguous ``r``-float run, where loading ``[BLOCK_R, BLOCK_N]`` directly reads every float from a
-different ``r``-strided place. The values, and so the results, are the same either way. Not yet
-timed on a GPU (``bench/lora_branch_probe.py`` sweeps both settings); the kernel ran ~2.7x its
-bandwidth bound with the direct load."""
+TRANSPOSED_V_MIN_N: int | None = 8192
+"""From this output width ``N`` up, a ``v`` whose rank dimension is the contiguous one (``B.t()``,
+the forward's branch) is loaded as ``[BLOCK_N, BLOCK_R]`` rows of ``B`` and transposed in registers
+(each row one contiguous ``r``-float run) instead of ``[BLOCK_R, BLOCK_N]`` directly (every float
+from a different ``r``-strided place); ``None``: never. The values, and so the results, are the
+same either way. The H200 sweep (bench/results/lora-branch-probe-2026-11-29-h200-s6-rankadd.jsonl,
+64x128 tiles, 4 warps, 4096 rows) split by width: rows-then-transpose 0.210 vs 0.230 ms at
+N = 14336, but 0.111 vs 0.080 ms at N = 4096."""
 
 
 @triton.jit
@@ -61,6 +62,10 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
     store_rounded(ptrs, y + z, mask)
 
 
+def _by_rows(v: torch.Tensor) -> bool:
+    return TRANSPOSED_V_MIN_N is not None and v.shape[1] >= TRANSPOSED_V_MIN_N and v.stride(0) == 1 and v.shape[0] > 1
+
+
 def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float,
                      round_first: bool) -> torch.Tensor:
     """``y <- round(y + round?(scaling * (u @ v)))`` in place through the kernel; returns ``y``.
@@ -80,7 +85,7 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
                            v.stride(1), float(scaling), ROUND_FIRST=round_first,
-                           V_BY_ROWS=TRANSPOSED_V_LOAD and v.stride(0) == 1 and v.shape[0] > 1, BLOCK_M=BLOCK_M,
+                           V_BY_ROWS=_by_rows(v), BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
                            num_warps=NUM_WARPS)
     return y

@@ -188,14 +188,26 @@ def test_rank_add_loads_a_transposed_factor_either_way(monkeypatch, rank, round_
 
     y0 = _bf16(37, 130, dev="cpu")
     u, B = torch.randn(37, rank), torch.randn(130, rank) * 0.2
-    monkeypatch.setattr(ra, "TRANSPOSED_V_LOAD", True)
+    monkeypatch.setattr(ra, "TRANSPOSED_V_MIN_N", 0)
     by_rows = ra.rank_add_triton_(y0.clone(), u, B.t(), 0.7, round_first)
-    monkeypatch.setattr(ra, "TRANSPOSED_V_LOAD", False)
+    monkeypatch.setattr(ra, "TRANSPOSED_V_MIN_N", None)
     direct = ra.rank_add_triton_(y0.clone(), u, B.t(), 0.7, round_first)
     assert torch.equal(by_rows, direct)
     z = 0.7 * (u.double() @ B.double().t())
     if not round_first:
         _ulp_check(by_rows, y0.double() + z, y0.double().abs() + z.abs())
+
+
+def test_rank_add_loads_by_rows_only_a_transposed_factor_from_the_set_width(monkeypatch):
+    import corept_kernels.rank_add as ra
+
+    monkeypatch.setattr(ra, "TRANSPOSED_V_MIN_N", 100)
+    B_wide, B_narrow = torch.randn(100, 16), torch.randn(99, 16)
+    assert ra._by_rows(B_wide.t()) and not ra._by_rows(B_narrow.t())
+    assert not ra._by_rows(torch.randn(16, 100))  # row-major v (the backward's A): direct load
+    assert not ra._by_rows(torch.randn(100, 1).t())  # rank 1: no transposed layout to speak of
+    monkeypatch.setattr(ra, "TRANSPOSED_V_MIN_N", None)
+    assert not ra._by_rows(B_wide.t())
 
 
 def test_only_a_missing_out_dtype_switches_to_the_upcast_path():
