@@ -126,22 +126,25 @@ def cpu_side(dev, emit):
 
 
 def rank_add_sweep(dev, emit):
-    """The rank-add kernel's time and bandwidth per tile/warps config (it read+writes ``y``: 4 B per
-    element), on the gate/up output ``[N, I]`` and the q/o output ``[N, H]``, r 16."""
+    """The rank-add kernel's time and bandwidth per tile/warps config, factor load form and dot
+    precision (it reads and writes ``y``: 4 B per element), on the gate/up output ``[N, I]`` and the
+    q/o output ``[N, H]``, r 16."""
     import corept_kernels.rank_add as ra
 
-    default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N)
+    default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N, ra.DOT_PRECISION)
     for width in (INTER, H):
         y = torch.randn(N, width, device=dev).bfloat16()
         u, B = torch.randn(N, R, device=dev), torch.randn(width, R, device=dev)
-        for by_rows in (True, False):
-            for bm, bn, w in [(64, 128, 8), (64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8), (128, 64, 4),
-                              (32, 256, 8), (16, 256, 4)]:
-                ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N = bm, bn, w, 0 if by_rows else None
-                ms = _time(lambda: ra.rank_add_triton_(y, u, B.t(), 1.0, False))
-                emit(case="rank_add", width=width, block_m=bm, block_n=bn, warps=w, transposed_v_load=by_rows,
-                     ms=ms, gbps=round(4 * N * width / ms / 1e6, 1))
-    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N = default
+        for precision in ("ieee", "tf32x3"):
+            for by_rows in (True, False):
+                for bm, bn, w in [(64, 128, 8), (64, 128, 4), (32, 128, 4), (128, 128, 8), (64, 256, 8),
+                                  (128, 64, 4), (32, 256, 8), (16, 256, 4), (128, 128, 4), (64, 64, 4)]:
+                    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS = bm, bn, w
+                    ra.TRANSPOSED_V_MIN_N, ra.DOT_PRECISION = (0 if by_rows else None), precision
+                    ms = _time(lambda: ra.rank_add_triton_(y, u, B.t(), 1.0, False))
+                    emit(case="rank_add", width=width, block_m=bm, block_n=bn, warps=w, transposed_v_load=by_rows,
+                         precision=precision, ms=ms, gbps=round(4 * N * width / ms / 1e6, 1))
+    ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N, ra.DOT_PRECISION = default
 
 
 PARTS = {"gemm": gemm_forms, "fused": fused_cases, "rank_add": rank_add_sweep,

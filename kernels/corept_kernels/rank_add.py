@@ -35,9 +35,16 @@ same either way. The H200 sweep (bench/results/lora-branch-probe-2026-11-29-h200
 N = 14336, but 0.111 vs 0.080 ms at N = 4096."""
 
 
+DOT_PRECISION = "ieee"
+"""``tl.dot``'s ``input_precision`` for the fp32 factors on CUDA: ``"ieee"`` (fp32 FMAs) or
+``"tf32x3"`` (three TF32 tensor-core products per term, ~2^-21 relative error: below the 2^-16 the
+split ``u`` factors already carry; ``kernels/tests/test_lora_branch.py`` checks both on CUDA).
+The interpreter computes every form in fp32."""
+
+
 @triton.jit
 def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
-                     V_BY_ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     V_BY_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_R: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -52,7 +59,7 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
             v = tl.trans(vt)
         else:
             v = tl.load(V + ks[:, None] * sv0 + cols[None, :] * sv1, mask=kmask[:, None] & cmask[None, :], other=0.0)
-        acc = tl.dot(u, v, acc, input_precision="ieee")  # fp32 FMAs: no TF32 rounding of the factors
+        acc = tl.dot(u, v, acc, input_precision=PRECISION)
     z = acc * scaling
     if ROUND_FIRST:
         z = rounded(z, Y.dtype.element_ty)
@@ -85,7 +92,7 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
                            v.stride(1), float(scaling), ROUND_FIRST=round_first,
-                           V_BY_ROWS=_by_rows(v), BLOCK_M=BLOCK_M,
+                           V_BY_ROWS=_by_rows(v), PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
                            BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
                            num_warps=NUM_WARPS)
     return y

@@ -198,6 +198,25 @@ def test_rank_add_loads_a_transposed_factor_either_way(monkeypatch, rank, round_
         _ulp_check(by_rows, y0.double() + z, y0.double().abs() + z.abs())
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the interpreter computes every dot precision in fp32")
+@pytest.mark.parametrize("precision", ["ieee", "tf32x3"])
+@pytest.mark.parametrize("rank", [1, 16, 100], ids=["r1", "r16", "r100-two-slices"])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_cuda_rank_add_dot_precisions_round_like_fp32(monkeypatch, precision, rank, transposed):
+    """Either dot precision gives peft's rounding of the fp32-accurate sum (the same ulp bound as the
+    fp32 reference), with the factor read by rows or directly, on odd shapes."""
+    import corept_kernels.rank_add as ra
+
+    monkeypatch.setattr(ra, "DOT_PRECISION", precision)
+    monkeypatch.setattr(ra, "TRANSPOSED_V_MIN_N", 0 if transposed else None)
+    y0 = _bf16(301, 1030, dev="cuda")
+    u = torch.randn(301, rank, device="cuda")
+    B = torch.randn(1030, rank, device="cuda") * 0.2
+    ours = ra.rank_add_triton_(y0.clone(), u, B.t(), 0.7, False)
+    z = 0.7 * (u.double() @ B.double().t())
+    _ulp_check(ours, y0.double() + z, y0.double().abs() + z.abs())
+
+
 def test_rank_add_loads_by_rows_only_a_transposed_factor_from_the_set_width(monkeypatch):
     import corept_kernels.rank_add as ra
 
