@@ -3,8 +3,8 @@
 The fused LoRA paths add the adapter branch ``s * xa B^T`` to the base output and the branch's
 input gradient ``dxa A`` to ``dx``. With fp32 adapters on a bf16 model peft forms these products in
 fp32 and rounds them where :mod:`corept_kernels.lora_autograd` says. Here each output tile sums its
-``r`` outer products in fp32 registers (the inner dimension is the LoRA rank: a few FMAs per
-element, one ``tl.dot`` in IEEE fp32 per 64-wide slice of the rank) and rounds to nearest-even
+``r`` outer products in fp32 registers (the inner dimension is the LoRA rank: one fp32-accurate
+``tl.dot`` per 64-wide slice of the rank, see ``DOT_PRECISION``) and rounds to nearest-even
 once, or twice where peft rounds the branch before the add (``round_first``: 4-bit bases, and
 ``dx``). So the only traffic is reading and writing ``y``: no
 ``[N, out]`` fp32 product, no extra launches for casts (the torch form took about ten per call).
@@ -19,27 +19,29 @@ import triton.language as tl
 
 from corept_kernels.rounding import rounded, store_rounded
 
-BLOCK_M, BLOCK_N, NUM_WARPS = 64, 128, 4
+BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 """Tile and warps of every launch (module constants so ``bench/lora_branch_probe.py`` can sweep them).
-Chosen from that sweep on the H200 (bench/results/lora-branch-probe-2026-11-29-h200-rankadd-sweep.jsonl):
-4 warps beat 8 by 16% at width 14336 and 10% at 4096; larger or smaller tiles were slower."""
+Chosen with the dot precision and the factor load below from the H200 sweep of 10 tiles x 2 load
+forms x 2 precisions (bench/results/lora-branch-probe-2026-11-29-h200-s6-precision.jsonl, 4096 rows,
+r 16): 64x64 at 4 warps, tf32x3, direct load took 0.076 ms at width 4096 and 0.144 ms at 14336,
+against 0.092 and 0.227 ms for the previous setting (64x128, 4 warps, ieee, rows-then-transpose
+from width 8192); no other setting was faster at both widths."""
 
+DOT_PRECISION = "tf32x3"
+"""``tl.dot``'s ``input_precision`` for the fp32 factors on CUDA: ``"tf32x3"`` (three TF32
+tensor-core products per term, ~2^-21 relative error: below the 2^-16 the split ``u`` factors
+already carry) or ``"ieee"`` (fp32 FMAs, 1.2-1.6x slower in the sweep above).
+``kernels/tests/test_lora_branch.py::test_cuda_rank_add_dot_precisions_round_like_fp32`` holds both
+to the fp32 reference's ulp bound on CUDA; the interpreter computes every form in fp32."""
 
-TRANSPOSED_V_MIN_N: int | None = 8192
+TRANSPOSED_V_MIN_N: int | None = None
 """From this output width ``N`` up, a ``v`` whose rank dimension is the contiguous one (``B.t()``,
 the forward's branch) is loaded as ``[BLOCK_N, BLOCK_R]`` rows of ``B`` and transposed in registers
 (each row one contiguous ``r``-float run) instead of ``[BLOCK_R, BLOCK_N]`` directly (every float
 from a different ``r``-strided place); ``None``: never. The values, and so the results, are the
-same either way. The H200 sweep (bench/results/lora-branch-probe-2026-11-29-h200-s6-rankadd.jsonl,
-64x128 tiles, 4 warps, 4096 rows) split by width: rows-then-transpose 0.210 vs 0.230 ms at
-N = 14336, but 0.111 vs 0.080 ms at N = 4096."""
-
-
-DOT_PRECISION = "ieee"
-"""``tl.dot``'s ``input_precision`` for the fp32 factors on CUDA: ``"ieee"`` (fp32 FMAs) or
-``"tf32x3"`` (three TF32 tensor-core products per term, ~2^-21 relative error: below the 2^-16 the
-split ``u`` factors already carry; ``kernels/tests/test_lora_branch.py`` checks both on CUDA).
-The interpreter computes every form in fp32."""
+same either way. With the fp32 FMA dot it paid at width 14336 (0.210 vs 0.230 ms) and lost at 4096
+(0.111 vs 0.080; lora-branch-probe-2026-11-29-h200-s6-rankadd.jsonl); with the setting above the
+direct load was faster at both widths (0.144 vs 0.237 ms at 14336)."""
 
 
 @triton.jit
