@@ -16,6 +16,12 @@ a prefetch of an entry that is gone, already fetched or on another device is ski
 one prefetched tensor waits for its backward at a time (an older one is dropped, and its ``get``
 copies as it would have without prefetch).
 
+Long inputs are not prefetched (``PREFETCH_MAX_BYTES``): the prefetched tensor is allocated on the
+side stream, whose cached blocks the compute stream cannot reuse, so each prefetch reserves up to
+two inputs' worth of device memory beside the compute pool's. That is ~0.06 GiB at 1×8192 tokens of
+an 8B model but ~1.6 GiB at 100k tokens, where it would cost the longest trainable sequence several
+thousand tokens while the copy is only a few percent of a layer's time there.
+
 The copies go through a :class:`Transfer` (CUDA streams and events); tests swap in a recording
 one to check the order of operations on CPU.
 """
@@ -73,6 +79,11 @@ class Transfer:
         return host.to(device, non_blocking=True)
 
 
+PREFETCH_MAX_BYTES = 256 * 2**20
+"""Inputs larger than this are fetched back on the compute stream when their backward starts
+(no side-stream memory), as they were before prefetching: 32 MiB at 2×2048 tokens and 64 MiB at
+1×8192 of an 8B model are prefetched; 800 MiB at 100k tokens is not."""
+
 TRANSFER = Transfer()
 """The transfer every new :class:`HostCopy` uses (tests replace it)."""
 
@@ -96,6 +107,8 @@ class HostCopy:
     def prefetch(self) -> None:
         """Start the copy back now (idempotent; a no-op once fetched)."""
         if self.host is None or self.prefetched is not None:
+            return
+        if self.host.numel() * self.host.element_size() > PREFETCH_MAX_BYTES:
             return
         waiting = getattr(_chain, "waiting", None)
         older = waiting() if waiting is not None else None

@@ -108,6 +108,18 @@ def test_prefetch_follows_only_live_entries(monkeypatch):
     assert log == [("to_host", 0), ("to_host", 1)]
 
 
+def test_inputs_above_the_prefetch_size_come_back_when_their_backward_starts(monkeypatch):
+    log: list = []
+    monkeypatch.setattr(offload, "TRANSFER", RecordingTransfer(log))
+    monkeypatch.setattr(offload, "PREFETCH_MAX_BYTES", 4 * 6)  # 6 fp32 values
+    small, big = offload.HostCopy(torch.ones(6)), offload.HostCopy(torch.ones(7))
+    big.prefetch()
+    small.prefetch()
+    assert big.prefetched is None and small.prefetched is not None
+    big.get(), small.get()
+    assert log == [("to_host", 0), ("to_host", 1), ("prefetch", 0), ("fetch", 1), ("claim",)]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the real streams, events and pinned copies")
 def test_cuda_offload_with_prefetch_matches_plain_autograd():
     layers = [lin.cuda() for lin in _layers(5, 64)]
