@@ -195,3 +195,27 @@ def test_rope_bf16_rounds_like_transformers(Hq, Hk, D, layout):
     want = _run(_gold, q, k, cos, sin, dq, dk)
     for name, g, w in zip(("q", "k", "dq", "dk"), got, want):
         assert torch.equal(g, w), f"{name}: {(g.float() - w.float()).abs().max().item()}"
+
+
+@pytest.mark.parametrize("Hq,Hk,D,Dr", [(4, 2, 16, 16), (6, 3, 64, 64), (4, 2, 24, 12)])
+@pytest.mark.parametrize("qk_layout", ["hf", "contiguous"])
+def test_rope_twin_rounds_like_transformers_and_keeps_layout(Hq, Hk, D, Dr, qk_layout):
+    """The torch twin (the fallback off the Triton path) in bf16: transformers' outputs and input
+    grads bit for bit, in the inputs' layout, partial rotary included; fp32 stays gold-close."""
+    B, S = 2, 9
+    cos, sin = _cos_sin(torch.randint(0, 500, (B, S)), Dr)
+    for dtype in (torch.bfloat16, torch.float32):
+        q, k = _qk(B, Hq, Hk, S, D, dtype, layout=qk_layout)
+        c, s_ = cos.to(dtype), sin.to(dtype)
+        dq = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+        dk = torch.randn(k.shape, dtype=torch.float64).to(dtype)
+        got = _run(ref.rope, q, k, c, s_, dq, dk)
+        assert got[0].stride() == q.stride() and got[1].stride() == k.stride(), "layout not kept"
+        if dtype == torch.bfloat16:
+            want = _run(_gold, q, k, c, s_, dq, dk)
+            for name, g, w in zip(("q", "k", "dq", "dk"), got, want):
+                assert torch.equal(g, w), f"{name}: {(g.float() - w.float()).abs().max().item()}"
+        else:
+            gold = _run(_gold, q.double(), k.double(), cos, sin, dq.double(), dk.double())
+            for g, w in zip(got, gold):
+                assert_close_fp32(g, w)
