@@ -131,11 +131,15 @@ def _xa(x2: torch.Tensor, As: Sequence[torch.Tensor], ldt: torch.dtype) -> torch
     return xa
 
 
+def _base(x2: torch.Tensor, lw: LoraWeights, dt: torch.dtype) -> torch.Tensor:
+    """The base layer's output ``[N, out]`` in ``dt`` (a 4-bit weight is dequantized and dropped)."""
+    w = lw.dense_weight(dt)
+    return F.linear(x2, w, None if lw.bias is None else lw.bias.to(dt))
+
+
 def _forward_one(x2: torch.Tensor, lw: LoraWeights, xa: torch.Tensor, B: torch.Tensor, dt: torch.dtype):
     """``[N, out]`` in ``dt``: the base product, plus the branch ``(xa B^T) * s`` added as peft does."""
-    w = lw.dense_weight(dt)
-    y = F.linear(x2, w, None if lw.bias is None else lw.bias.to(dt))
-    del w
+    y = _base(x2, lw, dt)
     if lb.uses_split(xa.dtype, dt):
         return lb.add_branch_(y, xa, B, lw.scaling, lw.is_4bit)
     ldt, Bt = xa.dtype, B.to(xa.dtype).t()
@@ -157,6 +161,10 @@ def _forward_shared(x2: torch.Tensor, lws: Sequence[LoraWeights], As, Bs, dt: to
     ``[N, sum r]`` (in the adapter dtype, see :func:`lora_dtype`)."""
     xa = _xa(x2, As, lora_dtype(As[0], dt))
     offs = _offsets([B.shape[1] for B in Bs])
+    if len(lws) > 1 and lb.uses_split(xa.dtype, dt) and len({lw.is_4bit for lw in lws}) == 1:
+        outs = [_base(x2, lw, dt) for lw in lws]  # then every branch in one launch
+        lb.add_branches_(outs, [xa[:, a:b] for a, b in offs], Bs, [lw.scaling for lw in lws], lws[0].is_4bit)
+        return outs, xa
     outs = [_forward_one(x2, lw, xa[:, a:b], B, dt) for lw, B, (a, b) in zip(lws, Bs, offs)]
     return outs, xa
 

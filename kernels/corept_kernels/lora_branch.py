@@ -34,7 +34,7 @@ import logging
 import torch
 
 from corept_kernels.lora_act import use_triton
-from corept_kernels.rank_add import rank_add_triton_
+from corept_kernels.rank_add import rank_add_group_triton_, rank_add_triton_
 
 logger = logging.getLogger(__name__)
 
@@ -205,6 +205,16 @@ def add_branch_(y: torch.Tensor, xa_i: torch.Tensor, B: torch.Tensor, scaling: f
     """``y`` ``[N, out]`` (base output, bf16) plus ``scaling * xa_i B^T``, rounded as peft rounds:
     once for a float base; for a 4-bit base (peft's ``Linear4bit``) the branch is rounded first."""
     return rank_add_(y, xa_i, B.t(), scaling, round_first=four_bit)
+
+
+def add_branches_(ys, xas, Bs, scalings, four_bit: bool) -> None:
+    """:func:`add_branch_` for the outputs of linears sharing one input (q/k/v, gate/up), in one
+    kernel launch where the kernel runs: each output gets exactly the values it would alone."""
+    if ys and use_triton(ys[0]):
+        rank_add_group_triton_([(y, a, B.t(), s) for y, a, B, s in zip(ys, xas, Bs, scalings)], four_bit)
+        return
+    for y, a, B, s in zip(ys, xas, Bs, scalings):
+        add_branch_(y, a, B, s, four_bit)
 
 
 def dxa_dB(d: torch.Tensor, xs_i: torch.Tensor | None, B: torch.Tensor, scaling: float, need_B: bool,

@@ -45,11 +45,12 @@ direct load was faster at both widths (0.144 vs 0.237 ms at 14336)."""
 
 
 @triton.jit
-def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
-                     V_BY_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_R: tl.constexpr):
+def _tile(Y, U, V, pid_n, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
+          V_BY_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+          BLOCK_R: tl.constexpr):
+    """One ``[BLOCK_M, BLOCK_N]`` tile of ``y``: row block ``program_id(0)``, column block ``pid_n``."""
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask, cmask = rows < M, cols < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, R, BLOCK_R):
@@ -71,8 +72,48 @@ def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FI
     store_rounded(ptrs, y + z, mask)
 
 
+@triton.jit
+def _rank_add_kernel(Y, U, V, M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST: tl.constexpr,
+                     V_BY_ROWS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_R: tl.constexpr):
+    _tile(Y, U, V, tl.program_id(1), M, N, R, sy, su0, su1, sv0, sv1, scaling, ROUND_FIRST, V_BY_ROWS, PRECISION,
+          BLOCK_M, BLOCK_N, BLOCK_R)
+
+
+@triton.jit
+def _rank_add_group_kernel(Y0, U0, V0, N0, R0, sy0, su00, su10, sv00, sv10, s0,
+                           Y1, U1, V1, N1, R1, sy1, su01, su11, sv01, sv11, s1,
+                           Y2, U2, V2, N2, R2, sy2, su02, su12, sv02, sv12, s2,
+                           M, NB0, NB1, ROUND_FIRST: tl.constexpr, V_BY_ROWS: tl.constexpr,
+                           PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_R: tl.constexpr):
+    """Up to three rank-adds sharing the row count ``M`` in one launch: the grid's column blocks
+    are slot 0's ``NB0``, then slot 1's ``NB1``, then slot 2's."""
+    pid_n = tl.program_id(1)
+    if pid_n < NB0:
+        _tile(Y0, U0, V0, pid_n, M, N0, R0, sy0, su00, su10, sv00, sv10, s0, ROUND_FIRST, V_BY_ROWS, PRECISION,
+              BLOCK_M, BLOCK_N, BLOCK_R)
+    elif pid_n < NB0 + NB1:
+        _tile(Y1, U1, V1, pid_n - NB0, M, N1, R1, sy1, su01, su11, sv01, sv11, s1, ROUND_FIRST, V_BY_ROWS,
+              PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+    else:
+        _tile(Y2, U2, V2, pid_n - NB0 - NB1, M, N2, R2, sy2, su02, su12, sv02, sv12, s2, ROUND_FIRST, V_BY_ROWS,
+              PRECISION, BLOCK_M, BLOCK_N, BLOCK_R)
+
+
 def _by_rows(v: torch.Tensor) -> bool:
     return TRANSPOSED_V_MIN_N is not None and v.shape[1] >= TRANSPOSED_V_MIN_N and v.stride(0) == 1 and v.shape[0] > 1
+
+
+def _check(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor) -> None:
+    M, N = y.shape
+    if u.shape != (M, v.shape[0]) or v.shape[1] != N or y.stride(1) != 1:
+        raise ValueError(f"rank_add: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
+                         f"v {tuple(v.shape)}: need y [M, N] with unit column stride, u [M, R], v [R, N]")
+
+
+def _block_r(ranks) -> int:
+    return min(64, max(16, triton.next_power_of_2(max(ranks))))
 
 
 def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling: float,
@@ -85,16 +126,43 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     :param round_first: round the product to ``y``'s dtype before the add (peft's 4-bit branch and
         autograd's accumulation of the branch's input gradient); else one rounding of the sum.
     """
+    _check(y, u, v)
     M, N = y.shape
-    if u.shape != (M, v.shape[0]) or v.shape[1] != N or y.stride(1) != 1:
-        raise ValueError(f"rank_add: y {tuple(y.shape)} (strides {y.stride()}), u {tuple(u.shape)}, "
-                         f"v {tuple(v.shape)}: need y [M, N] with unit column stride, u [M, R], v [R, N]")
     if M == 0 or N == 0:
         return y
     grid = (triton.cdiv(M, BLOCK_M), triton.cdiv(N, BLOCK_N))
     _rank_add_kernel[grid](y, u, v, M, N, u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
                            v.stride(1), float(scaling), ROUND_FIRST=round_first,
                            V_BY_ROWS=_by_rows(v), PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
-                           BLOCK_N=BLOCK_N, BLOCK_R=min(64, max(16, triton.next_power_of_2(u.shape[1]))),
-                           num_warps=NUM_WARPS)
+                           BLOCK_N=BLOCK_N, BLOCK_R=_block_r([u.shape[1]]), num_warps=NUM_WARPS)
     return y
+
+
+def rank_add_group_triton_(items, round_first: bool) -> None:
+    """Several rank-adds ``(y_i, u_i, v_i, scaling_i)`` of one row count, each exactly as
+    :func:`rank_add_triton_` does it, in one launch per three (the q/k/v or gate/up outputs of a
+    shared input: one Python launch instead of three, the host's cost of a Triton launch being
+    several times an aten op's). The ``y_i`` share a dtype; ranks and widths may differ."""
+    items = [it for it in items if it[0].numel() > 0]
+    for y, u, v, _ in items:
+        _check(y, u, v)
+    if len({y.shape[0] for y, *_ in items}) > 1 or len({y.dtype for y, *_ in items}) > 1:
+        raise ValueError("rank_add group: the outputs must share their row count and dtype")
+    by_rows = {_by_rows(v) for _, _, v, _ in items}
+    if len(items) <= 1 or len(by_rows) > 1:
+        for y, u, v, s in items:
+            rank_add_triton_(y, u, v, s, round_first)
+        return
+    for start in range(0, len(items), 3):
+        part = items[start:start + 3]
+        nbs = [triton.cdiv(y.shape[1], BLOCK_N) for y, *_ in part]
+        slots = []
+        for y, u, v, s in part + [part[-1]] * (3 - len(part)):  # unused slots: never reached by the grid
+            slots += [y, u, v, y.shape[1], u.shape[1], y.stride(0), u.stride(0), u.stride(1), v.stride(0),
+                      v.stride(1), float(s)]
+        M = part[0][0].shape[0]
+        grid = (triton.cdiv(M, BLOCK_M), sum(nbs))
+        _rank_add_group_kernel[grid](*slots, M, nbs[0], nbs[1] if len(nbs) > 1 else 0, ROUND_FIRST=round_first,
+                                     V_BY_ROWS=next(iter(by_rows)),
+                                     PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+                                     BLOCK_R=_block_r([u.shape[1] for _, u, _, _ in part]), num_warps=NUM_WARPS)

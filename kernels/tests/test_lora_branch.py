@@ -217,6 +217,34 @@ def test_cuda_rank_add_dot_precisions_round_like_fp32(monkeypatch, precision, ra
     _ulp_check(ours, y0.double() + z, y0.double().abs() + z.abs())
 
 
+@pytest.mark.parametrize("round_first", [False, True])
+@pytest.mark.parametrize("n_items", [1, 2, 3, 4])
+def test_rank_add_group_is_each_rank_add_alone(round_first, n_items):
+    """One launch for several outputs of one input: the same bits as one launch each, whatever
+    the widths, ranks and scalings (four items: two launches)."""
+    from corept_kernels.rank_add import rank_add_group_triton_, rank_add_triton_
+
+    widths, ranks, scales = [130, 37, 64, 200][:n_items], [16, 3, 100, 8][:n_items], [0.7, 2.0, 1.0, 0.25][:n_items]
+    M = 45
+    ys = [_bf16(M, w, dev="cpu") for w in widths]
+    us = [torch.randn(M, r) for r in ranks]
+    Bs = [torch.randn(w, r) * 0.2 for w, r in zip(widths, ranks)]
+    alone = [rank_add_triton_(y.clone(), u, B.t(), s, round_first) for y, u, B, s in zip(ys, us, Bs, scales)]
+    grouped = [y.clone() for y in ys]
+    rank_add_group_triton_([(y, u, B.t(), s) for y, u, B, s in zip(grouped, us, Bs, scales)], round_first)
+    for g, a in zip(grouped, alone):
+        assert torch.equal(g, a)
+
+
+def test_rank_add_group_rejects_outputs_of_different_inputs():
+    from corept_kernels.rank_add import rank_add_group_triton_
+
+    a, b = _bf16(5, 8, dev="cpu"), _bf16(6, 8, dev="cpu")
+    with pytest.raises(ValueError, match="row count"):
+        rank_add_group_triton_([(a, torch.zeros(5, 2), torch.zeros(2, 8), 1.0),
+                                (b, torch.zeros(6, 2), torch.zeros(2, 8), 1.0)], False)
+
+
 def test_rank_add_loads_by_rows_only_a_transposed_factor_from_the_set_width(monkeypatch):
     import corept_kernels.rank_add as ra
 

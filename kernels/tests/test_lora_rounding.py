@@ -71,8 +71,9 @@ def _without_lo_parts(monkeypatch):
 
 
 def _branch_rounded_first(monkeypatch):
-    four_bit_rounding = lb.add_branch_
-    monkeypatch.setattr(lb, "add_branch_", lambda y, xa, B, s, four_bit: four_bit_rounding(y, xa, B, s, True))
+    one, group = lb.add_branch_, lb.add_branches_
+    monkeypatch.setattr(lb, "add_branch_", lambda y, xa, B, s, four_bit: one(y, xa, B, s, True))
+    monkeypatch.setattr(lb, "add_branches_", lambda ys, xas, Bs, ss, four_bit: group(ys, xas, Bs, ss, True))
 
 
 def _rank_add_rounded_once(monkeypatch):
