@@ -179,7 +179,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--variants", default="corept,hf", help="e2e variants to count (CPU: hf, corept)")
     ap.add_argument("--models", default="tiny-llama,tiny-qwen3", help="tiny models of bench/e2e_variants.py")
-    ap.add_argument("--out", help="folder for launch-count-<date>-cpu.json")
+    ap.add_argument("--out", help="folder for launch-count-<date>-cpu[-TAG].json")
+    ap.add_argument("--tag", default="", help="suffix of the results file name (keeps an earlier file of the day)")
     ap.add_argument("--layers-8b", type=int, default=32, help="layers of the model to extrapolate to (Llama-3.1-8B: 32)")
     a = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") != "1":
@@ -200,7 +201,8 @@ def main(argv=None) -> int:
             print(f"           {n:4d}  {op}")
     if a.out:
         os.makedirs(a.out, exist_ok=True)
-        path = os.path.join(a.out, f"launch-count-{datetime.date.today().isoformat()}-cpu.json")
+        tag = f"-{a.tag}" if a.tag else ""
+        path = os.path.join(a.out, f"launch-count-{datetime.date.today().isoformat()}-cpu{tag}.json")
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "command": "python3 -P bench/launch_count.py " + " ".join(argv or sys.argv[1:]),
                 "models": f"{a.models} (bench/e2e_variants.py), bf16, 64 tokens, LoRA r 16 on the 7 projections"}
