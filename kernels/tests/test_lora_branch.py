@@ -217,18 +217,19 @@ def test_cuda_rank_add_dot_precisions_round_like_fp32(monkeypatch, precision, ra
     _ulp_check(ours, y0.double() + z, y0.double().abs() + z.abs())
 
 
+@pytest.mark.parametrize("dev", DEVICES)
 @pytest.mark.parametrize("round_first", [False, True])
 @pytest.mark.parametrize("n_items", [1, 2, 3, 4])
-def test_rank_add_group_is_each_rank_add_alone(round_first, n_items):
+def test_rank_add_group_is_each_rank_add_alone(round_first, n_items, dev):
     """One launch for several outputs of one input: the same bits as one launch each, whatever
     the widths, ranks and scalings (four items: two launches)."""
     from corept_kernels.rank_add import rank_add_group_triton_, rank_add_triton_
 
     widths, ranks, scales = [130, 37, 64, 200][:n_items], [16, 3, 100, 8][:n_items], [0.7, 2.0, 1.0, 0.25][:n_items]
     M = 45
-    ys = [_bf16(M, w, dev="cpu") for w in widths]
-    us = [torch.randn(M, r) for r in ranks]
-    Bs = [torch.randn(w, r) * 0.2 for w, r in zip(widths, ranks)]
+    ys = [_bf16(M, w, dev=dev) for w in widths]
+    us = [torch.randn(M, r, device=dev) for r in ranks]
+    Bs = [torch.randn(w, r, device=dev) * 0.2 for w, r in zip(widths, ranks)]
     alone = [rank_add_triton_(y.clone(), u, B.t(), s, round_first) for y, u, B, s in zip(ys, us, Bs, scales)]
     grouped = [y.clone() for y in ys]
     rank_add_group_triton_([(y, u, B.t(), s) for y, u, B, s in zip(grouped, us, Bs, scales)], round_first)
