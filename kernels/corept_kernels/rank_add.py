@@ -13,11 +13,20 @@ Shapes: ``y`` ``[M, N]`` (unit column stride), ``u`` ``[M, R]``, ``v`` ``[R, N]`
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
 
 from corept_kernels.rounding import rounded, store_rounded
+
+try:  # the base of Triton's compile, resource and ptxas errors
+    from triton.errors import TritonError as _BuildError
+except ImportError:  # pragma: no cover - older layouts
+    from triton.compiler.errors import CompilationError as _BuildError
+
+logger = logging.getLogger(__name__)
 
 BLOCK_M, BLOCK_N, NUM_WARPS = 64, 64, 4
 """Tile and warps of every launch (module constants so ``bench/lora_branch_probe.py`` can sweep them).
@@ -138,6 +147,11 @@ def rank_add_triton_(y: torch.Tensor, u: torch.Tensor, v: torch.Tensor, scaling:
     return y
 
 
+GROUP_LAUNCH_FAILED: str | None = None
+"""Why the group kernel could not be built on this machine (then each add launches alone, as
+before the group kernel existed); ``None`` while it works."""
+
+
 def rank_add_group_triton_(items, round_first: bool) -> None:
     """Several rank-adds ``(y_i, u_i, v_i, scaling_i)`` of one row count, each exactly as
     :func:`rank_add_triton_` does it, in one launch per three (the q/k/v or gate/up outputs of a
@@ -149,7 +163,7 @@ def rank_add_group_triton_(items, round_first: bool) -> None:
     if len({y.shape[0] for y, *_ in items}) > 1 or len({y.dtype for y, *_ in items}) > 1:
         raise ValueError("rank_add group: the outputs must share their row count and dtype")
     by_rows = {_by_rows(v) for _, _, v, _ in items}
-    if len(items) <= 1 or len(by_rows) > 1:
+    if len(items) <= 1 or len(by_rows) > 1 or GROUP_LAUNCH_FAILED is not None:
         for y, u, v, s in items:
             rank_add_triton_(y, u, v, s, round_first)
         return
@@ -162,7 +176,19 @@ def rank_add_group_triton_(items, round_first: bool) -> None:
                       v.stride(1), float(s)]
         M = part[0][0].shape[0]
         grid = (triton.cdiv(M, BLOCK_M), sum(nbs))
-        _rank_add_group_kernel[grid](*slots, M, nbs[0], nbs[1] if len(nbs) > 1 else 0, ROUND_FIRST=round_first,
-                                     V_BY_ROWS=next(iter(by_rows)),
-                                     PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
-                                     BLOCK_R=_block_r([u.shape[1] for _, u, _, _ in part]), num_warps=NUM_WARPS)
+        try:  # a build failure raises before anything runs: nothing was written yet
+            _rank_add_group_kernel[grid](*slots, M, nbs[0], nbs[1] if len(nbs) > 1 else 0, ROUND_FIRST=round_first,
+                                         V_BY_ROWS=next(iter(by_rows)), PRECISION=DOT_PRECISION, BLOCK_M=BLOCK_M,
+                                         BLOCK_N=BLOCK_N, BLOCK_R=_block_r([u.shape[1] for _, u, _, _ in part]),
+                                         num_warps=NUM_WARPS)
+        except _BuildError as exc:
+            _group_failed(exc)
+            for y, u, v, s in part:
+                rank_add_triton_(y, u, v, s, round_first)
+
+
+def _group_failed(exc: BaseException) -> None:
+    global GROUP_LAUNCH_FAILED
+    GROUP_LAUNCH_FAILED = f"{type(exc).__name__}: {str(exc)[:300]}"
+    logger.warning("corept: the grouped rank-add kernel could not be built (%s); the branches of a "
+                   "q/k/v or gate/up group are added one launch each from now on", GROUP_LAUNCH_FAILED)

@@ -237,6 +237,35 @@ def test_rank_add_group_is_each_rank_add_alone(round_first, n_items, dev):
         assert torch.equal(g, a)
 
 
+def test_rank_add_group_falls_back_to_one_launch_each_when_it_cannot_be_built(monkeypatch, caplog):
+    """A compile or resource error of the group kernel (raised before anything runs) is logged once
+    and the adds run one launch each, with the same results."""
+    import corept_kernels.rank_add as ra
+    from triton.compiler.errors import CompilationError
+
+    class Broken:
+        calls = 0
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                Broken.calls += 1
+                raise CompilationError("", None, "unsupported construct")
+            return launch
+
+    monkeypatch.setattr(ra, "_rank_add_group_kernel", Broken())
+    monkeypatch.setattr(ra, "GROUP_LAUNCH_FAILED", None)
+    ys = [_bf16(9, w, dev="cpu") for w in (20, 33)]
+    us, Bs = [torch.randn(9, 4) for _ in ys], [torch.randn(w, 4) for w in (20, 33)]
+    want = [ra.rank_add_triton_(y.clone(), u, B.t(), 0.5, False) for y, u, B in zip(ys, us, Bs)]
+    for _ in range(2):
+        got = [y.clone() for y in ys]
+        with caplog.at_level("WARNING", logger="corept_kernels.rank_add"):
+            ra.rank_add_group_triton_([(y, u, B.t(), 0.5) for y, u, B in zip(got, us, Bs)], False)
+        assert all(torch.equal(g, w) for g, w in zip(got, want))
+    assert Broken.calls == 1 and ra.GROUP_LAUNCH_FAILED.startswith("CompilationError")
+    assert len([r for r in caplog.records if "grouped rank-add" in r.getMessage()]) == 1
+
+
 def test_rank_add_group_rejects_outputs_of_different_inputs():
     from corept_kernels.rank_add import rank_add_group_triton_
 
