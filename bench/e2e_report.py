@@ -116,11 +116,13 @@ def profile_table(records: list[dict]) -> list[str]:
 def markdown(records: list[dict]) -> str:
     """Header (GPU, versions, method), the throughput table and the longest-sequence table."""
     env = next((r for r in records if r.get("versions")), {})
-    ver = env.get("versions", {})
+    keys = ("torch", "triton", "transformers", "peft", "liger_kernel", "unsloth", "bitsandbytes")
+    # Each stack's records carry its own package set (unsloth's only in unsloth's runs): the first
+    # record that has a version of a package names it.
+    ver = {k: next((r["versions"][k] for r in records if (r.get("versions") or {}).get(k)), None) for k in keys}
     steps = next((r for r in records if r.get("kind") == "throughput" and "warmup" in r), {})
     head = [f"End-to-end LoRA fine-tuning on {env.get('gpu') or 'CPU'} — {env.get('date', '')}; "
-            + ", ".join(f"{k} {ver.get(k)}" for k in ("torch", "triton", "transformers", "peft", "liger_kernel",
-                                                     "unsloth", "bitsandbytes") if k in ver) + ".",
+            + ", ".join(f"{k} {ver[k]}" for k in keys if ver[k] is not None) + ".",
             "Each run in its own process"
             + (f"; {steps['warmup']} warm-up + {steps['steps']} timed steps; tok/s over the timed steps" if steps else "")
             + "; peak = max allocated; activation = peak − after load (bench/e2e.py, "

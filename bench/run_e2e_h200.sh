@@ -19,6 +19,8 @@
 #                   (issue's figure: 71,680; each probe compiles, ~2 min)
 #   gpu-check       optional (~4 min; llama-2k is a check too): every variant on a 2-layer cut of
 #                   Llama-3.1-8B (real widths), 2x2048, 1+2 steps; gpu-check-qwen: the Qwen3 cut
+#   cuda-tests      no benchmark: the CUDA tests (kernels' CUDA twins, the offload's CUDA test) against the
+#                   image's torch/triton, the wheels on the path (~3 min); logs in $OUT/pytest-*.log
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -37,7 +39,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -68,6 +70,17 @@ PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir 
 ) > "$OUT/setup.log" 2>&1 || { cat "$OUT/setup.log"; exit 1; }
 tail -5 "$OUT/setup.log"
 echo "setup took $((SECONDS - T0))s"
+
+if [ "$PRESET" = cuda-tests ]; then
+  rc=0
+  TRITON_INTERPRET=0 PYTHONPATH=/tmp/site_corept:kernels/tests:/tmp/site_base timeout 240 \
+    python3 -m pytest -q -p no:cacheprovider -rs kernels/tests -k cuda > "$OUT/pytest-kernels.log" 2>&1 || rc=1
+  tail -3 "$OUT/pytest-kernels.log"
+  PYTHONPATH=/tmp/site_corept:tests:/tmp/site_base timeout 60 \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/test_checkpointing.py > "$OUT/pytest-offload.log" 2>&1 || rc=1
+  tail -3 "$OUT/pytest-offload.log"
+  exit $rc
+fi
 
 SITES=(--site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth)
 ALL=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora,liger,hf_bf16

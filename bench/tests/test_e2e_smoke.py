@@ -123,6 +123,16 @@ def test_report_merges_and_tabulates(tmp_path, bench_module):
     assert "| unsloth | m | 1x8 | 200 | 2.00 | 1.00 |" in text and "9,216" in text
 
 
+def test_report_header_names_each_package_from_the_runs_that_have_it(bench_module):
+    rep = bench_module("e2e_report")
+    recs = [{"kind": "throughput", "variant": "hf", "model": "m", "shape": "1x8", "tokens_per_s": 1.0,
+             "versions": {"torch": "2.11.0", "unsloth": None}},
+            {"kind": "throughput", "variant": "unsloth", "model": "m", "shape": "1x8", "tokens_per_s": 2.0,
+             "versions": {"torch": "2.11.0", "unsloth": "2026.10.9"}}]
+    head = rep.markdown(recs).splitlines()[0]
+    assert "unsloth 2026.10.9" in head and "None" not in head and "torch 2.11.0" in head
+
+
 def test_profile_categories(bench_module):
     prof = bench_module("e2e_profile")
     assert prof.category("flash_fwd_kernel") == "attention"
