@@ -287,6 +287,21 @@ def test_rank_add_loads_by_rows_only_a_transposed_factor_from_the_set_width(monk
     assert not ra._by_rows(B_wide.t())
 
 
+@pytest.mark.parametrize("n,width,itemsize", [(4096, 14336, 2), (8192, 14336, 2), (4097, 4096, 4), (5, 3, 2),
+                                             (1, 10**9, 4), (0, 8, 2)])
+def test_product_rows_are_the_fewest_equal_chunks_under_the_bound(n, width, itemsize):
+    rows = lb.product_rows(n, width, itemsize)
+    if n == 0:
+        assert rows == [slice(0, 0)]
+        return
+    most = max(1, lb.CHUNK_BYTES // (width * itemsize))
+    sizes = [sl.stop - sl.start for sl in rows]
+    assert rows[0].start == 0 and rows[-1].stop == n and all(a.stop == b.start for a, b in zip(rows, rows[1:]))
+    assert len(rows) == -(-n // most)  # no more chunks than the bound needs
+    assert max(sizes) <= most and all(sz == sizes[0] for sz in sizes[:-1]) and sizes[-1] <= sizes[0]
+    assert max(sizes) == -(-n // len(rows))  # balanced: the largest chunk is as small as the count allows
+
+
 def test_only_a_missing_out_dtype_switches_to_the_upcast_path():
     """An older torch (unknown keyword / no kernel) falls back; running out of memory or any other
     runtime error propagates instead of silently disabling the fast path."""
