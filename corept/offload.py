@@ -126,8 +126,8 @@ class HostCopy:
     def get(self) -> torch.Tensor:
         """The tensor back on its device, ordered before the compute stream's next work."""
         if self.host is None:
-            raise RuntimeError("corept: an offloaded layer input was fetched twice (backward ran twice "
-                               "through one checkpointed layer; use retain_graph=False checkpointing)")
+            raise RuntimeError("corept: an offloaded layer input was fetched twice; HostCopy.get() hands "
+                               "its tensor over once, to the layer's one recompute")
         if self.prefetched is not None:
             t = self.transfer.claim(self.prefetched, self.ready)
         else:
