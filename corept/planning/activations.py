@@ -23,7 +23,10 @@ measurement, term by term):
   ``(4 + a (+ a)) * h * S``;
 * gated MLP, fused LoRA (``lora_mlp``): input, gate and up projections and the three ``x A^T``:
   ``a*H + 2*a*I + 3*p*r``; full fine-tuning adds the down projection's input ``a*I``; an MLP
-  without adapters keeps only the gate/up projections ``2*a*I``.
+  without adapters keeps only the gate/up projections ``2*a*I``. Long calls of the fused MLP
+  (gate/up above ``corept_kernels.lora_tiled.MLP_TILE_MIN_BYTES``) run over row tiles that save
+  only the input ``a*H``; one tile's projections (``MLP_TILE_BYTES``, x1.5 with ``h`` or ``dh``)
+  are then a token-independent transient, and the output / ``dx`` buffer ``a*H`` per token.
 
 **Backward working set** on top of the saved set, for the layer being differentiated:
 ``out`` (the recomputed layer output, corept checkpointing only) and ``dy``, both ``a*H``; then the
@@ -109,9 +112,12 @@ def projection_paths(shape: ModelShape, method: str) -> dict:
     return paths
 
 
-def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, p: int = 4) -> LayerBytes:
+def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, p: int = 4,
+                tokens: int | None = None) -> LayerBytes:
     """The formulas of the module docstring for ``shape``'s first decoder layer.
 
+    :param tokens: tokens per call (``batch * seq``), to tell whether the fused MLP runs tiled;
+        ``None``: untiled.
     :param method: ``lora``/``qlora`` (adapters) or ``full``.
     :param attention: ``flash`` (SDPA on a FlashAttention GPU) or ``eager`` (eager, or the math
         fallback of GPUs without FlashAttention).
@@ -153,13 +159,18 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
         bwd_mlp = 3 * a * I + a * H + 4 * I
     if not layer.standard:
         mlp_saved, bwd_mlp = a * H + 3 * a * I, 3 * a * I + a * H
+    tiled = mlp == "fused" and layer.standard and tokens is not None and tokens * 2 * a * I > _mlp_tile_bytes()[0]
+    if tiled:
+        mlp_saved, bwd_mlp = a * H, a * H
     saved["mlp"] = (mlp_saved, 0.0)
     gqa = 2 * a * Hq if Hq != Hkv else 0
     bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
     bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
-    fwd = a * 3 * H + 3 * a * I
+    fwd = a * 3 * H + (a * H if tiled else 3 * a * I)
     fused_any = mlp == "fused" or paths.get("o_proj") == "fused"
     chunk_bytes = 3.0 * _lora_chunk_bytes() if mixed and fused_any else 0.0
+    if tiled:
+        chunk_bytes += 1.5 * _mlp_tile_bytes()[1]
     fwd_seq = 0.0 if attention == "flash" else (4 + 2 * a) * h
     if not shape.patched:
         saved = {k: (lin_ * UNPATCHED_FACTOR, q * UNPATCHED_FACTOR) for k, (lin_, q) in saved.items()}
@@ -175,6 +186,15 @@ def _lora_chunk_bytes() -> float:
     except ImportError:  # planning needs no kernels; the value as of corept-kernels 0.1
         return float(64 << 20)
     return float(CHUNK_BYTES)
+
+
+def _mlp_tile_bytes() -> tuple[float, float]:
+    """The fused MLP's tiling threshold and tile size in bytes (the kernels' own constants)."""
+    try:
+        from corept_kernels.lora_tiled import MLP_TILE_BYTES, MLP_TILE_MIN_BYTES
+    except ImportError:  # planning needs no kernels; the values as of corept-kernels 0.1
+        return float(2 << 30), float(512 << 20)
+    return float(MLP_TILE_MIN_BYTES), float(MLP_TILE_BYTES)
 
 
 def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:

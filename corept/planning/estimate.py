@@ -187,7 +187,7 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     dtype = "fp32" if a == 4 else ("bf16" if gpu.bf16 else "fp16")
     H, L, V, N, S = shape.hidden, shape.layers, shape.vocab, batch * seq, seq
     attention = "flash" if (shape.layer.attention == "sdpa" and gpu.flash) else "eager"
-    lb = layer_bytes(shape, method, r, a, attention)
+    lb = layer_bytes(shape, method, r, a, attention, tokens=N)
     saved = lb.saved_per_token(S) * N
     notes = list(shape.notes)
     if attention == "eager" and shape.layer.attention == "sdpa":

@@ -24,6 +24,7 @@ import torch
 from corept_kernels.capabilities import KernelInfo, register
 from corept_kernels.lora_act import ACTIVATIONS, activation_id
 from corept_kernels.lora_autograd import LoraMLP, LoraSharedInput
+from corept_kernels.lora_tiled import TiledLoraMLP, mlp_tile_rows
 from corept_kernels.lora_weights import LoraWeights, lora_fast_path_reason, lora_weights_from_peft, read_lora_weights
 from corept_kernels.torch_ref import lora as _ref
 
@@ -62,7 +63,7 @@ def _apply(fn, x: torch.Tensor, *args):
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
-             activation: str = "swiglu") -> torch.Tensor:
+             activation: str = "swiglu", tile_rows: int | None = None) -> torch.Tensor:
     """``down(act(gate(x)) * up(x))`` with three LoRA linears.
 
     :param x: ``[..., H]`` (fp32/bf16/fp16); its dtype is the compute dtype, or autocast's when
@@ -72,6 +73,10 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     :param down: ``W`` ``[O, F]``, ``A`` ``[r_d, F]``, ``B`` ``[O, r_d]`` (usually ``O == H``).
     :param activation: ``"swiglu"`` (SiLU gate, Llama/Mistral/Qwen), ``"geglu_tanh"`` (GELU tanh
         approximation, Gemma) or ``"geglu"`` (exact GELU).
+    :param tile_rows: sequence tiling (:mod:`corept_kernels.lora_tiled`): ``None`` automatic (on
+        only when the gate/up projections of the whole call would take more than
+        ``MLP_TILE_MIN_BYTES``, 2 GiB), ``0`` never, ``k`` tiles of ``k`` rows. Tiled, no
+        ``[N, F]`` tensor is kept for backward, at the cost of one more MLP forward.
     :returns: ``[..., O]`` in the compute dtype.
     """
     activation_id(activation)
@@ -79,6 +84,11 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     if gate.shape[0] != up.shape[0] or down.shape[1] != gate.shape[0]:
         raise ValueError(f"gate {gate.shape}, up {up.shape}, down {down.shape} do not chain")
     lws = (gate, up, down)
+    dev = x.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+    rows = mlp_tile_rows(x.numel() // max(1, x.shape[-1]), gate.shape[0], compute.itemsize, tile_rows)
+    if rows is not None:
+        return _apply(TiledLoraMLP, x, activation, lws, rows, *_flat(lws))
     return _apply(LoraMLP, x, activation, lws, *_flat(lws))
 
 
@@ -119,7 +129,8 @@ register(KernelInfo(
     compile_safe=False, devices=("cuda", "cpu"),
     notes=_NOTES_COMMON + "; gated activation fwd/bwd is one Triton kernel on CUDA or under "
           "TRITON_INTERPRET, torch elementwise code elsewhere (so it runs on any device); saves x, "
-          "gate/up projections and three [N, r] products, recomputes act(e)*g in backward",
+          "gate/up projections and three [N, r] products, recomputes act(e)*g in backward; "
+          "long calls (gate/up above 2 GiB) run over row tiles that save x only",
 ))
 register(KernelInfo(
     name="lora_qkv", triton_fn=lora_qkv, reference_fn=_ref.lora_qkv, has_backward=True,

@@ -127,12 +127,12 @@ def gold_weights(mods):
     return gold
 
 
-def case(kind, pm, activation="swiglu"):
+def case(kind, pm, activation="swiglu", tile_rows=None):
     """(peft fn, corept fn, twin fn taking (x, weights), lora modules) for ``kind`` in mlp/qkv/o."""
     if kind == "mlp":
         mods = layers(pm, MLP)
         lws = [lora_weights_from_peft(m) for m in mods]
-        return (pm, lambda x: lora_mlp(x, *lws, activation=activation),
+        return (pm, lambda x: lora_mlp(x, *lws, activation=activation, tile_rows=tile_rows),
                 lambda x, g: ref.lora_mlp(x, *g, activation=activation), mods)
     if kind == "qkv":
         mods = layers(pm, QKV)
@@ -143,14 +143,14 @@ def case(kind, pm, activation="swiglu"):
     return mods[0], lambda x: lora_o(x, lw), lambda x, g: ref.lora_o(x, g[0]), mods
 
 
-def compare(kind, pm, dtype, activation="swiglu", x_noncontig=False, peft_adapter_dtype=None):
+def compare(kind, pm, dtype, activation="swiglu", x_noncontig=False, peft_adapter_dtype=None, tile_rows=None):
     """Run corept, a float64 gold and peft (and the torch twin at ``dtype``).
 
     :returns: ``(peft, corept, gold, labels, twin)``, each result ``(outputs, [x.grad, A/B grads])``.
 
     ``peft_adapter_dtype``: cast the adapters to it before peft's run (after the other two).
     """
-    peft_fn, ours_fn, gold_fn, mods = case(kind, pm, activation)
+    peft_fn, ours_fn, gold_fn, mods = case(kind, pm, activation, tile_rows)
     width = HQ if kind == "o" else H
     x = torch.randn(TOKENS[1], TOKENS[0], width).transpose(0, 1) if x_noncontig else torch.randn(*TOKENS, width)
     x = x.to(dtype)

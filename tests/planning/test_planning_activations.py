@@ -92,3 +92,24 @@ def test_eager_scores_grow_with_seq_squared():
     assert per_seq == (4 + 2 + 2) * shape.heads  # fp32 softmax + bf16 probs + bf16 tanh (softcap)
     per_layer = [lb.saved_per_token(s) * s for s in (16, 32, 64)]
     assert per_layer[2] - per_layer[1] > 2 * (per_layer[1] - per_layer[0])  # superlinear in seq
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+def test_tiled_mlp_saved_bytes_match_autograd(model_type, monkeypatch):
+    """Past the tiling threshold (lowered here so tiny calls cross it) the fused MLP saves its input
+    only, and the formula with ``tokens`` says so; below it, the untiled formula holds."""
+    from corept_kernels import lora_tiled
+
+    config = tiny_config(model_type)
+    model = build(config, "lora", r=4)
+    shape = model_shape(config)
+    pair = 2 * 2 * shape.layer.linears["gate_proj"].out_features  # e and g, bf16, per token
+    monkeypatch.setattr(lora_tiled, "MLP_TILE_MIN_BYTES", 20 * pair)  # tiled above 20 tokens per call
+    monkeypatch.setattr(lora_tiled, "MLP_TILE_BYTES", 7 * pair)
+    for batch, seq in ((1, 8), (2, 16)):
+        n = batch * seq
+        lb = layer_bytes(shape, "lora", 4, 2, "flash", tokens=n)
+        measured = saved_bytes(model, batch=batch, seq=seq)
+        assert measured[1] == lb.saved_per_token(seq) * n, (seq, measured, lb.saved)
+        untiled = layer_bytes(shape, "lora", 4, 2, "flash")
+        assert (lb.saved["mlp"] == untiled.saved["mlp"]) == (n <= 20), (n, lb.saved["mlp"], untiled.saved["mlp"])
