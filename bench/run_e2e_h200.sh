@@ -12,15 +12,17 @@
 #   llama-8k        Llama-3.1-8B 1x8192, all eight variants
 #   qwen-2k         Qwen3-8B 2x2048, all eight variants
 #   qwen-8k         Qwen3-8B 1x8192, all eight variants
-#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: from 102400 (trained on
-#                   2026-11-29) up to 122880 by bisection, 4096 steps, 1 step per probe (~85 s each)
+#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: from 122880 up to 131072
+#                   (Llama-3.1's positions), 8192 steps, 2 steps per probe: the second runs with AdamW's
+#                   states allocated, as every later step does (~3 min a probe)
 #   maxseq-hf       the same for hf_qlora: from 8192, 1024 steps (issue's figure: 9,216)
-#   maxseq-unsloth  the same for unsloth_qlora, bracketed 65536..81920, 4096 steps, 3 steps per probe
+#   maxseq-unsloth  the same for unsloth_qlora, bracketed 65536..81920, 4096 steps, 2 steps per probe
 #                   (issue's figure: 71,680; each probe compiles, ~2 min)
 #   gpu-check       optional (~4 min; llama-2k is a check too): every variant on a 2-layer cut of
 #                   Llama-3.1-8B (real widths), 2x2048, 1+2 steps; gpu-check-qwen: the Qwen3 cut
 #   cuda-tests      no benchmark: the CUDA tests (kernels' CUDA twins, the offload's CUDA test) against the
-#                   image's torch/triton, the wheels on the path (~3 min); logs in $OUT/pytest-*.log
+#                   image's torch/triton, the wheels on the path (~3 min); logs in $OUT/pytest-*.log;
+#                   CUDA_TESTS_K narrows the kernels' selection (pytest -k; default "cuda")
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -74,7 +76,7 @@ echo "setup took $((SECONDS - T0))s"
 if [ "$PRESET" = cuda-tests ]; then
   rc=0
   TRITON_INTERPRET=0 PYTHONPATH=/tmp/site_corept:kernels/tests:/tmp/site_base timeout 240 \
-    python3 -m pytest -q -p no:cacheprovider -rs kernels/tests -k cuda > "$OUT/pytest-kernels.log" 2>&1 || rc=1
+    python3 -m pytest -q -p no:cacheprovider -rs kernels/tests -k "${CUDA_TESTS_K:-cuda}" > "$OUT/pytest-kernels.log" 2>&1 || rc=1
   tail -3 "$OUT/pytest-kernels.log"
   PYTHONPATH=/tmp/site_corept:tests:/tmp/site_base timeout 60 \
     python3 -m pytest -q -p no:cacheprovider -rs tests/test_checkpointing.py > "$OUT/pytest-offload.log" 2>&1 || rc=1
@@ -94,11 +96,11 @@ case "$PRESET" in
   llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
   qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;
   qwen-8k)  ARGS=(--models qwen3-8b --shapes 1x8192 --variants $ALL) ;;
-  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 102400 --maxseq-max 122880
-                        --maxseq-step 4096 --maxseq-steps 1 --maxseq-timeout 150) ;;
+  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 122880 --maxseq-max 131072
+                        --maxseq-step 8192 --maxseq-steps 2 --maxseq-timeout 270) ;;
   maxseq-hf)      ARGS=(--variants none --maxseq hf_qlora --maxseq-start 8192 --maxseq-step 1024) ;;
   maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-max 81920
-                        --maxseq-step 4096 --maxseq-steps 3 --maxseq-timeout 420) ;;
+                        --maxseq-step 4096 --maxseq-steps 2 --maxseq-timeout 420) ;;
   gpu-check)      ARGS=(--models llama-3.1-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   gpu-check-qwen) ARGS=(--models qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   custom)   ARGS=() ;;
