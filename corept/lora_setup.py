@@ -85,11 +85,12 @@ def _group_reason(mods, names) -> str | None:
     return _adapter_dtype_reason(mods, names)
 
 
-def _fused_mlp_forward(activation: str):
+def _fused_mlp_forward(activation: str, tile_rows: int | None = None):
     def forward(self, x, *args, **kwargs):
         projs = [getattr(self, p) for p in _PROJ]
         if not args and not kwargs and _is_training_call(self) and _group_reason(projs, _PROJ) is None:
-            return lora_mlp(x, *(read_lora_weights(p) for p in projs), activation=activation)  # checked just above
+            lws = [read_lora_weights(p) for p in projs]  # checked just above
+            return lora_mlp(x, *lws, activation=activation, tile_rows=tile_rows)
         return self.corept_unfused_forward(x, *args, **kwargs)
     return forward
 
@@ -182,12 +183,14 @@ def _fallback_text(reasons: dict, groups: dict) -> str | None:
 
 
 def install_fused_lora(model: nn.Module, activation: str, mlp_classes: Iterable[str],
-                       attention_classes: Iterable[str] = ()) -> tuple[dict, dict, dict]:
+                       attention_classes: Iterable[str] = (), mlp_tile_rows: int | None = None) -> tuple[dict, dict, dict]:
     """Swap fused LoRA forwards into the MLPs, attention q/k/v and LoRA linears of a patched peft model.
 
     :param mlp_classes: class names of the gated MLPs (``gate_proj``/``up_proj``/``down_proj``).
     :param attention_classes: class names of the attention modules whose ``q_proj``/``k_proj``/
         ``v_proj`` take one input (transformers' self-attention): grouped into one ``lora_qkv``.
+    :param mlp_tile_rows: the fused MLPs' sequence tiling (``corept_kernels.lora_mlp``'s
+        ``tile_rows``): ``None`` automatic, ``0`` never, ``k`` tiles of ``k`` tokens.
     :returns: ``(counts, {module name: reason it kept peft's path}, {MLP/attention module name:
         reason its projections run one at a time})``; counts are ``{"lora_mlp": MLPs, "lora_qkv":
         attention modules, "lora_o": single linears}``.
@@ -203,7 +206,7 @@ def install_fused_lora(model: nn.Module, activation: str, mlp_classes: Iterable[
             if why is not None:
                 groups[name] = why
                 continue
-            pairs.append((m, Replacement(impl["lora_mlp"], forward=_fused_mlp_forward(activation),
+            pairs.append((m, Replacement(impl["lora_mlp"], forward=_fused_mlp_forward(activation, mlp_tile_rows),
                                          attributes={"corept_unfused_forward": m.forward})))
             grouped.update(id(getattr(m, p)) for p in _PROJ)
             counts["lora_mlp"] += 1
@@ -241,7 +244,7 @@ def install_fused_lora(model: nn.Module, activation: str, mlp_classes: Iterable[
 def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
                    target_modules="all-linear", bias: str = "none", use_gradient_checkpointing="corept",
                    use_rslora: bool = False, loftq_config=None, modules_to_save=None, random_state: int = 3407,
-                   **lora_kwargs):
+                   mlp_tile_rows: int | None = None, **lora_kwargs):
     """Add LoRA adapters to a (corept-loaded) model and return the ``PeftModel``.
 
     :param r: adapter rank. :param lora_alpha: scaling numerator (scaling = alpha / r, or
@@ -250,11 +253,20 @@ def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_d
         all-linear) or a list of module names.
     :param use_gradient_checkpointing: ``"corept"`` (offloaded), ``True`` (standard) or ``False``.
     :param random_state: seed for the adapter initialisation.
+    :param mlp_tile_rows: sequence tiling of the fused LoRA MLPs, for long contexts. ``None``
+        (default): automatic, on only for calls whose gate/up projections would exceed 2 GiB
+        (Llama-3.1-8B: ~37k tokens per batch); ``0``: never; ``k``: tiles of ``k`` tokens whenever
+        a call has more. Tiled, an MLP keeps no ``[tokens, intermediate]`` tensor for backward and
+        recomputes each tile's forward there (one more MLP forward per step).
     """
     from peft import LoraConfig
     from peft import get_peft_model as peft_get_peft_model
 
     _validate(r, lora_alpha, lora_dropout, bias, target_modules)
+    if mlp_tile_rows is not None and (not isinstance(mlp_tile_rows, int) or isinstance(mlp_tile_rows, bool)
+                                      or mlp_tile_rows < 0):
+        raise InvalidOptionsError(f"mlp_tile_rows must be None (automatic), 0 (never) or a positive token count, "
+                                  f"got {mlp_tile_rows!r}")
     opts = getattr(model, "corept_load_options", None)
     if opts is not None and opts.full_finetuning:
         raise InvalidOptionsError("this model was loaded with full_finetuning=True: train it directly, or reload "
@@ -281,7 +293,7 @@ def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_d
         arch = found[0]
         quirks = arch.quirks.resolve(model.config.get_text_config())
         counts, reasons, groups = install_fused_lora(peft_model, quirks.mlp_activation, arch.roles.mlp,
-                                                     arch.roles.attention)
+                                                     arch.roles.attention, mlp_tile_rows)
         logger.info("corept: fused LoRA on %d MLP(s), %d q/k/v group(s) and %d linear(s); %d layer(s) on "
                     "peft's path, %d module(s) not grouped", counts["lora_mlp"], counts["lora_qkv"],
                     counts["lora_o"], len(reasons), len(groups))

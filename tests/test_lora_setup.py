@@ -197,28 +197,32 @@ def test_no_grad_training_forward_takes_fused_path_bounded_by_chunks(monkeypatch
         assert share <= 0.08 and rel <= 1.2e-3, (share, rel)
 
 
-def test_long_calls_take_the_tiled_mlp_under_checkpointing(monkeypatch):
-    """Past the tiling threshold (lowered so 16 tokens cross it) the fused MLP runs over row tiles
-    in both checkpointing passes and the backward; loss and every gradient still match peft."""
+def test_mlp_tile_rows_tiles_both_checkpointing_passes_and_matches_peft(monkeypatch):
+    """``mlp_tile_rows=3``: the fused MLPs run over tiles of 3 tokens in checkpointing's first pass
+    and its recompute (16 tokens per call); loss and every gradient still match peft."""
     from corept_kernels import lora_tiled
     from peft import LoraConfig, get_peft_model
 
     tiles = []
     real = lora_tiled.TiledLoraMLP.apply
     monkeypatch.setattr(lora_tiled.TiledLoraMLP, "apply", lambda *a: tiles.append(a[3]) or real(*a))
-    monkeypatch.setattr(lora_tiled, "MLP_TILE_MIN_BYTES", 1)
-    monkeypatch.setattr(lora_tiled, "MLP_TILE_BYTES", 3 * 2 * 4 * 64)  # 3 rows of an fp32 [*, 64] e/g pair
-    base = tiny_model("llama", intermediate_size=64)
+    base = tiny_model("llama")
     ref = get_peft_model(copy.deepcopy(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
                                                          lora_dropout=0.0, task_type="CAUSAL_LM"))
     pat = corept.get_peft_model(corept.patch(copy.deepcopy(base), only=["attention"]), r=4, lora_alpha=8,
-                                target_modules=TARGETS, use_gradient_checkpointing="corept")
+                                target_modules=TARGETS, use_gradient_checkpointing="corept", mlp_tile_rows=3)
     for m in (ref, pat):
         randomize_lora(m, seed=3)
         m.train()
     (loss, grads), (ref_loss, ref_grads) = _step(pat), _step(ref)
-    assert tiles and set(tiles) == {3} and len(tiles) == 4, tiles  # 2 layers x (first pass + recompute)
+    assert tiles == [3] * 4, tiles  # 2 layers x (first pass + recompute)
     assert_fp32_close("loss", loss, ref_loss)
     assert set(grads) == set(ref_grads)
     for n in ref_grads:
         assert_fp32_close(n, grads[n], ref_grads[n])
+
+
+@pytest.mark.parametrize("bad", [-1, 2.5, True, "auto"])
+def test_mlp_tile_rows_rejects_bad_values(bad):
+    with pytest.raises(corept.errors.InvalidOptionsError, match="mlp_tile_rows"):
+        corept.get_peft_model(tiny_model("llama"), r=4, mlp_tile_rows=bad)
