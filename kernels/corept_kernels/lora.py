@@ -8,6 +8,8 @@ forward and again in backward, never kept alive between them). Gradients flow to
 Compared with peft's LoRA layers these save fewer activations for backward (details and byte counts
 in :mod:`corept_kernels.lora_autograd`): the MLP keeps ``x``, the gate/up projections and three
 ``[N, r]`` products, and recomputes ``act(e) * g`` in backward inside one fused Triton kernel.
+Long calls (gate/up above 2 GiB) run the MLP over row tiles that keep only ``x``
+(:mod:`corept_kernels.lora_tiled`).
 
 Use :func:`lora_fast_path_reason` on a peft layer to know whether these apply, and
 :func:`lora_weights_from_peft` to read its weights. Matmuls run through torch (cuBLAS on GPU): the
