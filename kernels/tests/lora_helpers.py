@@ -187,3 +187,18 @@ def tiny(kind, activation=None):
     if kind == "mlp":
         return TinyMLP(activation or "swiglu"), MLP
     return TinyAttnProj(), QKV + ("o_proj",)
+
+
+def saved_activation_bytes(fn, x, module: nn.Module) -> int:
+    """Bytes of distinct storages autograd saves for backward during ``fn(x)``, parameters excluded."""
+    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
+    seen = {}  # storage address -> (bytes, tensor): tensors kept alive, so no address is reused
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn(x.detach().clone().requires_grad_(True))
+    return sum(n for n, _ in seen.values())

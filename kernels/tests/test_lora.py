@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 from lora_helpers import (ACT_FN, H, HKV, HQ, INTER, MLP, QKV, TOKENS, TinyAttnProj, TinyMLP, pairs,
-                          triples, case, compare, layers, lora_params, peftify, quantize_nf4, run, tiny)
+                          triples, case, compare, layers, lora_params, peftify, quantize_nf4, run,
+                          saved_activation_bytes, tiny)
 from peft import LoraConfig
 from tolerances import assert_close_fp32, assert_low_precision_ok
 
@@ -102,21 +103,6 @@ def test_nf4_base_matches_dequantized_reference(kind, compute_dtype):
 
 
 # ----------------------------------------------------------------------------- memory
-
-
-def saved_activation_bytes(fn, x, module: nn.Module) -> int:
-    """Bytes of distinct storages autograd saves for backward during ``fn(x)``, parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}  # storage address -> (bytes, tensor): tensors kept alive, so no address is reused
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x.detach().clone().requires_grad_(True))
-    return sum(n for n, _ in seen.values())
 
 
 @pytest.mark.parametrize("setting", ["fp32", "bf16+fp32-adapters", "nf4-bf16"])

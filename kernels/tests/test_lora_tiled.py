@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from lora_helpers import (H, INTER, MLP, TOKENS, TinyMLP, case, compare, layers, lora_params, pairs, peftify,
-                          quantize_nf4, run, triples)
+                          quantize_nf4, run, saved_activation_bytes, triples)
 from tolerances import assert_close_fp32, assert_low_precision_ok, max_rel_err
 
 from corept_kernels import lora_tiled
@@ -95,29 +95,14 @@ def test_partial_grads_only_down_trains():
     assert all(p.grad is None for p in lora_params(mods[:2]))
 
 
-def _saved_bytes(fn, x, module) -> int:
-    """Bytes of distinct storages autograd saves during ``fn(x)``, the module's parameters excluded."""
-    params = {p.untyped_storage().data_ptr() for p in module.parameters()}
-    seen = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            seen[t.untyped_storage().data_ptr()] = (t.untyped_storage().nbytes(), t)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn(x.detach().clone().requires_grad_(True))
-    return sum(n for n, _ in seen.values())
-
-
 def test_tiled_saves_only_x():
     pm = peftify(TinyMLP().to(torch.bfloat16), MLP)
     x = torch.randn(*TOKENS, H, dtype=torch.bfloat16)
     _, tiled_fn, _, _ = case("mlp", pm, tile_rows=TILE)
     _, whole_fn, _, _ = case("mlp", pm, tile_rows=0)
     n = TOKENS[0] * TOKENS[1]
-    assert _saved_bytes(tiled_fn, x, pm) == n * H * 2
-    assert _saved_bytes(whole_fn, x, pm) >= n * (H + 2 * INTER) * 2
+    assert saved_activation_bytes(tiled_fn, x, pm) == n * H * 2
+    assert saved_activation_bytes(whole_fn, x, pm) >= n * (H + 2 * INTER) * 2
 
 
 def test_automatic_choice(monkeypatch):
