@@ -79,6 +79,18 @@ class Memory:
         if self.cuda:
             self.torch.cuda.reset_peak_memory_stats()
 
+    COUNTERS = ("num_device_alloc", "num_device_free", "num_alloc_retries", "num_sync_all_streams")
+    """The caching allocator's event counters a step's host time can hide in: cudaMalloc/cudaFree
+    (each cudaFree synchronizes the device), retries after a failed allocation (free the cache,
+    try again) and whole-device syncs."""
+
+    def counters(self) -> dict:
+        """The allocator's :data:`COUNTERS` now (CUDA), or ``{}`` (CPU)."""
+        if not self.cuda:
+            return {}
+        stats = self.torch.cuda.memory_stats()
+        return {k[4:]: int(stats.get(k, 0)) for k in self.COUNTERS}
+
     def peak(self) -> tuple[float, float | None]:
         """(peak allocated, peak reserved) since the last reset; CPU: peak RSS of the process."""
         if self.cuda:
@@ -109,21 +121,28 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
     mem.sync()
     rec["after_load_gib"] = round(mem.now(), 4)
     mem.reset_peak()
-    rec["losses"], rec["step_s"] = [], []
+    # per step, besides its time: how long the host took to issue it (wall and main-thread CPU time
+    # up to the first read of a result; a step whose issue time is its step time is host-bound, and
+    # an issue CPU time well under the issue wall time means the host waited on something), and
+    # the allocator's events (Memory.COUNTERS, CUDA only)
+    rec["losses"], rec["step_s"], rec["issue_s"], rec["issue_cpu_s"], rec["step_alloc_events"] = [], [], [], [], []
     ctx = (lambda: torch.autocast("cuda", dtype=autocast)) if autocast is not None else contextlib.nullcontext
     for i, x in enumerate(data):
         x = x.to(device)
         mem.sync()
-        t0 = time.perf_counter()
+        c0, t0, h0 = mem.counters(), time.perf_counter(), time.thread_time()
         with ctx():
             out = model(input_ids=x, labels=x)
         out.loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+        rec["issue_s"].append(round(time.perf_counter() - t0, 4))
+        rec["issue_cpu_s"].append(round(time.thread_time() - h0, 4))
         loss = float(out.loss.detach().float().item())
         del out
         mem.sync()
         rec["step_s"].append(time.perf_counter() - t0)
+        rec["step_alloc_events"].append({k: v - c0[k] for k, v in mem.counters().items()})
         rec["losses"].append(loss)
         peak, reserved = mem.peak()
         rec.update(peak_gib=round(peak, 4), reserved_peak_gib=None if reserved is None else round(reserved, 4),

@@ -52,6 +52,10 @@ def test_smoke_records_have_the_fields_and_finite_numbers(smoke):
             assert isinstance(r[key], (int, float)) and math.isfinite(r[key]), (key, r[key])
         assert r["tokens_per_s"] > 0 and r["median_step_s"] > 0
         assert len(r["losses"]) == r["warmup"] + r["steps"] and all(math.isfinite(x) for x in r["losses"])
+        n = r["warmup"] + r["steps"]  # per step: the host's issue time (wall, CPU); allocator events (CUDA only)
+        assert len(r["issue_s"]) == len(r["issue_cpu_s"]) == n
+        assert all(0 < i <= s + 1e-3 for i, s in zip(r["issue_s"], r["step_s"])) and all(c > 0 for c in r["issue_cpu_s"])
+        assert r["step_alloc_events"] == [{}] * n
         assert r["versions"]["torch"] and r["versions"]["transformers"] and r["versions"]["peft"]
         assert "gpu" in r and r["shape"] == "2x64"
         prof = r["profile"]  # --profile: one extra step, not among the timed ones
