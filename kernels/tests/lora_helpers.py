@@ -202,3 +202,15 @@ def saved_activation_bytes(fn, x, module: nn.Module) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn(x.detach().clone().requires_grad_(True))
     return sum(n for n, _ in seen.values())
+
+
+def assert_matches_gold_and_peft(compute_dtype, labels, ours_res, gold_res, peft_res) -> None:
+    """fp32: tight against the float64 gold and peft; bf16: within 2x peft's error (+1 ulp)."""
+    from tolerances import assert_close_fp32, assert_low_precision_ok
+
+    for name, ours, gold, theirs in triples(labels, ours_res, gold_res, peft_res):
+        if compute_dtype == torch.float32:
+            assert_close_fp32(ours, gold)
+            assert_close_fp32(ours, theirs)
+        else:
+            assert_low_precision_ok(ours, gold, theirs, name)

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from lora_helpers import (ACT_FN, H, HKV, HQ, INTER, MLP, QKV, TOKENS, TinyAttnProj, TinyMLP, pairs,
-                          triples, case, compare, layers, lora_params, peftify, quantize_nf4, run,
-                          saved_activation_bytes, tiny)
+from lora_helpers import (ACT_FN, H, HKV, HQ, INTER, MLP, QKV, TOKENS, assert_matches_gold_and_peft, case,
+                          compare, layers, lora_params, pairs, peftify, quantize_nf4, run,
+                          saved_activation_bytes, tiny, TinyAttnProj, TinyMLP, triples)
 from peft import LoraConfig
 from tolerances import assert_close_fp32, assert_low_precision_ok
 
@@ -94,12 +94,7 @@ def test_nf4_base_matches_dequantized_reference(kind, compute_dtype):
     # bf16: the bound comes from peft's bf16 computation (adapters cast to bf16), as in the bf16 test
     peft_res, ours_res, gold_res, labels, _ = compare(kind, pm, compute_dtype, peft_adapter_dtype=compute_dtype)
     assert peft_res[1][0] is not None, "peft's 4-bit path lost the input gradient (CPU repack trap)"
-    for name, ours, gold, theirs in triples(labels, ours_res, gold_res, peft_res):
-        if compute_dtype == torch.float32:
-            assert_close_fp32(ours, gold)
-            assert_close_fp32(ours, theirs)
-        else:
-            assert_low_precision_ok(ours, gold, theirs, name)
+    assert_matches_gold_and_peft(compute_dtype, labels, ours_res, gold_res, peft_res)
 
 
 # ----------------------------------------------------------------------------- memory

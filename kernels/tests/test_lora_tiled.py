@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from lora_helpers import (H, INTER, MLP, TOKENS, TinyMLP, case, compare, layers, lora_params, pairs, peftify,
-                          quantize_nf4, run, saved_activation_bytes, triples)
+from lora_helpers import (H, INTER, MLP, TOKENS, assert_matches_gold_and_peft, case, compare, layers,
+                          lora_params, pairs, peftify, quantize_nf4, run, saved_activation_bytes, TinyMLP,
+                          triples)
 from tolerances import assert_close_fp32, assert_low_precision_ok, max_rel_err
 
 from corept_kernels import lora_tiled
@@ -49,12 +50,7 @@ def test_nf4_tiled_matches_dequantized_reference(compute_dtype):
     pm = peftify(quantize_nf4(TinyMLP(), MLP, compute_dtype), MLP)
     peft_res, ours_res, gold_res, labels, _ = compare("mlp", pm, compute_dtype, peft_adapter_dtype=compute_dtype,
                                                       tile_rows=TILE)
-    for name, ours, gold, theirs in triples(labels, ours_res, gold_res, peft_res):
-        if compute_dtype == torch.float32:
-            assert_close_fp32(ours, gold)
-            assert_close_fp32(ours, theirs)
-        else:
-            assert_low_precision_ok(ours, gold, theirs, name)
+    assert_matches_gold_and_peft(compute_dtype, labels, ours_res, gold_res, peft_res)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
