@@ -65,6 +65,7 @@ dequantized right before each matmul that needs them and dropped right after.
 """
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import torch
@@ -245,6 +246,20 @@ def _bias_grad(d: torch.Tensor, bias, needed: bool):
     return d.sum(0).to(bias.dtype) if needed else None
 
 
+def autocast_off_backward(backward):
+    """Run a Function's backward with autocast off, as its forward ran (``lora._apply``).
+
+    autograd hands a backward the thread-local state of the ``backward()`` call, so one called
+    inside an autocast region would cast the backward's matmuls to the autocast dtype while the
+    saved tensors are in the forward's. The forward stores ``ctx.device_type``.
+    """
+    @functools.wraps(backward)
+    def run(ctx, *grads):
+        with torch.autocast(ctx.device_type, enabled=False):
+            return backward(ctx, *grads)
+    return run
+
+
 class LoraSharedInput(torch.autograd.Function):
     """k LoRA linears on one input (q/k/v: k=3; o: k=1).
 
@@ -260,11 +275,12 @@ class LoraSharedInput(torch.autograd.Function):
         As, Bs = flat[0::3], flat[1::3]
         outs, xa = _forward_shared(x2, lws, As, Bs, dt)
         ctx.save_for_backward(x2, xa, *As, *Bs)
-        ctx.lws = lws
+        ctx.lws, ctx.device_type = lws, x.device.type
         ctx.lead = x.shape[:-1]
         return tuple(y.view(*x.shape[:-1], y.shape[-1]) for y in outs)
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, *douts):
         x2, xa, *ab = ctx.saved_tensors
         k = len(ctx.lws)
@@ -327,10 +343,11 @@ class LoraMLP(torch.autograd.Function):
         (y,), xa_d = _forward_shared(h, (down,), As[2:], Bs[2:], dt)
         del h
         ctx.save_for_backward(x2, e, g, xa_gu, xa_d, *As, *Bs)
-        ctx.lws, ctx.activation, ctx.lead = lws, activation, x.shape[:-1]
+        ctx.lws, ctx.activation, ctx.lead, ctx.device_type = lws, activation, x.shape[:-1], x.device.type
         return y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, dy):
         x2, e, g, xa_gu, xa_d, Ag, Au, Ad, Bg, Bu, Bd = ctx.saved_tensors
         gate, up, down = ctx.lws

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import torch
 
-from corept_kernels.lora_autograd import LoraMLP
+from corept_kernels.lora_autograd import LoraMLP, autocast_off_backward
 
 MLP_TILE_MIN_BYTES = 2 << 30
 """Tile the MLP (automatic choice) once its whole-call gate and up projections would take more
@@ -71,9 +71,11 @@ class TiledLoraMLP(torch.autograd.Function):
             y[sl] = LoraMLP.apply(x2[sl], activation, lws, *flat)
         ctx.save_for_backward(x2, *flat)
         ctx.activation, ctx.lws, ctx.rows, ctx.lead = activation, lws, rows, x.shape[:-1]
+        ctx.device_type = x.device.type
         return y.view(*x.shape[:-1], out_f)
 
     @staticmethod
+    @autocast_off_backward
     def backward(ctx, dy):
         x2, *flat = ctx.saved_tensors
         need = ctx.needs_input_grad

@@ -80,6 +80,31 @@ def test_autocast_bf16_on_fp32_model(kind):
         assert_low_precision_ok(ours.bfloat16(), gold, theirs.bfloat16(), name)
 
 
+@pytest.mark.parametrize("kind,tile_rows", [("mlp", None), ("mlp", 5), ("qkv", None), ("o", None)],
+                         ids=["mlp", "mlp-tiled", "qkv", "o"])
+def test_backward_called_inside_autocast_matches_outside(kind, tile_rows):
+    """autograd hands a backward the autocast state of the ``backward()`` call; the fused
+    backwards (and the tiled MLP's recompute) run with autocast off, as their forwards did, so
+    calling ``backward()`` inside an autocast region changes nothing (it used to cast their
+    matmuls to bf16 and fail)."""
+    pm = peftify(*tiny(kind))
+    _, ours_fn, _, mods = case(kind, pm, tile_rows=tile_rows)
+    params = lora_params(mods)
+    width = HQ if kind == "o" else H
+    x = torch.randn(*TOKENS, width)
+    dys = [torch.randn(*TOKENS, w) for w in {"mlp": (H,), "qkv": (HQ, HKV, HKV), "o": (H,)}[kind]]
+    outside = run(ours_fn, x, dys, params)
+    xx = x.clone().requires_grad_()
+    for p in params:
+        p.grad = None
+    outs = ours_fn(xx)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        torch.autograd.backward(outs if isinstance(outs, tuple) else (outs,), dys)
+    for a, b in zip([xx.grad] + [p.grad for p in params], outside[1]):
+        assert a.dtype == b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 # ----------------------------------------------------------------------------- NF4 base
 
 
