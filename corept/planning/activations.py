@@ -179,22 +179,27 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
                       bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq, chunk_bytes=chunk_bytes)
 
 
-def _lora_chunk_bytes() -> float:
-    """The fused LoRA kernels' row-chunk bound for adapter-dtype casts (their own constant)."""
+def _kernel_constant(module: str, name: str, fallback: int) -> float:
+    """A byte bound the fused kernels define (``corept_kernels.<module>.<name>``), read from them so
+    the planner follows their changes; ``fallback`` (its value as of corept-kernels 0.1) where the
+    kernels are not installed: planning needs no kernels."""
+    import importlib
+
     try:
-        from corept_kernels.lora_branch import CHUNK_BYTES
-    except ImportError:  # planning needs no kernels; the value as of corept-kernels 0.1
-        return float(64 << 20)
-    return float(CHUNK_BYTES)
+        return float(getattr(importlib.import_module(f"corept_kernels.{module}"), name))
+    except ImportError:
+        return float(fallback)
+
+
+def _lora_chunk_bytes() -> float:
+    """The fused LoRA kernels' row-chunk bound for adapter-dtype casts."""
+    return _kernel_constant("lora_branch", "CHUNK_BYTES", 64 << 20)
 
 
 def _mlp_tile_bytes() -> tuple[float, float]:
-    """The fused MLP's tiling threshold and tile size in bytes (the kernels' own constants)."""
-    try:
-        from corept_kernels.lora_tiled import MLP_TILE_BYTES, MLP_TILE_MIN_BYTES
-    except ImportError:  # planning needs no kernels; the values as of corept-kernels 0.1
-        return float(2 << 30), float(512 << 20)
-    return float(MLP_TILE_MIN_BYTES), float(MLP_TILE_BYTES)
+    """The fused MLP's tiling threshold and tile size in bytes."""
+    return (_kernel_constant("lora_tiled", "MLP_TILE_MIN_BYTES", 2 << 30),
+            _kernel_constant("lora_tiled", "MLP_TILE_BYTES", 512 << 20))
 
 
 def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:

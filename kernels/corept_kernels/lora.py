@@ -53,14 +53,18 @@ def _flat(lws: tuple[LoraWeights, ...]) -> list:
     return out
 
 
-def _apply(fn, x: torch.Tensor, *args):
-    """Run ``fn.apply`` in one compute dtype: autocast's when it is on for ``x``'s device (``x`` is
-    cast first, outside the Function, so autograd casts ``dx`` back), else ``x.dtype``; autocast is
-    off inside, so every matmul of forward and backward sees the same dtype."""
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """autocast's dtype when it is on for ``x``'s device, else ``x.dtype``."""
     dev = x.device.type
-    if torch.is_autocast_enabled(dev):
-        x = x.to(torch.get_autocast_dtype(dev))
-    with torch.autocast(dev, enabled=False):
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def _apply(fn, x: torch.Tensor, *args):
+    """Run ``fn.apply`` in the compute dtype (:func:`_compute_dtype`; ``x`` is cast first, outside
+    the Function, so autograd casts ``dx`` back); autocast is off inside, so every matmul of
+    forward and backward sees the same dtype."""
+    x = x.to(_compute_dtype(x))
+    with torch.autocast(x.device.type, enabled=False):
         return fn.apply(x, *args)
 
 
@@ -86,9 +90,7 @@ def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeig
     if gate.shape[0] != up.shape[0] or down.shape[1] != gate.shape[0]:
         raise ValueError(f"gate {gate.shape}, up {up.shape}, down {down.shape} do not chain")
     lws = (gate, up, down)
-    dev = x.device.type
-    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
-    rows = mlp_tile_rows(x.numel() // max(1, x.shape[-1]), gate.shape[0], compute.itemsize, tile_rows)
+    rows = mlp_tile_rows(x.numel() // max(1, x.shape[-1]), gate.shape[0], _compute_dtype(x).itemsize, tile_rows)
     if rows is not None:
         return _apply(TiledLoraMLP, x, activation, lws, rows, *_flat(lws))
     return _apply(LoraMLP, x, activation, lws, *_flat(lws))

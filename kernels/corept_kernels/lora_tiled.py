@@ -86,10 +86,8 @@ class TiledLoraMLP(torch.autograd.Function):
         dx = torch.empty_like(x2) if need_x else None
         for sl in _tiles(x2.shape[0], ctx.rows):
             xs = x2[sl].detach().requires_grad_(need_x)
-            with torch.enable_grad():
+            with torch.enable_grad():  # ys needs grad: autograd calls this only when x or a leaf does
                 ys = LoraMLP.apply(xs, ctx.activation, ctx.lws, *leaves)
-            if not ys.requires_grad:
-                break  # nothing asked for a gradient that flows through the MLP
             torch.autograd.backward(ys, dy2[sl], inputs=([xs] if need_x else []) + inputs)
             if need_x:
                 dx[sl] = xs.grad
