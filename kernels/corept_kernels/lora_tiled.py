@@ -2,7 +2,7 @@
 
 :class:`~corept_kernels.lora_autograd.LoraMLP` saves the gate and up projections ``e``, ``g``
 (``[N, F]`` each) for its backward. At long sequences they dominate a decoder layer's memory:
-Llama-3.1-8B at 100k tokens, 5.5 GiB of the ~16 GiB one layer's recompute and backward take, and
+Llama-3.1-8B at 102,400 tokens, 5.5 GiB of the ~16 GiB one layer's recompute and backward take, and
 the no-grad first pass of checkpointing holds ``e``, ``g`` and ``h`` (8.2 GiB) at once.
 :class:`TiledLoraMLP` runs ``LoraMLP`` on row tiles instead:
 
