@@ -28,13 +28,13 @@ $(STAMP): requirements/cpu.txt
 
 # corept + kernels + every plugin, installed the way users install them.
 install: $(STAMP)
-	rm -rf $(BUILD)/all && mkdir -p $(BUILD)/all
+	rm -rf $(BUILD)/all kernels/build && mkdir -p $(BUILD)/all
 	$(PIP) install --no-deps --no-build-isolation --target $(BUILD)/all . ./kernels $(addprefix ./plugins/,$(PLUGINS)) 2>&1 | grep -v "is ignored" || true
 	test -d $(BUILD)/all/corept
 
 # One environment per plugin: core + kernels + that plugin only.
 $(BUILD)/only-%: $(STAMP) FORCE
-	rm -rf $@ && mkdir -p $@
+	rm -rf $@ kernels/build && mkdir -p $@
 	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels ./plugins/$* 2>&1 | grep -v "is ignored" || true
 	test -d $@/corept_$*
 

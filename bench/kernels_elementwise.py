@@ -79,7 +79,10 @@ def _norm_cases(device) -> list[BenchCase]:
         m = b * s
         shape = f"{b}x{s}x{HIDDEN} bf16"
         rows_io = m * HIDDEN * BF16
-        for casting, offset, torch_fn in (("llama", 0.0, _torch_rms_llama), ("gemma", 1.0, _torch_rms_gemma)):
+        # (label and Liger's casting_mode, corept's casting, offset, torch twin); the label keeps
+        # Liger's name so rows stay comparable with earlier results
+        for liger_mode, casting, offset, torch_fn in (("llama", "scale_after_cast", 0.0, _torch_rms_llama),
+                                                      ("gemma", "scale_in_fp32", 1.0, _torch_rms_gemma)):
             x = _leaf((b, s, HIDDEN), device)
             w = _leaf((HIDDEN,), device, 0.1, 1.0 - offset)
             impls = {
@@ -88,9 +91,9 @@ def _norm_cases(device) -> list[BenchCase]:
                 "torch_compile": lambda x=x, w=w, f=compiled[torch_fn]: f(x, w),
             }
             if liger_rms is not None:
-                impls["liger"] = lambda x=x, w=w, c=casting, o=offset: liger_rms.apply(x, w, EPS, o, c)
+                impls["liger"] = lambda x=x, w=w, c=liger_mode, o=offset: liger_rms.apply(x, w, EPS, o, c)
             out.append(BenchCase(
-                kernel="rms_norm", shape=f"{shape} {casting}", impls=impls, grad_inputs=[x, w],
+                kernel="rms_norm", shape=f"{shape} {liger_mode}", impls=impls, grad_inputs=[x, w],
                 bytes_fwd=2 * rows_io + HIDDEN * BF16,
                 bytes_fwd_bwd=5 * rows_io + 3 * HIDDEN * BF16, memory_bound=True))
         x = _leaf((b, s, HIDDEN), device)
@@ -168,5 +171,6 @@ def _glu_cases(device) -> list[BenchCase]:
 
 
 def cases(device) -> list[BenchCase]:
-    """rms_norm (llama and gemma casting), layer_norm, rope, swiglu, geglu (tanh); fwd and fwd+bwd."""
+    """rms_norm (casting scale_after_cast and scale_in_fp32), layer_norm, rope, swiglu, geglu (tanh);
+    fwd and fwd+bwd."""
     return [*_norm_cases(device), *_rope_cases(device), *_glu_cases(device)]

@@ -12,7 +12,7 @@ checkpointing), and counts what would be a device launch on CUDA:
 * every aten op except views and bare allocations (a ``TorchDispatchMode``);
 * every Triton launch (through the interpreter, so ``TRITON_INTERPRET=1`` must be set before
   anything imports Triton kernels); the ops the interpreter runs for itself are not counted;
-* corept's fp32-output GEMM (``corept_kernels.lora_branch.mm_f32``) once, as the single cuBLAS call
+* corept's fp32-output GEMM (``corept_kernels.lora.branch.mm_f32``) once, as the single cuBLAS call
   it is on CUDA (on CPU it upcasts operand chunks).
 
 The forward and backward are counted; the AdamW step apart (its per-parameter ``.item()`` on CPU
@@ -115,7 +115,7 @@ class LaunchCounter:
 
     def _patch_mm_f32(self):
         try:
-            from corept_kernels import lora_branch
+            from corept_kernels.lora import branch as lora_branch
         except ImportError:
             return
 

@@ -35,7 +35,7 @@ def _time(fn, reps=20, warm=5) -> float:
 
 
 def _lws(outs, in_f, adapter_dtype, dev):
-    from corept_kernels.lora_weights import LoraWeights
+    from corept_kernels.lora import LoraWeights
 
     g = torch.Generator(device=dev).manual_seed(0)
     return [LoraWeights(torch.randn(o, in_f, device=dev, generator=g, dtype=torch.bfloat16) * 0.02,
@@ -129,7 +129,7 @@ def rank_add_sweep(dev, emit):
     """The rank-add kernel's time and bandwidth per tile/warps config, factor load form and dot
     precision (it reads and writes ``y``: 4 B per element), on the gate/up output ``[N, I]`` and the
     q/o output ``[N, H]``, r 16."""
-    import corept_kernels.rank_add as ra
+    import corept_kernels.lora.rank_add as ra
 
     default = (ra.BLOCK_M, ra.BLOCK_N, ra.NUM_WARPS, ra.TRANSPOSED_V_MIN_N, ra.DOT_PRECISION)
     for width in (INTER, H):

@@ -2,22 +2,23 @@
 
 The core knows no architecture by name: plugins (entry-point group ``corept``) declare them.
 """
-from corept.architecture import COMPONENTS, Architecture, FromConfig, ModuleRoles, Quirks
 from corept.errors import (CoreptError, InvalidOptionsError, ModelNotFoundError, PluginConflictError,
                            PluginLoadError, UnsupportedArchitectureError)
-from corept.hookspecs import hookimpl
-from corept.patching import is_patched, patch, report, unpatch
-from corept.plugin_base import ArchitecturePlugin
-from corept.plugins import get_plugin_manager, register_plugin, reset_plugin_manager, unregister_plugin
-from corept.replacement import Replacement
-from corept.report import PatchReport
+from corept.patching import Keep, PatchReport, Replacement, architecture_of, is_patched, patch, report, unpatch
+from corept.registry.declarations import (COMPONENTS, Architecture, EmbeddedModel, KnownModel, ModuleRoles,
+                                          Projections)
+from corept.registry.hookspecs import hookimpl
+from corept.registry.manager import get_plugin_manager, register_plugin, reset_plugin_manager, unregister_plugin
+from corept.registry.plugin_base import ArchitecturePlugin
+from corept.registry.quirks import FromConfig, LoadPolicy, Numerics, Recorded
+from corept.registry.resolution import ResolvedArchitecture, resolve
 
 __version__ = "0.1.0"
 
 
 def get_peft_model(*args, **kwargs):
-    """Add LoRA adapters with corept's fused kernels; see :func:`corept.lora_setup.get_peft_model`."""
-    from corept.lora_setup import get_peft_model as _get_peft_model
+    """Add LoRA adapters with corept's fused kernels; see :func:`corept.lora.setup.get_peft_model`."""
+    from corept.lora.setup import get_peft_model as _get_peft_model
 
     return _get_peft_model(*args, **kwargs)
 
@@ -37,16 +38,17 @@ def plan(*args, **kwargs):
 
 
 def load(*args, **kwargs):
-    """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load`."""
-    from corept.loading import load as _load
+    """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load.load`."""
+    from corept.loading.load import load as _load
 
     return _load(*args, **kwargs)
 
 
 __all__ = [
-    "COMPONENTS", "Architecture", "ArchitecturePlugin", "FromConfig", "ModuleRoles", "Quirks", "Replacement",
+    "COMPONENTS", "Architecture", "ArchitecturePlugin", "EmbeddedModel", "FromConfig", "KnownModel", "LoadPolicy",
+    "ModuleRoles", "Numerics", "Projections", "Recorded", "ResolvedArchitecture", "Keep", "Replacement",
     "PatchReport", "hookimpl", "load", "plan", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
-    "get_plugin_manager", "register_plugin", "unregister_plugin", "reset_plugin_manager",
-    "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError", "PluginLoadError",
-    "UnsupportedArchitectureError",
+    "architecture_of", "resolve", "get_plugin_manager", "register_plugin", "unregister_plugin",
+    "reset_plugin_manager", "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError",
+    "PluginLoadError", "UnsupportedArchitectureError",
 ]

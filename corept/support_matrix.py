@@ -16,46 +16,51 @@ import re
 from dataclasses import fields
 from pathlib import Path
 
-from corept.architecture import COMPONENTS, Architecture, FromConfig, Quirks
-from corept.plugin_base import ArchitecturePlugin
-from corept.plugins import BUILTIN_FALLBACKS, get_plugin_manager
+from corept.registry.declarations import COMPONENTS, Architecture, Projections
+from corept.registry.hookspecs import COMPONENT_HOOKS
+from corept.registry.manager import get_plugin_manager
+from corept.registry.quirks import FromConfig, LoadPolicy, Numerics, Recorded
+from corept.registry.plugin_base import ArchitecturePlugin
 
 START = "<!-- support-matrix:start -->"
 END = "<!-- support-matrix:end -->"
-_DEFAULTS = Quirks()
+_DEFAULTS = (LoadPolicy(), Numerics(), Recorded())
 
 
-def _attention_cell(arch: Architecture, plugin) -> str:
-    if "attention" not in arch.components:
-        return "transformers"
-    own = getattr(type(plugin), "corept_patch_attention", None)
-    if plugin is not None and own is not None and own is not ArchitecturePlugin.corept_patch_attention:
-        return "plugin hook"
-    forced = arch.quirks.forced_attn_implementation
-    return f"HF {forced} (forced)" if forced else "HF sdpa"
+def _own_hook(plugin, component: str) -> bool:
+    """The plugin object implements the component's hook itself (not only declarations)."""
+    name = COMPONENT_HOOKS[component]
+    impl = getattr(type(plugin), name, None) or getattr(plugin, name, None)
+    return impl is not None and impl is not getattr(ArchitecturePlugin, name, None)
 
 
 def component_cell(arch: Architecture, component: str, plugin=None) -> str:
-    """What runs for ``component`` of ``arch``: a kernel name, an HF implementation, or ``-``."""
-    q = arch.quirks
-    if component == "attention":
-        return _attention_cell(arch, plugin)
-    if component not in arch.components:
+    """What runs for ``component`` of ``arch``: a kernel name, an HF implementation, or a plugin hook."""
+    if component in arch.keep:
         return "transformers"
+    if plugin is not None and _own_hook(plugin, component):
+        return "plugin hook"
+    n = arch.numerics
+    if component == "attention":
+        forced = arch.load.forced_attn_implementation
+        return f"HF {forced} (forced)" if forced else "HF sdpa"
     if component == "norm":
-        detail = f"{q.norm_casting}" + (f", {q.norm_offset:g}+w" if q.norm_offset else "")
-        return f"rms_norm ({detail})"
+        offset = f", {n.norm_offset:g}+w" if isinstance(n.norm_offset, (int, float)) and n.norm_offset else ""
+        return f"rms_norm ({n.norm_casting}{offset})"
     if component == "mlp":
-        return {"swiglu": "swiglu", "geglu_tanh": "geglu (tanh)", "geglu": "geglu (erf)"}[q.mlp_activation]
+        act = n.mlp_activation
+        act = "activation from config" if isinstance(act, FromConfig) else act
+        fused = ", fused gate_up" if arch.projections.gate_up else ""
+        return f"glu ({act}{fused})"
     if component == "rope":
         return "rope"
-    softcap = " + softcap" if q.final_logit_softcap is not None else ""
-    return f"fused_linear_cross_entropy{softcap}"
+    extras = [x for x, on in (("scale", n.logit_scale != 1.0), ("softcap", n.final_logit_softcap is not None)) if on]
+    return "fused_linear_cross_entropy" + "".join(f" + {x}" for x in extras)
 
 
 def _fmt(value) -> str:
     if isinstance(value, FromConfig):
-        return f"config.{value.attr}"
+        return repr(value)
     if isinstance(value, float):
         return f"{value:g}"
     return str(value)
@@ -63,9 +68,17 @@ def _fmt(value) -> str:
 
 def quirks_cell(arch: Architecture) -> str:
     """The quirks that differ from the defaults, ``name=value``, ``; ``-separated."""
-    q = arch.quirks
-    parts = [f"{f.name}={_fmt(getattr(q, f.name))}" for f in fields(Quirks)
-             if getattr(q, f.name) != getattr(_DEFAULTS, f.name)]
+    parts = []
+    for group, default in zip((arch.load, arch.numerics, arch.recorded), _DEFAULTS):
+        for f in fields(group):
+            value = getattr(group, f.name)
+            if f.name == "config":
+                parts += [f"{k} (recorded)" for k in value]
+            elif value != getattr(default, f.name) and not (isinstance(value, FromConfig)
+                                                             and value == getattr(default, f.name)):
+                parts.append(f"{f.name}={_fmt(value)}")
+    if arch.projections != Projections():
+        parts.append("fused projections")
     if arch.notes:
         parts.append(f"note: {arch.notes}")
     return "; ".join(parts) or "-"
@@ -73,13 +86,7 @@ def quirks_cell(arch: Architecture) -> str:
 
 def rows() -> list[tuple[str, str, Architecture, object]]:
     """``(model_type, plugin name, declaration, plugin object)`` for every loaded plugin, sorted."""
-    pm = get_plugin_manager()
-    out = []
-    for rec in pm.records.values():
-        if rec.name == BUILTIN_FALLBACKS or not rec.loaded:
-            continue
-        for arch in rec.architectures:
-            out.append((arch.model_type, rec.name, arch, rec.plugin))
+    out = [(arch.model_type, rec.name, arch, rec.plugin) for arch, rec in get_plugin_manager().declarations()]
     return sorted(out, key=lambda r: (r[1], r[0]))
 
 
@@ -93,8 +100,9 @@ def render() -> str:
         lines.append("| " + " | ".join(cells) + " |")
     legend = ("Generated by `corept support-matrix --write README.md` from the installed plugins' "
               "declarations. Kernel names are `corept_kernels` functions (Triton on CUDA or under "
-              "`TRITON_INTERPRET=1`, else their torch twins, as `corept.report(model)` says); LoRA "
-              "layers additionally get `lora_mlp` / `lora_qkv` / `lora_o` through `corept.get_peft_model`.")
+              "`TRITON_INTERPRET=1`, else their torch twins, as `corept.report(model)` says); each is installed "
+              "only once its probe reproduces the module's forward. LoRA layers additionally get `lora_mlp` / "
+              "`lora_qkv` / `lora_o` through `corept.get_peft_model`.")
     return legend + "\n\n" + "\n".join(lines)
 
 

@@ -19,7 +19,7 @@ def collect() -> dict:
     import torch
     from corept_kernels import interpreter_active
 
-    from corept.plugins import get_plugin_manager
+    from corept.registry.manager import get_plugin_manager
 
     problems = []
     versions = {}

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import json
 
-from corept.hookspecs import COMPONENT_ROLES
-from corept.versions import transformers_supported
+from corept.registry.declarations import COMPONENTS
+from corept.registry.hookspecs import COMPONENT_ROLES
 
 HELP = "show which plugin and patches a model would get (reads the config only, no weights)"
 
@@ -18,33 +18,32 @@ def add_arguments(p) -> None:
 def collect(name: str, trust_remote_code: bool = False) -> dict:
     from transformers import AutoConfig
 
-    from corept.patching import resolve_architecture
-    from corept.resolve import resolve_model_path
+    from corept.loading.names import resolve_model_path
+    from corept.registry.resolution import resolve
 
     folder, how = resolve_model_path(name)
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-    found = resolve_architecture(config.model_type, strict=False)
+    arch = resolve(config)
     info = {"model": name, "resolved": str(folder), "found_via": how, "model_type": config.model_type,
             "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": ""}
-    if found is None:
-        info["components"] = {c: "transformers (no plugin)" for c in COMPONENT_ROLES}
+    if arch is None:
+        info["components"] = {c: "transformers (no plugin)" for c in COMPONENTS}
         return info
-    arch, rec = found
-    ok, reason = transformers_supported(arch.transformers)
-    text_config = config.get_text_config()
-    info.update(plugin=rec.name, distribution=rec.distribution, notes=arch.notes,
-                quirks=arch.quirks.resolve(text_config).to_dict(), transformers_range=arch.transformers)
-    for comp, role in COMPONENT_ROLES.items():
-        classes = getattr(arch.roles, role)
-        if not ok:
-            info["components"][comp] = f"transformers ({reason})"
-        elif comp not in arch.components or not classes:
-            info["components"][comp] = "transformers (not patched by the plugin)"
+    info.update(plugin=arch.plugin, distribution=arch.distribution, notes=arch.notes, quirks=arch.quirks(),
+                transformers_range=arch.declaration.transformers)
+    for comp in COMPONENTS:
+        classes = getattr(arch.roles, COMPONENT_ROLES[comp])
+        if not arch.supported:
+            info["components"][comp] = f"transformers ({arch.unsupported_reason})"
+        elif comp in arch.keep:
+            info["components"][comp] = f"transformers (plugin keeps it: {arch.keep[comp]})"
+        elif not classes:
+            info["components"][comp] = "transformers (no module of this role declared)"
         elif comp == "attention":
-            impl = arch.quirks.forced_attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
+            impl = arch.load.forced_attn_implementation or getattr(config, "_attn_implementation", None) or "sdpa"
             info["components"][comp] = f"transformers AttentionInterface: {impl}"
         else:
-            info["components"][comp] = f"corept on {', '.join(classes)}"
+            info["components"][comp] = f"corept on {', '.join(classes)}, once its probe passes"
     return info
 
 

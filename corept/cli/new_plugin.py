@@ -1,9 +1,10 @@
 """``corept new-plugin NAME``: render a working architecture plugin package from corept's template.
 
 The result (``corept-NAME/`` by default) holds a ``pyproject.toml`` with the ``corept`` entry
-point, the declarations through :class:`corept.ArchitecturePlugin` with one hook written out, a
+point, the declaration through :class:`corept.ArchitecturePlugin` with one hook written out, a
 README and a conformance test subclassing :class:`corept.testing.ConformanceSuite`. Install it
-with ``pip install ./corept-NAME`` and run ``pytest corept-NAME/tests``.
+with ``pip install ./corept-NAME`` and run ``pytest corept-NAME/tests``: for a model whose quirks
+the default declaration already matches it passes; otherwise it fails with the quirk to declare.
 """
 from __future__ import annotations
 
@@ -88,6 +89,7 @@ def run(args) -> int:
     folder = render(args.name, model_type=args.model_type, class_prefix=args.class_prefix, output=args.output,
                     force=args.force)
     print(f"wrote {folder}")
-    print(f"next: edit the quirks in {folder / ('corept_' + args.name) / '__init__.py'}, then\n"
-          f"  pip install {folder}\n  python -m pytest {folder / 'tests'} -q")
+    print(f"next: check the declarations in {folder / ('corept_' + args.name) / '__init__.py'}, then\n"
+          f"  pip install --no-deps {folder}   (corept and corept-kernels must be installed already)\n"
+          f"  python -m pytest {folder / 'tests'} -q")
     return 0

@@ -3,22 +3,23 @@ from __future__ import annotations
 
 import json
 
-from corept.plugins import BUILTIN_FALLBACKS, get_plugin_manager
+from corept.registry.manager import get_plugin_manager
 
 HELP = "list installed corept plugins"
 
 
 def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--all", action="store_true", help="include corept's built-in plugins")
 
 
-def collect() -> list[dict]:
+def collect(include_builtin: bool = False) -> list[dict]:
     pm = get_plugin_manager()
-    return [rec.to_dict() for rec in pm.records.values() if rec.name != BUILTIN_FALLBACKS]
+    return [rec.to_dict() for rec in pm.records.values() if include_builtin or not rec.builtin]
 
 
 def run(args) -> int:
-    rows = collect()
+    rows = collect(args.all)
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -26,7 +27,8 @@ def run(args) -> int:
         print("no corept plugins installed (pip install corept-llama, ...)")
     for r in rows:
         status = "loaded" if r["loaded"] else f"NOT LOADED: {r['error']}"
-        print(f"{r['name']} {r['version'] or ''} ({r['distribution']}) - {status}")
+        builtin = " (built-in)" if r["builtin"] else ""
+        print(f"{r['name']} {r['version'] or ''} ({r['distribution']}){builtin} - {status}")
         print(f"  model_types: {', '.join(r['model_types']) or '-'}")
         print(f"  hooks: {', '.join(r['hooks']) or '-'}")
         print(f"  transformers: {r['transformers']}")

@@ -1,13 +1,8 @@
-"""Kernel-backed replacements shared by every architecture, parametrized by declared quirks.
+"""The shared components: kernel-backed replacements for every declared architecture, answered
+through the built-in plugin :mod:`.plugin`. Each component module (:mod:`.norm`, :mod:`.mlp`,
+:mod:`.rope`, :mod:`.head`, :mod:`.lora`) imports ``corept_kernels`` and is imported on first use;
+:mod:`.probe` proves each replacement's math at patch time.
 
-Plugins call these factories from their hook implementations (usually one line each); the
-``corept.generic`` fallback plugin calls them for architectures whose plugin only declares data.
-Each factory returns a :class:`~corept.replacement.Replacement` or ``None`` when the module does
-not have the shape the replacement needs (the caller reports that as a fallback).
+Nothing is imported here: loading plugins (``import corept.components.plugin``) must not import
+the kernels, whose ``@triton.jit`` decorators fix the Triton mode when they first run.
 """
-from corept.components.loss import causal_lm_replacement
-from corept.components.mlp import mlp_replacement
-from corept.components.norm import norm_replacement
-from corept.components.rope import rope_replacement
-
-__all__ = ["norm_replacement", "mlp_replacement", "rope_replacement", "causal_lm_replacement"]

@@ -30,12 +30,13 @@ def _causal_lm(model: nn.Module) -> nn.Module:
 
 
 def layer_class_names(model: nn.Module) -> set[str]:
-    """Decoder-layer class names: the plugin's ``decoder_layer`` role, else transformers' ``_no_split_modules``."""
-    from corept.patching import resolve_architecture
+    """Decoder-layer class names: the ``decoder_layer`` role of the architecture resolved when the
+    model was patched, else transformers' ``_no_split_modules``."""
+    from corept.patching import architecture_of
 
     lm = _causal_lm(model)
-    found = resolve_architecture(getattr(lm.config, "model_type", None), strict=False)
-    names = set(found[0].roles.decoder_layer) if found else set()
+    arch = architecture_of(model)
+    names = set(arch.roles.decoder_layer) if arch is not None else set()
     return names or set(getattr(lm, "_no_split_modules", None) or ())
 
 

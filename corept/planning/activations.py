@@ -24,7 +24,7 @@ measurement, term by term):
 * gated MLP, fused LoRA (``lora_mlp``): input, gate and up projections and the three ``x A^T``:
   ``a*H + 2*a*I + 3*p*r``; full fine-tuning adds the down projection's input ``a*I``; an MLP
   without adapters keeps only the gate/up projections ``2*a*I``. Long calls of the fused MLP
-  (gate/up above ``corept_kernels.lora_tiled.MLP_TILE_MIN_BYTES``) run over row tiles that save
+  (gate/up above ``corept_kernels.lora.tiled.MLP_TILE_MIN_BYTES``) run over row tiles that save
   only the input ``a*H``; one tile's projections (``MLP_TILE_BYTES``, x1.5 with ``h`` or ``dh``)
   are then a token-independent transient, and the output / ``dx`` buffer ``a*H`` per token.
 
@@ -34,7 +34,7 @@ larger of the MLP phase and the attention phase. MLP, fused LoRA: ``dh = dy W_do
 ``dx`` with one base product in flight, ``a*I + a*H`` (``3*a*I + a*H`` when the activation's
 backward is not in place). With adapters in another dtype than the activations (fp32 on bf16:
 peft's numerics, which the fused kernels follow) every cast of an ``[N, width]`` activation to
-the adapter dtype runs over row chunks of at most ``corept_kernels.lora_branch.CHUNK_BYTES``:
+the adapter dtype runs over row chunks of at most ``corept_kernels.lora.chunks.CHUNK_BYTES``:
 a token-independent ``chunk_bytes`` (a chunk, its product and the cast back: about three chunks)
 instead of per-token fp32 copies. Attention: MLP's saved set released; ``d(h1)`` ``a*H``,
 ``d(attn)`` ``a*Hq``, FlashAttention-2 backward: fp32 ``dq`` accumulator ``4*Hq``, ``dq``
@@ -43,7 +43,7 @@ The no-grad first forward holds ``3*a*H`` (input, residual, normed) and the MLP'
 ``3*a*I`` (+ ``chunk_bytes`` with mixed-dtype adapters).
 
 The saved set is checked on CPU term by term (``tests/planning``). The backward and forward
-transients are read off the kernels' code (``corept_kernels.lora_autograd``): on CPU the Triton
+transients are read off the kernels' code (``corept_kernels.lora.autograd``): on CPU the Triton
 interpreter keeps its last launch's arguments alive and bf16 GEMMs allocate workspaces, so a CPU
 memory trace cannot pin them to the byte; the H200 validation (``bench/plan_validate.py``) does.
 """
@@ -193,13 +193,13 @@ def _kernel_constant(module: str, name: str, fallback: int) -> float:
 
 def _lora_chunk_bytes() -> float:
     """The fused LoRA kernels' row-chunk bound for adapter-dtype casts."""
-    return _kernel_constant("lora_branch", "CHUNK_BYTES", 64 << 20)
+    return _kernel_constant("lora.chunks", "CHUNK_BYTES", 64 << 20)
 
 
 def _mlp_tile_bytes() -> tuple[float, float]:
     """The fused MLP's tiling threshold and tile size in bytes."""
-    return (_kernel_constant("lora_tiled", "MLP_TILE_MIN_BYTES", 2 << 30),
-            _kernel_constant("lora_tiled", "MLP_TILE_BYTES", 512 << 20))
+    return (_kernel_constant("lora.tiled", "MLP_TILE_MIN_BYTES", 2 << 30),
+            _kernel_constant("lora.tiled", "MLP_TILE_BYTES", 512 << 20))
 
 
 def loss_chunk_tokens(n_tokens: int, hidden: int, vocab: int, dtype_bytes: int) -> int:

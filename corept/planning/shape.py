@@ -126,7 +126,7 @@ def load_config(model, *, trust_remote_code: bool = False):
     if isinstance(model, dict):
         d = dict(model)
         if "model_type" not in d:
-            raise PlanError("a config dict needs a 'model_type' key (e.g. 'llama').")
+            raise PlanError("a config dict needs a 'model_type' key (as in the model's config.json).")
         try:
             return AutoConfig.for_model(d.pop("model_type"), **d), model.get("_name_or_path", "config dict"), "config dict"
         except Exception as exc:  # noqa: BLE001 - surfaced with the cause
@@ -150,7 +150,7 @@ def _config_file(name: str, depth: int = 0):
     from pathlib import Path
 
     from corept.planning.known import known_config
-    from corept.resolve import offline
+    from corept.loading.names import offline
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -161,7 +161,7 @@ def _config_file(name: str, depth: int = 0):
         return path, "config file"
     if path.suffix == ".json" or name.startswith((".", "/", "~")):
         raise PlanError(f"cannot read the config of {name!r}: no such file or folder.")
-    from corept.plugins import get_plugin_manager
+    from corept.registry.manager import get_plugin_manager
 
     alias = get_plugin_manager().alias_target(name)
     if alias is not None and alias[0] != name and depth < 3:
@@ -271,25 +271,23 @@ def _head_dim(text) -> int:
 
 
 def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelShape:
-    from corept.plugins import get_plugin_manager
-    from corept.versions import transformers_supported
+    from corept.lora.setup import default_targets
+    from corept.registry.resolution import resolve
 
     text = config.get_text_config()
     model = _meta_model(config, trust_remote_code)
     notes = []
-    found = get_plugin_manager().architecture_for(config.model_type)
-    arch = found[0] if found else None
-    patched = bool(arch) and transformers_supported(arch.transformers)[0]
+    arch = resolve(config, warn=False)
+    patched = bool(arch) and arch.supported
     if arch is None:
         notes.append(f"no corept plugin for {config.model_type!r}: transformers' unpatched forwards save more; "
                      f"activation figures are a conservative approximation")
     elif not patched:
-        notes.append(f"plugin {found[1].name} does not support this transformers version: the model trains "
+        notes.append(f"plugin {arch.plugin} does not support this transformers version: the model trains "
                      f"unpatched; activation figures are a conservative approximation")
-    quirks = arch.quirks.resolve(text) if arch else None
-    attention = (quirks.forced_attn_implementation if quirks else None) or \
+    attention = (arch.load.forced_attn_implementation if arch else None) or \
         getattr(model.config, "_attn_implementation", None) or "sdpa"
-    softcap = bool(quirks and quirks.attn_softcap)
+    softcap = bool(arch and arch.recorded.attn_softcap)
     n_params = sum(p.numel() for p in model.parameters())
     skip = _unquantized_modules(model)
     linears, n_q, n_qt, n_groups = [], 0, 0, 0
@@ -304,7 +302,8 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
     present = {lin.short for lin in linears}
     out_emb = model.get_output_embeddings()
     out_names = {n.rsplit(".", 1)[-1] for n, m in model.named_modules() if out_emb is not None and m is out_emb}
-    targets = tuple(t for t in (arch.lora_targets if arch else ()) if t in present)
+    declared = default_targets(model, arch) if arch is not None else "all-linear"
+    targets = tuple(t for t in declared if t in present) if declared != "all-linear" else ()
     if not targets:
         targets = tuple(sorted(present - out_names))
     layers = _decoder_layers(model, text.num_hidden_layers)
@@ -321,11 +320,11 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
     tied = out_emb is not None and emb is not None and out_emb.weight is emb.weight
     max_pos = getattr(text, "max_position_embeddings", None)
     return ModelShape(
-        name=name, source=source, model_type=config.model_type, plugin=found[1].name if found else None,
+        name=name, source=source, model_type=config.model_type, plugin=arch.plugin if arch else None,
         patched=patched, hidden=text.hidden_size, intermediate=int(inter), layers=text.num_hidden_layers,
         heads=text.num_attention_heads, kv_heads=getattr(text, "num_key_value_heads", None) or text.num_attention_heads,
         head_dim=_head_dim(text), vocab=text.vocab_size, max_positions=int(max_pos) if max_pos else None, tied=tied,
         n_params=n_params, n_quantized=n_q, n_quant_tensors=n_qt, n_quant_groups=n_groups,
         linears=tuple(linears), lora_targets=targets, layer=layer,
-        force_float32=bool(quirks and quirks.force_float32), notes=tuple(notes))
+        force_float32=bool(arch and arch.load.force_float32), notes=tuple(notes))
 

@@ -27,7 +27,7 @@ _EXPORTS = {
     "RTOL": "corept.testing.tolerances",
     "BF16_FACTOR": "corept.testing.tolerances",
     "BF16_FLOOR": "corept.testing.tolerances",
-    "tiny_config": "corept.tiny",
+    "tiny_config": "corept.testing.configs",
 }
 
 __all__ = sorted(_EXPORTS)

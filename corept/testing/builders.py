@@ -14,27 +14,28 @@ import torch
 import torch.nn as nn
 
 import corept
-from corept.checkpointing import enable_checkpointing
 from corept.loading import disable_cpu_4bit_repack
-from corept.plugins import get_plugin_manager
+from corept.lora.setup import default_targets
+from corept.registry.manager import get_plugin_manager
+from corept.registry.resolution import resolve
+from corept.training.checkpointing import enable_checkpointing
 
 PAD_ID = 0
 
 
 def architecture_of(config):
-    """``(Architecture, PluginRecord)`` claiming ``config.model_type`` (AssertionError if none)."""
-    found = get_plugin_manager().architecture_for(config.model_type)
-    if found is None:
+    """The :class:`~corept.ResolvedArchitecture` claiming ``config.model_type`` (AssertionError if none)."""
+    arch = resolve(config, warn=False)
+    if arch is None:
         installed = sorted(get_plugin_manager().model_types())
         raise AssertionError(f"no installed corept plugin claims model_type {config.model_type!r}; "
                              f"claimed: {installed}")
-    return found
+    return arch
 
 
 def forced_attention(config) -> str | None:
     """The attention implementation the owning architecture forces (as ``corept.load`` would)."""
-    arch, _ = architecture_of(config)
-    return arch.quirks.forced_attn_implementation
+    return architecture_of(config).load.forced_attn_implementation
 
 
 def model_class(name: str | None):
@@ -99,12 +100,10 @@ def generation_batch(vocab: int, batch: int, seq: int, seed: int = 2) -> dict:
 
 # -- LoRA ---------------------------------------------------------------------------------------------
 def lora_targets(model: nn.Module, arch) -> list[str]:
-    """The architecture's declared LoRA targets that exist as linear layers in ``model``."""
-    present = {n.rsplit(".", 1)[-1] for n, m in model.named_modules()
-               if isinstance(m, nn.Linear) or type(m).__name__.startswith("Linear")}
-    targets = [t for t in arch.lora_targets if t in present]
-    if not targets:
-        raise AssertionError(f"none of the declared lora_targets {arch.lora_targets} is a linear layer here")
+    """The LoRA targets ``corept.get_peft_model`` defaults to for ``model`` (the same for the reference)."""
+    targets = default_targets(model, arch)
+    if targets == "all-linear":
+        raise AssertionError(f"no linear layer inside the {arch.model_type} attention/MLP modules to put LoRA on")
     return targets
 
 

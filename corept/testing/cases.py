@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from corept.architecture import COMPONENTS
+from corept.registry.declarations import COMPONENTS
 
 ALL = "all"
 PATCH_SETS = COMPONENTS + (ALL,)

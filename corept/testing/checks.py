@@ -17,12 +17,15 @@ class Outcome:
     :param loss: training-mode loss (labels with ``-100``), the tensor backward ran from.
     :param loss_nib: training-mode loss with ``num_items_in_batch`` (``None`` if not run).
     :param grads: name -> gradient of every trainable parameter after ``loss.backward()``.
+    :param logits_in_training: the training forward returned logits (``False`` when a fused loss
+        computed the loss without them).
     """
 
     logits: torch.Tensor | None = None
     loss: torch.Tensor | None = None
     loss_nib: torch.Tensor | None = None
     grads: dict[str, torch.Tensor] = field(default_factory=dict)
+    logits_in_training: bool = True
 
 
 def eval_logits(model: nn.Module, batch: dict) -> torch.Tensor:
@@ -57,7 +60,7 @@ def train_pass(model: nn.Module, batch: dict, *, backward: bool = True, nib: boo
     grads = {n: (p.grad.detach().clone() if p.grad is not None else None)
              for n, p in model.named_parameters() if p.requires_grad}
     model.eval()
-    res = Outcome(grads=grads if backward else {})
+    res = Outcome(grads=grads if backward else {}, logits_in_training=out.logits is not None)
     if nib:
         res.loss_nib = out.loss.detach()
     else:

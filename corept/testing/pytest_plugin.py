@@ -51,7 +51,7 @@ def pytest_report_header(config):
         lines.append("corept: WARNING corept_kernels was imported before TRITON_INTERPRET could be set; "
                      "its kernels were built for a GPU driver and will fail to launch on CPU")
     try:
-        from corept.plugins import get_plugin_manager
+        from corept.registry.manager import get_plugin_manager
 
         recs = get_plugin_manager().records.values()
         shown = ", ".join(f"{r.name}({','.join(a.model_type for a in r.architectures)})" if r.loaded
@@ -81,6 +81,6 @@ def corept_tiny_batch():
 @pytest.fixture
 def corept_plugin_records():
     """``{plugin name: PluginRecord}`` of the loaded corept plugins."""
-    from corept.plugins import get_plugin_manager
+    from corept.registry.manager import get_plugin_manager
 
     return dict(get_plugin_manager().records)

@@ -57,7 +57,7 @@ def prepare(opts: TrainOptions):
     """
     import torch
 
-    from corept.resolve import resolve_model_path
+    from corept.loading.names import resolve_model_path
 
     opts = finalize(opts, on_gpu=torch.cuda.is_available())
     validate(opts)

@@ -113,7 +113,7 @@ def use_disabled_adapter_reference(model: nn.Module) -> bool:
 
 def enable_full_checkpointing(model: nn.Module, mode) -> str:
     """corept's gradient checkpointing on a model trained without adapters (full fine-tuning)."""
-    from corept.checkpointing import enable_checkpointing
+    from corept.training.checkpointing import enable_checkpointing
 
     how = enable_checkpointing(model, mode)
     if mode:

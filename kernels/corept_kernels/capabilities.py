@@ -1,29 +1,54 @@
-"""What each kernel can do, so callers can fall back to its torch twin with a stated reason.
+"""What each kernel can do, and the one rule that picks its Triton path or its torch twin per call.
 
-A kernel is registered once, next to its implementation, with :func:`register`. Callers ask
-:func:`select` for the function to use on a given tensor; it answers the Triton kernel when it can
-run there and the pure-torch reference twin otherwise, together with the reason.
+A kernel is registered once, next to its implementation, with :func:`register`. Every public
+kernel function (and every inner piece that chooses per call between a Triton kernel and torch
+code) asks :func:`dispatch` which function to run on its arguments; it answers the Triton path or
+the pure-torch reference twin, the latter with a one-line reason. It refuses the Triton path when
+
+* :func:`reference_only` is active (patch-time probes run the twins);
+* the tensors' device cannot run it (the first tensor's; all must be on CUDA or all off it): CUDA
+  can, CPU only under ``TRITON_INTERPRET=1`` (and only when the kernels were built for the
+  interpreter), other devices not; a kernel may declare further device types its own path runs
+  on natively (:attr:`KernelInfo.devices`);
+* the call is traced by ``torch.compile`` and the kernel is not compile-safe;
+* the kernel has no backward and a tensor needs a gradient;
+* the kernel's eligibility predicate rejects the arguments (dtypes, shape limits, empty tensors).
+
+:func:`can_run` answers the device-level part alone (callers label reports with it).
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from dataclasses import dataclass, field
-from typing import Callable
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import torch
+import triton
+
+#: The dtypes the Triton kernels load and store.
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+REFERENCE_ONLY_REASON = "reference_only() is active"
 
 
 @dataclass(frozen=True)
 class KernelInfo:
     """Declaration of one kernel.
 
-    :param name: public name, e.g. ``"rms_norm"``.
-    :param triton_fn: the differentiable Triton-backed function.
+    :param name: registry name, e.g. ``"rms_norm"``.
+    :param triton_fn: the Triton-backed function (differentiable when ``has_backward``).
     :param reference_fn: the pure-torch twin with the same signature and semantics.
-    :param has_backward: the Triton path implements its own backward.
+    :param has_backward: the Triton path implements its own backward. Pieces that run inside
+        another kernel's forward or backward (never differentiated) declare ``False``.
     :param compile_safe: safe to call inside ``torch.compile`` regions.
-    :param devices: device types the Triton path runs on (``"cuda"``; ``"cpu"`` only through the
-        Triton interpreter, which :func:`interpreter_active` reports).
+    :param devices: device types the kernel's own path runs on natively: ``("cuda",)`` for a
+        Triton kernel; a composite path whose Triton pieces dispatch on their own (the LoRA
+        functions) adds ``"cpu"``. CPU tensors also take the Triton path under the interpreter.
+    :param eligibility: ``eligibility(*args, **options) -> str | None``, called by
+        :func:`dispatch` with its arguments: why the Triton path cannot take them, or ``None``.
+    :param notes: one line for reports.
     """
 
     name: str
@@ -32,6 +57,7 @@ class KernelInfo:
     has_backward: bool = True
     compile_safe: bool = False
     devices: tuple[str, ...] = ("cuda",)
+    eligibility: Callable[..., str | None] | None = None
     notes: str = ""
 
     def to_dict(self) -> dict:
@@ -71,29 +97,116 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
 
 
+@triton.jit
+def _probe():
+    pass
+
+
+# ``@triton.jit`` picks the interpreter when it decorates: kernels built without it cannot launch
+# on CPU even if the variable is set later (Triton then fails with "0 active drivers").
+_BUILT_FOR_INTERPRETER = type(_probe).__name__ == "InterpretedFunction"
+
+_REFERENCE_ONLY: ContextVar[bool] = ContextVar("corept_kernels_reference_only", default=False)
+
+
+@contextlib.contextmanager
+def reference_only() -> Iterator[None]:
+    """Within this block :func:`dispatch` answers every kernel's torch twin.
+
+    Context-local (a ``ContextVar``: other threads and asyncio tasks are unaffected), nestable, and
+    restored on exit, exceptions included. :func:`can_run` ignores it: it describes the device.
+    """
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
+def _device_reason(info: KernelInfo, dev: str) -> str | None:
+    if dev in info.devices:
+        return None
+    if dev == "cpu":
+        if not interpreter_active():
+            return f"{info.name}: CPU tensors need TRITON_INTERPRET=1 for Triton; using the torch twin"
+        if not _BUILT_FOR_INTERPRETER:
+            return (f"{info.name}: TRITON_INTERPRET=1 was set after corept_kernels was imported; its "
+                    "kernels were built without the interpreter")
+        return None
+    return f"{info.name}: Triton kernel does not run on {dev}"
+
+
 def can_run(name: str, device: torch.device | str, *, needs_backward: bool = True,
             under_compile: bool = False) -> tuple[bool, str]:
-    """Whether the Triton path of ``name`` can run on ``device``.
+    """Whether the Triton path of ``name`` can run on ``device`` (arguments aside).
 
     :returns: ``(True, "")`` or ``(False, reason)``, the reason fit for a log line.
     """
     info = get(name)
-    dev = torch.device(device).type
     if needs_backward and not info.has_backward:
         return False, f"{name}: Triton kernel has no backward"
     if under_compile and not info.compile_safe:
         return False, f"{name}: Triton kernel is not torch.compile-safe"
-    if dev == "cpu":
-        if interpreter_active():
-            return True, ""
-        return False, f"{name}: CPU tensors need TRITON_INTERPRET=1 for Triton; using the torch twin"
-    if dev not in info.devices:
-        return False, f"{name}: Triton kernel does not run on {dev}"
-    return True, ""
+    reason = _device_reason(info, torch.device(device).type)
+    return (False, reason) if reason else (True, "")
+
+
+def _refusal(info: KernelInfo, args: tuple, options: dict) -> str | None:
+    # every call of every kernel comes here: plain loops and ``is_cuda`` (``.device`` costs ~0.6 us)
+    first, needs_grad = None, False
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            if first is None:
+                first = a
+            elif a.is_cuda != first.is_cuda:
+                return f"{info.name}: tensors both on and off CUDA"
+            needs_grad = needs_grad or a.requires_grad
+    if first is None:
+        raise ValueError(f"dispatch({info.name!r}) needs at least one tensor argument")
+    if not info.compile_safe and torch.compiler.is_compiling():
+        return f"{info.name}: Triton kernel is not torch.compile-safe"
+    if not info.has_backward and needs_grad and torch.is_grad_enabled():
+        return f"{info.name}: Triton kernel has no backward"
+    reason = _device_reason(info, "cuda" if first.is_cuda else first.device.type)
+    if reason is None and info.eligibility is not None:
+        why = info.eligibility(*args, **options)
+        reason = None if why is None else f"{info.name}: {why}"
+    return reason
+
+
+def dispatch(name: str, *args, **options) -> tuple[Callable, str]:
+    """The function to run for kernel ``name`` on these arguments: ``(triton_fn, "")`` or
+    ``(reference_fn, reason)``.
+
+    :param args: the call's tensors (``None`` allowed) and whatever else the kernel's eligibility
+        predicate reads; the device is the first tensor's.
+    :param options: passed to the eligibility predicate.
+    """
+    info = get(name)
+    if _REFERENCE_ONLY.get():
+        return info.reference_fn, REFERENCE_ONLY_REASON
+    reason = _refusal(info, args, options)
+    return (info.reference_fn, reason) if reason else (info.triton_fn, "")
 
 
 def select(name: str, device: torch.device | str, **kwargs) -> tuple[Callable, str]:
-    """The function to call for ``name`` on ``device``: ``(fn, reason_for_fallback_or_"")``."""
-    ok, reason = can_run(name, device, **kwargs)
+    """:func:`can_run` as a choice, ``(fn, reason_for_fallback_or_"")``, honouring
+    :func:`reference_only`. Kernels use :func:`dispatch`, which also judges the arguments."""
     info = get(name)
+    if _REFERENCE_ONLY.get():
+        return info.reference_fn, REFERENCE_ONLY_REASON
+    ok, reason = can_run(name, device, **kwargs)
     return (info.triton_fn, "") if ok else (info.reference_fn, reason)
+
+
+def unsupported_tensors(*tensors: torch.Tensor | None, dtypes: tuple = KERNEL_DTYPES) -> str | None:
+    """The common eligibility check: why these tensors (``None`` skipped) cannot go to a Triton
+    kernel (an empty or 0-d tensor, a dtype outside ``dtypes``), or ``None``."""
+    for t in tensors:
+        if t is None:
+            continue
+        if t.numel() == 0 or t.dim() == 0:
+            return f"{'empty' if t.dim() else '0-d'} tensor {tuple(t.shape)}"
+        if t.dtype not in dtypes:
+            return f"dtype {t.dtype} (Triton path takes {', '.join(str(d) for d in dtypes)})"
+    return None

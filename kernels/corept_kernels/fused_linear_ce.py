@@ -1,9 +1,11 @@
-"""Fused lm_head + cross-entropy: the loss of ``hidden @ weight.T (+ bias)`` without [N, V] logits.
+"""Fused lm_head + cross-entropy: the loss of ``logit_scale * (hidden @ weight.T (+ bias))`` without
+[N, V] logits.
 
 Tokens are processed in chunks of ``chunk_size`` rows. For each chunk the logits
 ``[chunk, V] = hidden_chunk @ weight.T`` are made by a torch matmul (cuBLAS, in the input dtype,
 like HF's ``lm_head``), then the cross-entropy row kernels of :mod:`corept_kernels.cross_entropy`
-read them (upcast to fp32 inside the kernel, like HF's ``logits.float()``) and write the loss,
+read them (upcast to fp32 inside the kernel, like HF's ``logits.float()``, and multiplied there by
+``logit_scale``: one rounding of the logits, not a second one by a bf16 multiply) and write the loss,
 ``lse`` and — on the fast path — ``d loss / d logits`` *into the chunk's logits buffer* (private to
 this function, so overwriting it is safe). The chunk's gradient is then folded at once into
 ``grad_hidden[chunk] = dlogits @ weight``, ``grad_weight += dlogits.T @ hidden_chunk`` (fp32
@@ -32,7 +34,7 @@ import triton
 import triton.language as tl
 
 from corept_kernels import capabilities
-from corept_kernels.cross_entropy import launch_backward, launch_forward, new_buffer
+from corept_kernels.cross_entropy import kernel_options, launch_backward, launch_forward, new_buffer
 ref = importlib.import_module("corept_kernels.torch_ref.cross_entropy")  # the module, not a re-export
 
 #: Default target size in bytes of one chunk's logits (see :func:`default_chunk_size`).
@@ -241,11 +243,12 @@ class _FusedLinearCE(torch.autograd.Function):
 
 
 def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
-                            label_smoothing=0.0, reduction="mean", num_items_in_batch=None,
-                            z_loss=0.0, return_logprobs=False, chunk_size=None):
+                            logit_scale=1.0, label_smoothing=0.0, reduction="mean",
+                            num_items_in_batch=None, z_loss=0.0, return_logprobs=False, chunk_size=None):
     """The Triton path of :func:`fused_linear_cross_entropy` (same signature), always Triton."""
-    ref.check_options(reduction=reduction, softcap=softcap, label_smoothing=label_smoothing,
-                      z_loss=z_loss, num_items_in_batch=num_items_in_batch)
+    ref.check_options(reduction=reduction, logit_scale=logit_scale, softcap=softcap,
+                      label_smoothing=label_smoothing, z_loss=z_loss,
+                      num_items_in_batch=num_items_in_batch)
     H = hidden.shape[-1]
     h = hidden.reshape(-1, H)
     y = labels.reshape(-1).contiguous()
@@ -260,8 +263,8 @@ def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     divisor = ref.loss_divisor(y, ignore_index, reduction, num_items_in_batch, hidden.device)
-    opts = dict(ignore_index=int(ignore_index), softcap=None if softcap is None else float(softcap),
-                label_smoothing=float(label_smoothing), z_loss=float(z_loss))
+    opts = kernel_options(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
+                          label_smoothing=label_smoothing, z_loss=z_loss)
     dt = ref.matmul_dtype(hidden, weight)  # casts are differentiable: grads return in each dtype
     with torch.autocast(hidden.device.type, enabled=False):  # explicit dtypes; out= matmuls inside
         loss, lp = _FusedLinearCE.apply(h.to(dt), weight.to(dt), bias, y, opts, reduction, divisor,
@@ -273,16 +276,20 @@ def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               softcap: float | None = None, label_smoothing: float = 0.0,
+                               softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
                                reduction: str = "mean", num_items_in_batch=None, z_loss: float = 0.0,
                                return_logprobs: bool = False, chunk_size: int | None = None):
-    """Cross-entropy of ``hidden @ weight.T + bias`` without materializing the [N, V] logits.
+    """Cross-entropy of ``logit_scale * (hidden @ weight.T + bias)`` without materializing the
+    [N, V] logits; then ``softcap * tanh(logits / softcap)`` if ``softcap`` is set.
 
     :param hidden: [..., H] (fp32/bf16/fp16), may or may not require grad.
     :param weight: [V, H] lm_head weight, frozen (LoRA) or trainable. The matmuls run in the
         promoted dtype of ``hidden`` and ``weight``, or in autocast's dtype under autocast.
     :param labels: [...] integer, ``ignore_index`` for tokens without a target.
     :param bias: [V] or None.
+    :param logit_scale: multiplies the logits (bias included) before the softcap and the loss, in
+        fp32 inside the kernels, forward and backward (e.g. ``1 / config.logits_scaling`` for
+        Granite, ``config.logit_scale`` for Cohere).
     :param chunk_size: tokens per chunk; default :func:`default_chunk_size`.
     :param return_logprobs: also return the fp32 log-probs of the label tokens [...] (0 where
         ignored; no smoothing / z-loss terms), differentiable, e.g. for DPO/KTO.
@@ -290,17 +297,14 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
         ``label_smoothing``, ``reduction``, ``num_items_in_batch``, ``z_loss`` mean the same),
         or ``(loss, logprobs)``.
     """
-    under_compile = torch.compiler.is_compiling()
-    fn, _ = capabilities.select("fused_linear_cross_entropy", hidden.device,
-                                under_compile=under_compile)
+    fn, _ = capabilities.dispatch("fused_linear_cross_entropy", hidden, weight, labels, bias)
     return fn(hidden, weight, labels, bias=bias, ignore_index=ignore_index, softcap=softcap,
-              label_smoothing=label_smoothing, reduction=reduction,
+              logit_scale=logit_scale, label_smoothing=label_smoothing, reduction=reduction,
               num_items_in_batch=num_items_in_batch, z_loss=z_loss,
               return_logprobs=return_logprobs, chunk_size=chunk_size)
 
 
 capabilities.register(capabilities.KernelInfo(
     name="fused_linear_cross_entropy", triton_fn=_fused_linear_ce_triton,
-    reference_fn=ref.fused_linear_cross_entropy, has_backward=True, compile_safe=False,
-    devices=("cuda",),
+    reference_fn=ref.fused_linear_cross_entropy, compile_safe=False,
     notes="token-chunked lm_head matmul + CE kernels; grads folded per chunk; no [N, V] logits"))

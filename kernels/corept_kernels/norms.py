@@ -5,7 +5,7 @@ small), the whole row in registers (``BLOCK_H = next_power_of_2(H)``), statistic
 Backward: a persistent-style grid of ``G`` programs; each walks a contiguous range of rows, writes
 ``dX`` for them and keeps its share of ``dW`` (and ``dB``) in fp32 registers, stored once as a
 partial row ``[G, H]`` that a small torch sum reduces. Nothing is written in place: ``dX`` goes to a
-fresh buffer, so norms chained with residuals (gemma2/3 pre/post norms) keep correct gradients.
+fresh buffer, so norms chained with residuals (e.g. Gemma-2's pre/post norms) keep correct gradients.
 """
 from __future__ import annotations
 
@@ -16,13 +16,12 @@ import triton
 import triton.language as tl
 
 from corept_kernels import capabilities
-from corept_kernels.capabilities import KernelInfo
+from corept_kernels.capabilities import KernelInfo, unsupported_tensors
 from corept_kernels.torch_ref import norms as ref
 from corept_kernels.torch_ref.norms import CASTING_MODES, rms_norm_out_dtype
 from corept_kernels.tuning import Launcher, sm_count
 
-_CASTING_ID = {"llama": 0, "gemma": 1, "none": 2}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_CASTING_ID = {"scale_after_cast": 0, "scale_in_fp32": 1, "none": 2}
 MAX_H = 65536  # beyond this a row no longer fits in registers; the torch twin takes over
 
 # Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
@@ -47,7 +46,7 @@ def _rms_fwd_kernel(X, W, Y, RSTD, M, H, stride_x, stride_y, eps, offset,
     w = tl.load(W + cols, mask=cmask, other=0.0).to(tl.float32) + offset
     rstd = tl.rsqrt(tl.sum(x * x, axis=1) / H + eps)
     n = x * rstd[:, None]
-    if CASTING == 0:  # llama: the normalised row is rounded to x's dtype before the weight multiply
+    if CASTING == 0:  # scale_after_cast: the normalised row is rounded to x's dtype before the multiply
         n = n.to(X.dtype.element_ty).to(tl.float32)
     y = n * w[None, :]
     tl.store(Y + rows64[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
@@ -299,16 +298,13 @@ class _LayerNormFn(torch.autograd.Function):
         return dx.view(ctx.shape), dw, db, None
 
 
-def _triton_ok(name: str, x: torch.Tensor, *params: torch.Tensor | None) -> bool:
-    if x.numel() == 0 or x.shape[-1] > MAX_H:
-        return False
-    if any(t is not None and t.dtype not in _DTYPES for t in (x, *params)):
-        return False
-    ok, _ = capabilities.can_run(name, x.device, under_compile=torch.compiler.is_compiling())
-    return ok
+def _eligibility(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:
+    if x.numel() and x.shape[-1] > MAX_H:
+        return f"row width {x.shape[-1]} > MAX_H={MAX_H} (a row must fit in registers)"
+    return unsupported_tensors(x, *params)
 
 
-def _rms_norm_triton(x, weight, eps, *, offset=0.0, casting="llama"):
+def _rms_norm_triton(x, weight, eps, *, offset=0.0, casting="scale_after_cast"):
     return _RMSNormFn.apply(x, weight, float(eps), float(offset), casting)
 
 
@@ -317,21 +313,21 @@ def _layer_norm_triton(x, weight, bias, eps):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
-             casting: str = "llama") -> torch.Tensor:
+             casting: str = "scale_after_cast") -> torch.Tensor:
     """RMSNorm of ``x [..., H]`` with scale ``offset + weight [H]``; result ``[..., H]``.
 
-    ``casting`` selects the numerics of HF's norms (see :func:`corept_kernels.torch_ref.norms.rms_norm`):
-    ``"llama"`` (result dtype ``promote(weight, x)``), ``"gemma"`` (fp32, then ``x.dtype``; use
-    ``offset=1.0`` for Gemma), ``"none"`` (the Triton path computes in fp32 and rounds once; result
-    ``x.dtype``). Falls back to the torch twin where the kernel cannot run.
+    ``casting`` selects where values are rounded (see :func:`corept_kernels.torch_ref.norms.rms_norm`):
+    ``"scale_after_cast"`` (the normalised ``x`` rounded to ``x.dtype``, then scaled; result dtype
+    ``promote(weight, x)``), ``"scale_in_fp32"`` (all in fp32, one rounding to ``x.dtype``; e.g.
+    Gemma, with ``offset=1.0``), ``"none"`` (the Triton path computes in fp32 and rounds once;
+    result ``x.dtype``). Falls back to the torch twin where the kernel cannot run.
     """
     if casting not in CASTING_MODES:
         raise ValueError(f"casting must be one of {CASTING_MODES}, got {casting!r}")
     if x.shape[-1] != weight.shape[-1] or weight.dim() != 1:
         raise ValueError(f"weight must be [{x.shape[-1]}], got {tuple(weight.shape)}")
-    if _triton_ok("rms_norm", x, weight):
-        return _rms_norm_triton(x, weight, eps, offset=offset, casting=casting)
-    return ref.rms_norm(x, weight, eps, offset=offset, casting=casting)
+    fn, _ = capabilities.dispatch("rms_norm", x, weight)
+    return fn(x, weight, eps, offset=offset, casting=casting)
 
 
 def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -339,15 +335,14 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     ``F.layer_norm``: fp32 statistics, result in ``x.dtype``."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1] or (bias is not None and bias.shape != weight.shape):
         raise ValueError(f"weight/bias must be [{x.shape[-1]}]")
-    if _triton_ok("layer_norm", x, weight, bias):
-        return _layer_norm_triton(x, weight, bias, eps)
-    return ref.layer_norm(x, weight, bias, eps)
+    fn, _ = capabilities.dispatch("layer_norm", x, weight, bias)
+    return fn(x, weight, bias, eps)
 
 
 capabilities.register(KernelInfo(
-    name="rms_norm", triton_fn=_rms_norm_triton, reference_fn=ref.rms_norm, has_backward=True,
-    compile_safe=False, devices=("cuda",),
-    notes="casting llama/gemma/none, weight offset; dX out of place; fp32 dW partials"))
+    name="rms_norm", triton_fn=_rms_norm_triton, reference_fn=ref.rms_norm, compile_safe=False,
+    eligibility=_eligibility,
+    notes="casting scale_after_cast/scale_in_fp32/none, weight offset; dX out of place; fp32 dW partials"))
 capabilities.register(KernelInfo(
-    name="layer_norm", triton_fn=_layer_norm_triton, reference_fn=ref.layer_norm, has_backward=True,
-    compile_safe=False, devices=("cuda",), notes="weight required, bias optional; fp32 statistics"))
+    name="layer_norm", triton_fn=_layer_norm_triton, reference_fn=ref.layer_norm, compile_safe=False,
+    eligibility=_eligibility, notes="weight required, bias optional; fp32 statistics"))

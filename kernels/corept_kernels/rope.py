@@ -15,16 +15,14 @@ import triton
 import triton.language as tl
 
 from corept_kernels import capabilities
-from corept_kernels.capabilities import KernelInfo
+from corept_kernels.capabilities import KernelInfo, unsupported_tensors
 from corept_kernels.rounding import rounded, store_rounded
 from corept_kernels.torch_ref import rope as ref
 from corept_kernels.tuning import Launcher
 
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# Rotated pairs per program (tile [heads, Dr/2]); 1024 was fastest on an H200 (Llama-8B shapes:
-# 16 q heads per program). Tests lower it to exercise several head groups.
 HEAD_TILE = 1024
+"""Rotated pairs per program (tile ``[heads, Dr/2]``); 1024 was fastest on an H200 (e.g. at
+Llama-3.1-8B's shapes: 16 q heads per program). Tests lower it to exercise several head groups."""
 
 # Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
 POISON_OUTPUTS = False
@@ -198,6 +196,12 @@ def _check(q, k, cos, sin):
         raise ValueError(f"cos/sin {tuple(cos.shape)} do not fit q {tuple(q.shape)} (need S={S}, even Dr <= {D})")
 
 
+def _eligibility(q, k, cos, sin) -> str | None:
+    if cos.requires_grad or sin.requires_grad:
+        return "cos/sin require grad (the kernel gives them none)"
+    return unsupported_tensors(q, k, cos, sin)
+
+
 def _rope_triton(q, k, cos, sin):
     return _RopeFn.apply(q, k, cos, sin)
 
@@ -213,16 +217,10 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
         computed in fp32. ``cos``/``sin`` get no gradient (the torch twin is used if they need one).
     """
     _check(q, k, cos, sin)
-    ok = (q.numel() > 0 and k.numel() > 0 and not cos.requires_grad and not sin.requires_grad
-          and all(t.dtype in _DTYPES for t in (q, k, cos, sin)))
-    if ok:
-        ok, _ = capabilities.can_run("rope", q.device, under_compile=torch.compiler.is_compiling())
-    if ok:
-        return _rope_triton(q, k, cos, sin)
-    return ref.rope(q, k, cos, sin)
+    fn, _ = capabilities.dispatch("rope", q, k, cos, sin)
+    return fn(q, k, cos, sin)
 
 
 capabilities.register(KernelInfo(
-    name="rope", triton_fn=_rope_triton, reference_fn=ref.rope, has_backward=True,
-    compile_safe=False, devices=("cuda",),
+    name="rope", triton_fn=_rope_triton, reference_fn=ref.rope, compile_safe=False, eligibility=_eligibility,
     notes="q and k in one launch; strided inputs; partial rotary; out of place"))

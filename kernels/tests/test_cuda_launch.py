@@ -55,7 +55,7 @@ def _check(kernel_fn, gold_fn, lowp_fn, inputs, dtype):
 @pytest.mark.parametrize("H", [4096, 1000, 128])
 @pytest.mark.parametrize("M", [1, 37, 8195])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("casting,offset", [("llama", 0.0), ("gemma", 1.0)])
+@pytest.mark.parametrize("casting,offset", [("scale_after_cast", 0.0), ("scale_in_fp32", 1.0)])
 def test_rms_norm_tuned(H, M, dtype, casting, offset):
     x = torch.randn(M, H, device="cuda", dtype=dtype)
     w = (torch.randn(H, device="cuda") * 0.5 + 1.0 - offset).to(dtype)

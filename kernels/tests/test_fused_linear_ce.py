@@ -31,10 +31,13 @@ def make(dtype=torch.float32, n=N, ignored=(3, 17), bias=True):
     return h, w, b, y
 
 
-def gold(h, w, y, *, bias=None, softcap=None, label_smoothing=0.0, reduction="mean", z_loss=0.0,
-         num_items_in_batch=None, return_logprobs=False, chunk_size=None):
-    """Unfused float64 (or, given low-precision inputs, torch's own low-precision) reference."""
+def gold(h, w, y, *, bias=None, softcap=None, logit_scale=1.0, label_smoothing=0.0, reduction="mean",
+         z_loss=0.0, num_items_in_batch=None, return_logprobs=False, chunk_size=None):
+    """Unfused float64 (or, given low-precision inputs, torch's own low-precision) reference; the
+    logit scale is applied to the logits in their dtype, as HF's models do, then upcast."""
     z = h @ w.t() + (bias if bias is not None else 0)
+    if logit_scale != 1.0:
+        z = z * logit_scale
     z = z.double() if h.dtype == torch.float64 else z.float()  # HF: logits.float()
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
@@ -180,6 +183,59 @@ def test_mixed_dtypes_under_autocast():
     want = run(gold, hb.double(), w.bfloat16().double(), b.double(), y, upstream=up)
     for name, i in [("loss", 0), ("grad_hidden", 2), ("grad_weight", 3), ("grad_bias", 4)]:
         assert_low_precision_ok(got[i], want[i], lowp[i], name)
+
+
+@pytest.mark.parametrize("dev", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA GPU (the compiled kernels)"))])
+@pytest.mark.parametrize("impl", list(IMPLS))
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["no-softcap", "softcap"])
+def test_logit_scale_fp32(impl, reduction, softcap, dev):
+    """``logit_scale * (h W^T + b)``, then the softcap: loss and the grads of hidden, weight and
+    bias against F.cross_entropy of explicitly scaled float64 logits (the gold's own
+    ``logit_scale``), for a scale below and one above 1."""
+    h, w, b, y = (t.to(dev) for t in make())
+    up = torch.rand(N, dtype=torch.float64, device=dev) + 0.5
+    for s in (1 / 3.0, 2.5):
+        kw = dict(reduction=reduction, softcap=softcap, upstream=up, logit_scale=s)
+        got = run(IMPLS[impl], h, w, b, y, chunk_size=CHUNK, **kw)
+        check_all(got, run(gold, h.double(), w.double(), b.double(), y, **kw))
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0], ids=["no-softcap", "softcap"])
+@pytest.mark.parametrize("return_logprobs", [False, True], ids=["fast_path", "recompute_path"])
+def test_logit_scale_bf16(softcap, return_logprobs):
+    """bf16: the scale multiplies the fp32 upcast of the chunk logits inside the kernels, forward
+    and backward; error against the float64 gold within 2x that of HF's bf16 order (bf16 logits,
+    scaled in bf16, then ``float()``) + 1 ulp, for the loss, the label log-probs and every grad."""
+    h, w, b, y = make(torch.bfloat16)
+    up, lpw = torch.ones(N), torch.randn(N)
+    kw = dict(softcap=softcap, logit_scale=1 / 0.7, upstream=up, return_logprobs=return_logprobs,
+              lp_weight=lpw if return_logprobs else None)
+    got = run(flce_mod._fused_linear_ce_triton, h, w, b, y, chunk_size=CHUNK, **kw)
+    want = run(gold, h.double(), w.double(), b.double(), y, **kw)
+    lowp = run(gold, h, w, b, y, **kw)
+    assert [t.dtype for t in got[2:]] == [torch.bfloat16] * 3
+    for name, i in [("loss", 0), ("logprobs", 1), ("grad_hidden", 2), ("grad_weight", 3), ("grad_bias", 4)]:
+        if got[i] is not None:
+            assert_low_precision_ok(got[i], want[i], lowp[i], name)
+
+
+def test_logit_scale_is_applied_in_fp32_not_to_hidden(monkeypatch):
+    """The chunk logits reach the CE kernels unscaled (their one bf16 rounding is the matmul's):
+    the scale is a kernel argument, not a multiply of ``hidden`` or of the bf16 logits."""
+    seen = []
+    real = flce_mod.launch_forward
+
+    def spy(x, *a, **k):
+        seen.append((x.clone(), k["logit_scale"]))
+        return real(x, *a, **k)
+
+    monkeypatch.setattr(flce_mod, "launch_forward", spy)
+    h, w, b, y = make(torch.bfloat16, bias=False)
+    flce_mod._fused_linear_ce_triton(h, w, y, chunk_size=N, logit_scale=0.3)
+    (logits, scale), = seen
+    assert scale == 0.3 and torch.equal(logits, h @ w.t())
 
 
 class _MaxBytes(TorchDispatchMode):

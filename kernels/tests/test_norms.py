@@ -48,14 +48,16 @@ def _gold_rms(x, w, offset):
 
 
 def _hf_module(casting, H, weight):
-    mod = LlamaRMSNorm(H, eps=EPS) if casting == "llama" else GemmaRMSNorm(H, eps=EPS)
+    """HF's norm with ``casting``'s numerics: LlamaRMSNorm (scale_after_cast), GemmaRMSNorm
+    (scale_in_fp32, offset 1)."""
+    mod = LlamaRMSNorm(H, eps=EPS) if casting == "scale_after_cast" else GemmaRMSNorm(H, eps=EPS)
     mod = mod.to(weight.dtype)
     with torch.no_grad():
         mod.weight.copy_(weight)
     return lambda x, w: torch.func.functional_call(mod, {"weight": w}, (x,))
 
 
-CASES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 1.0)]
+CASES = [("scale_after_cast", 0.0), ("scale_in_fp32", 1.0), ("none", 0.0), ("scale_after_cast", 1.0)]
 
 
 @pytest.mark.parametrize("casting,offset", CASES)
@@ -76,7 +78,7 @@ def test_rms_norm_vs_gold(casting, offset, shape, layout, dtype):
             assert_close_fp32(got, want)
         return
     # Torch's own low-precision version: HF's module where one exists, else the twin in x.dtype.
-    if casting in ("llama", "gemma") and offset == (1.0 if casting == "gemma" else 0.0):
+    if casting != "none" and offset == (1.0 if casting == "scale_in_fp32" else 0.0):
         lowp = _hf_module(casting, shape[-1], w)
     else:
         lowp = lambda x, w: ref.rms_norm(x, w, EPS, offset=offset, casting=casting)  # noqa: E731
@@ -85,29 +87,30 @@ def test_rms_norm_vs_gold(casting, offset, shape, layout, dtype):
         assert_low_precision_ok(got, want, torch_low, f"{casting} {name}")
 
 
-@pytest.mark.parametrize("casting", ["llama", "gemma"])
+@pytest.mark.parametrize("casting", ["scale_after_cast", "scale_in_fp32"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_hf_module(casting, dtype):
     """The torch twin agrees with HF's norm bit for bit; the kernel to 1 ulp per bf16 rounding (the
-    interpreter truncates where the GPU rounds to nearest; llama rounds twice: x_normed, then y)."""
+    interpreter truncates where the GPU rounds to nearest; scale_after_cast rounds twice: x_normed,
+    then y)."""
     H = 123
     x = torch.randn(2, 9, H, dtype=dtype)
     w = torch.randn(H, dtype=dtype)
-    offset = 1.0 if casting == "gemma" else 0.0
+    offset = 1.0 if casting == "scale_in_fp32" else 0.0
     want = _hf_module(casting, H, w)(x, w).detach()
     got = rms_norm(x, w, EPS, offset=offset, casting=casting)
     twin = ref.rms_norm(x, w, EPS, offset=offset, casting=casting)
     assert got.dtype == want.dtype == twin.dtype
     assert torch.equal(twin, want)
-    roundings = 2 if casting == "llama" else 1
+    roundings = 2 if casting == "scale_after_cast" else 1
     ulp = 2.0 ** -7 if dtype == torch.bfloat16 else 2.0 ** -22
     torch.testing.assert_close(got, want, rtol=roundings * ulp, atol=1e-6)
 
 
-def test_llama_fp32_weight_on_bf16_input_gives_fp32_like_hf():
+def test_scale_after_cast_fp32_weight_on_bf16_input_gives_fp32_like_hf():
     x = torch.randn(4, 50, dtype=torch.bfloat16)
     w = torch.randn(50)
-    want = _hf_module("llama", 50, w)(x, w).detach()
+    want = _hf_module("scale_after_cast", 50, w)(x, w).detach()
     got = rms_norm(x, w, EPS)
     assert want.dtype == got.dtype == torch.float32
     # x_normed is rounded to bf16 first (truncated here): 1 bf16 ulp relative.
@@ -121,7 +124,7 @@ def _to_bf16(t, mode):
     return (t.view(torch.int32) & -65536).view(torch.float32)
 
 
-def test_llama_casting_rounds_normed_x_before_the_weight():
+def test_scale_after_cast_rounds_normed_x_before_the_weight():
     """bf16 x with an fp32 weight: y is fp32, so the only rounding left is that of x_normed to bf16,
     and dW must be sum(dy * x_normed_in_bf16) as HF's autograd computes it."""
     x = torch.randn(96, 50, dtype=torch.bfloat16) * 3
@@ -141,7 +144,7 @@ def test_llama_casting_rounds_normed_x_before_the_weight():
     assert (dw.double() - want_dw).abs().max() <= 1e-5 * want_dw.abs().max()
 
 
-def test_gemma_sandwich_norms_with_residual():
+def test_sandwich_norms_with_residual():
     """Gemma2/3 order: pre-norm -> op -> post-norm -> residual add -> pre-norm; every grad exact."""
     H = 37
 
@@ -151,7 +154,7 @@ def test_gemma_sandwich_norms_with_residual():
         return h + norm(h, w3) * 0.5
 
     def ours(t, w):
-        return rms_norm(t, w, EPS, offset=1.0, casting="gemma")
+        return rms_norm(t, w, EPS, offset=1.0, casting="scale_in_fp32")
 
     def gold(t, w):
         return _gold_rms(t, w, 1.0)
@@ -182,7 +185,7 @@ def test_rms_norm_frozen_weight_and_expanded_grad():
     """Frozen weight (LoRA): no weight grad; the grad of ``.sum()`` arrives as a stride-0 tensor."""
     x = torch.randn(5, 3, 77, requires_grad=True)
     w = torch.randn(77)
-    rms_norm(x, w, EPS, casting="gemma", offset=1.0).sum().backward()
+    rms_norm(x, w, EPS, casting="scale_in_fp32", offset=1.0).sum().backward()
     x64 = x.detach().double().requires_grad_()
     _gold_rms(x64, w, 1.0).sum().backward()
     assert w.grad is None
@@ -229,8 +232,9 @@ def test_registered_and_falls_back_without_interpreter(monkeypatch):
 
     monkeypatch.setattr(norms._RMSNormFn, "apply", boom)
     monkeypatch.setattr(norms._LayerNormFn, "apply", boom)
-    assert torch.equal(rms_norm(x, w, EPS, casting="gemma", offset=1.0),
-                       ref.rms_norm(x, w, EPS, casting="gemma", offset=1.0))
+    assert torch.equal(rms_norm(x, w, EPS, casting="scale_in_fp32", offset=1.0),
+                       ref.rms_norm(x, w, EPS, casting="scale_in_fp32", offset=1.0))
     assert torch.equal(layer_norm(x, w, None, 1e-5), F.layer_norm(x, (10,), w, None, 1e-5))
-    with pytest.raises(ValueError):
-        rms_norm(x, w, EPS, casting="bogus")
+    for casting in ("bogus", "llama", "gemma"):  # the architecture-named modes are gone
+        with pytest.raises(ValueError, match="casting must be one of"):
+            rms_norm(x, w, EPS, casting=casting)

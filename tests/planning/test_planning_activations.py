@@ -79,7 +79,7 @@ def test_loss_chunk_is_the_kernels_rule(n, hidden, vocab):
 
 
 def test_offload_threshold_matches_checkpointing():
-    from corept.checkpointing import MIN_OFFLOAD_TOKENS
+    from corept.training.checkpointing import MIN_OFFLOAD_TOKENS
     from corept.planning.estimate import MIN_OFFLOAD_TOKENS as planned
 
     assert planned == MIN_OFFLOAD_TOKENS
@@ -98,7 +98,7 @@ def test_eager_scores_grow_with_seq_squared():
 def test_tiled_mlp_saved_bytes_match_autograd(model_type, monkeypatch):
     """Past the tiling threshold (lowered here so tiny calls cross it) the fused MLP saves its input
     only, and the formula with ``tokens`` says so; below it, the untiled formula holds."""
-    from corept_kernels import lora_tiled
+    from corept_kernels.lora import tiled as lora_tiled
 
     config = tiny_config(model_type)
     model = build(config, "lora", r=4)

@@ -8,11 +8,11 @@ import torch
 
 import corept
 from corept import hookimpl
-from corept.components import norm_replacement
+from corept.components.norm import norm_replacement
 from corept.testing import BF16_FLOOR, ConformanceSuite, assert_bf16_within, assert_fp32_close, tiny_config
 from corept.testing.cases import PATCH_SETS, MatrixCase, full_cases, quirk_cases
 from corept.testing.interpreter import nearest_bf16_rounding, round_nearest_even_bf16
-from corept.testing.suite import _Store
+from corept.testing.store import Store
 
 
 class _Suite(ConformanceSuite):  # not collected (no Test prefix): driven by hand below
@@ -22,7 +22,7 @@ class _Suite(ConformanceSuite):  # not collected (no Test prefix): driven by han
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    return _Store(_Suite, tmp_path_factory)
+    return Store(_Suite, tmp_path_factory)
 
 
 def test_fp32_tolerance_catches_a_small_error():
@@ -68,30 +68,47 @@ def test_interpreter_rounding_equals_torch_and_is_restored():
     assert interpreter.InterpreterBuilder.cast_impl is original
 
 
-class _WrongNorm:
-    """A plugin answering llama's norm hook first with a subtly wrong replacement: changed quirks,
-    or (``fp8_output``) the right math stored through an fp8 buffer, a precision bug that only
-    the bf16 rule can see in a bf16 run."""
+def _probing() -> bool:
+    """A patch-time probe is running (corept_kernels.reference_only() is active)."""
+    from corept_kernels import dispatch
 
-    def __init__(self, fp8_output=False, **quirk_changes):
-        self.fp8_output, self.changes = fp8_output, quirk_changes
+    return dispatch("rms_norm", torch.ones(1, 4), torch.ones(4))[1] == "reference_only() is active"
+
+
+class _WrongNorm:
+    """A plugin answering llama's norm hook first with a replacement whose math is right (its probe
+    passes) but whose kernel path is subtly wrong: a 1e-3 relative error, or (``fp8_output``) the
+    result stored through an fp8 buffer, a precision bug only the bf16 rule can see in a bf16 run."""
+
+    def __init__(self, fp8_output=False, scale=1.0):
+        self.fp8_output, self.scale = fp8_output, scale
 
     @hookimpl(tryfirst=True)
-    def corept_patch_norm(self, arch, quirks, module, model):
-        r = norm_replacement(arch, dataclasses.replace(quirks, **self.changes), module, model)
-        if not self.fp8_output:
-            return r
-        right = r.forward
+    def corept_patch_norm(self, arch, module, model):
+        r = norm_replacement(arch, module, model)
+        right, bug = r.forward, self
 
-        def forward(mod, x, *args, **kwargs):
+        def forward(mod, x):
             y = right(mod, x)
-            return y.to(torch.float8_e4m3fn).to(y.dtype)
+            if _probing():
+                return y
+            return y.to(torch.float8_e4m3fn).to(y.dtype) if bug.fp8_output else y * bug.scale
 
         return dataclasses.replace(r, forward=forward)
 
 
-@pytest.mark.parametrize("dtype, bug", [("fp32", {"norm_offset": 1e-3}), ("bf16", {"fp8_output": True})],
-                         ids=["fp32-offset-1e-3", "bf16-fp8-store"])
+class _WrongMath:
+    """A plugin declaring the wrong norm offset for llama: the probe refuses the replacement, and the
+    report names the quirk to check."""
+
+    @hookimpl(tryfirst=True)
+    def corept_patch_norm(self, arch, module, model):
+        wrong = dataclasses.replace(arch, numerics=dataclasses.replace(arch.numerics, norm_offset=1.0), probes={})
+        return norm_replacement(wrong, module, model)
+
+
+@pytest.mark.parametrize("dtype, bug", [("fp32", {"scale": 1 + 1e-3}), ("bf16", {"fp8_output": True})],
+                         ids=["fp32-scale-1e-3", "bf16-fp8-store"])
 def test_suite_fails_a_broken_plugin(store, dtype, bug):
     suite, case = _Suite(), MatrixCase("gqa", dtype, "norm")
     with nearest_bf16_rounding():  # what the suite's class fixture does under the interpreter
@@ -102,3 +119,12 @@ def test_suite_fails_a_broken_plugin(store, dtype, bug):
                 suite.test_matrix(store, case)
         finally:
             corept.unregister_plugin("wrong-norm")
+
+
+def test_probe_refuses_wrong_math_and_the_kit_names_the_quirk(store):
+    corept.register_plugin(_WrongMath(), "wrong-math")
+    try:
+        with pytest.raises(AssertionError, match="norm_offset=1 and norm_casting"):
+            _Suite().test_declaration_and_report(store, "gqa")
+    finally:
+        corept.unregister_plugin("wrong-math")

@@ -2,8 +2,9 @@
 :func:`corept_kernels.fused_linear_cross_entropy`, plus the option checks and reduction rules both
 the Triton paths and the twins share (one definition of the semantics).
 
-Per-token loss, with ``z`` the (optionally soft-capped) logits of one token in fp32,
-``lse = logsumexp(z)``, label ``y``, smoothing ``eps`` and z-loss coefficient ``c``::
+Per-token loss, with ``z`` the logits of one token upcast to fp32, multiplied by ``logit_scale``
+and optionally soft-capped (``softcap * tanh(z / softcap)``), ``lse = logsumexp(z)``, label ``y``,
+smoothing ``eps`` and z-loss coefficient ``c``::
 
     loss = (1 - eps) * (lse - z[y]) + eps * mean_v(lse - z[v]) + c * lse**2
 
@@ -16,16 +17,20 @@ dtype (as HF's ``logits.float()`` path does).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 _REDUCTIONS = ("mean", "sum", "none")
 
 
-def check_options(*, reduction: str, softcap, label_smoothing: float, z_loss: float,
+def check_options(*, reduction: str, logit_scale: float, softcap, label_smoothing: float, z_loss: float,
                   num_items_in_batch) -> None:
     """Raise ``ValueError`` for an unsupported option combination (nothing is silently dropped)."""
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not math.isfinite(float(logit_scale)):
+        raise ValueError(f"logit_scale must be finite, got {logit_scale!r}")
     if softcap is not None and not float(softcap) > 0.0:
         raise ValueError(f"softcap must be None or > 0, got {softcap!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
@@ -69,14 +74,17 @@ def matmul_dtype(hidden: torch.Tensor, weight: torch.Tensor) -> torch.dtype:
     return torch.promote_types(hidden.dtype, weight.dtype)
 
 
-def ce_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, softcap,
-            label_smoothing: float, z_loss: float):
+def ce_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, logit_scale: float,
+            softcap, label_smoothing: float, z_loss: float):
     """Per-token quantities in fp32 (differentiable).
 
-    :param logits: [N, V] any float dtype. :param labels: [N] integer.
+    :param logits: [N, V] any float dtype (scaled by ``logit_scale`` after the upcast to fp32).
+    :param labels: [N] integer.
     :returns: ``(loss [N], lse [N], logprob_of_label [N])``; all 0 for ignored tokens.
     """
     z = logits.float()
+    if logit_scale != 1.0:
+        z = z * logit_scale
     if softcap is not None:
         z = softcap * torch.tanh(z / softcap)
     lse = torch.logsumexp(z, dim=-1)
@@ -94,28 +102,29 @@ def ce_rows(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int, so
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                  softcap: float | None = None, label_smoothing: float = 0.0, reduction: str = "mean",
-                  num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
+                  softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
+                  reduction: str = "mean", num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
     """Cross-entropy of ``logits`` [..., V] against ``labels`` [...] (see module doc for semantics).
 
     :returns: fp32 scalar ("mean", "sum") or fp32 per-token losses shaped like ``labels`` ("none").
     """
-    check_options(reduction=reduction, softcap=softcap, label_smoothing=label_smoothing,
-                  z_loss=z_loss, num_items_in_batch=num_items_in_batch)
+    check_options(reduction=reduction, logit_scale=logit_scale, softcap=softcap,
+                  label_smoothing=label_smoothing, z_loss=z_loss, num_items_in_batch=num_items_in_batch)
     V = logits.shape[-1]
     y = labels.reshape(-1)
-    rows, _, _ = ce_rows(logits.reshape(-1, V), y, ignore_index=ignore_index, softcap=softcap,
-                         label_smoothing=label_smoothing, z_loss=z_loss)
+    rows, _, _ = ce_rows(logits.reshape(-1, V), y, ignore_index=ignore_index, logit_scale=logit_scale,
+                         softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss)
     div = loss_divisor(y, ignore_index, reduction, num_items_in_batch, logits.device)
     return reduce_rows(rows, div, reduction, labels.shape)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
                                bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               softcap: float | None = None, label_smoothing: float = 0.0,
+                               softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
                                reduction: str = "mean", num_items_in_batch=None, z_loss: float = 0.0,
                                return_logprobs: bool = False, chunk_size: int | None = None):
-    """Cross-entropy of ``hidden @ weight.T + bias`` (unfused twin: materializes the logits).
+    """Cross-entropy of ``logit_scale * (hidden @ weight.T + bias)`` (unfused twin: materializes
+    the logits; the scale multiplies their fp32 upcast).
 
     :param hidden: [..., H]. :param weight: [V, H]. :param labels: [...]. :param bias: [V] or None.
         The matmul runs in :func:`matmul_dtype` (autocast's dtype under autocast).
@@ -123,8 +132,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     :returns: the loss as :func:`cross_entropy` does, and with ``return_logprobs=True`` also the
         fp32 log-probabilities of the label tokens shaped like ``labels`` (0 where ignored).
     """
-    check_options(reduction=reduction, softcap=softcap, label_smoothing=label_smoothing,
-                  z_loss=z_loss, num_items_in_batch=num_items_in_batch)
+    check_options(reduction=reduction, logit_scale=logit_scale, softcap=softcap,
+                  label_smoothing=label_smoothing, z_loss=z_loss, num_items_in_batch=num_items_in_batch)
     del chunk_size
     dt = matmul_dtype(hidden, weight)
     h = hidden.reshape(-1, hidden.shape[-1]).to(dt)
@@ -132,8 +141,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if bias is not None:
         logits = logits + bias.to(logits.dtype)
     y = labels.reshape(-1)
-    rows, _, lp = ce_rows(logits, y, ignore_index=ignore_index, softcap=softcap,
-                          label_smoothing=label_smoothing, z_loss=z_loss)
+    rows, _, lp = ce_rows(logits, y, ignore_index=ignore_index, logit_scale=logit_scale,
+                          softcap=softcap, label_smoothing=label_smoothing, z_loss=z_loss)
     div = loss_divisor(y, ignore_index, reduction, num_items_in_batch, hidden.device)
     loss = reduce_rows(rows, div, reduction, labels.shape)
     return (loss, lp.reshape(labels.shape)) if return_logprobs else loss

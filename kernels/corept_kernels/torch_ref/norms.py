@@ -4,26 +4,27 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-CASTING_MODES = ("llama", "gemma", "none")
+CASTING_MODES = ("scale_after_cast", "scale_in_fp32", "none")
 
 
 def rms_norm_out_dtype(x: torch.Tensor, weight: torch.Tensor, casting: str) -> torch.dtype:
-    """Output dtype: ``promote(weight, x)`` for ``"llama"`` (as HF LlamaRMSNorm), ``x.dtype`` otherwise."""
-    if casting == "llama":
+    """Output dtype: ``promote(weight, x)`` for ``"scale_after_cast"``, ``x.dtype`` otherwise."""
+    if casting == "scale_after_cast":
         return torch.promote_types(weight.dtype, x.dtype)
     return x.dtype
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
-             casting: str = "llama") -> torch.Tensor:
+             casting: str = "scale_after_cast") -> torch.Tensor:
     """RMSNorm over the last dimension.
 
     :param x: ``[..., H]``.
     :param weight: ``[H]``; the scale is ``offset + weight``.
-    :param casting: ``"llama"``: inverse RMS in fp32, the normalised x cast back to ``x.dtype`` and
-        then multiplied by the scale (HF LlamaRMSNorm; result dtype ``promote(weight, x)``);
-        ``"gemma"``: everything in fp32, cast to ``x.dtype`` at the end (HF GemmaRMSNorm with
-        ``offset=1``); ``"none"``: everything in ``x.dtype``.
+    :param casting: ``"scale_after_cast"``: inverse RMS in fp32, the normalised x cast back to
+        ``x.dtype`` and then multiplied by the scale in ``promote(weight, x)`` (the result dtype;
+        e.g. HF's LlamaRMSNorm); ``"scale_in_fp32"``: everything in fp32, the weight multiply
+        included, cast to ``x.dtype`` at the end (e.g. HF's GemmaRMSNorm, with ``offset=1``);
+        ``"none"``: everything in ``x.dtype``.
     :returns: ``[..., H]``.
     """
     if casting not in CASTING_MODES:
@@ -33,7 +34,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float
         return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * scale
     xf = x.float()
     normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    if casting == "gemma":
+    if casting == "scale_in_fp32":
         return (normed * (offset + weight.float())).to(x.dtype)
     if offset == 0.0:
         return weight * normed.to(x.dtype)

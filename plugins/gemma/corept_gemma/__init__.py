@@ -1,62 +1,66 @@
 """corept plugin for Gemma (``gemma``), Gemma 2 (``gemma2``) and Gemma 3 (``gemma3_text``, ``gemma3``).
 
-* All: RMSNorm ``x_hat * (1 + w)`` computed in fp32; GeGLU (tanh); input embeddings scaled by
-  ``sqrt(hidden_size)`` in the model dtype (done by transformers' embedding module, recorded here).
+* All: RMSNorm ``x_hat * (1 + w)`` computed in fp32; GeGLU (tanh, read from the config); input
+  embeddings scaled by ``sqrt(hidden_size)`` in the model dtype by transformers' own model forward.
 * gemma2: attention and final-logit softcapping, alternating sliding window, pre/post feed-forward
-  norms (the same RMSNorm class), eager attention by default.
+  norms (the same RMSNorm class), eager attention by default, ``query_pre_attn_scalar`` scaling.
 * gemma3: fp32 forcing when fp16 is requested or bf16 is unsupported, SDPA disabled, q/k norms,
   262k vocabulary. For the multimodal ``gemma3`` only the text path is patched; its
   conditional-generation head keeps transformers' loss.
 """
-from corept import Architecture, ArchitecturePlugin, FromConfig, ModuleRoles, Quirks
+from corept import (Architecture, ArchitecturePlugin, FromConfig, KnownModel, LoadPolicy, ModuleRoles, Numerics,
+                    Recorded)
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
-_GEMMA_NORM = dict(norm_offset=1.0, norm_casting="gemma", mlp_activation="geglu_tanh",
-                   embedding_scale="sqrt_hidden")
+_NORM = Numerics(norm_offset=1.0, norm_casting="scale_in_fp32")
+_SOFTCAPPED = Numerics(norm_offset=1.0, norm_casting="scale_in_fp32",
+                       final_logit_softcap=FromConfig("final_logit_softcapping"))
+_ATTENTION = {"query_pre_attn_scalar": "the attention scaling, applied inside transformers' attention"}
+_RECORDED = Recorded(attn_softcap=FromConfig("attn_logit_softcapping"), sliding_window=FromConfig("sliding_window"),
+                     config=_ATTENTION)
 
 GEMMA = Architecture(
     model_type="gemma",
     roles=ModuleRoles.standard("Gemma"),
-    quirks=Quirks(**_GEMMA_NORM),
+    numerics=_NORM,
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("gemma-2b", "google/gemma-2b"), ("gemma-7b", "google/gemma-7b")),
+    models=(KnownModel("google/gemma-2b", aliases=("gemma-2b",)), KnownModel("google/gemma-7b", aliases=("gemma-7b",))),
 )
 
 GEMMA2 = Architecture(
     model_type="gemma2",
     roles=ModuleRoles.standard("Gemma2"),
-    quirks=Quirks(**_GEMMA_NORM, attn_implementation="eager",
-                  attn_softcap=FromConfig("attn_logit_softcapping"),
-                  final_logit_softcap=FromConfig("final_logit_softcapping"),
-                  sliding_window=FromConfig("sliding_window")),
+    load=LoadPolicy(attn_implementation="eager"),
+    numerics=_SOFTCAPPED,
+    recorded=_RECORDED,
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("gemma-2-2b", "google/gemma-2-2b"), ("gemma-2-9b", "google/gemma-2-9b")),
+    models=(KnownModel("google/gemma-2-2b", aliases=("gemma-2-2b",)),
+            KnownModel("google/gemma-2-9b", aliases=("gemma-2-9b",))),
 )
 
-_GEMMA3_QUIRKS = Quirks(**_GEMMA_NORM, force_float32=True, disable_sdpa=True, qk_norm=True,
-                        attn_softcap=FromConfig("attn_logit_softcapping"),
-                        final_logit_softcap=FromConfig("final_logit_softcapping"),
-                        sliding_window=FromConfig("sliding_window"))
+_GEMMA3_LOAD = LoadPolicy(force_float32=True, disable_sdpa=True)
 
 GEMMA3_TEXT = Architecture(
     model_type="gemma3_text",
     roles=ModuleRoles.standard("Gemma3"),
-    quirks=_GEMMA3_QUIRKS,
+    load=_GEMMA3_LOAD,
+    numerics=_SOFTCAPPED,
+    recorded=_RECORDED,
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("gemma-3-1b", "google/gemma-3-1b-pt"), ("gemma-3-1b-it", "google/gemma-3-1b-it")),
+    models=(KnownModel("google/gemma-3-1b-pt", aliases=("gemma-3-1b",)),
+            KnownModel("google/gemma-3-1b-it", aliases=("gemma-3-1b-it",))),
 )
 
 GEMMA3 = Architecture(
     model_type="gemma3",
     roles=ModuleRoles.standard("Gemma3", causal_lm=()),
-    quirks=_GEMMA3_QUIRKS,
+    load=_GEMMA3_LOAD,
+    numerics=_SOFTCAPPED,
+    recorded=_RECORDED,
     transformers=TRANSFORMERS_RANGE,
-    components=("attention", "mlp", "rope", "norm"),
-    text_config_attr="text_config",
-    notes="multimodal gemma3: only the text path is patched; the conditional-generation head keeps "
-          "transformers' loss",
-    aliases=(("gemma-3-4b-it", "google/gemma-3-4b-it"),),
+    keep={"loss": "the multimodal conditional-generation head computes its own loss; only the text path is patched"},
+    models=(KnownModel("google/gemma-3-4b-it", aliases=("gemma-3-4b-it",)),),
 )
 
 plugin = ArchitecturePlugin([GEMMA, GEMMA2, GEMMA3_TEXT, GEMMA3])

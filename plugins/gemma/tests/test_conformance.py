@@ -39,9 +39,9 @@ class TestGemma(ConformanceSuite):
     model_classes = {"gemma3_mm": "Gemma3ForConditionalGeneration"}
     expected_quirks = {
         "gemma2": {"attn_softcap": 1.0, "final_logit_softcap": 0.5, "sliding_window": 4, "norm_offset": 1.0},
-        "gemma": {"norm_offset": 1.0, "norm_casting": "gemma", "mlp_activation": "geglu_tanh"},
-        "gemma3_text": {"qk_norm": True, "disable_sdpa": True, "sliding_window": 4},
-        "gemma3_mm": {"qk_norm": True, "disable_sdpa": True},
+        "gemma": {"norm_offset": 1.0, "norm_casting": "scale_in_fp32", "mlp_activation": "geglu_tanh"},
+        "gemma3_text": {"disable_sdpa": True, "force_float32": True, "sliding_window": 4},
+        "gemma3_mm": {"disable_sdpa": True},
     }
     quirk_probes = {
         "gemma2": {"attn_logit_softcapping": None, "final_logit_softcapping": None, "sliding_window": 4096},

@@ -5,6 +5,8 @@
   low frequencies), untied embeddings. Full matrix and the convergence check.
 * ``tied_bias``: tied input/output embeddings, bias on q/k/v/o and on the MLP projections
   (the fused LoRA paths fall back to peft for biased layers, with a reason).
+
+The activation is read from the config (``hidden_act="silu"``: SwiGLU).
 """
 from corept.testing import ConformanceSuite, tiny_config
 
@@ -18,7 +20,7 @@ class TestLlama(ConformanceSuite):
         "llama3": lambda: tiny_config("llama", rope_parameters=dict(LLAMA3_ROPE), tie_word_embeddings=False),
         "tied_bias": lambda: tiny_config("llama", tie_word_embeddings=True, attention_bias=True, mlp_bias=True),
     }
-    expected_quirks = {"tied_bias": {"attention_bias": True}, "llama3": {"attention_bias": False}}
+    expected_quirks = {"llama3": {"mlp_activation": "swiglu", "norm_casting": "scale_after_cast"}}
     quirk_probes = {
         "llama3": {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
         "tied_bias": {"tie_word_embeddings": False},

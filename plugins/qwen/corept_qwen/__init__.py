@@ -1,40 +1,56 @@
 """corept plugin for Qwen2 (``qwen2``), Qwen3 (``qwen3``) and Qwen3-MoE (``qwen3_moe``).
 
-* qwen2 carries a bias on q/k/v: the fused LoRA QKV path falls back to peft's (reported).
+* qwen2 carries a bias on q/k/v: the fused LoRA q/k/v group keeps peft's path (reported).
 * qwen3 applies per-head ``q_norm``/``k_norm`` (the same RMSNorm class) before RoPE: patched as norms.
 * qwen3_moe: norms, RoPE, attention and loss are patched; the experts stay transformers' own.
 """
-from corept import Architecture, ArchitecturePlugin, FromConfig, ModuleRoles, Quirks
+from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, ModuleRoles, Recorded
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
+
+_QWEN25 = dict(vocab_size=152064, max_position_embeddings=131072, rope_theta=1000000.0, tie_word_embeddings=False,
+               use_sliding_window=False)
 
 QWEN2 = Architecture(
     model_type="qwen2",
     roles=ModuleRoles.standard("Qwen2"),
-    quirks=Quirks(norm_casting="llama", mlp_activation="swiglu", attention_bias=True,
-                  sliding_window=FromConfig("sliding_window")),
+    recorded=Recorded(sliding_window=FromConfig("sliding_window")),
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("qwen2.5-7b", "Qwen/Qwen2.5-7B"), ("qwen2.5-7b-instruct", "Qwen/Qwen2.5-7B-Instruct")),
+    models=(
+        KnownModel("Qwen/Qwen2.5-7B", aliases=("qwen2.5-7b",), config=dict(
+            _QWEN25, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+            num_key_value_heads=4)),
+        KnownModel("Qwen/Qwen2.5-7B-Instruct", aliases=("qwen2.5-7b-instruct",)),
+        KnownModel("Qwen/Qwen2.5-14B", config=dict(
+            _QWEN25, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48, num_attention_heads=40,
+            num_key_value_heads=8)),
+        KnownModel("Qwen/Qwen2.5-32B", config=dict(
+            _QWEN25, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
+            num_key_value_heads=8)),
+    ),
 )
 
 QWEN3 = Architecture(
     model_type="qwen3",
     roles=ModuleRoles.standard("Qwen3"),
-    quirks=Quirks(norm_casting="llama", mlp_activation="swiglu", qk_norm=True,
-                  attention_bias=FromConfig("attention_bias", False), sliding_window=FromConfig("sliding_window")),
+    recorded=Recorded(sliding_window=FromConfig("sliding_window")),
     transformers=TRANSFORMERS_RANGE,
-    aliases=(("qwen3-8b", "Qwen/Qwen3-8B"), ("qwen3-4b", "Qwen/Qwen3-4B"), ("qwen3-0.6b", "Qwen/Qwen3-0.6B")),
+    models=(
+        KnownModel("Qwen/Qwen3-8B", aliases=("qwen3-8b",), config=dict(
+            hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+            num_key_value_heads=8, head_dim=128, vocab_size=151936, max_position_embeddings=40960,
+            rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)),
+        KnownModel("Qwen/Qwen3-4B", aliases=("qwen3-4b",)),
+        KnownModel("Qwen/Qwen3-0.6B", aliases=("qwen3-0.6b",)),
+    ),
 )
 
 QWEN3_MOE = Architecture(
     model_type="qwen3_moe",
     roles=ModuleRoles.standard("Qwen3Moe", mlp=()),
-    quirks=Quirks(norm_casting="llama", mlp_activation="swiglu", qk_norm=True,
-                  attention_bias=FromConfig("attention_bias", False)),
     transformers=TRANSFORMERS_RANGE,
-    components=("attention", "rope", "norm", "loss"),
-    notes="experts (the MoE MLP) stay transformers' implementation",
-    aliases=(("qwen3-30b-a3b", "Qwen/Qwen3-30B-A3B"),),
+    keep={"mlp": "the experts (the MoE block) stay transformers' implementation"},
+    models=(KnownModel("Qwen/Qwen3-30B-A3B", aliases=("qwen3-30b-a3b",)),),
 )
 
 plugin = ArchitecturePlugin([QWEN2, QWEN3, QWEN3_MOE])

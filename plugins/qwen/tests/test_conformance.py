@@ -4,7 +4,7 @@
 * ``qwen2``: bias on q/k/v (given random values by the kit, since transformers initialises biases
   to zero); the fused LoRA path keeps peft's forward for the biased projections (reported).
 * ``qwen3_moe``: 4 experts, top-2 routing; norms, RoPE and loss patched, experts stay
-  transformers' (the plugin declares no ``mlp``: ``patch(only=["mlp"])`` must be bitwise HF).
+  transformers' (the plugin keeps ``mlp``: ``patch(only=["mlp"])`` must be bitwise HF).
 """
 from corept.testing import ConformanceSuite, tiny_config
 
@@ -17,5 +17,4 @@ class TestQwen(ConformanceSuite):
         "qwen3_moe": lambda: tiny_config("qwen3_moe", num_experts=4, num_experts_per_tok=2,
                                          moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[]),
     }
-    expected_quirks = {"qwen3": {"qk_norm": True}, "qwen2": {"attention_bias": True},
-                       "qwen3_moe": {"qk_norm": True}}
+    expected_quirks = {"qwen3": {"mlp_activation": "swiglu"}, "qwen2": {"sliding_window": None}}

@@ -1,0 +1,321 @@
+"""The plugin manager: built-in and entry-point plugins, allow/deny lists, conflicts, tracing.
+
+Plugins load lazily on first use and only once, in one place (:meth:`CoreptPluginManager._load`):
+first corept's built-in plugins (:data:`BUILTIN_PLUGINS`: modules of the ``corept`` distribution,
+registered exactly like third-party ones), then the ``corept`` entry-point group
+(importlib-metadata). Environment variables:
+
+* ``COREPT_PLUGINS=a,b`` loads only those entry-point plugins (entry-point or distribution names);
+  an empty value loads none. Built-ins always load unless disabled.
+* ``COREPT_DISABLE_PLUGINS=a,b`` skips those (built-ins included, e.g. ``corept.components``: the
+  models then keep transformers' forwards wherever no plugin of their own answers).
+* ``COREPT_TRACE=1`` logs every hook call on the ``corept.trace`` logger.
+
+A plugin whose import raises is reported (a warning naming its distribution and the error) and the
+others keep working. A plugin implementing a hook that does not exist fails loudly.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from typing import Any
+
+import importlib
+
+import importlib_metadata
+import pluggy
+
+from corept.errors import PluginConflictError, PluginLoadError
+from corept.registry import hookspecs
+from corept.registry.declarations import Architecture
+from corept.versions import transformers_supported
+
+logger = logging.getLogger("corept")
+trace_logger = logging.getLogger("corept.trace")
+
+ENTRY_POINT_GROUP = "corept"
+#: corept's own plugins, ``{plugin name: module}``: loaded first, like any entry-point plugin.
+BUILTIN_PLUGINS = {"corept.components": "corept.components.plugin"}
+
+
+@dataclass
+class PluginRecord:
+    """What corept knows about one plugin, loaded or not.
+
+    :param name: entry-point name (or the name given to :func:`register_plugin`).
+    :param distribution: the installed distribution that ships it (``None`` if registered in code).
+    :param version: that distribution's version.
+    :param loaded: the plugin imported and registered.
+    :param error: why it did not load (import error, disabled by env var, ...).
+    :param architectures: what it declared.
+    :param hooks: names of the hooks it implements.
+    :param builtin: one of corept's own plugins (:data:`BUILTIN_PLUGINS`).
+    """
+
+    name: str
+    distribution: str | None = None
+    version: str | None = None
+    loaded: bool = False
+    error: str | None = None
+    architectures: list[Architecture] = field(default_factory=list)
+    hooks: list[str] = field(default_factory=list)
+    builtin: bool = False
+    plugin: Any = None
+
+    def to_dict(self) -> dict:
+        ranges = sorted({a.transformers for a in self.architectures})
+        return {
+            "name": self.name,
+            "builtin": self.builtin,
+            "distribution": self.distribution,
+            "version": self.version,
+            "loaded": self.loaded,
+            "error": self.error,
+            "model_types": [a.model_type for a in self.architectures],
+            "hooks": self.hooks,
+            "transformers": ranges[0] if len(ranges) == 1 else ranges,
+            "transformers_supported": {a.model_type: transformers_supported(a.transformers)[0]
+                                       for a in self.architectures},
+        }
+
+
+def _installed(dist: str) -> bool:
+    try:
+        importlib_metadata.distribution(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def _env_list(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+class CoreptPluginManager:
+    """Owns the pluggy manager and the architecture registry built from the plugins."""
+
+    def __init__(self) -> None:
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self.pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self._claims: dict[str, list[tuple[Architecture, PluginRecord]]] = {}
+        self._loaded = False
+        self._lock = threading.RLock()
+        if os.environ.get("COREPT_TRACE", "") not in ("", "0"):
+            self.pm.add_hookcall_monitoring(self._trace_before, self._trace_after)
+
+    # -- tracing ---------------------------------------------------------------------------
+    @staticmethod
+    def _trace_before(hook_name: str, hook_impls: list, kwargs: dict) -> None:
+        shown = {k: type(v).__name__ for k, v in kwargs.items()}
+        trace_logger.info("hook %s(%s) -> %d impl(s): %s", hook_name, shown, len(hook_impls),
+                          [i.plugin_name for i in hook_impls])
+
+    @staticmethod
+    def _trace_after(outcome: Any, hook_name: str, hook_impls: list, kwargs: dict) -> None:
+        try:
+            result = outcome.get_result()
+        except BaseException as exc:  # noqa: BLE001 - only logged, pluggy re-raises it
+            trace_logger.info("hook %s raised %r", hook_name, exc)
+            return
+        trace_logger.info("hook %s returned %s", hook_name, type(result).__name__)
+
+    # -- loading ---------------------------------------------------------------------------
+    def ensure_loaded(self) -> "CoreptPluginManager":
+        """Discover and load plugins once (idempotent, thread-safe)."""
+        with self._lock:
+            if not self._loaded:
+                self._loaded = True
+                self._load()
+        return self
+
+    def _load(self) -> None:
+        """Built-in plugins, then entry points: the one place plugins are loaded."""
+        deny = _env_list("COREPT_DISABLE_PLUGINS") or set()
+        version = importlib_metadata.version("corept") if _installed("corept") else None
+        for name, module in BUILTIN_PLUGINS.items():
+            rec = PluginRecord(name=name, distribution="corept", version=version, builtin=True)
+            self.records[name] = rec
+            if name in deny:
+                rec.error = "disabled by COREPT_DISABLE_PLUGINS"
+                continue
+            self._register(importlib.import_module(module), rec)
+        self._load_entry_points(deny)
+
+    def _load_entry_points(self, deny: set[str]) -> None:
+        only = _env_list("COREPT_PLUGINS")
+        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
+            dist = ep.dist.name if ep.dist is not None else None
+            version = ep.dist.version if ep.dist is not None else None
+            rec = PluginRecord(name=ep.name, distribution=dist, version=version)
+            if ep.name in self.records:
+                prev = self.records[ep.name]
+                logger.warning("corept plugin name %r is provided by both %s and %s; keeping %s. "
+                               "Uninstall one of them.", ep.name, prev.distribution, dist, prev.distribution)
+                continue
+            self.records[ep.name] = rec
+            names = {ep.name, dist}
+            if only is not None and not (names & only):
+                rec.error = "not listed in COREPT_PLUGINS"
+                continue
+            if names & deny:
+                rec.error = "disabled by COREPT_DISABLE_PLUGINS"
+                continue
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
+                rec.error = f"import failed: {type(exc).__name__}: {exc}"
+                logger.warning(
+                    "corept plugin %r from distribution %s failed to import (%s: %s); it is skipped "
+                    "and the other plugins keep working. Fix or uninstall it, or set "
+                    "COREPT_DISABLE_PLUGINS=%s.", ep.name, dist, type(exc).__name__, exc, ep.name)
+                continue
+            self._register(plugin, rec)
+
+    def register_plugin(self, plugin: Any, name: str, *, distribution: str | None = None) -> PluginRecord:
+        """Register a plugin object in code (tests, notebooks, in-tree experiments)."""
+        with self._lock:
+            self.ensure_loaded()
+            if name in self.records and self.records[name].loaded:
+                raise PluginLoadError(f"a corept plugin named {name!r} is already registered")
+            rec = PluginRecord(name=name, distribution=distribution)
+            self.records[name] = rec
+            self._register(plugin, rec)
+            return rec
+
+    def unregister_plugin(self, name: str) -> None:
+        """Remove a plugin and its architecture claims."""
+        with self._lock:
+            rec = self.records.pop(name, None)
+            if rec is None:
+                return
+            if rec.plugin is not None and self.pm.is_registered(rec.plugin):
+                self.pm.unregister(rec.plugin)
+            for model_type, claims in list(self._claims.items()):
+                claims[:] = [c for c in claims if c[1] is not rec]
+                if not claims:  # nobody claims it any more: model_types() must not list it
+                    del self._claims[model_type]
+
+    def _register(self, plugin: Any, rec: PluginRecord) -> None:
+        self.pm.register(plugin, name=rec.name)
+        rec.plugin = plugin
+        try:
+            self._check_pending(rec)
+            archs = self._call_registration(plugin)
+        except Exception:
+            self.pm.unregister(plugin)
+            rec.plugin = None
+            raise
+        rec.loaded = True
+        rec.architectures = archs
+        rec.hooks = sorted(impl_name for impl_name in self._impl_names(plugin))
+        for arch in archs:
+            self._claims.setdefault(arch.model_type, []).append((arch, rec))
+
+    def _impl_names(self, plugin: Any) -> list[str]:
+        return [hc.name for hc in self.pm.get_hookcallers(plugin) or []]
+
+    def _check_pending(self, rec: PluginRecord) -> None:
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            raise PluginLoadError(
+                f"corept plugin {rec.name!r} (distribution {rec.distribution}) implements a hook "
+                f"corept does not define: {exc}. Known hooks: {sorted(hookspecs.ALL_HOOKS)}. "
+                f"Fix the name, or set "
+                f"COREPT_DISABLE_PLUGINS={rec.name}.") from exc
+
+    def _call_registration(self, plugin: Any) -> list[Architecture]:
+        impl = getattr(plugin, "corept_register_architectures", None)
+        if impl is None:
+            return []
+        archs = list(impl() or [])
+        for a in archs:
+            if not isinstance(a, Architecture):
+                raise PluginLoadError(f"corept_register_architectures must return Architecture objects, got {a!r}")
+        return archs
+
+    # -- queries ---------------------------------------------------------------------------
+    def architecture_for(self, model_type: str) -> tuple[Architecture, PluginRecord] | None:
+        """The declaration owning ``model_type`` and its plugin, or ``None`` if nobody claims it.
+
+        :raises PluginConflictError: two plugins claim it with the same priority.
+        """
+        self.ensure_loaded()
+        claims = self._claims.get(model_type, [])
+        if not claims:
+            return None
+        top = max(a.priority for a, _ in claims)
+        best = [(a, r) for a, r in claims if a.priority == top]
+        if len(best) > 1:
+            who = ", ".join(f"plugin {r.name!r} (distribution {r.distribution})" for _, r in best)
+            raise PluginConflictError(
+                f"model_type {model_type!r} is claimed by {who} with equal priority {top}. Disable "
+                f"one with COREPT_DISABLE_PLUGINS={best[-1][1].name} (or uninstall it), or give one "
+                f"Architecture a higher `priority`.")
+        return best[0]
+
+    def alias_target(self, name: str) -> tuple[str, PluginRecord] | None:
+        """If a loaded plugin declares ``name`` as an alias, the repo id/path it stands for."""
+        for arch, rec in self.declarations():
+            for alias, target in arch.aliases.items():
+                if alias.lower() == name.lower():
+                    return target, rec
+        return None
+
+    def declarations(self) -> list[tuple[Architecture, PluginRecord]]:
+        """Every architecture of every loaded plugin, with its plugin, in load order."""
+        self.ensure_loaded()
+        return [(arch, rec) for rec in self.records.values() if rec.loaded for arch in rec.architectures]
+
+    def model_types(self) -> list[str]:
+        self.ensure_loaded()
+        return sorted(self._claims)
+
+    @property
+    def hook(self):
+        self.ensure_loaded()
+        return self.pm.hook
+
+
+_manager: CoreptPluginManager | None = None
+_manager_lock = threading.Lock()
+
+
+def get_plugin_manager() -> CoreptPluginManager:
+    """The process-wide plugin manager, loading plugins on first call."""
+    global _manager
+    with _manager_lock:
+        if _manager is None:
+            _manager = CoreptPluginManager()
+        manager = _manager
+    try:
+        return manager.ensure_loaded()
+    except Exception:
+        # A plugin failed validation mid-discovery: forget the half-loaded manager so the next call
+        # fails the same loud way instead of silently answering with the plugins loaded so far.
+        with _manager_lock:
+            if _manager is manager:
+                _manager = None
+        raise
+
+
+def reset_plugin_manager() -> None:
+    """Forget loaded plugins; the next :func:`get_plugin_manager` rediscovers (env vars re-read)."""
+    global _manager
+    with _manager_lock:
+        _manager = None
+
+
+def register_plugin(plugin: Any, name: str) -> PluginRecord:
+    """Register a plugin object in code; see :meth:`CoreptPluginManager.register_plugin`."""
+    return get_plugin_manager().register_plugin(plugin, name)
+
+
+def unregister_plugin(name: str) -> None:
+    get_plugin_manager().unregister_plugin(name)
