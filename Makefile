@@ -14,7 +14,7 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
-.PHONY: demo test test-core test-kernels test-plugin test-plugins venv install clean
+.PHONY: demo test test-core test-kernels test-plugin test-plugins test-latest test-examples venv install clean
 
 venv: $(STAMP)
 
@@ -28,13 +28,13 @@ $(STAMP): requirements/cpu.txt
 
 # corept + kernels + every plugin, installed the way users install them.
 install: $(STAMP)
-	rm -rf $(BUILD)/all kernels/build && mkdir -p $(BUILD)/all
+	rm -rf $(BUILD)/all build kernels/build && mkdir -p $(BUILD)/all
 	$(PIP) install --no-deps --no-build-isolation --target $(BUILD)/all . ./kernels $(addprefix ./plugins/,$(PLUGINS)) 2>&1 | grep -v "is ignored" || true
 	test -d $(BUILD)/all/corept
 
 # One environment per plugin: core + kernels + that plugin only.
 $(BUILD)/only-%: $(STAMP) FORCE
-	rm -rf $@ kernels/build && mkdir -p $@
+	rm -rf $@ build kernels/build && mkdir -p $@
 	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels ./plugins/$* 2>&1 | grep -v "is ignored" || true
 	test -d $@/corept_$*
 
@@ -55,9 +55,30 @@ test-plugin: $(BUILD)/only-$(P)
 test-plugins:
 	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
 
+# The newest transformers in range (with HF `kernels`), layered over .venv: the contract tests.
+LATEST := $(BUILD)/latest-deps
+$(LATEST)/.stamp: $(STAMP) requirements/latest.txt
+	rm -rf $(LATEST) && mkdir -p $(LATEST)
+	$(PIP) install --no-deps --target $(LATEST) -r requirements/latest.txt 2>&1 | grep -v "is ignored" || true
+	touch $@
+
+test-latest: install $(LATEST)/.stamp
+	TRITON_INTERPRET=1 PYTHONPATH=$(LATEST):$(BUILD)/all $(PY) -P -m pytest tests/patching tests/components \
+		plugins/llama/tests/test_conformance.py -q -k "not matrix and not convergence"
+
+# Example third-party plugins, installed beside the core and kernels only.
+$(BUILD)/examples: $(STAMP) FORCE
+	rm -rf $@ build kernels/build && mkdir -p $@
+	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels $(wildcard ./examples/plugins/*/) 2>&1 | grep -v "is ignored" || true
+
+test-examples: $(BUILD)/examples
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q
+
 test: install
 	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q
 	$(MAKE) --no-print-directory test-plugins
+	$(MAKE) --no-print-directory test-examples
+	$(MAKE) --no-print-directory test-latest
 
 clean:
 	rm -rf $(BUILD) $(VENV)

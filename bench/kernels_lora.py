@@ -2,8 +2,10 @@
 
 Llama-3.1-8B shapes: hidden 4096, intermediate 14336, 32 heads / 8 kv heads of 128, r 16, bf16,
 4x2048 tokens. Both implementations use the same base weights and the same bf16 adapters (peft
-would default to fp32 adapters on a bf16 model, which only makes it slower). The NF4 case
-(bitsandbytes Linear4bit, double quant, bf16 compute) is added when bitsandbytes imports.
+would default to fp32 adapters on a bf16 model, which only makes it slower). The MLP also runs
+with one fused ``gate_up_proj`` ``[2 * 14336, 4096]`` (Phi-3's layout), given to ``lora_mlp`` as
+its two row windows. The NF4 case (bitsandbytes Linear4bit, double quant, bf16 compute) is added
+when bitsandbytes imports.
 """
 from __future__ import annotations
 
@@ -26,6 +28,19 @@ class _MLP(nn.Module):
 
     def forward(self, x):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _GateUpMLP(nn.Module):
+    """One ``gate_up_proj`` whose output halves are gate and up, then ``down_proj``."""
+
+    def __init__(self, device, dtype):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_up_proj, self.down_proj = nn.Linear(HIDDEN, 2 * INTER, **kw), nn.Linear(INTER, HIDDEN, **kw)
+
+    def forward(self, x):
+        gate, up = self.gate_up_proj(x).chunk(2, -1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class _Attn(nn.Module):
@@ -80,17 +95,18 @@ def _x(device, dtype, width):
     return torch.randn(BATCH, SEQ, width, device=device, dtype=dtype).requires_grad_(True)
 
 
-def _mlp_case(device, dtype, nf4: bool) -> BenchCase:
+def _mlp_case(device, dtype, nf4: bool, gate_up: bool = False) -> BenchCase:
     from corept_kernels.lora import lora_mlp, lora_weights_from_peft
 
-    names = ("gate_proj", "up_proj", "down_proj")
-    model = _MLP(device, dtype).requires_grad_(False)
+    names = ("gate_up_proj", "down_proj") if gate_up else ("gate_proj", "up_proj", "down_proj")
+    model = (_GateUpMLP if gate_up else _MLP)(device, dtype).requires_grad_(False)
     if nf4:
         model = _nf4(model, names, device)
     pm, mods, params = _peftify(model, names, dtype)
-    gate, up, down = (lora_weights_from_peft(m) for m in mods)
+    lws = [lora_weights_from_peft(m) for m in mods]
+    gate, up, down = (*lws[0].row_split(2), lws[1]) if gate_up else lws
     x = _x(device, dtype, HIDDEN)
-    base = "nf4 " if nf4 else ""
+    base = ("nf4 " if nf4 else "") + ("gate_up " if gate_up else "")
     return BenchCase(
         kernel="lora_mlp",
         shape=f"{BATCH}x{SEQ}x{HIDDEN} inter {INTER} r{RANK} {base}bf16",
@@ -120,9 +136,11 @@ def _attn_cases(device, dtype) -> list[BenchCase]:
 
 
 def cases(device) -> list[BenchCase]:
-    """LoRA MLP (bf16 base, and NF4 base when bitsandbytes imports), QKV and O, fwd+bwd."""
+    """LoRA MLP (bf16 base, also with a fused gate_up, and NF4 base when bitsandbytes imports),
+    QKV and O, fwd+bwd."""
     dtype = torch.bfloat16
-    out = [_mlp_case(device, dtype, nf4=False), *_attn_cases(device, dtype)]
+    out = [_mlp_case(device, dtype, nf4=False), _mlp_case(device, dtype, nf4=False, gate_up=True),
+           *_attn_cases(device, dtype)]
     try:
         import bitsandbytes  # noqa: F401
     except Exception:  # noqa: BLE001 - no bitsandbytes on this stack: skip the NF4 case

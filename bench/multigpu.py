@@ -133,7 +133,7 @@ class Driver:
             return self.add(dict(rec, skipped=f"not enough of the budget left ({self.remaining():.0f} s)"))
         folder = os.path.join(self.a.out, "work", "tiny-chat")
         prep = self.spawn("cli-prepare", [self.a.python, "-P", "-c", "import sys, pathlib; from corept.training."
-                                          "defaults import build_tiny_chat_model as b; b(pathlib.Path(sys.argv[1]))",
+                                          "defaults import build_tiny_chat_model as b; b(pathlib.Path(sys.argv[1]), \"llama\")",
                                           folder], min(60.0, timeout))
         data = os.path.join(REPO, "corept", "data", "corept_sft.jsonl")
         runs = [("ddp", [])] + ([] if self.a.dry_run else [("fsdp", []), ("fsdp", ["--load-in-4bit"])])

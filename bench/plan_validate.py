@@ -56,7 +56,7 @@ def _commit() -> str | None:
 
 TINY = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=512)
-# `--archs` names -> corept's built-in configs (corept/planning/known.py): the validation grid's two
+# `--archs` names -> the model configs the plugins declare (corept.planning.known): the validation grid's two
 # 8B architectures, and the other size classes of the seed's RTX 3090 table (`--archs llama1b,qwen14b`)
 KNOWN = {"llama": "meta-llama/Llama-3.1-8B", "qwen3": "Qwen/Qwen3-8B", "llama1b": "meta-llama/Llama-3.2-1B",
          "llama3b": "meta-llama/Llama-3.2-3B", "qwen14b": "Qwen/Qwen2.5-14B", "qwen32b": "Qwen/Qwen2.5-32B"}
@@ -65,9 +65,9 @@ EMULATED_GPU = _report().EMULATED_GPU
 
 
 def model_config(arch: str, tiny: bool) -> dict:
-    from corept.planning.known import KNOWN_CONFIGS
+    from corept.planning.known import known_configs
 
-    d = dict(KNOWN_CONFIGS[KNOWN[arch]])
+    d = dict(known_configs()[KNOWN[arch]])
     if tiny:
         d.update(TINY, max_position_embeddings=4096)
         if "rope_scaling" in d:

@@ -38,8 +38,8 @@ def plan(*args, **kwargs):
 
 
 def load(*args, **kwargs):
-    """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.load.load`."""
-    from corept.loading.load import load as _load
+    """Load a model and tokenizer, pick its plugin and patch it; see :func:`corept.loading.loader.load`."""
+    from corept.loading.loader import load as _load
 
     return _load(*args, **kwargs)
 

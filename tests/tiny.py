@@ -76,15 +76,26 @@ def tiny_config(model_type: str, **overrides):
     return cls(**kw)
 
 
+def tiny_config_of(model_type: str, **overrides):
+    """A tiny config of any ``model_type`` transformers knows (:func:`corept.tiny.tiny_config`)."""
+    from corept.tiny import tiny_config as build
+
+    return build(model_type, **overrides)
+
+
 def tiny_model(model_type: str, *, seed: int = 0, dtype=torch.float32, **overrides):
     """A randomly initialised tiny causal LM (eval mode, fp32 by default).
 
     Gemma norms are zero-initialised (``1 + w``) and would hide a missing offset, so every norm
     weight is perturbed; every parameter is random.
     """
+    return tiny_model_from(tiny_config(model_type, **overrides), seed=seed, dtype=dtype)
+
+
+def tiny_model_from(config, *, seed: int = 0, dtype=torch.float32):
+    """:func:`tiny_model` for a given config."""
     from transformers import AutoModelForCausalLM
 
-    config = tiny_config(model_type, **overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     with torch.no_grad():

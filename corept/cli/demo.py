@@ -8,7 +8,7 @@ adapter and the merged model, and prints the loss curve.
 """
 from __future__ import annotations
 
-HELP = ("offline demo: fine-tune SmolLM2-135M-Instruct (or a tiny built-in model) on corept Q/A pairs and "
+HELP = ("offline demo: fine-tune the embedded model a plugin declares (or a tiny built-in model) on corept Q/A pairs and "
         "show a held-out answer before and after")
 
 

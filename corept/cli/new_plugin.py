@@ -23,9 +23,9 @@ _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 
 
 def add_arguments(p) -> None:
-    p.add_argument("name", help="plugin name (lowercase, e.g. olmo2): entry point NAME, package corept_NAME")
+    p.add_argument("name", help="plugin name (lowercase, e.g. mymodel): entry point NAME, package corept_NAME")
     p.add_argument("--model-type", help="config.model_type the plugin claims (default: NAME)")
-    p.add_argument("--class-prefix", help="transformers class prefix, e.g. Olmo2 for Olmo2Attention "
+    p.add_argument("--class-prefix", help="transformers class prefix, e.g. MyModel for MyModelAttention "
                                           "(default: read from transformers, else NAME capitalised)")
     p.add_argument("--output", help="folder to create (default: ./corept-NAME)")
     p.add_argument("--force", action="store_true", help="overwrite files in an existing folder")

@@ -18,7 +18,7 @@ HELP = "plan GPU memory: what fits (seq, batch, LoRA rank) for a model, method a
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="local folder, config.json, HF cache/hub id, plugin alias or a "
-                                                  "built-in name (e.g. meta-llama/Llama-3.1-8B)")
+                                                  "name a plugin declares a config for (corept plan --help lists them)")
     p.add_argument("--method", choices=METHODS, default=None, help="lora (16-bit base), qlora (4-bit base) or full")
     p.add_argument("--load-in-4bit", action="store_true", help="same as --method qlora")
     p.add_argument("--max-seq-length", type=int, default=None, help="sequence length (default: searched)")

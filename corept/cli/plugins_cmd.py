@@ -24,7 +24,7 @@ def run(args) -> int:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
-        print("no corept plugins installed (pip install corept-llama, ...)")
+        print("no corept plugins installed (pip install corept-<family>: one per architecture family)")
     for r in rows:
         status = "loaded" if r["loaded"] else f"NOT LOADED: {r['error']}"
         builtin = " (built-in)" if r["builtin"] else ""

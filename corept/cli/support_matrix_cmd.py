@@ -11,7 +11,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from corept import support_matrix as sm
+    from corept.registry import support_matrix as sm
 
     if args.write:
         changed = sm.write(args.write)

@@ -17,7 +17,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     presets = "; ".join(f"{n}: {v.description}, seq {v.max_seq_length}, batch {v.batch_size} x accum "
                         f"{v.grad_accum}, r {v.r}" for n, v in PROFILES.items())
     g = p.add_argument_group("what to train")
-    g.add_argument("--model", help="model folder, HF id or plugin alias (default: the embedded SmolLM2-135M)")
+    g.add_argument("--model", help="model folder, HF id or plugin alias (default: the embedded model a plugin declares)")
     g.add_argument("--data", help="jsonl, json, csv or parquet file, or a datasets folder (save_to_disk); "
                                   "default: the shipped corept Q/A data")
     g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft")

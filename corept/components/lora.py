@@ -27,7 +27,7 @@ from corept.lora.fast_path import group_reason, is_training_call
 from corept.lora.qkv_group import QKVGroup
 from corept.patching.answers import Keep, Replacement
 from corept.patching.signature import unbound_forward
-from corept.patching.patch import state_of
+from corept.patching.engine import state_of
 
 
 def _is_lora(module) -> bool:

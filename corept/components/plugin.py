@@ -15,33 +15,22 @@ from corept.patching.answers import Keep
 from corept.registry.hookspecs import hookimpl
 
 
-def _component(name: str):
-    return importlib.import_module(f"corept.components.{name}")
+def _shared(module_name: str, factory: str):
+    """A ``trylast`` hook implementation answering with ``corept.components.<module_name>.<factory>``
+    (the module imported on the first call)."""
+
+    @hookimpl(trylast=True)
+    def answer(arch, module, model):
+        return getattr(importlib.import_module(f"corept.components.{module_name}"), factory)(arch, module, model)
+
+    return answer
 
 
-@hookimpl(trylast=True)
-def corept_patch_norm(arch, module, model):
-    return _component("norm").norm_replacement(arch, module, model)
-
-
-@hookimpl(trylast=True)
-def corept_patch_mlp(arch, module, model):
-    return _component("mlp").mlp_replacement(arch, module, model)
-
-
-@hookimpl(trylast=True)
-def corept_patch_rope(arch, module, model):
-    return _component("rope").rope_replacement(arch, module, model)
-
-
-@hookimpl(trylast=True)
-def corept_patch_loss(arch, module, model):
-    return _component("head").causal_lm_replacement(arch, module, model)
-
-
-@hookimpl(trylast=True)
-def corept_patch_lora(arch, module, model):
-    return _component("lora").lora_replacement(arch, module, model)
+corept_patch_norm = _shared("norm", "norm_replacement")
+corept_patch_mlp = _shared("mlp", "mlp_replacement")
+corept_patch_rope = _shared("rope", "rope_replacement")
+corept_patch_loss = _shared("head", "causal_lm_replacement")
+corept_patch_lora = _shared("lora", "lora_replacement")
 
 
 @hookimpl(trylast=True)

@@ -30,7 +30,7 @@ def resolve_model_path(name: str, *, revision: str | None = None, token: str | N
             raise ModelNotFoundError(f"{path} is a folder but holds no config.json; point corept.load at the "
                                      f"folder written by save_pretrained (or corept.save).")
         return path.resolve(), "local folder"
-    # Hub ids are "org/name" and often hold dots ("meta-llama/Llama-3.1-8B", alias "qwen2.5-7b"),
+    # Hub ids are "org/name" and often hold dots ("org/Model-3.1-8B", aliases like "model-2.5-7b"),
     # so a suffix does not make a path; a leading ./ / ~ or a second "/" does.
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelNotFoundError(f"{name!r} looks like a path but no such folder exists.")

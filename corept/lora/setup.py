@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from corept.errors import InvalidOptionsError
-from corept.patching.patch import architecture_of, ask, base_of, patch, record, state_of
+from corept.patching.engine import architecture_of, ask, base_of, patch, record, state_of
 from corept.training.checkpointing import enable_checkpointing
 
 logger = logging.getLogger("corept")

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch.nn as nn
 
-from corept.patching.patch import base_of, reason_counts, state_of
+from corept.patching.engine import base_of, reason_counts, state_of
 from corept.patching.state import forward_chain
 
 

@@ -244,7 +244,7 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     totals = {k: sum(v.values()) for k, v in phases.items()}
     peak_phase = max(totals, key=totals.get)
     if not shape.patched:
-        notes.append(f"no corept patches: layer activations scaled by {UNPATCHED_FACTOR} (measured on Llama)")
+        notes.append(f"no corept patches: layer activations scaled by {UNPATCHED_FACTOR} (measured on an 8B dense model)")
     est = Estimate(model=shape, method=method, seq=seq, batch=batch, r=r, optim=optim, checkpointing=checkpointing,
                    gpu=gpu, margin=margin, slack=slack, dtype=dtype, sharding=sharding, components=phases[peak_phase],
                    phases=totals, peak_phase=peak_phase, host_pinned=host, notes=notes)

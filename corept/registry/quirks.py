@@ -69,7 +69,7 @@ class FromConfig:
 
 QuirkValue = Union[Any, FromConfig]
 
-#: the default gated activation: read from the config (Gemma 2/3 name it ``hidden_activation``).
+#: the default gated activation: read from the config (some configs call it ``hidden_activation``).
 ACTIVATION_FROM_CONFIG = FromConfig(("hidden_activation", "hidden_act"), default="silu", convert=HF_ACTIVATIONS)
 
 

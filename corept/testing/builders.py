@@ -57,7 +57,7 @@ def build_base(config, class_name: str | None = None, seed: int = 0) -> nn.Modul
     torch.manual_seed(seed)
     cls = model_class(class_name)
     kwargs = {"attn_implementation": attn} if attn else {}
-    # Auto classes have from_config; concrete classes (e.g. Gemma3ForConditionalGeneration) _from_config
+    # Auto classes have from_config; concrete model classes (multimodal ones, say) _from_config
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(config, dtype=torch.float32, **kwargs)
     gen = torch.Generator().manual_seed(seed + 1)

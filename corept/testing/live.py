@@ -13,7 +13,7 @@ from collections import Counter
 import torch.nn as nn
 
 import corept
-from corept.patching.patch import base_of, state_of
+from corept.patching.engine import base_of, state_of
 from corept.patching.state import MISSING, forward_chain
 from corept.registry.hookspecs import COMPONENT_ROLES
 

@@ -96,7 +96,7 @@ def default_model() -> tuple[str, str, str]:
     candidates = declared()
     if not candidates:
         raise InvalidOptionsError("no installed corept plugin declares an embedded model for the default run; "
-                                  "install one that does (corept-llama) or pass --model and --data")
+                                  "install one that does (a KnownModel with embedded=...) or pass --model and --data")
     if not forced:
         for emb in candidates:
             folder = emb.folder()

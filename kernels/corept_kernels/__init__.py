@@ -11,7 +11,7 @@ On CPU, Triton kernels run only through the interpreter: set ``TRITON_INTERPRET=
 importing this package.
 """
 from corept_kernels.capabilities import (KernelInfo, all_kernels, can_run, dispatch, interpreter_active,
-                                         reference_only, select)
+                                         reference_only)
 from corept_kernels.norms import layer_norm, rms_norm
 from corept_kernels.rope import rope
 from corept_kernels.glu import geglu, swiglu
@@ -22,7 +22,7 @@ from corept_kernels.lora import LoraWeights, lora_mlp, lora_o, lora_qkv, lora_fa
 __version__ = "0.1.0"
 
 __all__ = [
-    "KernelInfo", "all_kernels", "can_run", "dispatch", "interpreter_active", "reference_only", "select",
+    "KernelInfo", "all_kernels", "can_run", "dispatch", "interpreter_active", "reference_only",
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu",
     "cross_entropy", "fused_linear_cross_entropy",
     "LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason",

@@ -189,16 +189,6 @@ def dispatch(name: str, *args, **options) -> tuple[Callable, str]:
     return (info.reference_fn, reason) if reason else (info.triton_fn, "")
 
 
-def select(name: str, device: torch.device | str, **kwargs) -> tuple[Callable, str]:
-    """:func:`can_run` as a choice, ``(fn, reason_for_fallback_or_"")``, honouring
-    :func:`reference_only`. Kernels use :func:`dispatch`, which also judges the arguments."""
-    info = get(name)
-    if _REFERENCE_ONLY.get():
-        return info.reference_fn, REFERENCE_ONLY_REASON
-    ok, reason = can_run(name, device, **kwargs)
-    return (info.triton_fn, "") if ok else (info.reference_fn, reason)
-
-
 def unsupported_tensors(*tensors: torch.Tensor | None, dtypes: tuple = KERNEL_DTYPES) -> str | None:
     """The common eligibility check: why these tensors (``None`` skipped) cannot go to a Triton
     kernel (an empty or 0-d tensor, a dtype outside ``dtypes``), or ``None``."""

@@ -117,18 +117,16 @@ def test_reference_only_is_local_to_its_thread():
     assert seen == [""]
 
 
-def test_can_run_and_select(monkeypatch):
+def test_can_run_describes_the_device(monkeypatch):
     assert capabilities.can_run("rms_norm", "cpu") == (True, "")
-    with reference_only():  # can_run describes the device; select honours reference_only
+    with reference_only():  # can_run describes the device (report labels); dispatch honours reference_only
         assert capabilities.can_run("rms_norm", "cpu") == (True, "")
-        assert capabilities.select("rms_norm", "cpu")[1] == "reference_only() is active"
     assert capabilities.can_run("rms_norm", "cpu", under_compile=True)[0] is False
     assert capabilities.can_run("lora_glu", "cpu") == (False, "lora_glu: Triton kernel has no backward")
     assert capabilities.can_run("lora_glu", "cpu", needs_backward=False) == (True, "")
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     ok, reason = capabilities.can_run("rms_norm", "cpu")
     assert not ok and "TRITON_INTERPRET=1" in reason
-    assert capabilities.select("rms_norm", "cpu") == (capabilities.get("rms_norm").reference_fn, reason)
     # the LoRA paths are torch code around Triton pieces that dispatch on their own: any CPU
     assert capabilities.can_run("lora_mlp", "cpu") == (True, "")
     assert capabilities.can_run("rms_norm", "cuda") == (True, "")

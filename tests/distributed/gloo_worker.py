@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 
 import corept
-import corept.components.loss as loss_module
+import corept.components.head as loss_module
 from corept.distributed import fsdp
 from corept.tiny import tiny_model
 

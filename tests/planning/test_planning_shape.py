@@ -8,7 +8,7 @@ from planning_helpers import build, tiny_config
 
 from corept.planning import PlanError, model_shape
 from corept.planning.estimate import NF4_TENSOR_OVERHEAD, weight_bytes
-from corept.planning.known import KNOWN_CONFIGS, known_config
+from corept.planning.known import known_config, known_configs
 
 
 @pytest.mark.parametrize("model_type,tied", [("llama", False), ("llama", True), ("qwen2", False),
@@ -102,7 +102,9 @@ def test_built_in_configs_resolve_offline():
     shape = model_shape("meta-llama/Llama-3.1-8B")
     assert "built-in" in shape.source and shape.plugin == "llama" and shape.patched
     assert round(shape.n_params / 1e9, 2) == 8.03 and shape.lora_params(16) == 41_943_040
-    assert set(KNOWN_CONFIGS) >= {"meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-14B", "Qwen/Qwen2.5-32B"}
+    # the configs are the plugins' declarations (KnownModel.config), not a table in the core
+    assert set(known_configs()) >= {"meta-llama/Llama-3.2-1B", "Qwen/Qwen2.5-14B", "Qwen/Qwen2.5-32B"}
+    assert known_configs()["Qwen/Qwen2.5-14B"]["model_type"] == "qwen2"
 
 
 def test_unreadable_configs_raise_plan_errors(tmp_path):

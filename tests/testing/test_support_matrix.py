@@ -3,7 +3,7 @@ from pathlib import Path
 
 import pytest
 
-from corept import support_matrix as sm
+from corept.registry import support_matrix as sm
 from corept.registry.declarations import COMPONENTS
 
 README = Path(__file__).resolve().parents[2] / "README.md"

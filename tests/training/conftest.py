@@ -58,7 +58,7 @@ def tiny_chat(tmp_path_factory):
     """Folder of a tiny random Llama with a chat-template tokenizer (corept.training.defaults)."""
     from corept.training.defaults import build_tiny_chat_model
 
-    return str(build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat")))
+    return str(build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"), "llama"))
 
 
 @pytest.fixture

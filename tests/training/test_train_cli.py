@@ -17,7 +17,7 @@ def test_no_arguments_runs_the_embedded_default(corept_cache, capsys):
     out = capsys.readouterr().out
     run = corept_cache / "runs" / "demo-sft"
     rec = _record(run)
-    for needle in ("a tiny random Llama built in", "held-out question: Can you explain what corept is?",
+    for needle in ("a tiny random llama model built in", "held-out question: Can you explain what corept is?",
                    "before training:", "after training:", "loss: first", f"adapter (LoRA, safetensors): {run}/adapter",
                    f"merged model (merged_16bit, loads in plain transformers): {run}/merged",
                    "generate() patched vs unpatched (greedy, ", "): identical", "corept kernels: "):

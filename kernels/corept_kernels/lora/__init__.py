@@ -1,8 +1,9 @@
 """The fused LoRA paths: MLP, q/k/v and single projections of peft LoRA linears.
 
 Public functions and weights readers (:mod:`~corept_kernels.lora.api`,
-:mod:`~corept_kernels.lora.weights`), the autograd Functions (:mod:`~corept_kernels.lora.autograd`),
-the sequence-tiled MLP (:mod:`~corept_kernels.lora.tiled`), the fp32-adapter branch on bf16
+:mod:`~corept_kernels.lora.weights`), the autograd Functions (:mod:`~corept_kernels.lora.autograd`
+for q/k/v and single projections, :mod:`~corept_kernels.lora.mlp` for the MLP), the
+sequence-tiled MLP (:mod:`~corept_kernels.lora.tiled`), the fp32-adapter branch on bf16
 models (:mod:`~corept_kernels.lora.branch`, :mod:`~corept_kernels.lora.rank_add`), the gated
 activation inside the MLP (:mod:`~corept_kernels.lora.activation`) and the row-chunk bound of
 their temporaries (:mod:`~corept_kernels.lora.chunks`).

@@ -123,6 +123,13 @@ def _round(t: torch.Tensor, storage: torch.dtype) -> torch.Tensor:
     return t if t.dtype.itemsize <= storage.itemsize else t.to(storage).to(t.dtype)
 
 
+def _dense(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous: torch's CPU ``sigmoid`` of a column window can differ by an
+    ulp from the same values' contiguous one (another vectorized loop), and the twin must give the
+    same values whatever the layout, as the kernel does."""
+    return t.to(dtype).contiguous()
+
+
 def _compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -143,7 +150,7 @@ def _glu_forward_triton(e: torch.Tensor, g: torch.Tensor, activation: str) -> to
 
 def _glu_forward_torch(e: torch.Tensor, g: torch.Tensor, activation: str) -> torch.Tensor:
     ct = _compute_dtype(e)
-    a, _ = _act_and_grad_torch(e.to(ct), activation)
+    a, _ = _act_and_grad_torch(_dense(e, ct), activation)
     return (_round(a, e.dtype) * g.to(ct)).to(e.dtype).contiguous()
 
 
@@ -159,7 +166,7 @@ def _glu_backward_torch_(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, act
     rows = max(1, (1 << 24) // max(1, e.shape[-1]))
     ct = _compute_dtype(e)
     for i in range(0, e.shape[0], rows):
-        ef, gf, dhf = e[i:i + rows].to(ct), g[i:i + rows].to(ct), dh[i:i + rows].to(ct)
+        ef, gf, dhf = _dense(e[i:i + rows], ct), g[i:i + rows].to(ct), dh[i:i + rows].to(ct)
         a, da = _act_and_grad_torch(ef, activation)
         a = _round(a, e.dtype)
         h, de, dg = a * gf, _round(dhf * gf, e.dtype) * da, dhf * a  # all computed before any write

@@ -8,8 +8,9 @@ fused projection, :meth:`LoraWeights.row_split`). Gradients flow to ``x`` and to
 as peft runs it (:mod:`corept_kernels.lora.mlp`).
 
 Compared with peft's LoRA layers these save fewer activations for backward (details and byte counts
-in :mod:`corept_kernels.lora.autograd` and :mod:`corept_kernels.lora.mlp`): the MLP keeps ``x``, the gate/up projections and three
-``[N, r]`` products, and recomputes ``act(e) * g`` in backward inside one fused Triton kernel.
+in :mod:`corept_kernels.lora.autograd` and :mod:`corept_kernels.lora.mlp`): the MLP keeps ``x``,
+the gate/up projections and the ``[N, r]`` products, and recomputes ``act(e) * g`` in backward
+inside one fused Triton kernel.
 Long calls (gate/up above 2 GiB) run the MLP over row tiles that keep only ``x``
 (:mod:`corept_kernels.lora.tiled`).
 

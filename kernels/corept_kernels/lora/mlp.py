@@ -15,9 +15,10 @@ peft rounds it). The linears on ``x`` are either
   ``d_gate`` and ``d_up`` into the halves of that same ``[N, 2F]`` buffer, which is then
   ``dy_gu = cat(d_gate, d_up)``, and one ``dxa = s dy_gu B`` (over ``2F``), one ``dA``, one ``dB``
   and one base product ``dy_gu W`` (over ``2F``) follow: ``dx = round(round(dxa A) + dy_gu W)``,
-  the product rounded as its GEMM's output. Rounding the halves as two linears instead (two base products and two
-  branches, each rounded, then summed) drew an independent bf16 error sample for ``dx`` and put
-  upstream LoRA gradients of a fused-``gate_up`` model (Phi-3) above the bf16 rule's bound.
+  the product rounded as its GEMM's output. Rounding the halves as two linears instead (two base
+  products and two branches, each rounded, then summed) drew an independent bf16 error sample for
+  ``dx`` and put upstream LoRA gradients of a fused-``gate_up`` model (Phi-3) above the bf16
+  rule's bound.
 
 What is saved for backward (activations; parameters are referenced, not copied): ``x``, the
 gate/up projections (``e``, ``g`` ``[N, F]`` each, or the one ``[N, 2F]`` output whose halves

@@ -107,8 +107,9 @@ class LoraWeights:
         weights are dequantized here (a fresh buffer each call: callers drop it as soon as the
         matmul is done, so it never lives from forward to backward); a window of one is a view of
         the *whole* dequantized ``[out_total, in]`` buffer, so each use of a part of a fused
-        projection holds the whole projection's dense weight transiently (for gate/up halves:
-        twice the window's bytes, made once per half).
+        projection holds the whole projection's dense weight transiently (made once per window
+        used apart; windows run as their whole linear, as ``lora_mlp`` runs gate/up halves, make
+        it once).
         """
         w = self._dense_whole(dtype)
         return w if self.rows is None else w[self.rows]

@@ -1,8 +1,15 @@
-"""The conformance kit on a tiny Phi-3, and its LoRA: every linear on a fused path."""
+"""The conformance kit on a tiny Phi-3, and its LoRA: every linear on a fused path. Without the
+fused-projection declaration the kit fails, naming it."""
 import copy
+import dataclasses
+
+import pytest
 
 import corept
+from corept import Projections
+from corept.registry.plugin_base import ArchitecturePlugin
 from corept.testing import ConformanceSuite, tiny_config
+from corept_phi3 import PHI3
 
 
 class TestPhi3(ConformanceSuite):
@@ -19,3 +26,12 @@ class TestPhi3(ConformanceSuite):
         layers = model.config.num_hidden_layers
         assert rep.applied["lora"] == f"triton:lora_o x{2 * layers}, triton:lora_mlp x{layers}", rep.applied
         assert "lora" not in rep.fallbacks, rep.fallbacks
+
+    def test_the_kit_fails_without_the_fused_projections(self, corept_store):
+        plain = dataclasses.replace(PHI3, projections=Projections(), priority=1)
+        corept.register_plugin(ArchitecturePlugin([plain]), "phi3-without")
+        try:
+            with pytest.raises(AssertionError, match="declare them with corept.Projections"):
+                self.test_declaration_and_report(corept_store, "gqa")
+        finally:
+            corept.unregister_plugin("phi3-without")

@@ -10,7 +10,7 @@ import torch
 
 from corept.errors import InvalidOptionsError
 from corept.loading.names import resolve_model_path
-from corept.patching.patch import apply as apply_patches
+from corept.patching.engine import apply as apply_patches
 from corept.registry.resolution import resolve
 
 logger = logging.getLogger("corept")
@@ -137,8 +137,8 @@ def load_tokenizer(folder, *, trust_remote_code: bool, max_seq_length: int):
 
     tok = None
     if _declares_generic_fast_tokenizer(folder):
-        # AutoTokenizer would substitute the model_type's own class (e.g. Qwen2Tokenizer for a qwen2
-        # config), which re-tokenizes differently and adds tokens; the folder asked for the generic one.
+        # AutoTokenizer would substitute the model_type's own tokenizer class, which can re-tokenize
+        # differently and add tokens; the folder asked for the generic one.
         tok = PreTrainedTokenizerFast.from_pretrained(folder)
     if tok is None:
         try:

@@ -11,7 +11,7 @@ import torch.nn as nn
 import tiny
 
 import corept
-from corept.components import loss as loss_module
+from corept.components import head as loss_module
 
 
 class ShardingHooks:
