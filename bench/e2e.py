@@ -47,7 +47,7 @@ def _sibling(name: str):
 
 
 V, MS, REP = _sibling("e2e_variants"), _sibling("e2e_maxseq"), _sibling("e2e_report")
-EST_S = {"base": (20.0, 20.0), "corept": (30.0, 20.0), "unsloth": (40.0, 50.0)}
+EST_S = {"base": (20.0, 20.0), "corept": (30.0, 20.0), "corept_prev": (30.0, 20.0), "unsloth": (40.0, 50.0)}
 """First-run estimate of one worker process per stack, seconds: (import + load, per shape); Unsloth
 compiles per shape. Measured on the H200 (2026-11-29): base 30 s for one shape and 43-51 s for two,
 corept 45 / 49-71, Unsloth 75-80 / 92-123. A flat 150 s per shape skipped an Unsloth run that
@@ -95,7 +95,7 @@ class Driver:
             env.pop("TRITON_INTERPRET", None)  # corept runs its torch twins on CPU
             env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")  # --jobs processes share the cores
         sites = {"base": [self.a.site_base], "corept": [self.a.site_corept, self.a.site_base],
-                 "unsloth": [self.a.site_unsloth]}[stack]
+                 "corept_prev": [self.a.site_corept_prev, self.a.site_base], "unsloth": [self.a.site_unsloth]}[stack]
         sites = [s for s in sites if s] or [s for s in env.get("PYTHONPATH", "").split(os.pathsep) if s]
         if sites:  # absolute: workers run in --work-dir
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(s) for s in sites)
@@ -316,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--site-base", default="", help="PYTHONPATH of hf/hf_bf16/liger/hf_qlora (and after corept's)")
     ap.add_argument("--site-corept", default="", help="corept's installed packages (corept variants)")
     ap.add_argument("--site-unsloth", default="", help="PYTHONPATH of the unsloth variants")
+    ap.add_argument("--site-corept-prev", default="", help="an earlier commit's corept packages (the *_prev variants)")
     ap.add_argument("--python", default=sys.executable)
     ap.add_argument("--device", choices=["cuda", "cpu"], help="default cuda (smoke: cpu)")
     ap.add_argument("--dtype", choices=["bf16", "fp32"], help="default bf16 (smoke: fp32)")

@@ -11,7 +11,8 @@ import json
 import os
 
 _KEY = ("kind", "variant", "model", "shape")
-_ORDER = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora")
+_ORDER = ("hf", "hf_bf16", "liger", "unsloth", "corept", "corept_prev", "hf_qlora", "unsloth_qlora", "corept_qlora",
+          "corept_qlora_prev")
 
 
 def _row_key(r: dict) -> tuple:

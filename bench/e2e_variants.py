@@ -50,11 +50,14 @@ MODELS: dict[str, dict] = {
 MODELS["llama-3.1-8b-2l"] = dict(MODELS["llama-3.1-8b"], num_hidden_layers=2)
 MODELS["qwen3-8b-2l"] = dict(MODELS["qwen3-8b"], num_hidden_layers=2, max_window_layers=2)
 
-VARIANTS = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora")
+VARIANTS = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora",
+            "corept_prev", "corept_qlora_prev")
 # Which package set (PYTHONPATH) a variant runs with: base = wheels without unsloth; corept = corept's
-# own packages + base; unsloth = every wheel.
+# own packages + base; corept_prev = an earlier commit's corept + base (regression runs: both corept
+# versions on one machine); unsloth = every wheel.
 STACK_OF = {"hf": "base", "hf_bf16": "base", "liger": "base", "hf_qlora": "base",
-            "corept": "corept", "corept_qlora": "corept", "unsloth": "unsloth", "unsloth_qlora": "unsloth"}
+            "corept": "corept", "corept_qlora": "corept", "unsloth": "unsloth", "unsloth_qlora": "unsloth",
+            "corept_prev": "corept_prev", "corept_qlora_prev": "corept_prev"}
 
 
 def digest(model: str, seed: int, dtype: str) -> str:
@@ -257,7 +260,7 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
                                                  max_seq_length=max_seq)
         if hasattr(FastLanguageModel, "for_training"):
             FastLanguageModel.for_training(model)
-    elif variant in ("corept", "corept_qlora"):
+    elif variant.startswith("corept"):
         import corept
 
         model, _ = corept.load(folder, max_seq_length=max_seq, dtype=tdt, load_in_4bit=quant)

@@ -23,6 +23,10 @@
 #   cuda-tests      no benchmark: the CUDA tests (kernels' CUDA twins, the offload's CUDA test) against the
 #                   image's torch/triton, the wheels on the path (~3 min); logs in $OUT/pytest-*.log;
 #                   CUDA_TESTS_K narrows the kernels' selection (pytest -k; default "cuda")
+#   regression      corept against an earlier commit's corept on the same machine (its wheels in .whl/prev/,
+#                   built with `pip wheel --no-deps -w .whl/prev <old tree> <old tree>/kernels <old tree>/plugins/...`):
+#                   Llama-3.1-8B corept, corept_prev, their QLoRA forms and unsloth, then Qwen3-8B corept and
+#                   corept_prev, both shapes (~9 min)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -41,7 +45,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -59,6 +63,10 @@ PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir 
       || { echo "FAILED: wheels into /tmp/site_unsloth"; exit 1; }
   fi
   # 2. corept's own distributions (entry points need dist-infos): linked from this tree, no build.
+  if ls .whl/prev/*.whl > /dev/null 2>&1; then  # an earlier commit's corept, for the *_prev variants
+    rm -rf /tmp/site_corept_prev
+    $PIP --target /tmp/site_corept_prev .whl/prev/*.whl || { echo "FAILED: .whl/prev into /tmp/site_corept_prev"; exit 1; }
+  fi
   rm -rf /tmp/site_corept
   python3 -P bench/e2e.py --link-site /tmp/site_corept \
     || $PIP --no-build-isolation --target /tmp/site_corept . ./kernels ./plugins/llama ./plugins/qwen \
@@ -84,7 +92,8 @@ if [ "$PRESET" = cuda-tests ]; then
   exit $rc
 fi
 
-SITES=(--site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth)
+SITES=(--site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth
+       --site-corept-prev /tmp/site_corept_prev)
 ALL=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora,liger,hf_bf16
 SIX=hf,corept,unsloth,hf_qlora,corept_qlora,unsloth_qlora
 case "$PRESET" in
@@ -103,8 +112,17 @@ case "$PRESET" in
                         --maxseq-step 4096 --maxseq-steps 2 --maxseq-timeout 420) ;;
   gpu-check)      ARGS=(--models llama-3.1-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   gpu-check-qwen) ARGS=(--models qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
+  regression) exec_twice=1 ;;
   custom)   ARGS=() ;;
 esac
+if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants; one results file each
+  python3 -P bench/e2e.py --steps 8 --warmup 2 --models llama-3.1-8b --shapes 2x2048,1x8192 --group-shapes \
+    --variants corept,corept_prev,corept_qlora,corept_qlora_prev,unsloth "${SITES[@]}" --out "$OUT" \
+    --tag "h200-regression-llama" --budget-s $((CALL_S - (SECONDS - T0) - 150)) "$@"
+  exec python3 -P bench/e2e.py --steps 8 --warmup 2 --models qwen3-8b --shapes 2x2048,1x8192 --group-shapes \
+    --variants corept,corept_prev "${SITES[@]}" --out "$OUT" --tag "h200-regression-qwen" \
+    --budget-s $((CALL_S - (SECONDS - T0))) "$@"
+fi
 BUDGET=$((CALL_S - (SECONDS - T0)))
 exec python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "h200-$PRESET" \
   --budget-s "$BUDGET" "$@"

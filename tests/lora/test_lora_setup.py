@@ -226,3 +226,20 @@ def test_mlp_tile_rows_tiles_both_checkpointing_passes_and_matches_peft(monkeypa
 def test_mlp_tile_rows_rejects_bad_values(bad):
     with pytest.raises(corept.errors.InvalidOptionsError, match="mlp_tile_rows"):
         corept.get_peft_model(tiny_model("llama"), r=4, mlp_tile_rows=bad)
+
+
+def test_default_targets_are_the_linears_the_model_has(caplog):
+    """``target_modules="all-linear"``: every linear inside the attention and MLP modules; declared
+    ``lora_targets`` the model lacks are warned about and dropped."""
+    from corept import Architecture, ModuleRoles
+    from corept.lora.setup import default_targets
+    from corept.registry.resolution import bind
+
+    model = tiny_model("llama")
+    arch = corept.architecture_of(corept.patch(model))
+    assert default_targets(model, arch) == sorted(TARGETS)
+    declared = bind(Architecture("llama", ModuleRoles.standard("Llama"), lora_targets=("q_proj", "qkv_proj")),
+                    "test", None, model.config)
+    with caplog.at_level("WARNING", logger="corept"):
+        assert default_targets(model, declared) == ["q_proj"]
+    assert "declared LoRA target(s) ['qkv_proj'] are not linear layers" in caplog.text
