@@ -116,11 +116,12 @@ case "$PRESET" in
   custom)   ARGS=() ;;
 esac
 if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants; one results file each
+  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
   python3 -P bench/e2e.py --steps 8 --warmup 2 --models llama-3.1-8b --shapes 2x2048,1x8192 --group-shapes \
     --variants corept,corept_prev,corept_qlora,corept_qlora_prev,unsloth "${SITES[@]}" --out "$OUT" \
-    --tag "h200-regression-llama" --budget-s $((CALL_S - (SECONDS - T0) - 150)) "$@"
+    --tag "${CARD:-gpu}-regression-llama" --budget-s $((CALL_S - (SECONDS - T0) - 150)) "$@"
   exec python3 -P bench/e2e.py --steps 8 --warmup 2 --models qwen3-8b --shapes 2x2048,1x8192 --group-shapes \
-    --variants corept,corept_prev "${SITES[@]}" --out "$OUT" --tag "h200-regression-qwen" \
+    --variants corept,corept_prev "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-regression-qwen" \
     --budget-s $((CALL_S - (SECONDS - T0))) "$@"
 fi
 BUDGET=$((CALL_S - (SECONDS - T0)))
