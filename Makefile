@@ -75,7 +75,7 @@ test-examples: $(BUILD)/examples
 	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q
 
 test: install
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q --durations=10
 	$(MAKE) --no-print-directory test-plugins
 	$(MAKE) --no-print-directory test-examples
 	$(MAKE) --no-print-directory test-latest

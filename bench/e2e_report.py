@@ -70,7 +70,7 @@ def throughput_table(records: list[dict]) -> list[str]:
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, s, v = r.get("model"), r.get("shape"), r.get("variant")
-        quant = v.endswith("_qlora") if v else False
+        quant = "_qlora" in v if v else False
         hf = ref.get(("hf_qlora" if quant else "hf", m, s), {})
         un = ref.get(("unsloth_qlora" if quant else "unsloth", m, s), {})
         tps = r.get("tokens_per_s") if "error" not in r else None

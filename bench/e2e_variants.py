@@ -176,7 +176,7 @@ def import_stack(variant: str) -> None:
         import liger_kernel.transformers  # noqa: F401
     import peft  # noqa: F401
     import transformers  # noqa: F401
-    if variant.endswith("_qlora"):
+    if "_qlora" in variant:
         import bitsandbytes  # noqa: F401
 
 
@@ -228,7 +228,7 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
     import torch
 
     tdt = _torch_dtype(dtype)
-    quant = variant.endswith("_qlora")
+    quant = "_qlora" in variant  # corept_qlora_prev too
     autocast = None
     info: dict = {"weights": "checkpoint"}
     if variant in ("hf", "hf_bf16", "liger", "hf_qlora"):

@@ -27,6 +27,7 @@
 #                   built with `pip wheel --no-deps -w .whl/prev <old tree> <old tree>/kernels <old tree>/plugins/...`):
 #                   Llama-3.1-8B corept, corept_prev, their QLoRA forms and unsloth, then Qwen3-8B corept and
 #                   corept_prev, both shapes (~9 min)
+#   regression-qlora  corept_qlora against corept_qlora_prev, Llama-3.1-8B and Qwen3-8B, both shapes (~4 min)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -45,7 +46,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -113,10 +114,12 @@ case "$PRESET" in
   gpu-check)      ARGS=(--models llama-3.1-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   gpu-check-qwen) ARGS=(--models qwen3-8b-2l --shapes 2x2048 --variants $ALL --steps 2 --warmup 1) ;;
   regression) exec_twice=1 ;;
+  regression-qlora) ARGS=(--models llama-3.1-8b,qwen3-8b --shapes 2x2048,1x8192 --group-shapes
+                          --variants corept_qlora,corept_qlora_prev) ;;
   custom)   ARGS=() ;;
 esac
+CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
 if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants; one results file each
-  CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
   python3 -P bench/e2e.py --steps 8 --warmup 2 --models llama-3.1-8b --shapes 2x2048,1x8192 --group-shapes \
     --variants corept,corept_prev,corept_qlora,corept_qlora_prev,unsloth "${SITES[@]}" --out "$OUT" \
     --tag "${CARD:-gpu}-regression-llama" --budget-s $((CALL_S - (SECONDS - T0) - 150)) "$@"
@@ -125,5 +128,5 @@ if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants;
     --budget-s $((CALL_S - (SECONDS - T0))) "$@"
 fi
 BUDGET=$((CALL_S - (SECONDS - T0)))
-exec python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "h200-$PRESET" \
+exec python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-$PRESET" \
   --budget-s "$BUDGET" "$@"
