@@ -98,8 +98,7 @@ def _add_trainable(model, opts: TrainOptions):
 
     mode = checkpointing_mode(opts)
     if opts.full_finetuning:
-        how = enable_full_checkpointing(model, mode)
-        corept.report(model).applied["checkpointing"] = how
+        enable_full_checkpointing(model, mode)  # the report reads it from the layers (settings["checkpointing"])
         return model
     return corept.get_peft_model(model, r=opts.r, lora_alpha=opts.lora_alpha, target_modules=opts.targets,
                                  use_gradient_checkpointing=mode, random_state=opts.seed)
@@ -182,8 +181,10 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
         result.before = answer(model, tokenizer, result.question, opts.max_new_tokens)
         echo(f"{label}: {_show(result.question)}\n  before training: {result.before}")
     model = _add_trainable(model, opts)
-    result.applied = dict(corept.report(model).applied)
-    echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items()))
+    rep = corept.report(model)
+    result.applied = dict(rep.applied)
+    echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items())
+         + f"; checkpointing: {rep.settings.get('checkpointing')}")
     if mode == "fsdp" and not any(p.is_cuda for p in model.parameters()):
         echo("  (loaded on CPU for sharding: each kernel call picks Triton once its shards are on the GPU)")
     t1 = time.perf_counter()
