@@ -2,8 +2,8 @@
 
 The core knows no architecture by name: plugins (entry-point group ``corept``) declare them.
 """
-from corept.errors import (CoreptError, InvalidOptionsError, ModelNotFoundError, PluginConflictError,
-                           PluginLoadError, UnsupportedArchitectureError)
+from corept.errors import (CheckpointError, CoreptError, InvalidOptionsError, ModelNotFoundError,
+                           PluginConflictError, PluginHookError, PluginLoadError, UnsupportedArchitectureError)
 from corept.patching import Keep, PatchReport, Replacement, architecture_of, is_patched, patch, report, unpatch
 from corept.registry.declarations import (COMPONENTS, Architecture, EmbeddedModel, KnownModel, ModuleRoles,
                                           Projections)
@@ -49,6 +49,7 @@ __all__ = [
     "ModuleRoles", "Numerics", "Projections", "Recorded", "ResolvedArchitecture", "Keep", "Replacement",
     "PatchReport", "hookimpl", "load", "plan", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
     "architecture_of", "resolve", "get_plugin_manager", "register_plugin", "unregister_plugin",
-    "reset_plugin_manager", "CoreptError", "InvalidOptionsError", "ModelNotFoundError", "PluginConflictError",
+    "reset_plugin_manager", "CheckpointError", "CoreptError", "InvalidOptionsError", "PluginHookError",
+    "ModelNotFoundError", "PluginConflictError",
     "PluginLoadError", "UnsupportedArchitectureError",
 ]

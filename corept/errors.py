@@ -24,3 +24,12 @@ class InvalidOptionsError(CoreptError, ValueError):
 
 class ModelNotFoundError(CoreptError, FileNotFoundError):
     """A model name that is neither a local folder, in the HF cache, nor reachable on the hub."""
+
+
+class CheckpointError(CoreptError):
+    """A model folder that cannot be read as it is: a corrupt file (named), an unknown model type, or
+    (with ``strict=True``) weights missing from or unexpected in the checkpoint."""
+
+
+class PluginHookError(CoreptError):
+    """A plugin's hook raised while corept patched a model (the plugin is named)."""

@@ -44,11 +44,11 @@ include = ["{package}*"]
 
 
 def write_plugin_dist(root: os.PathLike, name: str, source: str, *, version: str = "0.1.0",
-                      attr: str | None = None) -> Path:
+                      attr: str | None = None, entry: str | None = None) -> Path:
     """Write a plugin distribution ``corept-<name>`` into ``root/<name>``.
 
     Its import package ``corept_<name>`` holds ``source`` as ``__init__.py``; the entry point
-    ``<name>`` (group ``corept``) points at the module, or at ``module:attr``.
+    ``<name>`` (or ``entry``; group ``corept``) points at the module, or at ``module:attr``.
     :returns: the distribution's folder (what ``pip install`` takes).
     """
     package = f"corept_{name}"
@@ -56,7 +56,7 @@ def write_plugin_dist(root: os.PathLike, name: str, source: str, *, version: str
     (folder / package).mkdir(parents=True)
     (folder / package / "__init__.py").write_text(textwrap.dedent(source))
     target = package if attr is None else f"{package}:{attr}"
-    (folder / "pyproject.toml").write_text(PYPROJECT.format(dist=f"corept-{name}", version=version, entry=name,
+    (folder / "pyproject.toml").write_text(PYPROJECT.format(dist=f"corept-{name}", version=version, entry=entry or name,
                                                            target=target, package=package))
     return folder
 

@@ -23,6 +23,9 @@ def run(args) -> int:
     from corept.training.defaults import embedded_options
     from corept.training.run import run_training
 
-    opts = embedded_options(args.method, max_steps=args.max_steps, output=args.output)
+    # the demo refreshes its own folder (corept's cache, or the --output given): overwrite is implied
+    opts = embedded_options(args.method, max_steps=args.max_steps, output=args.output, overwrite=True)
     result = run_training(opts)
+    if result.interrupted_at is not None:
+        return 130
     return 0 if result.greedy.equal else 1

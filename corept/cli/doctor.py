@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import json
 
-from corept.versions import SUPPORTED_TORCH, SUPPORTED_TRANSFORMERS, SUPPORTED_TRITON, in_range, installed_version
+from corept.versions import (SUPPORTED_TORCH, SUPPORTED_TRANSFORMERS, SUPPORTED_TRITON, in_range, installed_version,
+                             transformers_supported)
 
 HELP = "check the environment: library versions, GPU, bf16, Triton interpreter, plugin problems"
 PACKAGES = {"torch": SUPPORTED_TORCH, "triton": SUPPORTED_TRITON, "transformers": SUPPORTED_TRANSFORMERS,
@@ -36,8 +37,14 @@ def collect() -> dict:
                "memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1)}
     pm = get_plugin_manager()
     for rec in pm.records.values():
-        if rec.error and not rec.error.startswith(("not listed", "disabled")):
+        if rec.error and not rec.error.startswith(("not listed", "disabled", "plugin name conflict")):
             problems.append(f"plugin {rec.name} ({rec.distribution}): {rec.error}")
+    problems += pm.problems
+    for arch, rec in pm.declarations():
+        ok, reason = transformers_supported(arch.transformers)
+        if not ok:
+            problems.append(f"plugin {rec.name} ({rec.distribution}) declares transformers {arch.transformers!r} for "
+                            f"{arch.model_type!r}: {reason}; its models load unpatched")
     for mt in pm.model_types():
         try:
             pm.architecture_for(mt)

@@ -16,13 +16,14 @@ def add_arguments(p) -> None:
 
 
 def collect(name: str, trust_remote_code: bool = False) -> dict:
-    from transformers import AutoConfig
+    from pathlib import Path
 
+    from corept.loading.checkpoint import read_config
     from corept.loading.names import resolve_model_path
     from corept.registry.resolution import resolve
 
     folder, how = resolve_model_path(name)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    config = read_config(Path(folder), trust_remote_code=trust_remote_code)
     arch = resolve(config)
     info = {"model": name, "resolved": str(folder), "found_via": how, "model_type": config.model_type,
             "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": ""}

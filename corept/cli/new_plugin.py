@@ -20,6 +20,9 @@ HELP = "render a new architecture plugin package from the template"
 TEMPLATE = "plugin"
 PACKAGE_DIR = "__package__"
 _NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+#: a config.model_type as transformers names them (letters, digits, "_", "-", "."): nothing that could
+#: end the string literal it is rendered into
+_MODEL_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
 
 
 def add_arguments(p) -> None:
@@ -70,6 +73,8 @@ def render(name: str, *, model_type: str | None = None, class_prefix: str | None
         raise InvalidOptionsError(f"plugin name {name!r} must be lowercase letters, digits and '_', "
                                   f"starting with a letter")
     model_type = model_type or name
+    if not _MODEL_TYPE.match(model_type):
+        raise InvalidOptionsError(f"--model-type {model_type!r} is not a model_type (letters, digits, '_', '-', '.')")
     prefix = class_prefix or guess_class_prefix(model_type)
     if not prefix.isidentifier():
         raise InvalidOptionsError(f"class prefix {prefix!r} is not a Python identifier")

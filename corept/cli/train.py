@@ -22,7 +22,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                                   "default: the shipped corept Q/A data")
     g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft")
     g.add_argument("--output", help="output folder: adapter/, merged/ and run.json (required with --model/--data)")
-    g.add_argument("--overwrite", action="store_true", help="allow a non-empty --output")
+    g.add_argument("--overwrite", action="store_true", help="allow a non-empty --output (the no-argument run too)")
     q = p.add_argument_group("weights")
     q.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes)")
     q.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 base weights (bitsandbytes)")
@@ -96,4 +96,6 @@ def run(args) -> int:
     prefer_expandable_segments()
 
     result = run_training(options_from_args(args))
+    if result.interrupted_at is not None:
+        return 130
     return 0 if result.greedy is None or result.greedy.equal else 1

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,7 +30,7 @@ def save_sharded(model: nn.Module, tokenizer, path: str | os.PathLike, method: s
     :returns: the folder on rank 0, ``None`` elsewhere.
     """
     from corept.distributed.fsdp import full_tensors
-    from corept.saving import _compute_dtype, atomic_folder, write_weights
+    from corept.saving import compute_dtype, file_set, write_weights
 
     is_peft = hasattr(model, "peft_config")
     if method == "lora" and not is_peft:
@@ -48,16 +47,14 @@ def save_sharded(model: nn.Module, tokenizer, path: str | os.PathLike, method: s
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     out = None
     if is_main_process():
-        dtype = _compute_dtype(model)
-        with atomic_folder(path) as tmp:
+        dtype = compute_dtype(model)
+        with file_set(path, {"method": method, "dtype": str(dtype), "gathered_from": "fsdp2"}) as tmp:
             if method == "lora":
                 model.save_pretrained(tmp, state_dict=sd, safe_serialization=True)
             else:
                 write_weights(model, sd, tmp, dtype)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
-            (tmp / "corept_save.json").write_text(json.dumps({"method": method, "dtype": str(dtype),
-                                                              "gathered_from": "fsdp2"}))
         out = Path(path)
         logger.info("corept: saved %s (gathered from FSDP2 shards) to %s", method, path)
     del sd

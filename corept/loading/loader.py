@@ -5,13 +5,16 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from corept.errors import InvalidOptionsError
+from corept.loading.checkpoint import load_weights, read_config
 from corept.loading.names import resolve_model_path
 from corept.patching.engine import apply as apply_patches
 from corept.registry.resolution import resolve
+from corept.saving.fileset import JOURNAL, recover
 
 logger = logging.getLogger("corept")
 
@@ -173,7 +176,8 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
         the current GPU, else CPU.
     :param patch: apply the plugin's patches (``corept.patch``).
     :param trust_remote_code: off by default; remote modeling code is never run unless asked.
-    :param strict: raise if no plugin supports the architecture instead of warning.
+    :param strict: raise instead of warning when no plugin supports the architecture, or when
+        the checkpoint lacks weights the model needs (or holds weights no module takes).
     :param bnb_4bit_quant_storage: dtype the packed 4-bit weights are stored in (default uint8);
         ``"auto"`` or a float dtype stores them in the compute dtype, which FSDP needs to shard
         4-bit weights like the other (floating) parameters (docs/distributed.md).
@@ -182,10 +186,12 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     opts = validate_options(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
                             load_in_8bit=load_in_8bit, full_finetuning=full_finetuning,
                             trust_remote_code=trust_remote_code)
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     folder, how = resolve_model_path(name_or_path, revision=revision, token=token, cache_dir=cache_dir)
-    config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    if (Path(folder) / JOURNAL).is_file():  # a corept.save into this folder was interrupted: finish it first
+        recover(folder)
+    config = read_config(Path(folder), trust_remote_code=trust_remote_code)
     arch = resolve(config, strict=strict)
     policy = arch.load if arch is not None else None
     torch_dtype, why = choose_dtype(opts.dtype, bool(policy and policy.force_float32))
@@ -222,7 +228,7 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     if max_pos is not None and max_seq_length > max_pos:
         logger.warning("corept: max_seq_length %d exceeds the model's max_position_embeddings %d; positions "
                        "beyond it are extrapolated by the model's own rope scaling (if any).", max_seq_length, max_pos)
-    model = AutoModelForCausalLM.from_pretrained(folder, config=config, **kwargs)
+    model = load_weights(AutoModelForCausalLM, Path(folder), config, kwargs, strict=strict)
     if opts.load_in_4bit and not torch.cuda.is_available():
         disable_cpu_4bit_repack(model)
     model.max_seq_length = max_seq_length

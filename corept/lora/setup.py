@@ -72,6 +72,19 @@ def default_targets(model: nn.Module, arch) -> list[str] | str:
     return [t for t in arch.lora_targets if t in present] or "all-linear"
 
 
+def check_targets(model: nn.Module, targets: list[str]) -> None:
+    """Every name in ``targets`` matches a module (peft's rule: the name or its dotted suffix).
+
+    :raises InvalidOptionsError: listing the names that match nothing and the linear layers there are.
+    """
+    names = [n for n, _ in model.named_modules()]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing:
+        linears = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if is_linear(m)})
+        raise InvalidOptionsError(f"target_modules {missing} match no module of this model; its linear layers "
+                                  f"are {linears} (or use 'all-linear')")
+
+
 def prepare_quantized(model: nn.Module) -> None:
     """Freeze every weight of a k-bit model for adapter training, keeping their dtypes."""
     for p in model.parameters():
@@ -125,7 +138,9 @@ def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_d
     if state_of(model) is None:
         patch(model)
     arch = architecture_of(model)
-    targets = default_targets(model, arch) if target_modules == "all-linear" else target_modules
+    targets = default_targets(model, arch) if target_modules == "all-linear" else list(target_modules)
+    if targets != "all-linear":
+        check_targets(model, targets)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         prepare_quantized(model)
     torch.manual_seed(random_state)

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import torch.nn as nn
 
-from corept.errors import InvalidOptionsError
+from corept.errors import InvalidOptionsError, PluginHookError
 from corept.patching import hub_kernels
 from corept.patching.answers import Keep, Replacement
 from corept.patching.state import STATE_ATTR, PatchState, install
@@ -117,9 +117,31 @@ def apply(model: nn.Module, arch: ResolvedArchitecture | None, only: Iterable[st
     return model
 
 
+def _raising_plugin(caller, exc: BaseException) -> str | None:
+    """The name of the plugin whose implementation of ``caller`` is in ``exc``'s traceback."""
+    codes = {getattr(impl.function, "__code__", None): impl.plugin_name for impl in caller.get_hookimpls()}
+    tb, name = exc.__traceback__, None
+    while tb is not None:
+        name = codes.get(tb.tb_frame.f_code, name)
+        tb = tb.tb_next
+    return name
+
+
 def ask(hook_name: str, arch: ResolvedArchitecture, module: nn.Module, model: nn.Module):
-    """The first answer of ``hook_name`` for ``module`` (a :class:`Replacement`, :class:`Keep` or ``None``)."""
-    answer = getattr(get_plugin_manager().hook, hook_name)(arch=arch, module=module, model=model)
+    """The first answer of ``hook_name`` for ``module`` (a :class:`Replacement`, :class:`Keep` or ``None``).
+
+    :raises PluginHookError: an implementation raised; the error names its plugin.
+    """
+    caller = getattr(get_plugin_manager().hook, hook_name)
+    try:
+        answer = caller(arch=arch, module=module, model=model)
+    except Exception as exc:
+        plugin = _raising_plugin(caller, exc) or "?"
+        rec = get_plugin_manager().records.get(plugin)
+        dist = f" (distribution {rec.distribution})" if rec is not None and rec.distribution else ""
+        raise PluginHookError(
+            f"corept plugin {plugin!r}{dist} raised {type(exc).__name__}: {exc} in {hook_name} for "
+            f"{type(module).__name__}; fix or update it, or set COREPT_DISABLE_PLUGINS={plugin}") from exc
     if answer is not None and not isinstance(answer, (Replacement, Keep)):
         raise TypeError(f"{hook_name} answered {type(answer).__name__} for {type(module).__name__}; a hook "
                         f"answers corept.Replacement, corept.Keep or None")

@@ -11,8 +11,14 @@ registered exactly like third-party ones), then the ``corept`` entry-point group
   models then keep transformers' forwards wherever no plugin of their own answers).
 * ``COREPT_TRACE=1`` logs every hook call on the ``corept.trace`` logger.
 
-A plugin whose import raises is reported (a warning naming its distribution and the error) and the
-others keep working. A plugin implementing a hook that does not exist fails loudly.
+Every plugin is isolated: one that fails in any way (its import raises, even ``SystemExit``; it
+implements a hook that does not exist; its registration returns something else than
+``Architecture`` objects) is skipped with the reason, which ``corept plugins`` and ``corept doctor``
+show, and the others keep working. Two distributions providing one plugin name are a conflict:
+neither loads, and both are shown with the reason. Names in ``COREPT_PLUGINS`` /
+``COREPT_DISABLE_PLUGINS`` that match no plugin are warned about. A Ctrl-C during discovery (but
+outside a plugin's import) leaves nothing half-loaded: the next call discovers again. (``register_plugin``, called in code, raises
+instead: there the caller asked for that one plugin.)
 """
 from __future__ import annotations
 
@@ -104,6 +110,7 @@ class CoreptPluginManager:
         self.pm.add_hookspecs(hookspecs)
         self.records: dict[str, PluginRecord] = {}
         self._claims: dict[str, list[tuple[Architecture, PluginRecord]]] = {}
+        self.problems: list[str] = []  # environment problems found while loading (doctor shows them)
         self._loaded = False
         self._lock = threading.RLock()
         if os.environ.get("COREPT_TRACE", "") not in ("", "0"):
@@ -127,12 +134,26 @@ class CoreptPluginManager:
 
     # -- loading ---------------------------------------------------------------------------
     def ensure_loaded(self) -> "CoreptPluginManager":
-        """Discover and load plugins once (idempotent, thread-safe)."""
+        """Discover and load plugins once (idempotent, thread-safe); an interrupted discovery
+        (Ctrl-C) leaves the manager empty, to be discovered again by the next call."""
         with self._lock:
             if not self._loaded:
                 self._loaded = True
-                self._load()
+                try:
+                    self._load()
+                except BaseException:
+                    self._forget()
+                    raise
         return self
+
+    def _forget(self) -> None:
+        for rec in self.records.values():
+            if rec.plugin is not None and self.pm.is_registered(rec.plugin):
+                self.pm.unregister(rec.plugin)
+        self.records.clear()
+        self._claims.clear()
+        self.problems = []
+        self._loaded = False
 
     def _load(self) -> None:
         """Built-in plugins, then entry points: the one place plugins are loaded."""
@@ -144,38 +165,62 @@ class CoreptPluginManager:
             if name in deny:
                 rec.error = "disabled by COREPT_DISABLE_PLUGINS"
                 continue
-            self._register(importlib.import_module(module), rec)
+            self._isolated(rec, lambda: importlib.import_module(module))
         self._load_entry_points(deny)
 
     def _load_entry_points(self, deny: set[str]) -> None:
         only = _env_list("COREPT_PLUGINS")
-        for ep in importlib_metadata.entry_points(group=ENTRY_POINT_GROUP):
-            dist = ep.dist.name if ep.dist is not None else None
-            version = ep.dist.version if ep.dist is not None else None
-            rec = PluginRecord(name=ep.name, distribution=dist, version=version)
-            if ep.name in self.records:
-                prev = self.records[ep.name]
-                logger.warning("corept plugin name %r is provided by both %s and %s; keeping %s. "
-                               "Uninstall one of them.", ep.name, prev.distribution, dist, prev.distribution)
+        eps = list(importlib_metadata.entry_points(group=ENTRY_POINT_GROUP))
+        providers: dict[str, list] = {}
+        for ep in eps:
+            providers.setdefault(ep.name, []).append(ep)
+        for name, group in providers.items():
+            dists = [ep.dist.name if ep.dist is not None else None for ep in group]
+            if len(group) > 1 or name in BUILTIN_PLUGINS:
+                why = (f"plugin name conflict: {name!r} is corept's built-in plugin; the entry point of "
+                       f"{', '.join(map(str, dists))} is not loaded: rename it" if name in BUILTIN_PLUGINS else
+                       f"plugin name conflict: {name!r} is provided by {', '.join(map(str, dists))}; none of "
+                       f"them loads: uninstall all but one")
+                for ep, dist in zip(group, dists):
+                    key = name if name not in self.records else f"{name} [{dist}]"
+                    self.records[key] = PluginRecord(name=name, distribution=dist, error=why,
+                                                     version=ep.dist.version if ep.dist is not None else None)
+                self.problems.append(why)
+                logger.warning("corept: %s", why)
                 continue
+            ep, dist = group[0], dists[0]
+            rec = PluginRecord(name=ep.name, distribution=dist, version=ep.dist.version if ep.dist is not None else None)
             self.records[ep.name] = rec
             names = {ep.name, dist}
             if only is not None and not (names & only):
                 rec.error = "not listed in COREPT_PLUGINS"
-                continue
-            if names & deny:
+            elif names & deny:
                 rec.error = "disabled by COREPT_DISABLE_PLUGINS"
-                continue
-            try:
-                plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the others
-                rec.error = f"import failed: {type(exc).__name__}: {exc}"
-                logger.warning(
-                    "corept plugin %r from distribution %s failed to import (%s: %s); it is skipped "
-                    "and the other plugins keep working. Fix or uninstall it, or set "
-                    "COREPT_DISABLE_PLUGINS=%s.", ep.name, dist, type(exc).__name__, exc, ep.name)
-                continue
-            self._register(plugin, rec)
+            else:
+                self._isolated(rec, ep.load)
+        self._unmatched(only, deny, eps)
+
+    def _unmatched(self, only: set[str] | None, deny: set[str], eps: list) -> None:
+        known = set(BUILTIN_PLUGINS) | {ep.name for ep in eps} | {ep.dist.name for ep in eps if ep.dist is not None}
+        for var, names in (("COREPT_PLUGINS", only or set()), ("COREPT_DISABLE_PLUGINS", deny)):
+            unknown = sorted(names - known)
+            if unknown:
+                why = (f"{var} names {unknown}, which no installed plugin is called (plugins: "
+                       f"{sorted(n for n in known if n)}): check the spelling")
+                self.problems.append(why)
+                logger.warning("corept: %s", why)
+
+    def _isolated(self, rec: PluginRecord, load) -> None:
+        """Import and register one plugin; any failure (``SystemExit`` or ``KeyboardInterrupt`` from
+        its import included) is its reason to be skipped, never the others', nor a later call's."""
+        try:
+            self._register(load(), rec)
+        except BaseException as exc:  # noqa: BLE001 - a broken plugin must not break the others
+            stage = "failed to load" if isinstance(exc, PluginLoadError) else "failed to import"
+            rec.error = f"{stage}: {type(exc).__name__}: {exc}"
+            logger.warning("corept plugin %r from distribution %s %s (%s: %s); it is skipped and the other "
+                           "plugins keep working. Fix or uninstall it, or set COREPT_DISABLE_PLUGINS=%s.",
+                           rec.name, rec.distribution, stage, type(exc).__name__, exc, rec.name)
 
     def register_plugin(self, plugin: Any, name: str, *, distribution: str | None = None) -> PluginRecord:
         """Register a plugin object in code (tests, notebooks, in-tree experiments)."""
@@ -207,7 +252,7 @@ class CoreptPluginManager:
         try:
             self._check_pending(rec)
             archs = self._call_registration(plugin)
-        except Exception:
+        except BaseException:
             self.pm.unregister(plugin)
             rec.plugin = None
             raise
@@ -234,7 +279,10 @@ class CoreptPluginManager:
         impl = getattr(plugin, "corept_register_architectures", None)
         if impl is None:
             return []
-        archs = list(impl() or [])
+        try:
+            archs = list(impl() or [])
+        except Exception as exc:
+            raise PluginLoadError(f"corept_register_architectures raised {type(exc).__name__}: {exc}") from exc
         for a in archs:
             if not isinstance(a, Architecture):
                 raise PluginLoadError(f"corept_register_architectures must return Architecture objects, got {a!r}")
@@ -250,6 +298,8 @@ class CoreptPluginManager:
         claims = self._claims.get(model_type, [])
         if not claims:
             return None
+        supported = [(a, r) for a, r in claims if transformers_supported(a.transformers)[0]]
+        claims = supported or claims  # an out-of-range claim never blocks an in-range one
         top = max(a.priority for a, _ in claims)
         best = [(a, r) for a, r in claims if a.priority == top]
         if len(best) > 1:
@@ -296,9 +346,8 @@ def get_plugin_manager() -> CoreptPluginManager:
         manager = _manager
     try:
         return manager.ensure_loaded()
-    except Exception:
-        # A plugin failed validation mid-discovery: forget the half-loaded manager so the next call
-        # fails the same loud way instead of silently answering with the plugins loaded so far.
+    except BaseException:
+        # interrupted mid-discovery: forget the manager so the next call discovers again
         with _manager_lock:
             if _manager is manager:
                 _manager = None

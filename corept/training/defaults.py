@@ -114,7 +114,7 @@ def embedded_options(method: str = "sft", **overrides) -> TrainOptions:
 
     folder, description, kind = default_model()
     values = dict(model=folder, data=str(shipped_data(method)), method=method,
-                  output=str(cache_root() / "runs" / f"demo-{method}"), overwrite=True,
+                  output=str(cache_root() / "runs" / f"demo-{method}"), overwrite=False,
                   save_method="merged_16bit", gradient_checkpointing="false", embedded=True,
                   held_out_question=HELD_OUT_QUESTION, seed=3407, max_new_tokens=48,
                   notes=[f"model: {description}"])

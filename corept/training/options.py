@@ -146,6 +146,7 @@ def validate(opts: TrainOptions) -> None:
     if opts.method == "kto" and opts.batch_size < 2:
         raise InvalidOptionsError("--method kto needs --batch-size >= 2: TRL's KTOTrainer estimates its KL term "
                                   "from mismatched pairs within a batch.")
+    _check_optim(opts.optim)
     if str(opts.gradient_checkpointing).lower() not in CHECKPOINTING:
         raise InvalidOptionsError(f"--gradient-checkpointing must be one of {sorted(CHECKPOINTING)}, "
                                   f"got {opts.gradient_checkpointing!r}")
@@ -160,6 +161,18 @@ def validate(opts: TrainOptions) -> None:
     if out.is_dir() and any(out.iterdir()) and not opts.overwrite:
         raise InvalidOptionsError(f"--output {out} exists and is not empty; choose a new folder or pass "
                                   f"--overwrite (its adapter/ and merged/ subfolders are then replaced)")
+
+
+def _check_optim(optim: str) -> None:
+    """``--optim`` must be an optimizer the HF Trainer knows (checked before the model loads)."""
+    from transformers.training_args import OptimizerNames
+
+    known = sorted(o.value for o in OptimizerNames)
+    if optim not in known:
+        close = [k for k in known if optim.replace("-", "_") in k or k in optim][:5]
+        raise InvalidOptionsError(f"--optim {optim!r} is not an optimizer the HF Trainer knows"
+                                  + (f" (did you mean {', '.join(close)}?)" if close else "")
+                                  + f"; e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, sgd")
 
 
 def checkpointing_mode(opts: TrainOptions):

@@ -12,6 +12,10 @@ Order matters for the promises ``corept train`` makes:
    tokens must be identical.
 5. ``corept.save`` writes ``OUTPUT/adapter`` (LoRA) and ``OUTPUT/merged`` (merged_16bit /
    merged_4bit) atomically, then ``OUTPUT/run.json`` (options, losses, answers, timings).
+
+Guards (:mod:`corept.training.safety`): ``--output`` is checked writable before the model loads;
+third-party telemetry is off for the run; a Ctrl-C during training stops it cleanly and saves the
+adapters trained so far to ``OUTPUT/adapter`` (the run record says at which step).
 """
 from __future__ import annotations
 
@@ -24,9 +28,11 @@ from typing import Callable
 
 from corept.errors import InvalidOptionsError
 from corept.training.data import load_training_data
+from corept.training import distributed
 from corept.training.cpu import initial_threads
 from corept.training.generation import GreedyCheck, answer, patched_unpatched_check
 from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
+from corept.training.safety import check_writable, epochs_warning, no_telemetry, remove_stale
 from corept.training.summary import format_loss_summary, loss_summary
 
 logger = logging.getLogger("corept")
@@ -48,6 +54,7 @@ class RunResult:
     applied: dict = field(default_factory=dict)
     seconds: dict = field(default_factory=dict)
     thread_changes: list = field(default_factory=list)  # (step, torch threads) set on a busy CPU
+    interrupted_at: int | None = None  # the optimizer step a Ctrl-C stopped training at
 
 
 def prepare(opts: TrainOptions):
@@ -65,6 +72,7 @@ def prepare(opts: TrainOptions):
         raise InvalidOptionsError("--model and --data go together (give both, or neither for the embedded default)")
     folder, _ = resolve_model_path(opts.model)
     dataset, fmt = load_training_data(opts.data, opts.method)
+    check_writable(Path(opts.output).expanduser())
     return opts, dataset, fmt, str(folder)
 
 
@@ -116,8 +124,12 @@ def _train(model, tokenizer, dataset, opts: TrainOptions, max_threads: int):
         governor = ThreadGovernor(ceiling=max_threads) if managed() else None
         if governor is not None:
             trainer.add_callback(governor)
-        trainer.train()
-    return trainer.state.log_history, (governor.changes if governor else [])
+        interrupted = None
+        try:
+            trainer.train()
+        except KeyboardInterrupt:
+            interrupted = trainer.state.global_step
+    return trainer.state.log_history, (governor.changes if governor else []), interrupted
 
 
 def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
@@ -126,8 +138,9 @@ def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
     out = Path(opts.output).expanduser()
     if hasattr(model, "peft_config"):
         result.adapter = corept.save(model, tokenizer, out / "adapter", method="lora")
-    if opts.save_method != "lora":
+    if opts.save_method != "lora" and result.interrupted_at is None:
         result.merged = corept.save(model, tokenizer, out / "merged", method=opts.save_method)
+    remove_stale(out, {name for name, path in (("adapter", result.adapter), ("merged", result.merged)) if path})
 
 
 def _write_record(result: RunResult) -> None:
@@ -137,7 +150,8 @@ def _write_record(result: RunResult) -> None:
               "greedy_patched_equals_unpatched": None if result.greedy is None else result.greedy.equal,
               "applied": result.applied, "seconds": result.seconds, "thread_changes": result.thread_changes,
               "adapter": str(result.adapter) if result.adapter else None,
-              "merged": str(result.merged) if result.merged else None}
+              "merged": str(result.merged) if result.merged else None,
+              "interrupted_at_step": result.interrupted_at}
     (result.output / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
 
@@ -147,12 +161,16 @@ def _show(q) -> str:
 
 def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> RunResult:
     """Run ``opts`` end to end (see the module docstring); ``echo`` receives every printed line."""
+    with no_telemetry():
+        return _run(opts, echo)
+
+
+def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
     import corept
 
     import torch
 
     from corept.distributed.launcher import is_main_process
-    from corept.training import distributed
 
     t0 = time.perf_counter()
     opts, dataset, fmt, folder = prepare(opts)
@@ -168,13 +186,18 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
          f"{opts.adapter_kind}" + ("" if opts.full_finetuning else f" r {opts.r} alpha {opts.lora_alpha}"))
     echo(f"sizes: seq {opts.max_seq_length}, batch {opts.batch_size} x accum {opts.grad_accum}, lr {opts.lr:g}, "
          + (f"{opts.max_steps} steps" if opts.max_steps else f"{opts.epochs:g} epoch(s)") + f", optim {opts.optim}")
+    from corept.distributed.launcher import launch
+
+    world = launch().world_size if mode is not None else 1
+    too_many = epochs_warning(opts.max_steps, len(dataset), opts.batch_size * opts.grad_accum * world)
+    if too_many:
+        logger.warning("corept: %s", too_many)
+        echo(f"warning: {too_many}")
     model, tokenizer = _load_model(opts, folder)
     result.seconds["load"] = round(time.perf_counter() - t0, 1)
     result.question = opts.held_out_question or opts.sample_prompt or sample_question(dataset, fmt)
     label = "held-out question" if opts.held_out_question else "sample prompt"
     if mode is not None:
-        from corept.distributed.launcher import launch
-
         echo(f"distributed: {mode}, {launch().world_size} processes; each trains on its own share of every "
              f"batch (--batch-size is per process)")
     if opts.held_out_question and main and mode != "fsdp":
@@ -188,8 +211,11 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
     if mode == "fsdp" and not any(p.is_cuda for p in model.parameters()):
         echo("  (loaded on CPU for sharding: each kernel call picks Triton once its shards are on the GPU)")
     t1 = time.perf_counter()
-    result.log_history, result.thread_changes = _train(model, tokenizer, dataset, opts, max_threads)
+    result.log_history, result.thread_changes, result.interrupted_at = _train(model, tokenizer, dataset, opts,
+                                                                              max_threads)
     result.seconds["train"] = round(time.perf_counter() - t1, 1)
+    if result.interrupted_at is not None:
+        return _interrupted(model, tokenizer, opts, result, echo, t0)
     if main and mode != "fsdp":  # a sharded model generates only with every rank taking part: skipped
         result.greedy = patched_unpatched_check(model, tokenizer, result.question, opts.max_new_tokens)
         result.after = result.greedy.text
@@ -203,6 +229,22 @@ def run_training(opts: TrainOptions, echo: Callable[[str], None] = print) -> Run
     if main:
         _write_record(result)
     _print_summary(result, label, echo)
+    return result
+
+
+def _interrupted(model, tokenizer, opts: TrainOptions, result: RunResult, echo, t0: float) -> RunResult:
+    """Ctrl-C during training: save the adapters trained so far (LoRA), write the record, say where."""
+    echo(f"\ninterrupted at step {result.interrupted_at}: "
+         + ("saving the adapters trained so far" if hasattr(model, "peft_config") else
+            "full fine-tuning saves nothing (the weights are the whole model; --max-steps stops at a step of your "
+            "choice)"))
+    if distributed.mode_of(opts) is None:
+        _save(model, tokenizer, opts, result)
+    result.seconds["total"] = round(time.perf_counter() - t0, 1)
+    _write_record(result)
+    if result.adapter:
+        echo(f"adapter (LoRA, safetensors, step {result.interrupted_at}): {result.adapter}")
+    echo(f"run record: {result.output / 'run.json'}")
     return result
 
 

@@ -82,37 +82,6 @@ emit({"logs": logs, "records": {n: r.to_dict() for n, r in pm.records.items()},
       "llama": corept.report(model).to_dict(), "problems": doctor.collect()["problems"]})
 '''
 
-TYPO = '''
-import corept
-
-
-@corept.hookimpl
-def corept_register_architectures():
-    return []
-
-
-@corept.hookimpl
-def corept_patch_nrom(arch, module, model):
-    return None
-'''
-
-TYPO_SCRIPT = '''
-import corept, tiny
-errors = []
-for attempt in range(2):
-    try:
-        corept.get_plugin_manager()
-        errors.append(None)
-    except corept.PluginLoadError as exc:
-        errors.append(str(exc))
-try:
-    corept.patch(tiny.tiny_model("llama"))
-    errors.append(None)
-except corept.PluginLoadError as exc:
-    errors.append(str(exc))
-emit({"errors": errors})
-'''
-
 DUP = '''
 from corept import Architecture, ArchitecturePlugin, ModuleRoles
 plugin = ArchitecturePlugin([Architecture("llama", ModuleRoles.standard("Llama"))])

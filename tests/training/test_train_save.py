@@ -103,7 +103,7 @@ def test_interrupted_save_keeps_previous(tiny_chat, tmp_path, monkeypatch):
                 p.fill_(0.5)  # the new save would differ
     with pytest.raises(OSError, match="injected"):
         corept.save(model, tok, target, method="merged_16bit")
-    assert written and not str(written[0]).startswith(str(target) + "/")  # it was writing elsewhere
+    assert written and str(written[0]).startswith(str(target / ".corept-staging-"))  # a hidden staging folder
     assert _snapshot(target) == previous
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]  # no temp folder left behind
     with pytest.raises(OSError, match="injected"):

@@ -1,47 +1,17 @@
-"""``corept.save``: LoRA adapters or merged weights, safetensors only, written atomically.
+"""Merged weights: the base model with its LoRA adapters added, written as safetensors.
 
-Every method writes into a temporary folder beside the target and renames it into place at the
-end, so an interrupted save leaves the previous save intact (and never a half-written folder at
-``path``). Merging dequantizes 4-bit bases and adds ``scaling * B @ A`` in float32 before casting.
+Merging dequantizes 4-bit (and 8-bit) bases and adds ``scaling * B @ A`` in float32 before casting.
 """
 from __future__ import annotations
 
 import json
-import logging
-import os
-import shutil
 import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 
-from corept.errors import InvalidOptionsError
-
-logger = logging.getLogger("corept")
-METHODS = ("lora", "merged_16bit", "merged_4bit")
 SHARD_SIZE = "5GB"
-
-
-@contextmanager
-def atomic_folder(path: str | os.PathLike):
-    """Yield a temporary folder next to ``path``; on success it replaces ``path`` in one rename."""
-    path = Path(path).resolve()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        backup = None
-        if path.exists():
-            backup = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, backup)
-        os.replace(tmp, path)
-        if backup is not None:
-            shutil.rmtree(backup, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _dequantized(weight: torch.Tensor, module: nn.Module | None = None) -> torch.Tensor:
@@ -102,7 +72,7 @@ def _untied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Te
     return sd
 
 
-def _save_merged(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+def save_merged(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
     write_weights(model, merged_state_dict(model, dtype), folder, dtype)
 
 
@@ -130,7 +100,8 @@ def write_weights(model: nn.Module, sd: dict[str, torch.Tensor], folder: Path, d
         base.generation_config.save_pretrained(folder)
 
 
-def _compute_dtype(model: nn.Module) -> torch.dtype:
+def compute_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype merged weights default to: the 4-bit compute dtype, else the first float parameter's."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     q = getattr(base.config, "quantization_config", None)
     if q is not None:
@@ -145,41 +116,13 @@ def _compute_dtype(model: nn.Module) -> torch.dtype:
     return torch.float32
 
 
-def save(model: nn.Module, tokenizer, path: str | os.PathLike, method: str = "lora", *,
-         dtype: torch.dtype | None = None) -> Path:
-    """Save ``model`` (and ``tokenizer``) to ``path``.
-
-    :param method: ``"lora"`` (adapter weights + config), ``"merged_16bit"`` (a plain transformers
-        folder with the adapters merged; from a 4-bit base the weights are dequantized and merged
-        in fp32), or ``"merged_4bit"`` (the merged model re-quantized to NF4 by bitsandbytes).
-    :param dtype: dtype of merged weights; default the model's compute dtype.
-    :returns: the folder written.
-    """
-    if method not in METHODS:
-        raise InvalidOptionsError(f"save method {method!r} unknown; use one of {METHODS}")
-    if method == "lora" and not hasattr(model, "peft_config"):
-        raise InvalidOptionsError("method='lora' needs a peft model (corept.get_peft_model); for a fully "
-                                  "fine-tuned model use method='merged_16bit'.")
-    dtype = dtype or _compute_dtype(model)
-    with atomic_folder(path) as tmp:
-        if method == "lora":
-            model.save_pretrained(tmp, safe_serialization=True)
-        elif method == "merged_16bit":
-            _save_merged(model, tmp, dtype)
-        else:
-            _save_merged_4bit(model, tmp, dtype)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        (tmp / "corept_save.json").write_text(json.dumps({"method": method, "dtype": str(dtype)}))
-    logger.info("corept: saved %s to %s", method, path)
-    return Path(path)
-
-
-def _save_merged_4bit(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+def save_merged_4bit(model: nn.Module, folder: Path, dtype: torch.dtype) -> None:
+    """The merged model re-quantized to NF4 by bitsandbytes (staged as merged 16-bit next to ``folder``)."""
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".merged16-") as staging:
-        _save_merged(model, Path(staging), dtype)
+    # beside the staging folder, named so an interrupted save's next save removes it (fileset.recover)
+    with tempfile.TemporaryDirectory(dir=folder.parent, prefix=".corept-staging-merged16-") as staging:
+        save_merged(model, Path(staging), dtype)
         q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                bnb_4bit_compute_dtype=dtype)
         device_map = {"": torch.cuda.current_device()} if torch.cuda.is_available() else None

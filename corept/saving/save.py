@@ -1,0 +1,64 @@
+"""``corept.save``: LoRA adapters or merged weights, safetensors only, corept's files only.
+
+Writes the set through :func:`corept.saving.fileset.file_set`: other files in the folder are left
+alone, and an interrupted save leaves the previous one readable (the next save or load finishes or
+removes what it left).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from corept.errors import InvalidOptionsError
+from corept.saving.fileset import file_set
+from corept.saving.merge import compute_dtype, save_merged, save_merged_4bit
+
+logger = logging.getLogger("corept")
+METHODS = ("lora", "merged_16bit", "merged_4bit")
+_DTYPE_NAMES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+                "half": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+
+
+def _dtype(dtype) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in _DTYPE_NAMES:
+        return _DTYPE_NAMES[dtype.lower()]
+    raise InvalidOptionsError(f"save dtype {dtype!r} is not understood; use a torch dtype or one of {sorted(_DTYPE_NAMES)}")
+
+
+def save(model: nn.Module, tokenizer, path: str | os.PathLike, method: str = "lora", *,
+         dtype: torch.dtype | str | None = None) -> Path:
+    """Save ``model`` (and ``tokenizer``) to ``path``, writing only corept's files there.
+
+    :param method: ``"lora"`` (adapter weights + config), ``"merged_16bit"`` (a plain transformers
+        folder with the adapters merged; from a 4-bit base the weights are dequantized and merged
+        in fp32), or ``"merged_4bit"`` (the merged model re-quantized to NF4 by bitsandbytes).
+    :param dtype: dtype of merged weights (a torch dtype or ``"bf16"``/``"fp16"``/``"fp32"``);
+        default the model's compute dtype.
+    :returns: the folder written.
+    """
+    if method not in METHODS:
+        raise InvalidOptionsError(f"save method {method!r} unknown; use one of {METHODS}")
+    if method == "lora" and not hasattr(model, "peft_config"):
+        raise InvalidOptionsError("method='lora' needs a peft model (corept.get_peft_model); for a fully "
+                                  "fine-tuned model use method='merged_16bit'.")
+    dtype = _dtype(dtype) or compute_dtype(model)
+    target = Path(path).expanduser()
+    if target.exists() and not target.is_dir():
+        raise InvalidOptionsError(f"cannot save to {target}: it exists and is not a folder")
+    with file_set(target, {"method": method, "dtype": str(dtype)}) as staging:
+        if method == "lora":
+            model.save_pretrained(staging, safe_serialization=True)
+        elif method == "merged_16bit":
+            save_merged(model, staging, dtype)
+        else:
+            save_merged_4bit(model, staging, dtype)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(staging)
+    logger.info("corept: saved %s to %s", method, target)
+    return target
