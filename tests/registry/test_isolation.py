@@ -128,3 +128,17 @@ def test_an_out_of_range_plugin_never_blocks_an_in_range_one(runs):
     data = ok(runs["old_preferred"])
     assert data["reports"][0]["plugin"] == "llama" and data["reports"][0]["applied"], data["reports"][0]
     assert any("oldplus" in p and "'<5.0'" in p and "load unpatched" in p for p in data["problems"]), data["problems"]
+
+
+def test_doctor_reports_an_invalid_transformers_range():
+    import corept
+    from corept.cli import doctor
+
+    plugin = corept.ArchitecturePlugin([corept.Architecture("badrange", corept.ModuleRoles.standard("BadRange"),
+                                                            transformers="version five or so")])
+    corept.register_plugin(plugin, "badrange")
+    try:
+        problems = doctor.collect()["problems"]
+    finally:
+        corept.unregister_plugin("badrange")
+    assert any("badrange" in p and "invalid version range 'version five or so'" in p for p in problems), problems

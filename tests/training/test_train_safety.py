@@ -65,8 +65,10 @@ def test_bad_options_fail_with_one_line(tiny_chat, sft_data, tmp_path, capsys, a
     assert __import__("re").search(match, err), err
 
 
-def test_the_no_argument_run_follows_the_overwrite_rules(corept_cache):
-    out = corept_cache / "runs" / "demo-sft"
+def test_the_no_argument_run_follows_the_overwrite_rules(tmp_path, monkeypatch):
+    monkeypatch.setenv("COREPT_CACHE", str(tmp_path))
+    monkeypatch.setenv("COREPT_DEMO_MODEL", "tiny")
+    out = tmp_path / "runs" / "demo-sft"
     out.mkdir(parents=True)
     (out / "notes.txt").write_text("mine")
     args = build_parser().parse_args(["train"])
