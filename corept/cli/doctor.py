@@ -50,7 +50,10 @@ def collect() -> dict:
             pm.architecture_for(mt)
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             problems.append(str(exc))
-    return {"versions": versions, "gpu": gpu, "triton_interpreter": interpreter_active(),
+    plugins = [{"name": rec.name, "distribution": rec.distribution, "version": rec.version, "loaded": rec.loaded,
+                "model_types": [a.model_type for a in rec.architectures]}
+               for rec in sorted(pm.records.values(), key=lambda r: r.name) if not rec.builtin]
+    return {"versions": versions, "gpu": gpu, "plugins": plugins, "triton_interpreter": interpreter_active(),
             "triton_mode": "gpu" if gpu else ("interpreter" if interpreter_active() else "torch fallbacks (no GPU, TRITON_INTERPRET unset)"),
             "problems": problems}
 
@@ -64,7 +67,11 @@ def run(args) -> int:
         print(f"{k:16s} {v or 'not installed'}")
     g = info["gpu"]
     print(f"{'gpu':16s} {g['name'] + ', bf16 ' + ('yes' if g['bf16'] else 'no') if g else 'none'}")
-    print(f"{'triton':16s} {info['triton_mode']}")
+    mode = {"gpu": "Triton on the GPU", "interpreter": "Triton interpreter (TRITON_INTERPRET=1)"}
+    print(f"{'kernels run as':16s} {mode.get(info['triton_mode'], info['triton_mode'])}")
+    print(f"{'plugins':16s} " + (", ".join(f"{p['name']} ({', '.join(p['model_types'])})" + ("" if p["loaded"]
+                                                                                           else " NOT LOADED")
+                                            for p in info["plugins"]) or "none installed"))
     print("problems:" if info["problems"] else "no problems found")
     for p in info["problems"]:
         print(f"  - {p}")

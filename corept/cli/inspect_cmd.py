@@ -10,7 +10,9 @@ HELP = "show which plugin and patches a model would get (reads the config only, 
 
 
 def add_arguments(p) -> None:
-    p.add_argument("model", help="local folder, HF cache/hub repo id, or plugin alias")
+    p.add_argument("model", help="local folder or config.json, plugin alias (corept plugins lists them), a model a "
+                                 "plugin declares (answered offline from its built-in config), HF cache or hub id "
+                                 "(config.json only)")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.add_argument("--trust-remote-code", action="store_true")
 
@@ -18,14 +20,15 @@ def add_arguments(p) -> None:
 def collect(name: str, trust_remote_code: bool = False) -> dict:
     from pathlib import Path
 
-    from corept.loading.checkpoint import read_config
-    from corept.loading.names import resolve_model_path
+    from corept.planning.shape import load_config
     from corept.registry.resolution import resolve
 
-    folder, how = resolve_model_path(name)
-    config = read_config(Path(folder), trust_remote_code=trust_remote_code)
+    config, resolved, source = load_config(name, trust_remote_code=trust_remote_code)
+    how, _, where = source.partition(": ")  # "local folder: /path/config.json", "built-in copy of ...'s config"
+    if where:
+        resolved = str(Path(where).parent if where.endswith("config.json") else Path(where))
     arch = resolve(config)
-    info = {"model": name, "resolved": str(folder), "found_via": how, "model_type": config.model_type,
+    info = {"model": name, "resolved": resolved, "found_via": how, "model_type": config.model_type,
             "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": ""}
     if arch is None:
         info["components"] = {c: "transformers (no plugin)" for c in COMPONENTS}
@@ -53,7 +56,7 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(info, indent=2, default=str))
         return 0
-    print(f"model:      {info['model']}  ({info['found_via']}: {info['resolved']})")
+    print(f"model:      {info['model']}  ({info['found_via']})")
     print(f"model_type: {info['model_type']}")
     print(f"plugin:     {info['plugin'] or 'none - the model would load unpatched'}")
     if info["notes"]:

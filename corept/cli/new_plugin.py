@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import keyword
 import re
+import shlex
 import string
+import sys
 from importlib import resources
 from pathlib import Path
 
@@ -90,11 +92,24 @@ def render(name: str, *, model_type: str | None = None, class_prefix: str | None
     return folder
 
 
+def install_command(folder: Path) -> str:
+    """The pip command that installs a rendered plugin into the Python running corept.
+
+    The plugin requires ``corept`` and ``corept-kernels``, which are installed here already, so pip
+    needs no index; without build isolation it needs no network either (setuptools must be present,
+    as in corept's own ``.venv``).
+    """
+    import importlib.util
+
+    isolation = "" if importlib.util.find_spec("setuptools") is None else " --no-build-isolation"
+    return f"{shlex.quote(sys.executable)} -m pip install{isolation} {shlex.quote(str(folder))}"
+
+
 def run(args) -> int:
     folder = render(args.name, model_type=args.model_type, class_prefix=args.class_prefix, output=args.output,
                     force=args.force)
     print(f"wrote {folder}")
-    print(f"next: check the declarations in {folder / ('corept_' + args.name) / '__init__.py'}, then\n"
-          f"  pip install --no-deps {folder}   (corept and corept-kernels must be installed already)\n"
-          f"  python -m pytest {folder / 'tests'} -q")
+    print(f"next: check the declarations in {folder / ('corept_' + args.name) / '__init__.py'}, then")
+    print(f"  {install_command(folder)}")
+    print(f"  {shlex.quote(sys.executable)} -m pytest {shlex.quote(str(folder / 'tests'))} -q")
     return 0

@@ -3,8 +3,9 @@
 Reads the model's config only (no weights). With ``--max-seq-length`` and ``--batch-size`` it
 estimates that configuration (exit 1 and the smallest changes that would fit when it does not);
 otherwise it recommends the longest sequence, batch and rank that fit with the margin, and the
-gradient accumulation for ``--target-batch``. Exit 2 on errors (unknown GPU, unreadable config,
-nothing fits at all).
+gradient accumulation for ``--target-batch``. Both VRAM and the pinned host RAM of offloaded
+checkpoints must fit (the host's RAM is detected, or ``--host-ram GIB``). Every size is in GiB.
+Exit 2 on errors (unknown GPU, unreadable config, nothing fits at all).
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import json
 
 from corept.planning.estimate import CHECKPOINTING, DEFAULT_MARGIN, METHODS, OPTIMS
 from corept.planning.gpus import GIB, GPUS
+from corept.planning.host import HOST_FRACTION, HOST_RESERVE_GIB
 
 HELP = "plan GPU memory: what fits (seq, batch, LoRA rank) for a model, method and GPU, from the config"
 
@@ -19,15 +21,21 @@ HELP = "plan GPU memory: what fits (seq, batch, LoRA rank) for a model, method a
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="local folder, config.json, HF cache/hub id, plugin alias or a "
                                                   "name a plugin declares a config for (corept plan --help lists them)")
-    p.add_argument("--method", choices=METHODS, default=None, help="lora (16-bit base), qlora (4-bit base) or full")
-    p.add_argument("--load-in-4bit", action="store_true", help="same as --method qlora")
+    p.add_argument("--method", choices=METHODS, default=None,
+                   help="required unless --load-in-4bit: lora (16-bit base), qlora (4-bit base) or full")
+    p.add_argument("--load-in-4bit", action="store_true", help="same as --method qlora (then --method may be left out)")
     p.add_argument("--max-seq-length", type=int, default=None, help="sequence length (default: searched)")
     p.add_argument("--batch-size", type=int, default=None, help="per-device batch (default: searched)")
     p.add_argument("--r", type=int, default=None, help="LoRA rank (default: 64 / 32 / 16 by model size)")
     p.add_argument("--optim", choices=OPTIMS, default="adamw")
     p.add_argument("--checkpointing", choices=CHECKPOINTING, default="corept")
     p.add_argument("--gpu", default=None, help=f"one of {', '.join(GPUS)} (default: the detected GPU)")
-    p.add_argument("--vram", type=float, default=None, metavar="GIB", help="usable GPU memory in GiB instead of --gpu")
+    p.add_argument("--vram", type=float, default=None, metavar="GIB",
+                   help="usable GPU memory in GiB (2**30 bytes, as torch reports it) instead of --gpu")
+    p.add_argument("--host-ram", type=float, default=None, metavar="GIB",
+                   help="RAM of the training machine in GiB, all of it available (default: this machine's, "
+                        f"detected); pinned host RAM may use min(available, {HOST_FRACTION:.0%}% of it) - "
+                        f"{HOST_RESERVE_GIB:g} GiB per process")
     p.add_argument("--target-batch", type=int, default=16, help="effective batch for grad accumulation (default 16)")
     p.add_argument("--gpus", type=int, default=1, help="GPUs training together, one process each (default 1); "
                                                        "every figure is then per GPU")
@@ -35,8 +43,23 @@ def add_arguments(p) -> None:
                    help="with --gpus N: ddp (a replica per GPU, the default) or fsdp (FSDP2 shards)")
     p.add_argument("--margin", type=float, default=DEFAULT_MARGIN,
                    help=f"fraction of VRAM kept free (default {DEFAULT_MARGIN})")
-    p.add_argument("--json", action="store_true", help="print JSON")
+    p.add_argument("--json", action="store_true", help="print JSON (sizes in GiB)")
     p.add_argument("--trust-remote-code", action="store_true")
+    _usage_method_required(p)
+
+
+def _usage_method_required(p) -> None:
+    """argparse prints ``[--method ...]`` as optional; it is required unless ``--load-in-4bit``.
+
+    (``required=True`` would reject ``--load-in-4bit`` alone, and a required mutually exclusive
+    group would reject the consistent ``--method qlora --load-in-4bit``.)
+    """
+    usage = p.format_usage()
+    opt, alt = f"[--method {{{','.join(METHODS)}}}]", " [--load-in-4bit]"
+    if "\x1b" in usage or not usage.startswith("usage: ") or opt not in usage or alt not in usage:
+        return  # an argparse that formats differently: keep its usage (the help text still says it)
+    required = "(" + opt[1:-1] + " | --load-in-4bit)"
+    p.usage = usage[len("usage: "):].rstrip("\n").replace(alt, "").replace(opt, required)
 
 
 def _notes(est) -> dict:
@@ -52,7 +75,8 @@ def _notes(est) -> dict:
     else:
         t = f"LoRA r{est.r}: {d['n_trainable'] / 1e6:.1f}M params x 4 B (fp32 adapters)"
     if d["offloaded"]:
-        ck = f"offloaded: {g(est.host_pinned)} GiB in pinned host RAM"
+        ck = f"offloaded: {g(est.host_pinned)} GiB in pinned host RAM" + (
+            f" per process ({g(est.host_pinned_total)} GiB on the host)" if est.sharding.gpus > 1 else "")
     elif est.checkpointing == "none":
         ck = "no checkpointing: every layer's saved activations"
     else:
@@ -92,9 +116,11 @@ def render(p) -> str:
               f"{'CUDA context':26s} {g(est.cuda_context)}   outside the allocator's counters",
               f"{'required':26s} {g(est.required)}   budget {est.budget / GIB:.2f} GiB "
               f"({est.gpu.usable_gib:.1f} GiB - {est.margin:.0%} margin): "
-              + ("FITS" if est.fits else "DOES NOT FIT")]
-    if est.host_pinned:
-        lines.append(f"{'pinned host RAM':26s} {g(est.host_pinned)}   offloaded layer inputs (CPU side)")
+              + ("FITS" if est.vram_fits else "DOES NOT FIT")]
+    lines += _host_lines(est)
+    if not est.fits:
+        why = [w for w, bad in (("VRAM", not est.vram_fits), ("pinned host RAM", not est.host_fits)) if bad]
+        lines.append(f"{'verdict':26s} DOES NOT FIT ({' and '.join(why)})")
     if p.recommendation:
         r = p.recommendation
         lines += ["", f"recommended: max_seq_length {r['max_seq_length']}, batch_size {r['batch_size']}, "
@@ -108,6 +134,19 @@ def render(p) -> str:
     for n in est.notes:
         lines.append(f"note: {n}")
     return "\n".join(lines)
+
+
+def _host_lines(est) -> list[str]:
+    """The pinned host RAM line: needed vs the host's budget, and where the budget came from."""
+    host, budget, need = est.host, est.host_budget, est.host_pinned_total
+    what = "offloaded layer inputs (CPU side)" if need else "nothing offloaded"
+    if host is None:
+        return [f"{'pinned host RAM':26s} {need / GIB:7.2f}   {what}"] if need else []
+    if budget is None:
+        return [f"{'pinned host RAM':26s} {need / GIB:7.2f}   {what}; {host.describe(est.sharding.gpus)}"]
+    verdict = "FITS" if est.host_fits else (
+        f"DOES NOT FIT: needs {need / GIB:.2f} GiB of pinned host RAM, {budget / GIB:.2f} GiB available for it")
+    return [f"{'pinned host RAM':26s} {need / GIB:7.2f}   {what}; {host.describe(est.sharding.gpus)}: {verdict}"]
 
 
 def run(args) -> int:
@@ -125,7 +164,7 @@ def run(args) -> int:
     p = plan(args.model, method, gpu=args.gpu, vram=args.vram, max_seq_length=args.max_seq_length,
              batch_size=args.batch_size, r=args.r, optim=args.optim, checkpointing=args.checkpointing,
              target_batch=args.target_batch, margin=args.margin, trust_remote_code=args.trust_remote_code,
-             gpus=args.gpus, distributed=args.distributed)
+             gpus=args.gpus, distributed=args.distributed, host_ram=args.host_ram)
     if args.json:
         print(json.dumps(p.to_dict(), indent=2, default=str))
     else:

@@ -1,4 +1,7 @@
-"""``corept plugins``: the installed plugins, what they declare and whether they loaded."""
+"""``corept plugins``: the installed plugins (sorted by name), what they declare and whether they loaded.
+
+Aliases are the short names ``corept.load``, ``plan``, ``inspect`` and ``train --model`` accept.
+"""
 from __future__ import annotations
 
 import json
@@ -15,7 +18,8 @@ def add_arguments(p) -> None:
 
 def collect(include_builtin: bool = False) -> list[dict]:
     pm = get_plugin_manager()
-    return [rec.to_dict() for rec in pm.records.values() if include_builtin or not rec.builtin]
+    rows = [rec.to_dict() for rec in pm.records.values() if include_builtin or not rec.builtin]
+    return sorted(rows, key=lambda r: (not r["builtin"], r["name"]))
 
 
 def run(args) -> int:
@@ -30,6 +34,10 @@ def run(args) -> int:
         builtin = " (built-in)" if r["builtin"] else ""
         print(f"{r['name']} {r['version'] or ''} ({r['distribution']}){builtin} - {status}")
         print(f"  model_types: {', '.join(r['model_types']) or '-'}")
+        if r["aliases"]:
+            print(f"  aliases: {', '.join(f'{a} = {t}' for a, t in r['aliases'].items())}")
+        if r["models"]:
+            print(f"  known models (corept plan / inspect answer offline): {', '.join(r['models'])}")
         print(f"  hooks: {', '.join(r['hooks']) or '-'}")
         print(f"  transformers: {r['transformers']}")
     return 0

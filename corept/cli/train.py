@@ -10,6 +10,25 @@ import argparse
 HELP = ("fine-tune with TRL (sft/dpo/kto; LoRA, QLoRA or full) and save adapter + merged model; "
         "no arguments: the embedded offline demo")
 
+#: printed after the options by ``corept train --help``
+EPILOG = """\
+data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in the format of row 0):
+  sft, one of
+    {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"}]}
+    {"prompt": [{"role": "user", "content": "Hi"}], "completion": [{"role": "assistant", "content": "Hello!"}]}
+    {"prompt": "Q: 2+2?\\nA:", "completion": " 4"}
+    {"text": "Any plain text to continue."}
+    (messages/prompt rows use the tokenizer's chat template; prompt+completion puts the loss on the completion)
+  dpo  {"prompt": "...", "chosen": "...", "rejected": "..."}   (strings, or conversations as above)
+  kto  {"prompt": "...", "completion": "...", "label": true}   (label: true = desirable)
+
+outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers folder, unless
+--save-method lora) and DIR/run.json (options, losses, timings). The no-argument run writes to
+~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
+
+example: corept train --model smollm2-135m-instruct --data my.jsonl --output my-run --max-steps 20
+"""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from corept.training.profiles import PROFILES, profile_names
@@ -20,26 +39,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model folder, HF id or plugin alias (default: the embedded model a plugin declares)")
     g.add_argument("--data", help="jsonl, json, csv or parquet file, or a datasets folder (save_to_disk); "
                                   "default: the shipped corept Q/A data")
-    g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft")
+    g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft",
+                   help="TRL trainer: sft (default), dpo or kto; the data columns each needs are listed below")
     g.add_argument("--output", help="output folder: adapter/, merged/ and run.json (required with --model/--data)")
     g.add_argument("--overwrite", action="store_true", help="allow a non-empty --output (the no-argument run too)")
     q = p.add_argument_group("weights")
     q.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes)")
     q.add_argument("--load-in-8bit", action="store_true", help="LLM.int8 base weights (bitsandbytes)")
     q.add_argument("--full-finetuning", action="store_true", help="train every weight (no adapters)")
-    q.add_argument("--r", type=int, help="LoRA rank")
-    q.add_argument("--alpha", type=float, dest="lora_alpha", help="LoRA alpha (default: = r)")
+    q.add_argument("--r", type=int, help="LoRA rank (default 16, or the --profile's)")
+    q.add_argument("--alpha", type=float, dest="lora_alpha",
+                   help="LoRA alpha (default: = r; the no-argument demo uses 32 with r 16)")
     q.add_argument("--targets", default="all-linear",
                    help="LoRA target modules: all-linear or comma-separated names (q_proj,v_proj)")
     s = p.add_argument_group("sizes and schedule")
     s.add_argument("--profile", choices=profile_names(),
-                   help=f"preset sizes (explicit flags win): {presets}; auto: ask the VRAM planner")
-    s.add_argument("--max-seq-length", type=int)
-    s.add_argument("--batch-size", type=int, help="per-device micro-batch")
-    s.add_argument("--grad-accum", type=int, help="gradient accumulation steps")
+                   help=f"preset sizes (explicit flags win): {presets}; auto: ask the VRAM planner. Default: "
+                        f"none, i.e. seq 1024, batch 2 x accum 1, r 16 unless flags say otherwise")
+    s.add_argument("--max-seq-length", type=int, help="tokens per row; longer rows are truncated (default 1024)")
+    s.add_argument("--batch-size", type=int, help="per-device micro-batch (default 2)")
+    s.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
     s.add_argument("--lr", type=float, help="learning rate (default per method: sft 2e-4, dpo/kto 5e-5; "
                                             "full fine-tuning 2e-5 / 1e-6)")
-    s.add_argument("--epochs", type=float)
+    s.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     s.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     s.add_argument("--optim", help="HF optimizer name (default adamw_8bit on GPU, adamw_torch on CPU)")
     s.add_argument("--gradient-checkpointing", default=None, choices=("corept", "true", "false"),
@@ -48,12 +70,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="under torchrun / accelerate launch: ddp (a replica per GPU; the default when launched "
                         "with >1 process) or fsdp (FSDP2 shards, CUDA only); see docs/distributed.md")
-    s.add_argument("--seed", type=int, default=3407)
+    s.add_argument("--seed", type=int, default=3407, help="seed of the adapters' init and the data order (default 3407)")
     o = p.add_argument_group("output")
     o.add_argument("--save-method", choices=("lora", "merged_16bit", "merged_4bit"), default=None,
                    help="lora: adapter only; merged_16bit (default) / merged_4bit: adapter + merged model")
     o.add_argument("--sample-prompt", help="prompt for the closing sample generation (default: row 0's prompt)")
-    o.add_argument("--max-new-tokens", type=int, default=48)
+    o.add_argument("--max-new-tokens", type=int, default=None,
+                   help="longest closing sample answer, in tokens; generation stops earlier at EOS (default 48; "
+                        "96 in the no-argument run)")
 
 
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
@@ -73,7 +97,9 @@ def options_from_args(args):
 
     given = {k: getattr(args, k) for k in _SIZES if getattr(args, k, None) is not None}
     given.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k, None)})
-    common = dict(targets=args.targets, beta=args.beta, seed=args.seed, max_new_tokens=args.max_new_tokens)
+    common = dict(targets=args.targets, beta=args.beta, seed=args.seed)
+    if args.max_new_tokens is not None:
+        common["max_new_tokens"] = args.max_new_tokens
     if args.model is None and args.data is None:
         return embedded_options(args.method, output=args.output, **common, **given)
     if args.data is None or args.model is None:

@@ -19,7 +19,8 @@ def resolve_model_path(name: str, *, revision: str | None = None, token: str | N
     """Resolve ``name`` to a folder holding ``config.json``.
 
     Tried in order: an existing local folder; a plugin-declared alias (resolved again); the HF
-    cache (works offline); the hub, unless ``HF_HUB_OFFLINE`` is set.
+    cache (works offline); the hub, unless ``HF_HUB_OFFLINE`` is set. When offline (or the hub
+    fails) a model a plugin declares as embedded in an installed package loads from that copy.
 
     :returns: ``(folder, how)`` where ``how`` says which route found it.
     :raises ModelNotFoundError: with what was tried and how to fix it.
@@ -57,6 +58,9 @@ def resolve_model_path(name: str, *, revision: str | None = None, token: str | N
     else:
         cache_error = FileNotFoundError("config.json missing in the cached snapshot")
     if offline():
+        embedded = embedded_copy(name)
+        if embedded is not None:
+            return embedded
         raise ModelNotFoundError(
             f"{name!r} is not a local folder, not a plugin alias and not in the HF cache "
             f"({type(cache_error).__name__}), and HF_HUB_OFFLINE is set so the hub is not asked. "
@@ -65,6 +69,26 @@ def resolve_model_path(name: str, *, revision: str | None = None, token: str | N
         folder = snapshot_download(name, revision=revision, token=token, cache_dir=cache_dir,
                                    allow_patterns=patterns)
     except Exception as exc:  # noqa: BLE001 - surfaced with advice
-        raise ModelNotFoundError(f"could not fetch {name!r} from the hub: {type(exc).__name__}: {exc}. "
-                                 f"Check the id, your network, or pass token= for gated repos.") from exc
+        embedded = embedded_copy(name)
+        if embedded is not None:
+            logger.warning("corept: could not fetch %r from the hub (%s); using its embedded copy", name,
+                           type(exc).__name__)
+            return embedded
+        raise ModelNotFoundError(f"could not fetch {name!r} from the hub: {type(exc).__name__}: "
+                                 f"{str(exc).rstrip('. ')}. Check the id and your network; for a gated repo, "
+                                 f"accept its terms on the hub and log in (huggingface-cli login, or set HF_TOKEN)."
+                                 ) from exc
     return Path(folder), "hub"
+
+
+def embedded_copy(name: str) -> tuple[Path, str] | None:
+    """``(folder, how)`` of a plugin-declared embedded copy of ``name`` (weights shipped in a Python
+    package, dequantized from GGUF), or ``None`` when no installed package carries one."""
+    from corept.loading.embedded import declared
+
+    for emb in declared():
+        if emb.model.repo_id.lower() == name.lower():
+            folder = emb.folder()
+            if folder is not None:
+                return folder, f"embedded copy ({emb.model.embedded.package} package, GGUF {emb.model.embedded.filename})"
+    return None

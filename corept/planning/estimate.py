@@ -37,6 +37,12 @@ for ``none``; ``A(N)`` a layer's saved set, ``X(N)`` its backward extra; see
 
 Plus a constant library workspace (cuBLAS/cuBLASLt) and per-sequence RoPE tables and labels.
 
+Host side (``host_pinned``): offloaded checkpoints pin ``L`` blocks of ``a*H*N`` bytes, each rounded
+up to a power of two by torch's caching host allocator (which keeps them cached between steps), so
+``L * 2**ceil(log2(a*H*N))``; with ``gpus > 1`` every process pins its own. Given a
+:class:`~corept.planning.host.HostMemory`, ``fits`` also requires that to fit its budget
+(:mod:`corept.planning.host`). Nothing is offloaded to disk.
+
 With ``gpus > 1`` every figure is per GPU (:mod:`corept.planning.sharding`): DDP adds its gradient
 buckets; FSDP2 divides weights, adapters, gradients and optimizer states by the GPU count and adds
 the gathered units (``distributed_buffers``). Activations are per process (per-device batch).
@@ -48,6 +54,7 @@ from dataclasses import dataclass, field
 from corept.errors import InvalidOptionsError
 from corept.planning.activations import UNPATCHED_FACTOR, layer_bytes, loss_chunk_tokens
 from corept.planning.gpus import GIB, GpuProfile, get_gpu
+from corept.planning.host import HostMemory, host_memory
 from corept.planning.shape import ModelShape
 from corept.planning.sharding import Sharding, per_gpu
 
@@ -85,6 +92,7 @@ class Estimate:
     host_pinned: int
     notes: list = field(default_factory=list)
     details: dict = field(default_factory=dict)
+    host: HostMemory | None = None
 
     @property
     def peak_allocated(self) -> int:
@@ -107,8 +115,27 @@ class Estimate:
         return int(self.gpu.usable_bytes * (1.0 - self.margin))
 
     @property
-    def fits(self) -> bool:
+    def vram_fits(self) -> bool:
         return self.required <= self.budget
+
+    @property
+    def host_pinned_total(self) -> int:
+        """Pinned host bytes of every training process on the machine (``gpus`` x ``host_pinned``)."""
+        return self.host_pinned * self.sharding.gpus
+
+    @property
+    def host_budget(self) -> int | None:
+        """Pinned bytes the host allows (``None``: no host given or its RAM unknown, not checked)."""
+        return None if self.host is None else self.host.budget(self.sharding.gpus)
+
+    @property
+    def host_fits(self) -> bool:
+        return self.host_budget is None or self.host_pinned_total <= self.host_budget
+
+    @property
+    def fits(self) -> bool:
+        """VRAM fits and, when a host is given, so does the pinned host RAM."""
+        return self.vram_fits and self.host_fits
 
     def to_dict(self) -> dict:
         g = lambda b: round(b / GIB, 3)  # noqa: E731
@@ -121,8 +148,11 @@ class Estimate:
             "phases_gib": {k: g(v) for k, v in self.phases.items()}, "peak_phase": self.peak_phase,
             "peak_allocated_gib": g(self.peak_allocated), "allocator_slack_gib": g(self.allocator_slack),
             "cuda_context_gib": g(self.cuda_context), "required_gib": g(self.required),
-            "budget_gib": g(self.budget), "margin": self.margin, "fits": self.fits,
-            "host_pinned_gib": g(self.host_pinned), "details": dict(self.details), "notes": list(self.notes),
+            "budget_gib": g(self.budget), "margin": self.margin, "fits": self.fits, "vram_fits": self.vram_fits,
+            "host_pinned_gib": g(self.host_pinned), "host_pinned_total_gib": g(self.host_pinned_total),
+            "host_fits": self.host_fits,
+            "host_ram": None if self.host is None else self.host.to_dict(self.sharding.gpus),
+            "details": dict(self.details), "notes": list(self.notes),
         }
 
 
@@ -171,16 +201,24 @@ def dequant_bytes(shape: ModelShape, method: str, a: int) -> int:
     return a * biggest + biggest // 16
 
 
+def pinned_block(nbytes: int) -> int:
+    """What torch's caching host allocator pins for ``nbytes``: the next power of two."""
+    return 0 if nbytes <= 0 else 1 << (int(nbytes) - 1).bit_length()
+
+
 def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch: int = 1, r: int = 16,
              optim: str = "adamw", checkpointing: str = "corept", gpu: GpuProfile | str | None = None,
              margin: float = DEFAULT_MARGIN, slack: float = DEFAULT_SLACK, gpus: int = 1,
-             distributed: str | None = None) -> Estimate:
+             distributed: str | None = None, host: HostMemory | float | None = None) -> Estimate:
     """Predict the peak of one training step for ``shape`` (see the module docstring).
 
     :param gpus: GPUs training together (one process each; ``batch`` is per GPU).
     :param distributed: ``"ddp"`` (default with ``gpus > 1``) or ``"fsdp"``; figures are per GPU.
+    :param host: the machine's RAM, a :class:`~corept.planning.host.HostMemory` or GiB (as
+        ``plan(host_ram=...)``); ``fits`` then also checks the pinned host RAM. ``None``: not checked.
     """
     validate(method, seq, batch, r, optim, checkpointing)
+    host = None if host is None else host_memory(host)  # GiB of RAM or a HostMemory
     sharding = Sharding.of(gpus, distributed)
     gpu = get_gpu(gpu) if not isinstance(gpu, GpuProfile) else gpu
     a = 4 if (shape.force_float32 and not gpu.bf16) else 2
@@ -206,11 +244,11 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
 
     offload = checkpointing == "corept" and N >= MIN_OFFLOAD_TOKENS
     if checkpointing == "none":
-        store, host = saved, 0
+        store, pinned = saved, 0
     elif offload:
-        store, host = 0, a * H * N * L
+        store, pinned = 0, pinned_block(a * H * N) * L
     else:
-        store, host = a * H * N, 0
+        store, pinned = a * H * N, 0
     seq_tables = 2 * a * S * shape.head_dim + 8 * S + 24 * N  # cos/sin, position ids, ids/labels/targets
     workspace = WORKSPACE_BYTES + seq_tables
     deq = dequant_bytes(shape, method, a)
@@ -247,12 +285,12 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
         notes.append(f"no corept patches: layer activations scaled by {UNPATCHED_FACTOR} (measured on an 8B dense model)")
     est = Estimate(model=shape, method=method, seq=seq, batch=batch, r=r, optim=optim, checkpointing=checkpointing,
                    gpu=gpu, margin=margin, slack=slack, dtype=dtype, sharding=sharding, components=phases[peak_phase],
-                   phases=totals, peak_phase=peak_phase, host_pinned=host, notes=notes)
+                   phases=totals, peak_phase=peak_phase, host_pinned=pinned, notes=notes, host=host)
     est.details = {"n_trainable": n_train, "loss_chunk_tokens": chunk, "layer_saved_per_token": lb.saved_per_token(S),
                    "layer_backward_extra_per_token": lb.backward_extra(S, recomputed_out, a, H),
-                   "offloaded": offload, "attention": attention}
-    if sharding.mode is not None and host:
-        notes.append(f"pinned host RAM is per process: {sharding.gpus} x {host / GIB:.1f} GiB on the machine")
+                   "offloaded": offload, "attention": attention, "host_pinned_data": a * H * N * L if offload else 0}
+    if sharding.mode is not None and pinned:
+        notes.append(f"pinned host RAM is per process: {sharding.gpus} x {pinned / GIB:.1f} GiB on the machine")
     if shape.max_positions and seq > shape.max_positions:
         notes.append(f"seq {seq} exceeds the model's max_position_embeddings {shape.max_positions}")
     return est

@@ -20,7 +20,8 @@ class GpuProfile:
     """One GPU model.
 
     :param name: CLI name, e.g. ``"rtx3090"``.
-    :param label: human name.
+    :param label: the device name as ``torch.cuda.get_device_name`` reports it (a product name;
+        every memory size the planner prints is in GiB, never the marketing GB).
     :param usable_gib: total device memory as torch reports it, in GiB.
     :param bf16: bf16 supported (else the planner assumes fp16 activations).
     :param flash: SDPA can use a FlashAttention kernel (sm80+); without it a GQA model's
@@ -44,14 +45,14 @@ class GpuProfile:
 
 
 GPUS: dict[str, GpuProfile] = {g.name: g for g in (
-    GpuProfile("rtx3090", "NVIDIA GeForce RTX 3090 (24 GB)", 23.70),
-    GpuProfile("rtx4090", "NVIDIA GeForce RTX 4090 (24 GB)", 23.65),
-    GpuProfile("l4", "NVIDIA L4 (24 GB)", 22.05),
-    GpuProfile("t4", "NVIDIA T4 (16 GB)", 14.75, bf16=False, flash=False, context_gib=0.4),
-    GpuProfile("a100-40", "NVIDIA A100 40 GB", 39.39),
-    GpuProfile("a100-80", "NVIDIA A100 80 GB", 79.25),
-    GpuProfile("h100", "NVIDIA H100 80 GB", 79.19),
-    GpuProfile("h200", "NVIDIA H200 141 GB", 139.80),
+    GpuProfile("rtx3090", "NVIDIA GeForce RTX 3090", 23.70),
+    GpuProfile("rtx4090", "NVIDIA GeForce RTX 4090", 23.65),
+    GpuProfile("l4", "NVIDIA L4", 22.05),
+    GpuProfile("t4", "Tesla T4", 14.75, bf16=False, flash=False, context_gib=0.4),
+    GpuProfile("a100-40", "NVIDIA A100-SXM4-40GB", 39.39),
+    GpuProfile("a100-80", "NVIDIA A100-SXM4-80GB", 79.25),
+    GpuProfile("h100", "NVIDIA H100 80GB HBM3", 79.19),
+    GpuProfile("h200", "NVIDIA H200", 139.80),
 )}
 
 _ALIASES = {"3090": "rtx3090", "4090": "rtx4090", "a100": "a100-80", "a100-40gb": "a100-40",

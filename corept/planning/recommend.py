@@ -14,7 +14,9 @@ Policy (every number below is a parameter):
   (:mod:`corept.planning.sharding`).
 
 "Fits" means ``peak_allocated * (1 + slack) + CUDA context <= usable VRAM * (1 - margin)``
-(:mod:`corept.planning.estimate`).
+(:mod:`corept.planning.estimate`) **and** the pinned host RAM of the offloaded checkpoints (every
+process's) fits the host's budget (:mod:`corept.planning.host`: the detected RAM, or ``host_ram``
+GiB); the search never returns a configuration that breaks either.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from dataclasses import dataclass, field
 
 from corept.planning.estimate import DEFAULT_MARGIN, Estimate, estimate, validate
 from corept.planning.gpus import GIB, GPUS, GpuProfile, get_gpu
+from corept.planning.host import HostMemory, host_memory, ram_for
 from corept.planning.shape import ModelShape, PlanError, model_shape
 
 SEQ_STEP = 256
@@ -106,9 +109,11 @@ def largest_batch(shape: ModelShape, gpu: GpuProfile, margin: float, *, seq: int
 
 
 def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: str, seq: int, batch: int, r: int,
-                optim: str, checkpointing: str, gpus: int = 1, distributed: str | None = None) -> list[str]:
-    """Single changes that make the configuration fit, the smallest first."""
-    cfg = dict(method=method, r=r, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed)
+                optim: str, checkpointing: str, gpus: int = 1, distributed: str | None = None,
+                host: HostMemory | None = None) -> list[str]:
+    """Single changes that make the configuration fit (VRAM and pinned host RAM), the smallest first."""
+    cfg = dict(method=method, r=r, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed,
+               host=host)
     out = []
     if batch > 1:
         b = largest_batch(shape, gpu, margin, seq=seq, limit=batch - 1, **cfg)
@@ -120,6 +125,9 @@ def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: st
     alt = dict(cfg, seq=seq, batch=batch)
     if checkpointing != "corept" and _fits(shape, gpu, margin, **dict(alt, checkpointing="corept")):
         out.append("--checkpointing corept (offload layer inputs to pinned CPU memory)")
+    if checkpointing == "corept" and _fits(shape, gpu, margin, **dict(alt, checkpointing="standard")):
+        out.append("--checkpointing standard (corept train --gradient-checkpointing true: layer inputs stay on "
+                   "the GPU, no pinned host RAM)")
     if optim == "adamw" and _fits(shape, gpu, margin, **dict(alt, optim="adamw_8bit")):
         out.append("--optim adamw_8bit")
     if method != "full":
@@ -141,7 +149,17 @@ def suggestions(shape: ModelShape, gpu: GpuProfile, margin: float, *, method: st
                                                                      **dict(alt, gpus=n, distributed="fsdp")):
             out.append(f"--gpus {n} --distributed fsdp (FSDP2 shards across {n} {gpu.name}s)")
             break
+    est = estimate(shape, gpu=gpu, margin=margin, **alt)
+    if est.vram_fits and not est.host_fits:
+        need = ram_for(est.host_pinned_total, est.sharding.gpus)
+        out.append(f"a machine with >= {math.ceil(round(need, 6))} GiB of free RAM (plan for it with --host-ram)")
     return out
+
+
+def _host_line(est: Estimate) -> str:
+    """Pinned host RAM needed vs the budget, for errors."""
+    return (f"it needs {est.host_pinned_total / GIB:.2f} GiB of pinned host RAM for the offloaded checkpoints, "
+            f"{est.host.describe(est.sharding.gpus)}")
 
 
 def _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_code):
@@ -154,18 +172,24 @@ def _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_cod
 def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, max_seq_length: int | None = None,
          batch_size: int | None = None, r: int | None = None, optim: str = "adamw",
          checkpointing: str = "corept", target_batch: int = 16, margin: float = DEFAULT_MARGIN,
-         trust_remote_code: bool = False, gpus: int = 1, distributed: str | None = None) -> Plan:
+         trust_remote_code: bool = False, gpus: int = 1, distributed: str | None = None,
+         host_ram: float | HostMemory | None = None) -> Plan:
     """Plan ``model`` on ``gpu``: the estimate of the given configuration, or the recommended one.
 
     With both ``max_seq_length`` and ``batch_size`` it estimates that configuration (``fits`` may
     be False; ``suggestions`` then say what would fit). Otherwise it searches (see the module
     docstring) and raises :class:`DoesNotFitError` when nothing fits.
+
+    :param host_ram: GiB of RAM of the machine that trains (all of it available), or a
+        :class:`~corept.planning.host.HostMemory`; ``None``: this machine's, detected. The pinned
+        host RAM of offloaded checkpoints must fit its budget (:mod:`corept.planning.host`).
     """
     shape, gpu = _resolve(model, method, gpu, vram, r, optim, checkpointing, trust_remote_code)
     if not isinstance(target_batch, int) or target_batch < 1:
         raise PlanError(f"target_batch must be a positive int, got {target_batch!r}")
+    host = host_memory(host_ram)
     rank = default_rank(shape) if r is None else r
-    cfg = dict(method=method, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed)
+    cfg = dict(method=method, optim=optim, checkpointing=checkpointing, gpus=gpus, distributed=distributed, host=host)
     if max_seq_length is not None and batch_size is not None:
         est = estimate(shape, seq=max_seq_length, batch=batch_size, r=rank, gpu=gpu, margin=margin, **cfg)
         sugg = [] if est.fits else suggestions(shape, gpu, margin, seq=max_seq_length, batch=batch_size, r=rank, **cfg)
@@ -180,22 +204,44 @@ def plan(model, method: str = "lora", *, gpu=None, vram: float | None = None, ma
         sugg = suggestions(shape, gpu, margin, seq=SEQ_STEP, batch=batch_size or 1, r=rank, **cfg)
         need = estimate(shape, seq=SEQ_STEP, batch=batch_size or 1, r=rank, gpu=gpu, margin=margin, **cfg)
         where = gpu.name if gpus == 1 else f"{gpus} x {gpu.name} ({need.sharding.mode})"
+        why = (f"it needs {need.required / GIB:.1f} GiB (budget {need.budget / GIB:.1f} GiB with a {margin:.0%} "
+               f"margin)" if not need.vram_fits else _host_line(need))
         raise DoesNotFitError(
             f"{shape.name} ({method}, r {rank}, {optim}) does not fit on {where} ({gpu.usable_gib:.1f} GiB per GPU) "
-            f"even at seq {SEQ_STEP}, batch {batch_size or 1}: it needs {need.required / GIB:.1f} GiB "
-            f"(budget {need.budget / GIB:.1f} GiB with a {margin:.0%} margin).", sugg)
+            f"even at seq {SEQ_STEP}, batch {batch_size or 1}: {why}.", sugg)
     if max_seq_length is not None:
         seq = max_seq_length
         if batch_size is None and not _fits(shape, gpu, margin, seq=seq, batch=1, r=rank, **cfg):
             sugg = suggestions(shape, gpu, margin, seq=seq, batch=1, r=rank, **cfg)
+            one = estimate(shape, seq=seq, batch=1, r=rank, gpu=gpu, margin=margin, **cfg)
+            why = "" if not one.vram_fits else f": {_host_line(one)}"
             raise DoesNotFitError(f"{shape.name} ({method}, r {rank}) does not fit on {gpu.name} at seq {seq} "
-                                  f"even with batch 1.", sugg)
+                                  f"even with batch 1{why}.", sugg)
     else:
         seq = min(DEFAULT_SEQ, longest) if batch_size is None else longest
     batch = batch_size or largest_batch(shape, gpu, margin, seq=seq, limit=target_batch, r=rank, **cfg)
     est = estimate(shape, seq=seq, batch=batch, r=rank, gpu=gpu, margin=margin, **cfg)
     longest_b1 = longest if batch_size in (None, 1) else longest_seq(shape, gpu, margin, batch=1, r=rank, **cfg)
+    if est.host_budget is not None:
+        _note_host_limit(est, shape, gpu, margin, dict(cfg, r=rank), longest_b1, batch_size, target_batch)
     return Plan(est, _recommendation(est, target_batch, longest_b1), longest_b1, [])
+
+
+def _note_host_limit(est, shape, gpu, margin, cfg, longest_b1, batch_size, target_batch) -> None:
+    """A note on ``est`` when the pinned host RAM, not VRAM, bounds the searched seq or batch."""
+    vram_only = dict(cfg, host=None)
+    limits = []
+    s = longest_seq(shape, gpu, margin, batch=1, **vram_only)
+    if longest_b1 and s > longest_b1:
+        limits.append(f"seq {s} at batch 1 (not {longest_b1})")
+    if batch_size is None:
+        b = largest_batch(shape, gpu, margin, seq=est.seq, limit=target_batch, **vram_only)
+        if b > est.batch:
+            limits.append(f"batch {b} at seq {est.seq} (not {est.batch})")
+    if limits:
+        est.notes.append(f"pinned host RAM limits this plan ({est.host.describe(est.sharding.gpus)}): VRAM alone "
+                         f"would allow {' and '.join(limits)}; more host RAM, or --checkpointing standard (layer "
+                         f"inputs kept on the GPU, more VRAM), lifts it")
 
 
 def _recommendation(est: Estimate, target_batch: int, longest: int | None) -> dict:
@@ -207,14 +253,17 @@ def _recommendation(est: Estimate, target_batch: int, longest: int | None) -> di
             "longest_seq_at_batch_1": longest, "method": est.method, "optim": est.optim,
             "checkpointing": est.checkpointing, "gpu": est.gpu.name, "vram_gib": round(est.gpu.usable_gib, 2),
             "predicted_peak_gib": round(est.peak_allocated / GIB, 2), "required_gib": round(est.required / GIB, 2),
-            "budget_gib": round(est.budget / GIB, 2), "margin": est.margin}
+            "budget_gib": round(est.budget / GIB, 2), "margin": est.margin,
+            "host_pinned_gib": round(est.host_pinned_total / GIB, 2),
+            "host_budget_gib": None if est.host_budget is None else round(est.host_budget / GIB, 2),
+            "host_ram_source": None if est.host is None else est.host.source}
 
 
 def recommend(model, method: str = "lora", gpu=None, *, max_seq_length: int | None = None,
               batch_size: int | None = None, r: int | None = None, optim: str = "adamw",
               checkpointing: str = "corept", target_batch: int = 16, margin: float = DEFAULT_MARGIN,
               vram: float | None = None, trust_remote_code: bool = False, gpus: int = 1,
-              distributed: str | None = None) -> dict:
+              distributed: str | None = None, host_ram: float | HostMemory | None = None) -> dict:
     """The training profile for ``corept train --profile auto``.
 
     :param model: name/path (config only is read), a ``PretrainedConfig`` or a config dict.
@@ -222,15 +271,16 @@ def recommend(model, method: str = "lora", gpu=None, *, max_seq_length: int | No
     :param gpu: a profile name (``"rtx3090"``...), a :class:`GpuProfile`, or ``None`` for the
         detected CUDA device.
     :param max_seq_length, batch_size, r: pin any of them; the others are searched.
+    :param host_ram: GiB of RAM of the training machine; ``None``: this one's (see :func:`plan`).
     :returns: ``{"max_seq_length", "batch_size", "grad_accum", "r", ...}`` (see :func:`plan`).
     :raises DoesNotFitError: nothing fits; the message names the smallest change that would.
     """
     p = plan(model, method, gpu=gpu, vram=vram, max_seq_length=max_seq_length, batch_size=batch_size, r=r,
              optim=optim, checkpointing=checkpointing, target_batch=target_batch, margin=margin,
-             trust_remote_code=trust_remote_code, gpus=gpus, distributed=distributed)
+             trust_remote_code=trust_remote_code, gpus=gpus, distributed=distributed, host_ram=host_ram)
     if not p.fits:
-        raise DoesNotFitError(
-            f"{p.estimate.model.name} ({method}) at seq {p.estimate.seq}, batch {p.estimate.batch} needs "
-            f"{p.estimate.required / GIB:.1f} GiB; {p.estimate.gpu.name} has a budget of "
-            f"{p.estimate.budget / GIB:.1f} GiB.", p.suggestions)
+        e = p.estimate
+        why = (f"needs {e.required / GIB:.1f} GiB; {e.gpu.name} has a budget of {e.budget / GIB:.1f} GiB"
+               if not e.vram_fits else f"does not fit in host RAM: {_host_line(e)}")
+        raise DoesNotFitError(f"{e.model.name} ({method}) at seq {e.seq}, batch {e.batch} {why}.", p.suggestions)
     return p.recommendation

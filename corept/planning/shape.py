@@ -116,7 +116,8 @@ def load_config(model, *, trust_remote_code: bool = False):
     """``(config, name, source)`` from a name/path, a ``PretrainedConfig`` or a config dict.
 
     A name is looked up as: a local folder or ``.json`` file, a plugin alias, the HF cache
-    (``config.json`` only), a built-in copy (:mod:`corept.planning.known`), and last the hub —
+    (``config.json`` only), a built-in copy (:mod:`corept.planning.known`), a copy embedded in an
+    installed package (converted once), and last the hub —
     ``config.json`` alone, never weights, and not at all with ``HF_HUB_OFFLINE`` set.
     """
     from transformers import AutoConfig, PretrainedConfig
@@ -138,6 +139,14 @@ def load_config(model, *, trust_remote_code: bool = False):
         name, d = found
         return AutoConfig.for_model(d.pop("model_type"), **d), name, f"built-in copy of {name}'s config"
     path, how = found
+    if path.name == "config.json":  # a model folder's: the loader's reader names the file and the fix
+        from corept.errors import CheckpointError
+        from corept.loading.checkpoint import read_config
+
+        try:
+            return read_config(path.parent, trust_remote_code=trust_remote_code), model, f"{how}: {path}"
+        except CheckpointError as exc:
+            raise PlanError(f"cannot read the config of {model!r}: {exc}") from exc
     try:
         config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     except Exception as exc:  # noqa: BLE001 - unreadable / invalid config.json
@@ -150,7 +159,7 @@ def _config_file(name: str, depth: int = 0):
     from pathlib import Path
 
     from corept.planning.known import known_config
-    from corept.loading.names import offline
+    from corept.loading.names import embedded_copy, offline
 
     path = Path(name).expanduser()
     if path.is_dir():
@@ -175,6 +184,9 @@ def _config_file(name: str, depth: int = 0):
     known = known_config(name)
     if known is not None:
         return known
+    embedded = embedded_copy(name)
+    if embedded is not None:
+        return embedded[0] / "config.json", embedded[1]
     if offline():
         raise PlanError(f"cannot read the config of {name!r}: not a local folder or file, not a plugin alias, "
                         f"not in the HF cache and not built in, and HF_HUB_OFFLINE is set. Pass a folder or "
@@ -182,7 +194,9 @@ def _config_file(name: str, depth: int = 0):
     try:
         return Path(hf_hub_download(name, "config.json")), "hub (config.json only)"
     except Exception as exc:  # noqa: BLE001 - surfaced with the cause
-        raise PlanError(f"cannot read the config of {name!r}: {type(exc).__name__}: {exc}") from exc
+        raise PlanError(f"cannot read the config of {name!r}: {type(exc).__name__}: {str(exc).rstrip('. ')}. Check the "
+                        f"id and your network; for a gated repo accept its terms on the hub and log in "
+                        f"(huggingface-cli login, or set HF_TOKEN).") from exc
 
 
 _CACHE: dict = {}

@@ -80,6 +80,8 @@ class PluginRecord:
             "loaded": self.loaded,
             "error": self.error,
             "model_types": [a.model_type for a in self.architectures],
+            "aliases": dict(sorted((alias, target) for a in self.architectures for alias, target in a.aliases.items())),
+            "models": sorted({m.repo_id for a in self.architectures for m in a.models}),
             "hooks": self.hooks,
             "transformers": ranges[0] if len(ranges) == 1 else ranges,
             "transformers_supported": {a.model_type: transformers_supported(a.transformers)[0]

@@ -10,7 +10,8 @@
   this project (conversational prompt/completion rows; DPO adds a wrong ``rejected`` answer, KTO
   has unpaired rows labelled true/false).
 * :data:`HELD_OUT_QUESTION` is in none of them: its answer before and after training shows what
-  the model picked up.
+  the model picked up, whole (up to 96 new tokens: the trained model ends it with EOS, which the
+  summary shows).
 * Sizes (:data:`EMBEDDED`) are tuned so the run takes a few minutes on a 2-core CPU (fp32, LoRA
   r 16, no checkpointing: recompute would only cost time at these lengths).
 """
@@ -22,7 +23,10 @@ from pathlib import Path
 
 from corept.training.options import TrainOptions
 
-HELD_OUT_QUESTION = "Can you explain what corept is?"
+#: Asked before and after training. No training row asks it, in any wording; its answer needs a fact
+#: the rows teach in another context (the plugins' package names, from "Which model families does
+#: corept support?"), so a right answer shows learning, not recall of a memorized question.
+HELD_OUT_QUESTION = "Which pip package adds Qwen support to corept?"
 TINY_FOLDER = "tiny-{model_type}-chat"
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -116,7 +120,7 @@ def embedded_options(method: str = "sft", **overrides) -> TrainOptions:
     values = dict(model=folder, data=str(shipped_data(method)), method=method,
                   output=str(cache_root() / "runs" / f"demo-{method}"), overwrite=False,
                   save_method="merged_16bit", gradient_checkpointing="false", embedded=True,
-                  held_out_question=HELD_OUT_QUESTION, seed=3407, max_new_tokens=48,
+                  held_out_question=HELD_OUT_QUESTION, seed=3407, max_new_tokens=96,
                   notes=[f"model: {description}"])
     values.update(EMBEDDED[(kind, method)])
     values.update({k: v for k, v in overrides.items() if v is not None})

@@ -47,14 +47,48 @@ def answer(model: nn.Module, tokenizer, question, max_new_tokens: int = 48) -> s
                             skip_special_tokens=True).strip()
 
 
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
+    """Token ids that end a generation: the generation config's EOS id(s) and the tokenizer's."""
+    ids = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    return ids
+
+
+def ending(tokens: list[int], stop_ids: set[int], max_new_tokens: int) -> str:
+    """How a greedy answer ended: ``"eos"`` (the model stopped itself) or ``"length"`` (cut off)."""
+    if tokens and tokens[-1] in stop_ids:
+        return "eos"
+    return "length" if len(tokens) >= max_new_tokens else "eos"
+
+
+def last_sentence_end(text: str) -> str:
+    """``text`` up to its last ``.``, ``!`` or ``?`` (all of it when it has none)."""
+    cut = max(text.rfind(c) for c in ".!?")
+    return text[: cut + 1] if cut > 0 else text
+
+
 @dataclass
 class GreedyCheck:
-    """Result of :func:`patched_unpatched_check`."""
+    """Result of :func:`patched_unpatched_check`.
+
+    :param stopped: ``"eos"`` when the answer ended with an end-of-sequence token, ``"length"`` when
+        ``max_new_tokens`` cut it off.
+    """
 
     equal: bool
     patched: list[int]
     unpatched: list[int]
     text: str
+    stopped: str = "eos"
+
+    def shown(self) -> str:
+        """The answer as printed: whole when the model stopped, else up to its last full sentence."""
+        if self.stopped == "eos":
+            return f"{self.text}   [ended with EOS after {len(self.patched)} tokens]"
+        return (f"{last_sentence_end(self.text)}   [cut off at {len(self.patched)} tokens (--max-new-tokens); "
+                f"shown to its last full sentence]")
 
     def line(self) -> str:
         verdict = "identical" if self.equal else "DIFFERENT"
@@ -73,4 +107,5 @@ def patched_unpatched_check(model: nn.Module, tokenizer, question, max_new_token
     corept.unpatch(model)
     unpatched = greedy_tokens(model, tokenizer, question, max_new_tokens)
     return GreedyCheck(patched == unpatched, patched, unpatched,
-                       tokenizer.decode(patched, skip_special_tokens=True).strip())
+                       tokenizer.decode(patched, skip_special_tokens=True).strip(),
+                       ending(patched, eos_ids(model, tokenizer), max_new_tokens))

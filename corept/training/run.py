@@ -33,7 +33,7 @@ from corept.training.cpu import initial_threads
 from corept.training.generation import GreedyCheck, answer, patched_unpatched_check
 from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
 from corept.training.safety import check_writable, epochs_warning, no_telemetry, remove_stale
-from corept.training.summary import format_loss_summary, loss_summary
+from corept.training.summary import data_record, format_loss_summary, loss_summary
 
 logger = logging.getLogger("corept")
 
@@ -144,10 +144,11 @@ def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
 
 
 def _write_record(result: RunResult) -> None:
-    record = {"options": asdict(result.options),
+    record = {"options": asdict(result.options), "data": data_record(result.options.data),
               "loss": loss_summary(result.log_history),
               "question": result.question, "before": result.before, "after": result.after,
               "greedy_patched_equals_unpatched": None if result.greedy is None else result.greedy.equal,
+              "after_stopped": None if result.greedy is None else result.greedy.stopped,
               "applied": result.applied, "seconds": result.seconds, "thread_changes": result.thread_changes,
               "adapter": str(result.adapter) if result.adapter else None,
               "merged": str(result.merged) if result.merged else None,
@@ -264,7 +265,7 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
     if result.before is not None:
         echo(f"  before training: {result.before}")
     if result.greedy is not None:
-        echo(f"  after training:  {result.after}")
+        echo(f"  after training:  {result.greedy.shown()}")
         echo(result.greedy.line())
     else:
         echo("  after training:  (not generated: the model is sharded across ranks; load the saved folder to try it)")

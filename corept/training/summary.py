@@ -1,10 +1,12 @@
-"""The end-of-run summary: loss curve (first / min / last, a sparkline and a small table).
+"""The end-of-run summary: loss curve (first / min / last, a sparkline and a small table), and the
+training data's record for ``run.json``.
 
 Losses come from the HF Trainer's ``state.log_history`` (one entry per ``logging_steps``).
 """
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 BARS = "▁▂▃▄▅▆▇█"
 
@@ -73,3 +75,27 @@ def format_loss_summary(log_history: list[dict]) -> str:
              f"  {sparkline(vals)}"]
     lines += loss_table(s["points"])
     return "\n".join(lines)
+
+
+def data_record(path: str | None) -> dict:
+    """What ``run.json`` keeps about the training data: the path, its sha256 (files up to 1 GiB) and,
+    for corept's shipped datasets, which package version they came from (their path lies inside an
+    install folder that may be gone later)."""
+    import hashlib
+    from importlib import metadata
+    from importlib import resources
+
+    out = {"path": path, "sha256": None, "shipped": None}
+    if not path:
+        return out
+    p = Path(path).expanduser()
+    if p.is_file() and p.stat().st_size <= 2**30:
+        digest = hashlib.sha256()
+        with p.open("rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                digest.update(chunk)
+        out["sha256"] = digest.hexdigest()
+    shipped = Path(str(resources.files("corept") / "data"))
+    if p.is_file() and p.resolve().parent == shipped.resolve():
+        out["shipped"] = f"corept {metadata.version('corept')} package data: corept/data/{p.name}"
+    return out

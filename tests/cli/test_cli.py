@@ -41,8 +41,10 @@ def cli(tmp_path_factory, tiny_folders, hub_cache):
         "inspect_gpt2": ["inspect", str(tmp / "gpt2")],
         "inspect_hub_json": ["inspect", "unsloth/Qwen3-8B", "--json"],
         "inspect_missing": ["inspect", "nobody/nothing"],
+        "inspect_builtin_json": ["inspect", "unsloth/Qwen3-8B", "--json"],
     }
-    env = {"inspect_hub_json": {"HF_HUB_CACHE": str(hub_cache)}, "inspect_missing": {"HF_HUB_CACHE": str(hub_cache)}}
+    env = {"inspect_hub_json": {"HF_HUB_CACHE": str(hub_cache)}, "inspect_missing": {"HF_HUB_CACHE": str(hub_cache)},
+           "inspect_builtin_json": {"HF_HUB_CACHE": str(tmp / "empty-hub-cache")}}
     jobs = [dict(args=["-m", "corept", *argv], env=env.get(name)) for name, argv in cmds.items()]
     jobs.append(dict(args=["-m", "corept", "doctor", "--json"], env={"TRITON_INTERPRET": None}))
     jobs.append(dict(code=LIGHT_IMPORT))
@@ -77,6 +79,10 @@ def test_plugins_text(cli):
     assert "qwen 0.1.0 (corept-qwen) - loaded" in lines
     assert "  model_types: qwen2, qwen3, qwen3_moe" in lines
     assert "  transformers: >=5.17,<6" in lines
+    aliases = lines[lines.index("qwen 0.1.0 (corept-qwen) - loaded") + 2]
+    assert "qwen2.5-7b = Qwen/Qwen2.5-7B, " in aliases and "qwen3-8b = Qwen/Qwen3-8B" in aliases, lines
+    names = [line.split()[0] for line in lines if not line.startswith(" ")]
+    assert names == sorted(names) == sorted(MODEL_TYPES), lines
 
 
 def test_doctor_json(cli):
@@ -96,7 +102,10 @@ def test_doctor_text(cli):
     assert result.returncode == 0, result.explain()
     lines = [" ".join(line.split()) for line in result.stdout.splitlines()]
     assert f"torch {importlib_metadata.version('torch')}" in lines
-    assert "gpu none" in lines and "triton interpreter" in lines and "no problems found" in lines
+    assert "gpu none" in lines and "no problems found" in lines
+    assert "kernels run as Triton interpreter (TRITON_INTERPRET=1)" in lines
+    assert sum(line.startswith("triton ") for line in lines) == 1, lines  # the version, once
+    assert "plugins gemma (gemma, gemma2, gemma3_text, gemma3), llama (llama), mistral (" in " ".join(lines), lines
 
 
 def test_inspect_qwen3_json(cli):
@@ -145,10 +154,17 @@ def test_inspect_hub_id_from_the_cache(cli):
     assert info["resolved"].endswith("models--unsloth--Qwen3-8B/snapshots/" + "1" * 40)
 
 
+def test_inspect_answers_a_declared_model_offline_from_its_builtin_config(cli):
+    info = _json(cli["inspect_builtin_json"])
+    assert (info["plugin"], info["model_type"]) == ("qwen", "qwen3")
+    assert info["found_via"] == "built-in copy of Qwen/Qwen3-8B's config", info
+
+
 def test_inspect_missing_model_is_a_clean_error(cli):
     result = cli["inspect_missing"]
     assert result.returncode == 2, result.explain()
-    assert result.stderr.startswith("corept: error: 'nobody/nothing'") and "HF_HUB_OFFLINE" in result.stderr
+    assert result.stderr.startswith("corept: error: ") and "'nobody/nothing'" in result.stderr
+    assert "HF_HUB_OFFLINE" in result.stderr and ".." not in result.stderr
     assert "Traceback" not in result.stderr
 
 

@@ -77,7 +77,7 @@ def test_unreadable_config_exits_2(capsys, tmp_path):
     assert rc == 2 and "cannot read the config of 'no-such-org/no-such-model'" in err
     (tmp_path / "config.json").write_text("{ broken")
     rc, _, err = run(capsys, "--model", str(tmp_path), "--method", "lora", "--gpu", "h100")
-    assert rc == 2 and "cannot read the config" in err
+    assert rc == 2 and "cannot read the config" in err and f"{tmp_path / 'config.json'} is not valid JSON" in err
 
 
 def test_method_is_required_and_consistent(capsys):

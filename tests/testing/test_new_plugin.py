@@ -7,6 +7,7 @@ package into a temporary target, and run its rendered conformance test in a subp
 """
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,21 @@ def test_rendered_plugins_pass_or_name_the_quirk_to_handle(tmp_path):
         else:
             assert failed, f"{model_type}: the rendered plugin passed, but it does not handle its quirks\n{log}"
             assert hint in run.stdout, f"{model_type}: no failure names {hint!r}\n{log}"
+
+
+def test_the_printed_next_step_installs_into_the_venv(tmp_path):
+    """``.venv/bin/corept new-plugin`` prints a pip command that resolves offline in that venv: pip
+    must see corept and corept-kernels as installed (pip's ``--dry-run`` builds and resolves, and
+    installs nothing, so the shared venv stays clean)."""
+    launcher = Path(sys.executable).parent / "corept"
+    if not launcher.is_file():
+        pytest.fail(f"{launcher} is missing: `make install` links corept into the venv")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "TRITON_INTERPRET")}
+    env.update(HF_HUB_OFFLINE="1", PIP_NO_INDEX="1")
+    run = subprocess.run([str(launcher), "new-plugin", "acme", "--model-type", "olmo2", "--output",
+                          str(tmp_path / "corept-acme")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr
+    step = next(line.strip() for line in run.stdout.splitlines() if " -m pip install" in line)
+    assert step.startswith(sys.executable) and step.endswith(str(tmp_path / "corept-acme")), step
+    pip = subprocess.run(shlex.split(step) + ["--dry-run"], env=env, capture_output=True, text=True, timeout=300)
+    assert pip.returncode == 0 and "Would install corept-acme-0.1.0" in pip.stdout, pip.stdout + pip.stderr

@@ -63,9 +63,11 @@ def tiny_chat(tmp_path_factory):
 
 @pytest.fixture
 def clean_env():
-    """Environment for subprocesses: this one, minus PYTHONPATH (callers set their own)."""
+    """Environment for subprocesses: this one, minus PYTHONPATH (callers set their own), and without
+    the ``.venv`` link to corept's build folder (``COREPT_BUILD_LINK=0``): corept only where a
+    caller puts it."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    env["HF_HUB_OFFLINE"] = "1"
+    env.update(HF_HUB_OFFLINE="1", COREPT_BUILD_LINK="0")
     return env
 
 

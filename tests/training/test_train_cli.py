@@ -1,6 +1,9 @@
 """``corept train`` and ``corept demo`` end to end (tiny built-in model: COREPT_DEMO_MODEL=tiny)."""
+import hashlib
 import json
+from pathlib import Path
 
+import importlib_metadata
 import pyarrow as pa
 import pyarrow.parquet as pq
 import training_helpers as h
@@ -17,7 +20,7 @@ def test_no_arguments_runs_the_embedded_default(corept_cache, capsys):
     out = capsys.readouterr().out
     run = corept_cache / "runs" / "demo-sft"
     rec = _record(run)
-    for needle in ("a tiny random llama model built in", "held-out question: Can you explain what corept is?",
+    for needle in ("a tiny random llama model built in", "held-out question: Which pip package adds Qwen support to corept?",
                    "before training:", "after training:", "loss: first", f"adapter (LoRA, safetensors): {run}/adapter",
                    f"merged model (merged_16bit, loads in plain transformers): {run}/merged",
                    "generate() patched vs unpatched (greedy, ", "): identical", "corept kernels: "):
@@ -27,6 +30,22 @@ def test_no_arguments_runs_the_embedded_default(corept_cache, capsys):
     assert rec["greedy_patched_equals_unpatched"] is True
     assert {"norm", "mlp", "rope", "lora"} <= set(rec["applied"])
     assert (run / "adapter" / "adapter_model.safetensors").is_file() and (run / "merged" / "config.json").is_file()
+    shown = "[ended with EOS after " if rec["after_stopped"] == "eos" else "[cut off at 96 tokens (--max-new-tokens)"
+    assert rec["after_stopped"] in ("eos", "length") and shown in out, out
+    data = rec["data"]  # the shipped file's install path may vanish: the package version and hash identify it
+    assert data["shipped"] == f"corept {importlib_metadata.version('corept')} package data: corept/data/corept_sft.jsonl"
+    assert data["sha256"] == hashlib.sha256(Path(data["path"]).read_bytes()).hexdigest()
+
+
+def test_a_cut_off_answer_is_shown_to_its_last_sentence():
+    from corept.training.generation import GreedyCheck, ending, last_sentence_end
+
+    assert ending([5, 6, 2], {2}, 3) == "eos" and ending([5, 6, 7], {2}, 3) == "length"
+    assert ending([5, 6], {2}, 3) == "eos"  # stopped early: generate() ended on a stop id it was given
+    assert last_sentence_end("One. Two! Three and") == "One. Two!" and last_sentence_end("no end") == "no end"
+    cut = GreedyCheck(True, [1] * 8, [1] * 8, "It is corept-qwen. It also", stopped="length")
+    assert cut.shown() == ("It is corept-qwen.   [cut off at 8 tokens (--max-new-tokens); shown to its last full "
+                           "sentence]")
 
 
 def test_demo_kto_is_one_flag_away(corept_cache, tmp_path, capsys, caplog):
