@@ -84,11 +84,23 @@ class GreedyCheck:
     stopped: str = "eos"
 
     def shown(self) -> str:
-        """The answer as printed: whole when the model stopped, else up to its last full sentence."""
-        if self.stopped == "eos":
-            return f"{self.text}   [ended with EOS after {len(self.patched)} tokens]"
-        return (f"{last_sentence_end(self.text)}   [cut off at {len(self.patched)} tokens (--max-new-tokens); "
-                f"shown to its last full sentence]")
+        """The answer as printed (see :func:`shown`)."""
+        return shown(self.text, len(self.patched), self.stopped)
+
+
+def shown(text: str, n_tokens: int, stopped: str) -> str:
+    """An answer as printed: whole when the model stopped itself, else up to its last full sentence,
+    with how it ended."""
+    if stopped == "eos":
+        return f"{text}   [ended with EOS after {n_tokens} tokens]"
+    return f"{last_sentence_end(text)}   [cut off at {n_tokens} tokens (--max-new-tokens); shown to its last full sentence]"
+
+
+def answer_shown(model: nn.Module, tokenizer, question, max_new_tokens: int = 48) -> str:
+    """:func:`answer` as printed by :func:`shown`."""
+    tokens = greedy_tokens(model, tokenizer, question, max_new_tokens)
+    text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    return shown(text, len(tokens), ending(tokens, eos_ids(model, tokenizer), max_new_tokens))
 
     def line(self) -> str:
         verdict = "identical" if self.equal else "DIFFERENT"

@@ -30,7 +30,7 @@ from corept.errors import InvalidOptionsError
 from corept.training.data import load_training_data
 from corept.training import distributed
 from corept.training.cpu import initial_threads
-from corept.training.generation import GreedyCheck, answer, patched_unpatched_check
+from corept.training.generation import GreedyCheck, answer_shown, patched_unpatched_check
 from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
 from corept.training.safety import check_writable, epochs_warning, no_telemetry, remove_stale
 from corept.training.summary import data_record, format_loss_summary, loss_summary
@@ -202,7 +202,7 @@ def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
         echo(f"distributed: {mode}, {launch().world_size} processes; each trains on its own share of every "
              f"batch (--batch-size is per process)")
     if opts.held_out_question and main and mode != "fsdp":
-        result.before = answer(model, tokenizer, result.question, opts.max_new_tokens)
+        result.before = answer_shown(model, tokenizer, result.question, opts.max_new_tokens)
         echo(f"{label}: {_show(result.question)}\n  before training: {result.before}")
     model = _add_trainable(model, opts)
     rep = corept.report(model)
@@ -261,6 +261,8 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
     if result.merged:
         needs = "transformers + bitsandbytes" if result.options.save_method == "merged_4bit" else "plain transformers"
         echo(f"merged model ({result.options.save_method}, loads in {needs}): {result.merged}")
+    if result.adapter or result.merged:
+        echo(f"run record (options, losses, answers, timings): {result.output / 'run.json'}")
     echo(f"{label}: {_show(result.question)}")
     if result.before is not None:
         echo(f"  before training: {result.before}")
