@@ -20,7 +20,7 @@ HELP = "plan GPU memory: what fits (seq, batch, LoRA rank) for a model, method a
 
 def add_arguments(p) -> None:
     p.add_argument("--model", required=True, help="local folder, config.json, HF cache/hub id, plugin alias or a "
-                                                  "name a plugin declares a config for (corept plan --help lists them)")
+                                                  "model a plugin declares (answered offline; `corept plugins` lists aliases and known models)")
     p.add_argument("--method", choices=METHODS, default=None,
                    help="required unless --load-in-4bit: lora (16-bit base), qlora (4-bit base) or full")
     p.add_argument("--load-in-4bit", action="store_true", help="same as --method qlora (then --method may be left out)")

@@ -37,7 +37,7 @@ def run(args) -> int:
         if r["aliases"]:
             print(f"  aliases: {', '.join(f'{a} = {t}' for a, t in r['aliases'].items())}")
         if r["models"]:
-            print(f"  known models (corept plan / inspect answer offline): {', '.join(r['models'])}")
+            print(f"  known models: {', '.join(r['models'])}")
         print(f"  hooks: {', '.join(r['hooks']) or '-'}")
         print(f"  transformers: {r['transformers']}")
     return 0

@@ -26,7 +26,7 @@ outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers fol
 --save-method lora) and DIR/run.json (options, losses, timings). The no-argument run writes to
 ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
 
-example: corept train --model smollm2-135m-instruct --data my.jsonl --output my-run --max-steps 20
+example: corept train --model ./my-model --data my.jsonl --output my-run --max-steps 20
 """
 
 

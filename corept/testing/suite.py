@@ -71,7 +71,7 @@ class ConformanceSuite(ContractChecks, NumericChecks):
     seq_len = 8
     new_tokens = 4
     lora_rank = 4
-    convergence_steps = 20
+    convergence_steps = 12
     convergence_lr = 1e-2
     convergence_rtol = 1e-4
     interpreter_bf16_rounding = "nearest"

@@ -62,8 +62,8 @@ class NumericChecks:
         assert torch.equal(got, want), f"patched {got.tolist()} != reference {want.tolist()}"
 
     def test_convergence(self, corept_store, config_name):
-        """20 LoRA steps (AdamW) patched vs unpatched from one seed on the same batches: per-step
-        losses agree (fp32, rtol ``convergence_rtol``) and the loss goes down."""
+        """``convergence_steps`` (12) LoRA steps (AdamW) patched vs unpatched from one seed on the same
+        batches: per-step losses agree (fp32, rtol ``convergence_rtol``) and the loss goes down."""
         base = corept_store.base(config_name)
         targets = B.lora_targets(base, corept_store.arch(config_name))
         models = [B.add_lora(corept.patch(copy.deepcopy(base)), patched=True, targets=targets,

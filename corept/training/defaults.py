@@ -17,16 +17,17 @@
 """
 from __future__ import annotations
 
+import json
 import os
 from importlib import resources
 from pathlib import Path
 
 from corept.training.options import TrainOptions
 
-#: Asked before and after training. No training row asks it, in any wording; its answer needs a fact
-#: the rows teach in another context (the plugins' package names, from "Which model families does
-#: corept support?"), so a right answer shows learning, not recall of a memorized question.
-HELD_OUT_QUESTION = "Which pip package adds Qwen support to corept?"
+#: Asked before and after training, read from ``corept/data/demo.json`` (which says why it was chosen:
+#: no training row asks it in any wording, and its answer needs a fact the rows teach elsewhere).
+HELD_OUT_QUESTION = json.loads((resources.files("corept") / "data" / "demo.json").read_text(encoding="utf-8"))[
+    "held_out_question"]
 TINY_FOLDER = "tiny-{model_type}-chat"
 TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{{ eos_token }}{% endfor %}"
                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
@@ -51,7 +52,6 @@ def shipped_data(method: str) -> Path:
 
 
 def _corpus() -> list[str]:
-    import json
 
     texts = []
     for line in shipped_data("dpo").read_text(encoding="utf-8").splitlines():

@@ -87,6 +87,11 @@ class GreedyCheck:
         """The answer as printed (see :func:`shown`)."""
         return shown(self.text, len(self.patched), self.stopped)
 
+    def line(self) -> str:
+        verdict = "identical" if self.equal else "DIFFERENT"
+        return (f"generate() patched vs unpatched (greedy, {len(self.patched)} tokens): {verdict}"
+                + ("" if self.equal else f" (patched {self.patched[:12]} ... unpatched {self.unpatched[:12]} ...)"))
+
 
 def shown(text: str, n_tokens: int, stopped: str) -> str:
     """An answer as printed: whole when the model stopped itself, else up to its last full sentence,
@@ -101,11 +106,6 @@ def answer_shown(model: nn.Module, tokenizer, question, max_new_tokens: int = 48
     tokens = greedy_tokens(model, tokenizer, question, max_new_tokens)
     text = tokenizer.decode(tokens, skip_special_tokens=True).strip()
     return shown(text, len(tokens), ending(tokens, eos_ids(model, tokenizer), max_new_tokens))
-
-    def line(self) -> str:
-        verdict = "identical" if self.equal else "DIFFERENT"
-        return (f"generate() patched vs unpatched (greedy, {len(self.patched)} tokens): {verdict}"
-                + ("" if self.equal else f" (patched {self.patched[:12]} ... unpatched {self.unpatched[:12]} ...)"))
 
 
 def patched_unpatched_check(model: nn.Module, tokenizer, question, max_new_tokens: int = 48) -> GreedyCheck:

@@ -100,7 +100,7 @@ def test_cpu_dry_run_end_to_end(tmp_path):
     proc = subprocess.run([sys.executable, "-P", str(SCRIPT), "--out", str(out), "--device", "cpu", "--tiny",
                            "--archs", "llama", "--methods", "lora", "--seqs", "64", "--parts", "measure",
                            "--budget-s", "400", "--ckpt-dir", str(tmp_path / "ckpt")],
-                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1"), timeout=600)
+                          capture_output=True, text=True, env=dict(os.environ, HF_HUB_OFFLINE="1", TRITON_INTERPRET="0"), timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     files = sorted(out.glob("plan-*-cpu-measure-tiny.json"))
     assert files, proc.stdout[-2000:]

