@@ -54,17 +54,3 @@ def hub_cache(tmp_path_factory):
     tiny.hf_cache_repo(cache, "Qwen/Qwen2.5-7B", "qwen2", commit="5" * 40, seed=5)  # a dotted repo id
     return cache
 
-
-@pytest.fixture(scope="session")
-def progress(pytestconfig):
-    """``progress("...")`` writes a line to the terminal at once, past output capture and ``-q``: a
-    fixture that runs for a minute or more says what it is doing, so no test is silent for minutes."""
-    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
-    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
-
-    def say(message: str) -> None:
-        if reporter is None or capture is None:
-            return
-        with capture.global_and_fixture_disabled():
-            reporter.write_line(f"[{message}]")
-    return say

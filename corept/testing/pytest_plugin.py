@@ -6,7 +6,8 @@
   ``TRITON_INTERPRET`` (``0`` included) is never overridden.
 * Reports the Triton mode and the installed corept plugins in pytest's header.
 * Fixtures for plugin tests that go beyond :class:`corept.testing.ConformanceSuite`:
-  ``corept_tiny_batch`` and ``corept_plugin_records``.
+  ``corept_tiny_batch`` and ``corept_plugin_records``; and ``corept_progress``, for any test or
+  fixture that runs for a minute or more to say what it is doing.
 
 The conformance suite itself needs nothing from here (its parametrization and fixtures live on
 the class), so it also works with ``-p no:corept``, provided the interpreter is set by then.
@@ -65,6 +66,21 @@ def pytest_report_header(config):
 def pytest_configure(config):
     config.addinivalue_line("markers", "corept_real_model: runs a real (non-tiny) model; slow under the "
                                        "Triton interpreter")
+
+
+@pytest.fixture(scope="session")
+def corept_progress(pytestconfig):
+    """``corept_progress("...")`` writes a line to the terminal at once, past output capture and
+    ``-q``: a long test says what it runs, so no test is silent for minutes."""
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+
+    def say(message: str) -> None:
+        if reporter is None or capture is None:
+            return
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"[{message}]")
+    return say
 
 
 @pytest.fixture

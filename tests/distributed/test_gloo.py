@@ -30,8 +30,8 @@ N_TRAINABLE = {"lora": 28, "qlora": 28, "full": 21}  # 2 layers x 7 LoRA pairs; 
 
 
 @pytest.fixture(scope="module")
-def records(tmp_path_factory, progress):
-    progress(f"gloo: {len(SCENARIOS)} DDP/FSDP2 scenarios in 2 CPU processes, ~70-90 s on 2 idle cores")
+def records(tmp_path_factory, corept_progress):
+    corept_progress(f"gloo: {len(SCENARIOS)} DDP/FSDP2 scenarios in 2 CPU processes, ~70-90 s on 2 idle cores")
     out = tmp_path_factory.mktemp("gloo-out")
     folder = tiny.save_tiny(tmp_path_factory.mktemp("gloo-model"), "llama")
     env = dict(os.environ, OMP_NUM_THREADS="1", TRITON_INTERPRET="1", HF_HUB_OFFLINE="1")

@@ -49,7 +49,7 @@ def _write_data(folder: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def user(tmp_path_factory, progress):
+def user(tmp_path_factory, corept_progress):
     """Run every README block once, as a user would, and keep the results by block index."""
     if not (VENV_BIN / "corept").is_file():
         pytest.fail(f"{VENV_BIN / 'corept'} is missing: run `make install` (it links corept into .venv)")
@@ -69,10 +69,10 @@ def user(tmp_path_factory, progress):
             cmd = [str(VENV_BIN / "python"), str(script)]
         else:
             raise AssertionError(f"README block {i}: cannot run a {lang!r} block")
-        progress(f"README block {i} ({lang}, {len(code.splitlines())} lines): running as a user would")
+        corept_progress(f"README block {i} ({lang}, {len(code.splitlines())} lines): running as a user would")
         t0 = time.monotonic()
         run = subprocess.run(cmd, cwd=work, env=env, capture_output=True, text=True, timeout=900)
-        progress(f"README block {i}: exit {run.returncode} after {time.monotonic() - t0:.0f} s")
+        corept_progress(f"README block {i}: exit {run.returncode} after {time.monotonic() - t0:.0f} s")
         results.append((code, run))
     return work, results
 
