@@ -4,11 +4,12 @@
 that each plugin can also be tested alone (``.build/only-<plugin>``). This script, run by
 ``make install`` with the venv's Python, links ``.build/all`` into that venv:
 
-* ``<site-packages>/corept-build.pth`` (through ``corept_build_link.py``) appends the folder to ``sys.path`` at start-up, unless an
-  installed corept (a ``corept-<version>.dist-info``) is already on ``sys.path`` — as under the
-  per-plugin test targets' ``PYTHONPATH`` — so those environments still see only their own plugin;
-  ``COREPT_BUILD_LINK=0`` turns it off (a process that must not see corept at all);
-* ``<venv>/bin/corept`` is the command (pip's console script, pointing at this venv's Python).
+* ``<site-packages>/corept-build.pth`` (through ``corept_build_link.py`` beside it) appends the
+  folder to ``sys.path`` at start-up, unless an installed corept (a ``corept-<version>.dist-info``)
+  is already on ``sys.path`` — as under the per-plugin test targets' ``PYTHONPATH`` — so those
+  environments still see only their own plugin; ``COREPT_BUILD_LINK=0`` turns it off (a process
+  that must not see corept at all);
+* ``<venv>/bin/corept`` is the command (the console script's three lines, on this venv's Python).
 
 pip sees the linked distributions as installed, so ``pip install <plugin folder>`` in the venv
 resolves its ``corept`` requirement without the network.
@@ -32,7 +33,8 @@ import os
 import sys
 
 BUILD = {path!r}
-if os.environ.get("COREPT_BUILD_LINK", "1") != "0" and BUILD not in sys.path and not any(glob.glob(os.path.join(d or ".", "corept-[0-9]*.dist-info")) for d in sys.path):
+INSTALLED = any(glob.glob(os.path.join(d or ".", "corept-[0-9]*.dist-info")) for d in sys.path)
+if os.environ.get("COREPT_BUILD_LINK", "1") != "0" and BUILD not in sys.path and not INSTALLED:
     sys.path.append(BUILD)
 """
 

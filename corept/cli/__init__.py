@@ -44,6 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("corept: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `corept plugins | head -1`: the reader is gone, which is no error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush stays quiet
+        return 0
     except Exception as exc:  # noqa: BLE001 - one line for the user; --debug shows the traceback
         where = getattr(exc, "filename", None)
         print(f"corept: error: {type(exc).__name__}: {exc}" + (f" ({where})" if where and str(where) not in str(exc)

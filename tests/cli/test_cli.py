@@ -180,3 +180,18 @@ def test_console_script_and_pytest_plugin_are_declared():
     eps = importlib_metadata.entry_points()
     assert eps.select(group="console_scripts")["corept"].value == "corept.cli:main"
     assert eps.select(group="pytest11")["corept"].value == "corept.testing.pytest_plugin"
+
+
+
+def test_a_closed_pipe_is_no_error():
+    """``corept plugins | head -1``: the reader is gone before corept writes (closed here at once,
+    while corept still imports); corept ends quietly, with no error line."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-P", "-m", "corept", "plugins", "--all"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+    proc.stdout.close()
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0 and "error" not in err, err
