@@ -33,9 +33,12 @@ def scalar_fields(config) -> dict[str, object]:
 
 
 def perturbed(name: str, value):
-    """The value :func:`tiny_config` gives a scalar field: softcaps :data:`SOFTCAP`, others 2.5x (0.5 for 0)."""
+    """The value :func:`tiny_config` gives a scalar field: softcaps :data:`SOFTCAP`, others 2.5x (0.5 for 0);
+    an integer field stays an integer (configs validate their field types)."""
     if "softcap" in name:
         return SOFTCAP
+    if isinstance(value, int) and not isinstance(value, bool) and value:
+        return int(round(value * 2.5))
     return float(value) * 2.5 if value else 0.5
 
 

@@ -94,6 +94,44 @@ class Projections:
 
 
 @dataclass(frozen=True)
+class GGUFExport:
+    """How an architecture is written as GGUF, the file format llama.cpp, Ollama and LM Studio read.
+
+    :param arch: llama.cpp's name for the architecture (``general.architecture``), e.g. ``"llama"``,
+        ``"qwen3"``, ``"gemma2"``.
+    :param tensors: ``{transformers module path: GGUF tensor name}``, ``{bid}`` standing for the layer
+        index (``{"model.layers.{bid}.mlp.gate_proj": "blk.{bid}.ffn_gate"}``); the ``.weight`` /
+        ``.bias`` suffix is kept. Looked up first; modules not listed are named by the ``gguf``
+        package's own table for ``arch``, so a plugin whose ``arch`` that table lacks lists every module.
+    :param metadata: extra keys under ``{arch}.`` (``{"attn_logit_softcapping":
+        FromConfig("attn_logit_softcapping")}``), on top of the sizes every decoder writes (context,
+        embedding, feed-forward, layers, heads, kv heads, head size, norm epsilon, RoPE base and scaling,
+        vocabulary); a value that resolves to ``None`` is left out.
+    :param interleaved_rotary: llama.cpp applies RoPE to adjacent pairs for this ``arch`` (the llama
+        family), so the q and k projections' rows are written permuted from transformers'
+        half-split layout into that one.
+
+    Norm weights are written with the architecture's ``Numerics.norm_offset`` added (llama.cpp
+    multiplies by the stored weight), so Gemma's ``1 + w`` needs no declaration of its own.
+    """
+
+    arch: str
+    tensors: Mapping[str, str] = field(default_factory=dict)
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+    interleaved_rotary: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.arch or not isinstance(self.arch, str):
+            raise ValueError("GGUFExport needs arch: llama.cpp's architecture name, e.g. 'llama'")
+        object.__setattr__(self, "tensors", dict(self.tensors))
+        object.__setattr__(self, "metadata", dict(self.metadata))
+
+    def to_dict(self) -> dict:
+        return {"arch": self.arch, "tensors": dict(self.tensors), "metadata": {k: repr(v) for k, v in self.metadata.items()},
+                "interleaved_rotary": self.interleaved_rotary}
+
+
+@dataclass(frozen=True)
 class EmbeddedModel:
     """A model whose weights ship inside a Python package (usable offline, e.g. for ``corept demo``).
 
@@ -138,6 +176,7 @@ class Architecture:
         inside the attention and MLP modules of the model at hand.
     :param keep: ``{component: reason}`` for components that keep transformers' implementation.
     :param models: known checkpoints (:class:`KnownModel`): aliases, configs for the planner.
+    :param gguf: how the architecture is written as GGUF (:class:`GGUFExport`); ``None``: it cannot be.
     :param priority: breaks ties when two plugins claim one model_type (higher wins); equal
         priorities are a conflict.
     :param notes: free text shown by ``corept inspect`` and the report.
@@ -153,6 +192,7 @@ class Architecture:
     lora_targets: tuple[str, ...] | None = None
     keep: Mapping[str, str] = field(default_factory=dict)
     models: tuple[KnownModel, ...] = ()
+    gguf: GGUFExport | None = None
     priority: int = 0
     notes: str = ""
 
@@ -186,5 +226,6 @@ class Architecture:
             "load": self.load.to_dict(), "numerics": self.numerics.to_dict(), "recorded": self.recorded.to_dict(),
             "transformers": self.transformers, "lora_targets": list(self.lora_targets) if self.lora_targets else None,
             "components": list(self.components), "keep": dict(self.keep), "aliases": self.aliases,
-            "models": [m.repo_id for m in self.models], "priority": self.priority, "notes": self.notes,
+            "models": [m.repo_id for m in self.models], "gguf": self.gguf.to_dict() if self.gguf else None,
+            "priority": self.priority, "notes": self.notes,
         }

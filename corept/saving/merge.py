@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import tempfile
 from pathlib import Path
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
@@ -30,15 +31,18 @@ def _dequantized(weight: torch.Tensor, module: nn.Module | None = None) -> torch
     return bnbf.dequantize_4bit(weight.data, state).float()
 
 
-def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The base model's weights with every active LoRA adapter merged in, as ``dtype`` tensors on CPU.
+def merged_items(model: nn.Module, dtype: torch.dtype, *, cpu: bool = True) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
+    """``(key, make)`` for every weight of the merged model, without computing any: ``make()`` returns
+    that weight with every active LoRA adapter merged in, as a ``dtype`` tensor (on CPU when
+    ``cpu``, else where the weight lives). Callers that stream (the GGUF export) hold one at a time.
 
     Keys are the plain transformers names (no ``base_model.model.`` or ``.base_layer`` parts).
     """
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    out: dict[str, torch.Tensor] = {}
+    place = (lambda t: t.cpu()) if cpu else (lambda t: t)
     lora_modules = {name: m for name, m in base.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
-    for name, m in lora_modules.items():
+
+    def merged(m: nn.Module) -> torch.Tensor:
         bl = m.get_base_layer()
         w = _dequantized(bl.weight, bl)
         if not getattr(m, "merged", False) and not getattr(m, "disable_adapters", False):
@@ -46,26 +50,40 @@ def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.T
                 if adapter in m.lora_A:
                     a = m.lora_A[adapter].weight.detach().float()
                     b = m.lora_B[adapter].weight.detach().float()
-                    w = w + m.scaling[adapter] * (b @ a)
-        out[f"{name}.weight"] = w.to(dtype).cpu()
-        if getattr(bl, "bias", None) is not None:
-            out[f"{name}.bias"] = bl.bias.detach().to(dtype).cpu()
+                    w = w + m.scaling[adapter] * (b @ a).to(w.device)
+        return place(w.to(dtype))
+
+    for name, m in lora_modules.items():
+        yield f"{name}.weight", (lambda m=m: merged(m))
+        bias = getattr(m.get_base_layer(), "bias", None)
+        if bias is not None:
+            yield f"{name}.bias", (lambda b=bias: place(b.detach().to(dtype)))
     skip = tuple(f"{n}." for n in lora_modules)
-    for key, t in base.state_dict().items():
+    for key, t in base.state_dict(keep_vars=True).items():
         if key.startswith(skip) or ".lora_" in key:
             continue
         owner = base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base
         weight = getattr(owner, "weight", None) if key.endswith(".weight") else None
         if weight is not None and (hasattr(weight, "quant_state") or weight.dtype == torch.int8):
-            out[key] = _dequantized(weight, owner).to(dtype).cpu()
+            yield key, (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
-            out[key] = t.detach().to(dtype).cpu()
-    return out
+            yield key, (lambda t=t: place(t.detach().to(dtype)))
+
+
+def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The base model's weights with every active LoRA adapter merged in, as ``dtype`` tensors on CPU
+    (:func:`merged_items`, computed)."""
+    return {key: make() for key, make in merged_items(model, dtype)}
+
+
+def tied_embeddings(model: nn.Module) -> bool:
+    """Whether the output head shares the input embedding's weight (then only the embedding is written)."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return bool(getattr(model.config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)))
 
 
 def _untied(model: nn.Module, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(model.config, "tie_word_embeddings", getattr(config, "tie_word_embeddings", False)):
+    if tied_embeddings(model):
         sd = dict(sd)
         for key in [k for k in sd if k.endswith("lm_head.weight")]:
             sd.pop(key)

@@ -7,9 +7,11 @@
 * gemma3: fp32 forcing when fp16 is requested or bf16 is unsupported, SDPA disabled, q/k norms,
   262k vocabulary. For the multimodal ``gemma3`` only the text path is patched; its
   conditional-generation head keeps transformers' loss.
+* GGUF export: llama.cpp's ``gemma`` / ``gemma2`` / ``gemma3`` (text); norm weights are written as
+  ``1 + w`` from the declared norm offset. The multimodal ``gemma3`` declares none.
 """
-from corept import (Architecture, ArchitecturePlugin, FromConfig, KnownModel, LoadPolicy, ModuleRoles, Numerics,
-                    Recorded)
+from corept import (Architecture, ArchitecturePlugin, FromConfig, GGUFExport, KnownModel, LoadPolicy, ModuleRoles,
+                    Numerics, Recorded)
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
@@ -20,12 +22,18 @@ _ATTENTION = {"query_pre_attn_scalar": "the attention scaling, applied inside tr
 _RECORDED = Recorded(attn_softcap=FromConfig("attn_logit_softcapping"), sliding_window=FromConfig("sliding_window"),
                      config=_ATTENTION)
 
+# llama.cpp reads these under "{arch}."; None (no softcap, no window) leaves the key out
+_GGUF_SOFTCAPS = {"attn_logit_softcapping": FromConfig("attn_logit_softcapping"),
+                  "final_logit_softcapping": FromConfig("final_logit_softcapping"),
+                  "attention.sliding_window": FromConfig("sliding_window")}
+
 GEMMA = Architecture(
     model_type="gemma",
     roles=ModuleRoles.standard("Gemma"),
     numerics=_NORM,
     transformers=TRANSFORMERS_RANGE,
     models=(KnownModel("google/gemma-2b", aliases=("gemma-2b",)), KnownModel("google/gemma-7b", aliases=("gemma-7b",))),
+    gguf=GGUFExport(arch="gemma"),
 )
 
 GEMMA2 = Architecture(
@@ -37,6 +45,7 @@ GEMMA2 = Architecture(
     transformers=TRANSFORMERS_RANGE,
     models=(KnownModel("google/gemma-2-2b", aliases=("gemma-2-2b",)),
             KnownModel("google/gemma-2-9b", aliases=("gemma-2-9b",))),
+    gguf=GGUFExport(arch="gemma2", metadata=_GGUF_SOFTCAPS),
 )
 
 _GEMMA3_LOAD = LoadPolicy(force_float32=True, disable_sdpa=True)
@@ -50,6 +59,7 @@ GEMMA3_TEXT = Architecture(
     transformers=TRANSFORMERS_RANGE,
     models=(KnownModel("google/gemma-3-1b-pt", aliases=("gemma-3-1b",)),
             KnownModel("google/gemma-3-1b-it", aliases=("gemma-3-1b-it",))),
+    gguf=GGUFExport(arch="gemma3", metadata=_GGUF_SOFTCAPS),
 )
 
 GEMMA3 = Architecture(

