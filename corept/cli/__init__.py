@@ -10,10 +10,10 @@ import logging
 import os
 import sys
 
-from corept.cli import demo, doctor, inspect_cmd, new_plugin, plan, plugins_cmd, support_matrix_cmd, train
+from corept.cli import demo, doctor, export_cmd, inspect_cmd, new_plugin, plan, plugins_cmd, support_matrix_cmd, train
 
 COMMANDS = {"demo": demo, "plugins": plugins_cmd, "doctor": doctor, "inspect": inspect_cmd, "plan": plan,
-            "new-plugin": new_plugin, "support-matrix": support_matrix_cmd, "train": train}
+            "new-plugin": new_plugin, "support-matrix": support_matrix_cmd, "train": train, "export": export_cmd}
 
 
 def build_parser() -> argparse.ArgumentParser:

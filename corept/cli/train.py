@@ -23,7 +23,7 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
   kto  {"prompt": "...", "completion": "...", "label": true}   (label: true = desirable)
 
 outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers folder, unless
---save-method lora) and DIR/run.json (options, losses, timings). The no-argument run writes to
+--save-method lora), DIR/gguf (with --save-gguf) and DIR/run.json (options, losses, timings). The no-argument run writes to
 ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
 
 example: corept train --model ./my-model --data my.jsonl --output my-run --max-steps 20
@@ -74,6 +74,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o = p.add_argument_group("output")
     o.add_argument("--save-method", choices=("lora", "merged_16bit", "merged_4bit"), default=None,
                    help="lora: adapter only; merged_16bit (default) / merged_4bit: adapter + merged model")
+    o.add_argument("--save-gguf", metavar="QUANT",
+                   help="also write DIR/gguf/<name>-<QUANT>.gguf for llama.cpp / Ollama: f16, bf16, q8_0, q4_k_m, "
+                        "q5_k_m or q6_k (merged in fp32; the tokenizer and chat template inside)")
     o.add_argument("--sample-prompt", help="prompt for the closing sample generation (default: row 0's prompt)")
     o.add_argument("--max-new-tokens", type=int, default=None,
                    help="longest closing sample answer, in tokens; generation stops earlier at EOS (default 48; "
@@ -81,7 +84,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
-          "gradient_checkpointing", "save_method", "sample_prompt")
+          "gradient_checkpointing", "save_method", "save_gguf", "sample_prompt")
 _FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite", "distributed")
 
 

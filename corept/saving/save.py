@@ -57,7 +57,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, method: str = "lo
     if target.exists() and not target.is_dir():
         raise InvalidOptionsError(f"cannot save to {target}: it exists and is not a folder")
     if method == "gguf":
-        return _save_gguf(model, tokenizer, target, quantization or "q8_0")
+        return save_gguf(model, tokenizer, target, quantization or "q8_0")
     dtype = _dtype(dtype) or compute_dtype(model)
     with file_set(target, {"method": method, "dtype": str(dtype)}) as staging:
         if method == "lora":
@@ -72,10 +72,11 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, method: str = "lo
     return target
 
 
-def _save_gguf(model: nn.Module, tokenizer, target: Path, quantization: str) -> Path:
+def save_gguf(model: nn.Module, tokenizer, target: Path, quantization: str, *, name: str | None = None) -> Path:
+    """``corept.save(..., method="gguf")`` with an optional file name stem; returns the file written."""
     from corept.export.gguf import prepare
 
-    job = prepare(model, tokenizer, quantization)  # every refusal happens here, before any work
+    job = prepare(model, tokenizer, quantization, name=name)  # every refusal happens here, before any work
     with file_set(target, {"method": "gguf", "quantization": job.mix}) as staging:
         job.write(staging / job.filename)
     logger.info("corept: saved gguf (%s) to %s", job.mix, target / job.filename)

@@ -45,6 +45,7 @@ class TrainOptions:
     epochs: float | None = None
     max_steps: int | None = None
     save_method: str = "merged_16bit"
+    save_gguf: str | None = None  # a GGUF mix (q4_k_m, q8_0, ...): also write OUTPUT/gguf/<name>-<MIX>.gguf
     seed: int = 3407
     profile: str | None = None
     optim: str | None = None
@@ -134,6 +135,10 @@ def validate(opts: TrainOptions) -> None:
         raise InvalidOptionsError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio!r}")
     if opts.save_method not in SAVE_METHODS:
         raise InvalidOptionsError(f"--save-method must be one of {SAVE_METHODS}, got {opts.save_method!r}")
+    if opts.save_gguf is not None:
+        from corept.export.gguf.writer import normalize_mix
+
+        opts.save_gguf = normalize_mix(opts.save_gguf)
     if opts.full_finetuning and opts.save_method == "lora":
         raise InvalidOptionsError("--save-method lora saves adapters, but --full-finetuning trains no adapters: "
                                   "use --save-method merged_16bit (or merged_4bit).")

@@ -46,6 +46,7 @@ class RunResult:
     output: Path
     adapter: Path | None = None
     merged: Path | None = None
+    gguf: Path | None = None
     log_history: list = field(default_factory=list)
     question: str | list | None = None
     before: str | None = None
@@ -140,7 +141,10 @@ def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
         result.adapter = corept.save(model, tokenizer, out / "adapter", method="lora")
     if opts.save_method != "lora" and result.interrupted_at is None:
         result.merged = corept.save(model, tokenizer, out / "merged", method=opts.save_method)
-    remove_stale(out, {name for name, path in (("adapter", result.adapter), ("merged", result.merged)) if path})
+    if opts.save_gguf and result.interrupted_at is None:
+        result.gguf = corept.save(model, tokenizer, out / "gguf", method="gguf", quantization=opts.save_gguf)
+    remove_stale(out, {name for name, path in (("adapter", result.adapter), ("merged", result.merged),
+                                               ("gguf", result.gguf)) if path})
 
 
 def _write_record(result: RunResult) -> None:
@@ -152,6 +156,7 @@ def _write_record(result: RunResult) -> None:
               "applied": result.applied, "seconds": result.seconds, "thread_changes": result.thread_changes,
               "adapter": str(result.adapter) if result.adapter else None,
               "merged": str(result.merged) if result.merged else None,
+              "gguf": str(result.gguf) if result.gguf else None,
               "interrupted_at_step": result.interrupted_at}
     (result.output / "run.json").write_text(json.dumps(record, indent=2, default=str))
 
@@ -261,6 +266,11 @@ def _print_summary(result: RunResult, label: str, echo) -> None:
     if result.merged:
         needs = "transformers + bitsandbytes" if result.options.save_method == "merged_4bit" else "plain transformers"
         echo(f"merged model ({result.options.save_method}, loads in {needs}): {result.merged}")
+    if result.gguf:
+        echo(f"GGUF ({result.options.save_gguf}, for llama.cpp / Ollama): {result.gguf}")
+    elif result.merged:
+        echo(f"GGUF for llama.cpp / Ollama: corept export {result.merged} --quantization q4_k_m "
+             f"--output {result.output / 'gguf'}")
     if result.adapter or result.merged:
         echo(f"run record (options, losses, answers, timings): {result.output / 'run.json'}")
     echo(f"{label}: {_show(result.question)}")

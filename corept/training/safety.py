@@ -74,11 +74,11 @@ def no_telemetry():
 
 
 def remove_stale(out: Path, written: set[str]) -> list[str]:
-    """Remove corept's saves in ``out``'s ``adapter/`` and ``merged/`` that this run did not write."""
+    """Remove corept's saves in ``out``'s ``adapter/``, ``merged/`` and ``gguf/`` that this run did not write."""
     from corept.saving import remove
 
     removed = []
-    for name in ("adapter", "merged"):
+    for name in ("adapter", "merged", "gguf"):
         if name not in written and remove(out / name):
             removed.append(name)
             logger.warning("corept: removed %s/ of the previous run in %s (this run does not write it)", name, out)
