@@ -21,7 +21,7 @@ example: corept export my-run/adapter --quantization q4_k_m --output my-run/gguf
 
 
 def add_arguments(p) -> None:
-    from corept.export.gguf import MIXES
+    from corept.export.gguf.mix import MIXES
 
     p.add_argument("model", help="adapter folder, merged/transformers folder, HF id or plugin alias")
     p.add_argument("--quantization", "-q", default="q8_0", help=f"one of {', '.join(MIXES)} (default q8_0)")

@@ -74,7 +74,7 @@ def save(model: nn.Module, tokenizer, path: str | os.PathLike, method: str = "lo
 
 def save_gguf(model: nn.Module, tokenizer, target: Path, quantization: str, *, name: str | None = None) -> Path:
     """``corept.save(..., method="gguf")`` with an optional file name stem; returns the file written."""
-    from corept.export.gguf import prepare
+    from corept.export.gguf.writer import prepare
 
     job = prepare(model, tokenizer, quantization, name=name)  # every refusal happens here, before any work
     with file_set(target, {"method": "gguf", "quantization": job.mix}) as staging:
