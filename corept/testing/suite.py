@@ -30,12 +30,13 @@ from corept.testing.cases import MatrixCase, full_cases, quirk_cases
 from corept.testing.interpreter import nearest_bf16_rounding
 from corept.testing.store import Store, glob
 from corept.testing.suite_contract import ContractChecks
+from corept.testing.suite_export import ExportChecks
 from corept.testing.suite_numerics import NumericChecks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ConformanceSuite(ContractChecks, NumericChecks):
+class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks):
     """Subclass with a ``Test`` name and set :attr:`configs`; everything else has defaults.
 
     :cvar configs: ``{name: () -> config}``; each must force GQA > 1, head_dim != hidden/heads and

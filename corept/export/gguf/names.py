@@ -82,6 +82,12 @@ def tensor_plan(model, resolved, keys: list[str]) -> list[TensorPlan]:
         plans.append(TensorPlan(key, f"{name}.{suffix}", float(offset or 0.0), rotary))
     if missing:
         shown = ", ".join(missing[:6]) + (f" and {len(missing) - 6} more" if len(missing) > 6 else "")
+        head = [k for k in missing if k.endswith("lm_head.weight")]
+        if head and len(missing) == 1:
+            raise InvalidOptionsError(
+                f"{resolved.model_type}: this model's output head is not tied to its embedding, but llama.cpp's "
+                f"{export.arch!r} architecture reads the head from the token embedding (no GGUF name for {head[0]}); "
+                "only tied models of this architecture can be exported")
         raise InvalidOptionsError(
             f"{resolved.model_type}: no GGUF name for {shown} (GGUF architecture {export.arch!r}); the plugin "
             f"{resolved.plugin!r} can name them in GGUFExport(tensors={{'<module path with {{bid}}>': "

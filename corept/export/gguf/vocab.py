@@ -84,9 +84,11 @@ def write_vocab(writer, tokenizer, vocab_size: int) -> str:
         writer.add_tokenizer_pre(_pre_tokenizer(tj) if kind == "gpt2" else "default")
         writer.add_token_list(tokens)
         writer.add_token_types(types)
-        if kind == "llama":
-            writer.add_token_scores(scores)
-        special = gguf.SpecialVocab(tmp, load_merges=True, n_vocab=vocab_size)
+        writer.add_token_scores(scores)  # SentencePiece's merge priority; readers derive missing merges from it
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
+        if merges:  # tokenizers writes merges as "a b" strings or, lately, as ["a", "b"] pairs
+            writer.add_token_merges(merges)
+        special = gguf.SpecialVocab(tmp, load_merges=False, n_vocab=vocab_size)
         if special.chat_template is None and getattr(tokenizer, "chat_template", None):
             special.chat_template = tokenizer.chat_template
         special.add_to_gguf(writer, quiet=True)

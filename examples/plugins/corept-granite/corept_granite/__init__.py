@@ -5,8 +5,10 @@
 * ``embedding_multiplier``, ``residual_multiplier``, ``attention_multiplier``: applied inside
   transformers' model, decoder-layer and attention forwards, which corept does not replace; they
   are recorded, so the conformance kit knows they are handled.
+* GGUF export: llama.cpp's ``granite`` architecture (the ``gguf`` package names its tensors; RoPE on
+  adjacent pairs, as for Llama) with the four multipliers as its metadata keys.
 """
-from corept import Architecture, ArchitecturePlugin, FromConfig, ModuleRoles, Numerics, Recorded
+from corept import Architecture, ArchitecturePlugin, FromConfig, GGUFExport, ModuleRoles, Numerics, Recorded
 
 GRANITE = Architecture(
     model_type="granite",
@@ -18,6 +20,9 @@ GRANITE = Architecture(
         "attention_multiplier": "the softmax scale of GraniteAttention",
     }),
     transformers=">=5.17,<6",
+    gguf=GGUFExport(arch="granite", interleaved_rotary=True, metadata={
+        "logit_scale": FromConfig("logits_scaling"), "embedding_scale": FromConfig("embedding_multiplier"),
+        "residual_scale": FromConfig("residual_multiplier"), "attention.scale": FromConfig("attention_multiplier")}),
 )
 
 plugin = ArchitecturePlugin([GRANITE])
