@@ -6,6 +6,7 @@ from pathlib import Path
 import importlib_metadata
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 import training_helpers as h
 
 from corept.cli import main
@@ -88,8 +89,24 @@ def test_qlora_kto_from_jsonl(tiny_chat, tmp_path):
     data = h.write_jsonl(tmp_path / "kto.jsonl", h.rows("kto", 8))
     out = tmp_path / "out"
     assert main(["train", "--model", tiny_chat, "--data", str(data), "--method", "kto", "--output", str(out),
-                 "--load-in-4bit", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2"]) == 0
+                 "--load-in-4bit", "--max-steps", "3", "--batch-size", "4", "--lr", "1e-2", "--save-gguf", "Q8_0"]) == 0
     rec = _record(out)
     assert rec["options"]["load_in_4bit"] is True and rec["greedy_patched_equals_unpatched"] is True
     merged_cfg = json.loads((out / "merged" / "config.json").read_text())
     assert "quantization_config" not in merged_cfg  # merged_16bit from a 4-bit base is a plain folder
+    # the GGUF file holds the same merged weights, Q8_0-quantized
+    from transformers import AutoModelForCausalLM
+
+    from corept.export.gguf.names import from_file, to_file
+    from corept.export.gguf.quants import quantize_q8_0
+    from corept.export.gguf.readback import read_back
+    from corept.export.gguf.writer import prepare
+
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32)
+    state, types = read_back(rec["gguf"], merged)
+    plans = {p.hf: p for p in prepare(merged, None, "q8_0").plans}
+    weights = merged.state_dict()
+    for key, got in state.items():
+        if types[key] == "Q8_0":
+            laid = to_file(plans[key], weights[key].float())
+            assert torch.equal(got, from_file(plans[key], quantize_q8_0(laid)[1])), key
