@@ -29,12 +29,13 @@ def collect(name: str, trust_remote_code: bool = False) -> dict:
         resolved = str(Path(where).parent if where.endswith("config.json") else Path(where))
     arch = resolve(config)
     info = {"model": name, "resolved": resolved, "found_via": how, "model_type": config.model_type,
-            "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": ""}
+            "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": "", "gguf": None}
     if arch is None:
         info["components"] = {c: "transformers (no plugin)" for c in COMPONENTS}
         return info
+    gguf = arch.declaration.gguf
     info.update(plugin=arch.plugin, distribution=arch.distribution, notes=arch.notes, quirks=arch.quirks(),
-                transformers_range=arch.declaration.transformers)
+                transformers_range=arch.declaration.transformers, gguf=gguf.arch if gguf else None)
     for comp in COMPONENTS:
         classes = getattr(arch.roles, COMPONENT_ROLES[comp])
         if not arch.supported:
@@ -64,6 +65,8 @@ def run(args) -> int:
     print("components:")
     for comp, what in info["components"].items():
         print(f"  {comp:10s} {what}")
+    if info["plugin"]:
+        print(f"gguf:       {'llama.cpp architecture ' + info['gguf'] if info['gguf'] else 'no export declared'}")
     if info["quirks"]:
         print("quirks:")
         for k, v in info["quirks"].items():

