@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.." || exit 1
 : "${OUT:?OUT must name the output folder}"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TMPDIR=/tmp
 PIP="python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade"
-$PIP --target /tmp/site_gguf .whl/gguf-*.whl || { echo "FAILED: gguf wheel"; exit 1; }
+$PIP --target /tmp/site_gguf .whl/gguf-*.whl .whl/importlib_metadata-*.whl .whl/zipp-*.whl .whl/lazy_importer-*.whl || { echo "FAILED: gguf wheel"; exit 1; }
 rm -rf /tmp/site_corept
 python3 -P bench/e2e.py --link-site /tmp/site_corept || { echo "FAILED: corept link"; exit 1; }
 export PYTHONPATH=/tmp/site_corept:/tmp/site_gguf
