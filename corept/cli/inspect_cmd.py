@@ -66,7 +66,7 @@ def run(args) -> int:
     for comp, what in info["components"].items():
         print(f"  {comp:10s} {what}")
     if info["plugin"]:
-        print(f"gguf:       {'llama.cpp architecture ' + info['gguf'] if info['gguf'] else 'no export declared'}")
+        print(f"gguf:       {info['gguf'] + ' (llama.cpp architecture)' if info['gguf'] else 'no export declared'}")
     if info["quirks"]:
         print("quirks:")
         for k, v in info["quirks"].items():

@@ -110,6 +110,9 @@ class GGUFExport:
     :param interleaved_rotary: llama.cpp applies RoPE to adjacent pairs for this ``arch`` (the llama
         family), so the q and k projections' rows are written permuted from transformers'
         half-split layout into that one.
+    :param rope_freq_factors: RoPE types (``rope_type`` in the config) llama.cpp takes as a
+        ``rope_freqs`` tensor: one divisor per frequency, read from the model's own rotary module
+        (the core writes ``default``, ``linear`` and ``yarn`` itself; others are refused).
 
     Norm weights are written with the architecture's ``Numerics.norm_offset`` added (llama.cpp
     multiplies by the stored weight), so Gemma's ``1 + w`` needs no declaration of its own.
@@ -119,16 +122,18 @@ class GGUFExport:
     tensors: Mapping[str, str] = field(default_factory=dict)
     metadata: Mapping[str, Any] = field(default_factory=dict)
     interleaved_rotary: bool = False
+    rope_freq_factors: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.arch or not isinstance(self.arch, str):
-            raise ValueError("GGUFExport needs arch: llama.cpp's architecture name, e.g. 'llama'")
+            raise ValueError("GGUFExport needs arch: llama.cpp's name for the architecture (general.architecture)")
         object.__setattr__(self, "tensors", dict(self.tensors))
         object.__setattr__(self, "metadata", dict(self.metadata))
+        object.__setattr__(self, "rope_freq_factors", tuple(self.rope_freq_factors))
 
     def to_dict(self) -> dict:
         return {"arch": self.arch, "tensors": dict(self.tensors), "metadata": {k: repr(v) for k, v in self.metadata.items()},
-                "interleaved_rotary": self.interleaved_rotary}
+                "interleaved_rotary": self.interleaved_rotary, "rope_freq_factors": list(self.rope_freq_factors)}
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,10 @@
 RoPE: transformers 5 keeps it in ``config.rope_parameters`` (per layer type for models that mix
 sliding and full attention; the full-attention entry is the main one, the sliding one becomes
 ``rope.freq_base_swa``). ``default`` needs nothing more; ``linear`` and ``yarn`` become
-``rope.scaling.*`` keys; ``llama3`` becomes llama.cpp's ``rope_freqs`` tensor (one divisor per
-frequency, read from the model's own rotary module so it is exactly what transformers computes).
-Other RoPE types are refused before any work.
+``rope.scaling.*`` keys; the types a plugin lists in ``GGUFExport.rope_freq_factors`` (Llama 3's)
+become llama.cpp's ``rope_freqs`` tensor (one divisor per frequency, read from the model's own
+rotary module so it is exactly what transformers computes). Other RoPE types are refused before any
+work.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from corept.errors import InvalidOptionsError
 from corept.registry.quirks import FromConfig
 
-ROPE_TYPES = ("default", "linear", "yarn", "llama3")
+ROPE_TYPES = ("default", "linear", "yarn")
 
 
 def rope_parameters(config) -> tuple[dict, dict | None]:
@@ -29,11 +30,13 @@ def rope_parameters(config) -> tuple[dict, dict | None]:
     return dict(params), None
 
 
-def check_rope(config) -> None:
+def check_rope(config, export) -> None:
     main, _ = rope_parameters(config)
     kind = main.get("rope_type", main.get("type", "default"))
-    if kind not in ROPE_TYPES:
-        raise InvalidOptionsError(f"RoPE type {kind!r} cannot be written to GGUF by corept yet; supported: {ROPE_TYPES}")
+    known = ROPE_TYPES + export.rope_freq_factors
+    if kind not in known:
+        raise InvalidOptionsError(f"RoPE type {kind!r} cannot be written to GGUF for llama.cpp's {export.arch!r}; "
+                                  f"supported: {', '.join(known)}")
 
 
 def head_dim(config) -> int:
@@ -79,7 +82,7 @@ def write_metadata(writer, export, config, model) -> dict[str, torch.Tensor]:
         writer.add_rope_freq_base(float(main["rope_theta"]))
     if sliding and sliding.get("rope_theta") is not None:
         writer.add_rope_freq_base_swa(float(sliding["rope_theta"]))
-    extra = _rope_scaling(writer, main, config, model, int(hd * factor))
+    extra = _rope_scaling(writer, main, export, model, int(hd * factor))
     for key, value in export.metadata.items():
         value = value.read(config) if isinstance(value, FromConfig) else value
         if value is not None:
@@ -87,7 +90,7 @@ def write_metadata(writer, export, config, model) -> dict[str, torch.Tensor]:
     return extra
 
 
-def _rope_scaling(writer, params: dict, config, model, dims: int) -> dict[str, torch.Tensor]:
+def _rope_scaling(writer, params: dict, export, model, dims: int) -> dict[str, torch.Tensor]:
     import gguf
 
     kind = params.get("rope_type", params.get("type", "default"))
@@ -100,11 +103,11 @@ def _rope_scaling(writer, params: dict, config, model, dims: int) -> dict[str, t
         original = params.get("original_max_position_embeddings")
         if original:
             writer.add_rope_scaling_orig_ctx_len(int(original))
-    elif kind == "llama3":
+    elif kind in export.rope_freq_factors:
         inv = _inv_freq(model)
         base = 1.0 / (float(params["rope_theta"]) ** (torch.arange(0, dims, 2, dtype=torch.float64) / dims))
         if inv is None or inv.numel() != base.numel():
-            raise InvalidOptionsError("llama3 RoPE: the model's rotary module (inv_freq) was not found")
+            raise InvalidOptionsError(f"{kind} RoPE: the model's rotary module (inv_freq) was not found")
         return {"rope_freqs.weight": (base / inv.double()).float()}
     return {}
 

@@ -22,8 +22,12 @@ logger = logging.getLogger("corept")
 _BYTE = re.compile(r"^<0x[0-9A-Fa-f]{2}>$")
 
 
+def _table() -> dict:
+    return json.loads(resources.files("corept.export.gguf").joinpath("pretokenizers.json").read_text(encoding="utf-8"))
+
+
 def _pre_tokenizer(tokenizer_json: dict) -> str:
-    table = json.loads(resources.files("corept.export.gguf").joinpath("pretokenizers.json").read_text())
+    table = _table()
     pre = tokenizer_json.get("pre_tokenizer") or {}
     steps = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     for step in steps:
@@ -41,7 +45,7 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
 
 def write_vocab(writer, tokenizer, vocab_size: int) -> str:
     """Write ``tokenizer`` (a transformers fast tokenizer) for a model with ``vocab_size`` embedding rows.
-    Returns the GGUF tokenizer model written (``"gpt2"`` or ``"llama"``)."""
+    Returns the GGUF tokenizer model written (``tokenizer.ggml.model``)."""
     import gguf
 
     with tempfile.TemporaryDirectory(prefix="corept-gguf-tok-") as tmp:
@@ -55,7 +59,9 @@ def write_vocab(writer, tokenizer, vocab_size: int) -> str:
         if model.get("type") != "BPE":
             raise InvalidOptionsError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')!r}. "
                                       "Pass tokenizer=None to write weights only.")
-        kind = "llama" if model.get("byte_fallback") else "gpt2"
+        models = _table()["tokenizer_models"]
+        fallback = bool(model.get("byte_fallback"))
+        kind = models["byte_fallback" if fallback else "byte_level"]
         vocab = tokenizer.get_vocab()
         if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
             raise InvalidOptionsError(f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) but "
@@ -75,13 +81,13 @@ def write_vocab(writer, tokenizer, vocab_size: int) -> str:
                     types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
                 elif i == unk:
                     types.append(gguf.TokenType.UNKNOWN)
-                elif kind == "llama" and _BYTE.match(token):
+                elif fallback and _BYTE.match(token):
                     types.append(gguf.TokenType.BYTE)
                 else:
                     types.append(gguf.TokenType.NORMAL)
             scores.append(-1000.0 if i in added or token is None else -float(i))
         writer.add_tokenizer_model(kind)
-        writer.add_tokenizer_pre(_pre_tokenizer(tj) if kind == "gpt2" else "default")
+        writer.add_tokenizer_pre("default" if fallback else _pre_tokenizer(tj))
         writer.add_token_list(tokens)
         writer.add_token_types(types)
         writer.add_token_scores(scores)  # SentencePiece's merge priority; readers derive missing merges from it

@@ -127,7 +127,7 @@ def prepare(model: nn.Module, tokenizer, quantization: str = "q8_0", name: str |
         raise UnsupportedArchitectureError(
             f"GGUF export: the {resolved.plugin!r} plugin declares no GGUF mapping for {resolved.model_type!r} "
             "(Architecture(gguf=GGUFExport(arch=..., tensors=...))); save with method='merged_16bit' instead")
-    check_rope(resolved.config)
+    check_rope(resolved.config, resolved.declaration.gguf)
     tied = tied_embeddings(base)
     makers = {k: f for k, f in merged_items(model, torch.float32, cpu=False)
               if not (tied and k.endswith("lm_head.weight"))}

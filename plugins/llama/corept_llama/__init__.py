@@ -39,7 +39,7 @@ LLAMA = Architecture(
     roles=ModuleRoles.standard("Llama"),
     transformers=TRANSFORMERS_RANGE,
     models=MODELS,
-    gguf=GGUFExport(arch="llama", interleaved_rotary=True),
+    gguf=GGUFExport(arch="llama", interleaved_rotary=True, rope_freq_factors=("llama3",)),
 )
 
 plugin = ArchitecturePlugin([LLAMA])
