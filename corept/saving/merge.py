@@ -31,10 +31,18 @@ def _dequantized(weight: torch.Tensor, module: nn.Module | None = None) -> torch
     return bnbf.dequantize_4bit(weight.data, state).float()
 
 
-def merged_items(model: nn.Module, dtype: torch.dtype, *, cpu: bool = True) -> Iterator[tuple[str, Callable[[], torch.Tensor]]]:
-    """``(key, make)`` for every weight of the merged model, without computing any: ``make()`` returns
-    that weight with every active LoRA adapter merged in, as a ``dtype`` tensor (on CPU when
-    ``cpu``, else where the weight lives). Callers that stream (the GGUF export) hold one at a time.
+def _shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The unquantized shape of a weight (a packed 4-bit weight keeps it in its quant state)."""
+    state = getattr(weight, "quant_state", None)
+    return tuple(state.shape) if state is not None else tuple(weight.shape)
+
+
+def merged_items(model: nn.Module, dtype: torch.dtype, *,
+                 cpu: bool = True) -> Iterator[tuple[str, tuple[int, ...], Callable[[], torch.Tensor]]]:
+    """``(key, shape, make)`` for every weight of the merged model, without computing any: ``make()``
+    returns that weight (of ``shape``) with every active LoRA adapter merged in, as a ``dtype``
+    tensor (on CPU when ``cpu``, else where the weight lives). Callers that stream (the GGUF export)
+    hold one at a time.
 
     Keys are the plain transformers names (no ``base_model.model.`` or ``.base_layer`` parts).
     """
@@ -54,10 +62,10 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *, cpu: bool = True) -> I
         return place(w.to(dtype))
 
     for name, m in lora_modules.items():
-        yield f"{name}.weight", (lambda m=m: merged(m))
+        yield f"{name}.weight", _shape(m.get_base_layer().weight), (lambda m=m: merged(m))
         bias = getattr(m.get_base_layer(), "bias", None)
         if bias is not None:
-            yield f"{name}.bias", (lambda b=bias: place(b.detach().to(dtype)))
+            yield f"{name}.bias", tuple(bias.shape), (lambda b=bias: place(b.detach().to(dtype)))
     skip = tuple(f"{n}." for n in lora_modules)
     for key, t in base.state_dict(keep_vars=True).items():
         if key.startswith(skip) or ".lora_" in key:
@@ -65,15 +73,15 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *, cpu: bool = True) -> I
         owner = base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base
         weight = getattr(owner, "weight", None) if key.endswith(".weight") else None
         if weight is not None and (hasattr(weight, "quant_state") or weight.dtype == torch.int8):
-            yield key, (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
+            yield key, _shape(weight), (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
-            yield key, (lambda t=t: place(t.detach().to(dtype)))
+            yield key, tuple(t.shape), (lambda t=t: place(t.detach().to(dtype)))
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The base model's weights with every active LoRA adapter merged in, as ``dtype`` tensors on CPU
     (:func:`merged_items`, computed)."""
-    return {key: make() for key, make in merged_items(model, dtype)}
+    return {key: make() for key, _, make in merged_items(model, dtype)}
 
 
 def tied_embeddings(model: nn.Module) -> bool:

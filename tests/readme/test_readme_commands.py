@@ -148,5 +148,6 @@ def test_the_demo_runs_with_the_embedded_model(user):
     assert "held-out question: Which pip package adds Qwen support to corept?" in out
     assert re.search(r"after training: .*\[(ended with EOS after|cut off at) \d+ tokens", out), out
     assert re.search(r"generate\(\) patched vs unpatched \(greedy, \d+ tokens\): identical", out), out
+    assert "GGUF for llama.cpp / Ollama: corept export " in out, out  # the export command for its merged model
     record = json.loads((user[0] / "demo-quick" / "run.json").read_text())
     assert record["options"]["max_steps"] == 5 and record["after_stopped"] in ("eos", "length")

@@ -5,7 +5,9 @@ whose plugin declares no :class:`~corept.GGUFExport`, a weight with no GGUF name
 type and a tokenizer GGUF cannot hold. :meth:`GGUFJob.write` then streams the weights: each is
 merged in float32 (4-bit bases dequantized first, as ``merged_16bit`` does), laid out as llama.cpp
 expects (:mod:`.names`), quantized on the device it lives on (:mod:`.quants`; the ``gguf`` package's
-quantizers for the Q5_0/Q5_1 fallbacks) and handed to ``gguf.GGUFWriter``.
+quantizers for the Q5_0/Q5_1 fallbacks) and written through ``gguf.GGUFWriter``. Every tensor's
+type and size are known from its shape, so the header is written first and the weights stream after
+it one at a time: host memory holds one merged weight, not the model.
 """
 from __future__ import annotations
 
@@ -67,6 +69,7 @@ class GGUFJob:
     mix: str
     plans: list[TensorPlan]
     makers: dict = field(repr=False)
+    shapes: dict = field(repr=False)
     tied: bool
     name: str
 
@@ -90,22 +93,23 @@ class GGUFJob:
             from corept.export.gguf.vocab import write_vocab
 
             write_vocab(writer, self.tokenizer, int(config.vocab_size))
-        counts: dict[str, int] = {}
         n_layers = int(config.num_hidden_layers)
-        with torch.no_grad():
-            for key, t in extra.items():
-                writer.add_tensor(key, t.numpy())
-                counts["F32"] = counts.get("F32", 0) + 1
-            for plan in self.plans:
-                t = to_file(plan, self.makers[plan.hf]())
-                qtype = tensor_type(self.mix, plan.gguf, tuple(t.shape), n_layers, self.tied)
-                data = encode(t, qtype)
-                writer.add_tensor(plan.gguf, data, raw_dtype=qtype if data.dtype == np.uint8 else None)
-                counts[qtype.name] = counts.get(qtype.name, 0) + 1
-                del t
+        order = [(key, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t) for key, t in extra.items()]
+        for plan in self.plans:
+            shape = self.shapes[plan.hf]
+            make = (lambda plan=plan: to_file(plan, self.makers[plan.hf]()))
+            order.append((plan.gguf, shape, tensor_type(self.mix, plan.gguf, shape, n_layers, self.tied), make))
+        counts: dict[str, int] = {}
+        for name, shape, qtype, _ in order:
+            block, size = gguf.GGML_QUANT_SIZES[qtype]
+            writer.add_tensor_info(name, shape, np.dtype(np.float32), int(np.prod(shape)) // block * size, raw_dtype=qtype)
+            counts[qtype.name] = counts.get(qtype.name, 0) + 1
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
+        writer.write_ti_data_to_file()
+        with torch.no_grad():
+            for name, shape, qtype, make in order:
+                writer.write_tensor_data(encode(make(), qtype))
         writer.close()
         seconds = time.perf_counter() - start
         logger.info("corept: GGUF %s written in %.1f s (%s)", path.name, seconds,
@@ -129,11 +133,12 @@ def prepare(model: nn.Module, tokenizer, quantization: str = "q8_0", name: str |
             "(Architecture(gguf=GGUFExport(arch=..., tensors=...))); save with method='merged_16bit' instead")
     check_rope(resolved.config, resolved.declaration.gguf)
     tied = tied_embeddings(base)
-    makers = {k: f for k, f in merged_items(model, torch.float32, cpu=False)
-              if not (tied and k.endswith("lm_head.weight"))}
+    items = [(k, s, f) for k, s, f in merged_items(model, torch.float32, cpu=False)
+             if not (tied and k.endswith("lm_head.weight"))]
+    makers, shapes = {k: f for k, _, f in items}, {k: s for k, s, _ in items}
     plans = tensor_plan(base, resolved, list(makers))
     if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
         raise InvalidOptionsError("GGUF export needs a fast tokenizer (tokenizer.json); pass tokenizer=None to "
                                   "write weights only")
     label = name or str(getattr(base.config, "_name_or_path", "") or "model").rstrip("/").rsplit("/", 1)[-1] or "model"
-    return GGUFJob(model, tokenizer, resolved, mix, plans, makers, tied, label)
+    return GGUFJob(model, tokenizer, resolved, mix, plans, makers, shapes, tied, label)
