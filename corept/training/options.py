@@ -139,6 +139,10 @@ def validate(opts: TrainOptions) -> None:
         from corept.export.gguf.writer import normalize_mix
 
         opts.save_gguf = normalize_mix(opts.save_gguf)
+        if opts.distributed:
+            raise InvalidOptionsError("--save-gguf is not written by distributed runs (the model is split across "
+                                      "ranks); export afterwards on one machine: corept export OUTPUT/adapter "
+                                      f"--quantization {opts.save_gguf} --output OUTPUT/gguf")
     if opts.full_finetuning and opts.save_method == "lora":
         raise InvalidOptionsError("--save-method lora saves adapters, but --full-finetuning trains no adapters: "
                                   "use --save-method merged_16bit (or merged_4bit).")

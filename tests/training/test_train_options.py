@@ -77,6 +77,7 @@ def test_planner_errors_and_registration(tmp_path, monkeypatch):
     (dict(epochs=0.0), "--epochs must be a positive number"),
     (dict(save_method="gguf"), "--save-method must be one of"),
     (dict(save_gguf="q4km"), "GGUF quantization 'q4km' unknown"),
+    (dict(save_gguf="q8_0", distributed="ddp"), "--save-gguf is not written by distributed runs"),
     (dict(gradient_checkpointing="sometimes"), "--gradient-checkpointing must be one of"),
     (dict(output=None), "--output DIR is required"),
 ])
