@@ -5,8 +5,8 @@ The core knows no architecture by name: plugins (entry-point group ``corept``) d
 from corept.errors import (CheckpointError, CoreptError, InvalidOptionsError, ModelNotFoundError,
                            PluginConflictError, PluginHookError, PluginLoadError, UnsupportedArchitectureError)
 from corept.patching import Keep, PatchReport, Replacement, architecture_of, is_patched, patch, report, unpatch
-from corept.registry.declarations import (COMPONENTS, Architecture, EmbeddedModel, GGUFExport, KnownModel, ModuleRoles,
-                                          Projections)
+from corept.registry.declarations import (COMPONENTS, Architecture, EmbeddedModel, GGUFExport, KnownModel,
+                                          ModuleRoles, Projections)
 from corept.registry.hookspecs import hookimpl
 from corept.registry.manager import get_plugin_manager, register_plugin, reset_plugin_manager, unregister_plugin
 from corept.registry.plugin_base import ArchitecturePlugin
@@ -45,8 +45,8 @@ def load(*args, **kwargs):
 
 
 __all__ = [
-    "COMPONENTS", "Architecture", "ArchitecturePlugin", "EmbeddedModel", "FromConfig", "GGUFExport", "KnownModel", "LoadPolicy",
-    "ModuleRoles", "Numerics", "Projections", "Recorded", "ResolvedArchitecture", "Keep", "Replacement",
+    "COMPONENTS", "Architecture", "ArchitecturePlugin", "EmbeddedModel", "FromConfig", "GGUFExport", "KnownModel",
+    "LoadPolicy", "ModuleRoles", "Numerics", "Projections", "Recorded", "ResolvedArchitecture", "Keep", "Replacement",
     "PatchReport", "hookimpl", "load", "plan", "get_peft_model", "save", "patch", "unpatch", "report", "is_patched",
     "architecture_of", "resolve", "get_plugin_manager", "register_plugin", "unregister_plugin",
     "reset_plugin_manager", "CheckpointError", "CoreptError", "InvalidOptionsError", "PluginHookError",

@@ -23,8 +23,8 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
   kto  {"prompt": "...", "completion": "...", "label": true}   (label: true = desirable)
 
 outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers folder, unless
---save-method lora), DIR/gguf (with --save-gguf) and DIR/run.json (options, losses, timings). The no-argument run writes to
-~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
+--save-method lora), DIR/gguf (with --save-gguf) and DIR/run.json (options, losses, timings).
+The no-argument run writes to ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
 
 example: corept train --model ./my-model --data my.jsonl --output my-run --max-steps 20
 """

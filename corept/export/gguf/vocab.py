@@ -43,29 +43,35 @@ def _pre_tokenizer(tokenizer_json: dict) -> str:
     return "default"
 
 
+def check_tokenizer(tokenizer, vocab_size: int) -> None:
+    """Refuse, before any work, a tokenizer GGUF cannot hold for a model with ``vocab_size`` rows."""
+    if not getattr(tokenizer, "is_fast", False):
+        raise InvalidOptionsError("GGUF export needs a fast tokenizer (tokenizer.json); this one is "
+                                  f"{type(tokenizer).__name__}. Pass tokenizer=None to write weights only.")
+    kind = json.loads(tokenizer.backend_tokenizer.to_str()).get("model", {}).get("type")
+    if kind != "BPE":
+        raise InvalidOptionsError(f"GGUF export supports BPE tokenizers; this one is {kind!r}. "
+                                  "Pass tokenizer=None to write weights only.")
+    vocab = tokenizer.get_vocab()
+    if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
+        raise InvalidOptionsError(f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) but "
+                                  f"the model {vocab_size} embedding rows; resize the embeddings first")
+
+
 def write_vocab(writer, tokenizer, vocab_size: int) -> str:
-    """Write ``tokenizer`` (a transformers fast tokenizer) for a model with ``vocab_size`` embedding rows.
-    Returns the GGUF tokenizer model written (``tokenizer.ggml.model``)."""
+    """Write ``tokenizer`` (a transformers fast tokenizer that passed :func:`check_tokenizer`) for a
+    model with ``vocab_size`` embedding rows. Returns the GGUF tokenizer model written
+    (``tokenizer.ggml.model``)."""
     import gguf
 
     with tempfile.TemporaryDirectory(prefix="corept-gguf-tok-") as tmp:
         tokenizer.save_pretrained(tmp)
-        path = Path(tmp) / "tokenizer.json"
-        if not path.exists():
-            raise InvalidOptionsError("GGUF export needs a fast tokenizer (tokenizer.json); this one is "
-                                      f"{type(tokenizer).__name__}. Pass tokenizer=None to write weights only.")
-        tj = json.loads(path.read_text(encoding="utf-8"))
+        tj = json.loads((Path(tmp) / "tokenizer.json").read_text(encoding="utf-8"))
         model = tj.get("model", {})
-        if model.get("type") != "BPE":
-            raise InvalidOptionsError(f"GGUF export supports BPE tokenizers; this one is {model.get('type')!r}. "
-                                      "Pass tokenizer=None to write weights only.")
         models = _table()["tokenizer_models"]
         fallback = bool(model.get("byte_fallback"))
         kind = models["byte_fallback" if fallback else "byte_level"]
         vocab = tokenizer.get_vocab()
-        if len(vocab) > vocab_size or max(vocab.values()) >= vocab_size:
-            raise InvalidOptionsError(f"the tokenizer has {len(vocab)} tokens (ids up to {max(vocab.values())}) but "
-                                      f"the model {vocab_size} embedding rows; resize the embeddings first")
         by_id = {i: t for t, i in vocab.items()}
         added = {i: a for i, a in tokenizer.added_tokens_decoder.items()}
         unk = tokenizer.unk_token_id

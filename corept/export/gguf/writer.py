@@ -25,13 +25,11 @@ from corept.export.gguf.metadata import check_rope, write_metadata
 from corept.export.gguf.mix import FILE_TYPES, MIXES, tensor_type
 from corept.export.gguf.names import TensorPlan, tensor_plan, to_file
 from corept.export.gguf.quants import QUANTIZERS
+from corept.export.gguf.vocab import check_tokenizer, write_vocab
+from corept.patching.engine import base_of
 from corept.saving.merge import merged_items, tied_embeddings
 
 logger = logging.getLogger("corept")
-
-
-def _base(model: nn.Module) -> nn.Module:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def normalize_mix(quantization: str) -> str:
@@ -88,10 +86,8 @@ class GGUFJob:
         writer.add_name(self.name)
         writer.add_file_type(int(FILE_TYPES[self.mix]))
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
-        extra = write_metadata(writer, export, config, _base(self.model))
+        extra = write_metadata(writer, export, config, base_of(self.model))
         if self.tokenizer is not None:
-            from corept.export.gguf.vocab import write_vocab
-
             write_vocab(writer, self.tokenizer, int(config.vocab_size))
         n_layers = int(config.num_hidden_layers)
         order = [(key, tuple(t.shape), gguf.GGMLQuantizationType.F32, lambda t=t: t) for key, t in extra.items()]
@@ -122,7 +118,7 @@ def prepare(model: nn.Module, tokenizer, quantization: str = "q8_0", name: str |
     from corept.registry.resolution import resolve
 
     mix = normalize_mix(quantization)
-    base = _base(model)
+    base = base_of(model)
     resolved = resolve(base.config, warn=False)
     if resolved is None:
         raise UnsupportedArchitectureError(f"GGUF export: no installed plugin claims model_type "
@@ -137,8 +133,7 @@ def prepare(model: nn.Module, tokenizer, quantization: str = "q8_0", name: str |
              if not (tied and k.endswith("lm_head.weight"))]
     makers, shapes = {k: f for k, _, f in items}, {k: s for k, s, _ in items}
     plans = tensor_plan(base, resolved, list(makers))
-    if tokenizer is not None and not getattr(tokenizer, "is_fast", False):
-        raise InvalidOptionsError("GGUF export needs a fast tokenizer (tokenizer.json); pass tokenizer=None to "
-                                  "write weights only")
+    if tokenizer is not None:
+        check_tokenizer(tokenizer, int(resolved.config.vocab_size))
     label = name or str(getattr(base.config, "_name_or_path", "") or "model").rstrip("/").rsplit("/", 1)[-1] or "model"
     return GGUFJob(model, tokenizer, resolved, mix, plans, makers, shapes, tied, label)
