@@ -60,24 +60,32 @@ def _ratio(a, b) -> str:
     return "–" if not a or not b else f"{a / b:.2f}"
 
 
+def _tps(r: dict):
+    """Tokens per second by the median timed step (older records: by the mean)."""
+    return r.get("median_tokens_per_s", r.get("tokens_per_s"))
+
+
 def throughput_table(records: list[dict]) -> list[str]:
     rows = sorted((r for r in records if r.get("kind", "throughput") == "throughput"), key=_row_key)
     if not rows:
         return []
     ref = {(r["variant"], r["model"], r["shape"]): r for r in rows if "error" not in r}
-    lines = ["| variant | model | shape | tok/s | × hf | × unsloth | median step s | peak GiB | after load GiB "
-             "| activation GiB | loss | Δloss vs hf | first loss | error |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| variant | model | shape | tok/s (median step) | × hf | × unsloth | median step s | spread max/min "
+             "| warm-up s | graphs | peak GiB | after load GiB | activation GiB | loss | Δloss vs hf | first loss "
+             "| error |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         m, s, v = r.get("model"), r.get("shape"), r.get("variant")
         quant = "_qlora" in v if v else False
         hf = ref.get(("hf_qlora" if quant else "hf", m, s), {})
         un = ref.get(("unsloth_qlora" if quant else "unsloth", m, s), {})
-        tps = r.get("tokens_per_s") if "error" not in r else None
+        tps = _tps(r) if "error" not in r else None
         dloss = (r["loss"] - hf["loss"]) if "error" not in r and r.get("loss") is not None and hf.get("loss") is not None else None
         err = (r.get("error") or "").replace("|", "/").replace("\n", " ")[:80]
-        lines.append(f"| {v} | {m} | {s} | {_f(tps, '{:,.0f}')} | {_ratio(tps, hf.get('tokens_per_s'))} "
-                     f"| {_ratio(tps, un.get('tokens_per_s'))} | {_f(r.get('median_step_s'), '{:.3f}')} "
+        graphs = (r.get("dynamo") or {}).get("stats", {}).get("unique_graphs")
+        lines.append(f"| {v} | {m} | {s} | {_f(tps, '{:,.0f}')} | {_ratio(tps, _tps(hf))} "
+                     f"| {_ratio(tps, _tps(un))} | {_f(r.get('median_step_s'), '{:.3f}')} "
+                     f"| {_f(r.get('spread'), '{:.3f}')} | {_f(r.get('warmup_s'), '{:.1f}')} | {_f(graphs, '{}')} "
                      f"| {_f(r.get('peak_gib'))} | {_f(r.get('after_load_gib'))} | {_f(r.get('activation_gib'))} "
                      f"| {_f(r.get('loss'), '{:.4f}')} | {_f(dloss, '{:+.4f}')} | {_f(r.get('loss0'), '{:.4f}')} | {err} |")
     return lines

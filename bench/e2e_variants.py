@@ -51,13 +51,14 @@ MODELS["llama-3.1-8b-2l"] = dict(MODELS["llama-3.1-8b"], num_hidden_layers=2)
 MODELS["qwen3-8b-2l"] = dict(MODELS["qwen3-8b"], num_hidden_layers=2, max_window_layers=2)
 
 VARIANTS = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora",
-            "corept_prev", "corept_qlora_prev")
+            "corept_prev", "corept_qlora_prev", "corept_eager", "corept_qlora_eager")
 # Which package set (PYTHONPATH) a variant runs with: base = wheels without unsloth; corept = corept's
 # own packages + base; corept_prev = an earlier commit's corept + base (regression runs: both corept
 # versions on one machine); unsloth = every wheel.
 STACK_OF = {"hf": "base", "hf_bf16": "base", "liger": "base", "hf_qlora": "base",
             "corept": "corept", "corept_qlora": "corept", "unsloth": "unsloth", "unsloth_qlora": "unsloth",
-            "corept_prev": "corept_prev", "corept_qlora_prev": "corept_prev"}
+            "corept_prev": "corept_prev", "corept_qlora_prev": "corept_prev",
+            "corept_eager": "corept", "corept_qlora_eager": "corept"}  # *_eager: corept.load(compile=False)
 
 
 def digest(model: str, seed: int, dtype: str) -> str:
@@ -263,13 +264,15 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
     elif variant.startswith("corept"):
         import corept
 
-        model, _ = corept.load(folder, max_seq_length=max_seq, dtype=tdt, load_in_4bit=quant)
+        extra = {"compile": False} if variant.endswith("_eager") else {}
+        model, _ = corept.load(folder, max_seq_length=max_seq, dtype=tdt, load_in_4bit=quant, **extra)
         model = corept.get_peft_model(model, r=rank, lora_alpha=alpha, lora_dropout=0.0,
                                       target_modules=list(LORA_TARGETS), use_gradient_checkpointing="corept",
                                       random_state=LORA_SEED)
         rep = corept.report(model)
         info["corept_applied"] = dict(rep.applied)
         info["corept_fallbacks"] = dict(rep.fallbacks)
+        info["corept_settings"] = dict(rep.settings)
     else:
         raise ValueError(f"unknown variant {variant!r}; known: {VARIANTS}")
     model.train()

@@ -165,12 +165,26 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
         rec["host_profile"] = profiler.host_profiled_step(step, mem.sync)
         flush()
     timed = rec["step_s"][spec["warmup"]:] or rec["step_s"][-1:]
-    rec.update(tokens_per_s=round(b * s * len(timed) / sum(timed), 1), median_step_s=statistics.median(timed),
+    rec["dynamo"] = _dynamo_counters(torch)
+    rec.update(warmup_s=round(sum(rec["step_s"][:spec["warmup"]]), 3), spread=round(max(timed) / min(timed), 4),
+               tokens_per_s=round(b * s * len(timed) / sum(timed), 1),
+               median_tokens_per_s=round(b * s / statistics.median(timed), 1), median_step_s=statistics.median(timed),
                activation_gib=round(max(0.0, rec["peak_gib"] - rec["after_load_gib"]), 4),
                loss=rec["losses"][-1], loss0=rec["losses"][0])
     if not all(math.isfinite(v) for v in rec["losses"]):
         rec["error"] = "non-finite loss"
     del opt
+
+
+def _dynamo_counters(torch) -> dict:
+    """torch.compile's counters so far in this process (graphs compiled, frames, recompiles): a
+    count that grows from shape to shape or step to step shows recompilation."""
+    try:
+        from torch._dynamo.utils import counters
+    except ImportError:
+        return {}
+    return {group: dict(counters[group]) for group in ("stats", "frames", "recompiles", "graph_break")
+            if counters.get(group)}
 
 
 def train(spec: dict, records: list, flush) -> None:

@@ -161,7 +161,8 @@ def load_tokenizer(folder, *, trust_remote_code: bool, max_seq_length: int):
 def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4bit: bool = False,
          load_in_8bit: bool = False, full_finetuning: bool = False, device_map=None, patch: bool = True,
          trust_remote_code: bool = False, token: str | None = None, revision: str | None = None,
-         strict: bool = False, cache_dir: str | os.PathLike | None = None, bnb_4bit_quant_storage=None):
+         strict: bool = False, cache_dir: str | os.PathLike | None = None, bnb_4bit_quant_storage=None,
+         compile=None):
     """Load a causal LM and its tokenizer, choose its plugin from the config, and patch it.
 
     :param name_or_path: local folder, HF cache / hub repo id, or a plugin-declared alias.
@@ -181,6 +182,9 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     :param bnb_4bit_quant_storage: dtype the packed 4-bit weights are stored in (default uint8);
         ``"auto"`` or a float dtype stores them in the compute dtype, which FSDP needs to shard
         4-bit weights like the other (floating) parameters (docs/distributed.md).
+    :param compile: each decoder layer as one ``torch.compile`` region (docs/compile.md): ``None``
+        (default) on when the model is on CUDA, ``False`` off (or ``COREPT_COMPILE=0``), ``True``
+        on anywhere, or a dict of ``torch.compile`` arguments.
     :returns: ``(model, tokenizer)``; the tokenizer is ``None`` if the folder has none.
     """
     opts = validate_options(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,
@@ -235,5 +239,5 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     model.corept_load_options = opts
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
     if patch and arch is not None:
-        apply_patches(model, arch)
+        apply_patches(model, arch, compile=compile)
     return model, tokenizer

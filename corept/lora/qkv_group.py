@@ -51,9 +51,12 @@ class QKVGroup:
         """``module``'s projection of ``x`` (``[..., H]`` -> ``[..., out]``), from a kept output or a
         fresh fused call of all three; ``None`` when the three cannot run fused now (:meth:`ready`)."""
         idx = next(i for i, m in enumerate(self.mods) if m is module)
-        versions = self._versions()
+        # Traced by torch.compile, the three calls are one graph in which nothing is modified in
+        # between, and version counters cannot be read (data-dependent): identity suffices there.
+        compiling = torch.compiler.is_compiling()
+        versions, x_version = ((), 0) if compiling else (self._versions(), x._version)
         kept = self._kept
-        if kept is not None and kept[0] is x and kept[1] == x._version and kept[2] == versions and idx in kept[3]:
+        if kept is not None and kept[0] is x and kept[1] == x_version and kept[2] == versions and idx in kept[3]:
             out = kept[3].pop(idx)
             if not kept[3]:
                 self._kept = None
@@ -61,7 +64,7 @@ class QKVGroup:
         if not self.ready():
             return None
         outs = lora_qkv(x, *(read_lora_weights(m) for m in self.mods))  # ready() checked them
-        self._kept = (x, x._version, versions, {i: o for i, o in enumerate(outs) if i != idx})
+        self._kept = (x, x_version, versions, {i: o for i, o in enumerate(outs) if i != idx})
         return outs[idx]
 
     def clear(self) -> None:

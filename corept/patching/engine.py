@@ -15,6 +15,7 @@ import torch.nn as nn
 from corept.errors import InvalidOptionsError, PluginHookError
 from corept.patching import hub_kernels
 from corept.patching.answers import Keep, Replacement
+from corept.patching.compile import compile_layers
 from corept.patching.state import STATE_ATTR, PatchState, install
 from corept.registry.declarations import COMPONENTS
 from corept.registry.hookspecs import COMPONENT_HOOKS, COMPONENT_ROLES
@@ -61,21 +62,23 @@ def architecture_of(model: nn.Module) -> ResolvedArchitecture | None:
 
 
 def patch(model: nn.Module, only: Iterable[str] | None = None, exclude: Iterable[str] | None = None,
-          *, strict: bool = False) -> nn.Module:
+          *, strict: bool = False, compile=None) -> nn.Module:
     """Patch ``model`` in place with the components its architecture's plugins answer, and return it.
 
     :param only: patch only these components (``attention``, ``mlp``, ``rope``, ``norm``, ``loss``).
     :param exclude: patch all declared components but these.
     :param strict: raise :class:`UnsupportedArchitectureError` when no plugin claims the model.
+    :param compile: each decoder layer as one ``torch.compile`` region (:mod:`corept.patching.compile`):
+        ``None`` on CUDA only, ``True``/``False``, or a dict of ``torch.compile`` arguments.
     """
     config = _config(model)
     if state_of(model) is not None:
         return apply(model, None, only, exclude)
-    return apply(model, resolve(config, strict=strict), only, exclude)
+    return apply(model, resolve(config, strict=strict), only, exclude, compile=compile)
 
 
 def apply(model: nn.Module, arch: ResolvedArchitecture | None, only: Iterable[str] | None = None,
-          exclude: Iterable[str] | None = None) -> nn.Module:
+          exclude: Iterable[str] | None = None, *, compile=None) -> nn.Module:
     """:func:`patch` with the architecture already resolved (``corept.load`` resolves it once, for
     its load policy, and hands it on); a no-op on a patched model."""
     config = _config(model)
@@ -114,6 +117,8 @@ def apply(model: nn.Module, arch: ResolvedArchitecture | None, only: Iterable[st
             per_module.setdefault(id(module), (module, []))[1].append((component, answer))
     for module, answers in per_module.values():
         _install(state, module, answers)
+    layers = [m for m in _unique_modules(holder) if type(m).__name__ in set(arch.roles.decoder_layer)]
+    compile_layers(holder, state, layers, compile)
     return model
 
 

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import torch
 
+from corept.patching.compile import compiled_body
 from corept.training.offload import HostCopy, Kept
 
 logger = logging.getLogger("corept")
@@ -82,6 +83,7 @@ def make_checkpoint_func(offload: bool) -> Callable:
     """
 
     def checkpoint_func(function: Callable, hidden: torch.Tensor, *args: Any):
+        function = compiled_body(function)  # a compiled layer's body, when transformers checkpoints inside forward
         if not torch.is_tensor(hidden):
             return torch.utils.checkpoint.checkpoint(function, hidden, *args, use_reentrant=False)
         tokens = hidden.numel() // hidden.shape[-1]

@@ -73,9 +73,11 @@ def load_kwargs(opts) -> dict:
     """Extra ``corept.load`` arguments: FSDP loads on CPU (4-bit: on this rank's GPU, float storage)."""
     if mode_of(opts) != "fsdp":
         return {}
+    # FSDP2 swaps each layer's class and hooks its calls: compiled layers under it are not proven
+    off = {"compile": False}
     if opts.load_in_4bit:  # bitsandbytes quantizes on the GPU; 4-bit weights fit one GPU before sharding
-        return {"bnb_4bit_quant_storage": "auto"}
-    return {"device_map": {"": "cpu"}}
+        return {"bnb_4bit_quant_storage": "auto", **off}
+    return {"device_map": {"": "cpu"}, **off}
 
 
 def trainer_kwargs(opts, model) -> dict:

@@ -18,6 +18,7 @@ from corept_kernels.glu import geglu, swiglu
 from corept_kernels.cross_entropy import cross_entropy
 from corept_kernels.fused_linear_ce import fused_linear_cross_entropy
 from corept_kernels.lora import LoraWeights, lora_mlp, lora_o, lora_qkv, lora_fast_path_reason
+from corept_kernels import ops  # noqa: F401  (registers the custom operators)
 
 __version__ = "0.1.0"
 

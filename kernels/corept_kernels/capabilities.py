@@ -10,7 +10,8 @@ the pure-torch reference twin, the latter with a one-line reason. It refuses the
   can, CPU only under ``TRITON_INTERPRET=1`` (and only when the kernels were built for the
   interpreter), other devices not; a kernel may declare further device types its own path runs
   on natively (:attr:`KernelInfo.devices`);
-* the call is traced by ``torch.compile`` and the kernel is not compile-safe;
+* the call is traced by ``torch.compile`` and the kernel has no compiled form (inside a traced
+  region a compile-safe kernel answers :attr:`KernelInfo.compiled_fn`, its custom-operator form);
 * the kernel has no backward and a tensor needs a gradient;
 * the kernel's eligibility predicate rejects the arguments (dtypes, shape limits, empty tensors).
 
@@ -42,7 +43,11 @@ class KernelInfo:
     :param reference_fn: the pure-torch twin with the same signature and semantics.
     :param has_backward: the Triton path implements its own backward. Pieces that run inside
         another kernel's forward or backward (never differentiated) declare ``False``.
-    :param compile_safe: safe to call inside ``torch.compile`` regions.
+    :param compiled_fn: the form taken inside ``torch.compile`` (same signature): torch custom
+        operators (``torch.library``) with fake functions and registered autograd, so Dynamo
+        records them without a graph break (:mod:`corept_kernels.ops`). ``None``: the torch twin
+        runs there. ``compile_safe`` is true exactly when it is set; the kernels' tests prove
+        every such kernel traces without a break and matches eager.
     :param devices: device types the kernel's own path runs on natively: ``("cuda",)`` for a
         Triton kernel; a composite path whose Triton pieces dispatch on their own (the LoRA
         functions) adds ``"cpu"``. CPU tensors also take the Triton path under the interpreter.
@@ -55,10 +60,15 @@ class KernelInfo:
     triton_fn: Callable
     reference_fn: Callable
     has_backward: bool = True
-    compile_safe: bool = False
+    compiled_fn: Callable | None = None
     devices: tuple[str, ...] = ("cuda",)
     eligibility: Callable[..., str | None] | None = None
     notes: str = ""
+
+    @property
+    def compile_safe(self) -> bool:
+        """Whether the kernel runs inside ``torch.compile`` regions (through :attr:`compiled_fn`)."""
+        return self.compiled_fn is not None
 
     def to_dict(self) -> dict:
         return {
@@ -109,12 +119,20 @@ _BUILT_FOR_INTERPRETER = type(_probe).__name__ == "InterpretedFunction"
 _REFERENCE_ONLY: ContextVar[bool] = ContextVar("corept_kernels_reference_only", default=False)
 
 
+@torch.compiler.assume_constant_result
+def _reference_only_active() -> bool:
+    # Dynamo cannot trace ``ContextVar.get``: it runs this once per trace and bakes the answer in
+    # (a region compiled outside reference_only() keeps its kernels inside one; documented there)
+    return _REFERENCE_ONLY.get()
+
+
 @contextlib.contextmanager
 def reference_only() -> Iterator[None]:
     """Within this block :func:`dispatch` answers every kernel's torch twin.
 
     Context-local (a ``ContextVar``: other threads and asyncio tasks are unaffected), nestable, and
     restored on exit, exceptions included. :func:`can_run` ignores it: it describes the device.
+    A ``torch.compile`` region reads it when it is traced, not on each later call.
     """
     token = _REFERENCE_ONLY.set(True)
     try:
@@ -163,7 +181,7 @@ def _refusal(info: KernelInfo, args: tuple, options: dict) -> str | None:
             needs_grad = needs_grad or a.requires_grad
     if first is None:
         raise ValueError(f"dispatch({info.name!r}) needs at least one tensor argument")
-    if not info.compile_safe and torch.compiler.is_compiling():
+    if info.compiled_fn is None and torch.compiler.is_compiling():
         return f"{info.name}: Triton kernel is not torch.compile-safe"
     if not info.has_backward and needs_grad and torch.is_grad_enabled():
         return f"{info.name}: Triton kernel has no backward"
@@ -175,18 +193,22 @@ def _refusal(info: KernelInfo, args: tuple, options: dict) -> str | None:
 
 
 def dispatch(name: str, *args, **options) -> tuple[Callable, str]:
-    """The function to run for kernel ``name`` on these arguments: ``(triton_fn, "")`` or
-    ``(reference_fn, reason)``.
+    """The function to run for kernel ``name`` on these arguments: ``(triton_fn, "")`` (its
+    ``compiled_fn`` while ``torch.compile`` traces) or ``(reference_fn, reason)``.
 
     :param args: the call's tensors (``None`` allowed) and whatever else the kernel's eligibility
         predicate reads; the device is the first tensor's.
     :param options: passed to the eligibility predicate.
     """
     info = get(name)
-    if _REFERENCE_ONLY.get():
+    if _reference_only_active():
         return info.reference_fn, REFERENCE_ONLY_REASON
     reason = _refusal(info, args, options)
-    return (info.reference_fn, reason) if reason else (info.triton_fn, "")
+    if reason:
+        return info.reference_fn, reason
+    if info.compiled_fn is not None and torch.compiler.is_compiling():
+        return info.compiled_fn, ""
+    return info.triton_fn, ""
 
 
 def unsupported_tensors(*tensors: torch.Tensor | None, dtypes: tuple = KERNEL_DTYPES) -> str | None:

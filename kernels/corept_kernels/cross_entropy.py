@@ -203,37 +203,51 @@ def launch_backward(x: torch.Tensor, y: torch.Tensor, lse: torch.Tensor, dx: tor
         BLOCK=block, num_warps=warps)
 
 
+def _ce_forward(logits, labels, opts: dict, reduction: str, divisor):
+    """``(out, lse [N] fp32)`` for ``logits [N, V]`` (any strides), ``labels [N]``: ``out`` the
+    fp32 loss, 0-d (``loss.sum()``, over ``divisor`` for "mean") or ``[N]`` for "none"."""
+    N = logits.shape[0]
+    loss = new_buffer((N,), torch.float32, logits.device)
+    lse = new_buffer((N,), torch.float32, logits.device)
+    launch_forward(logits, labels, loss, lse, **opts)
+    if reduction == "none":
+        return loss, lse
+    return (loss.sum() if divisor is None else loss.sum() / divisor), lse
+
+
+def _ce_backward(grad_out, logits, labels, lse, opts: dict, reduction: str, divisor):
+    """``d logits`` ``[N, V]`` (contiguous, logits' dtype) from the upstream ``grad_out`` of
+    :func:`_ce_forward`'s ``out`` (0-d, or ``[N]`` for "none")."""
+    g = grad_out.float()
+    if reduction == "mean":
+        g = g / divisor
+    dlogits = new_buffer(logits.shape, logits.dtype, logits.device)
+    launch_backward(logits, labels, lse, dlogits, g, **opts)
+    return dlogits
+
+
 class _CrossEntropy(torch.autograd.Function):
-    """logits [N, V] (any strides), labels [N] -> fp32 loss (scalar, or [N] for "none")."""
+    """logits [N, V] (any strides), labels [N] -> fp32 loss (scalar, or [N] for "none"). The eager
+    form; inside ``torch.compile`` the operators of :mod:`corept_kernels.ops.cross_entropy` run
+    the same launches."""
 
     @staticmethod
     def forward(ctx, logits, labels, opts, reduction, divisor):
-        N = logits.shape[0]
-        loss = new_buffer((N,), torch.float32, logits.device)
-        lse = new_buffer((N,), torch.float32, logits.device)
-        launch_forward(logits, labels, loss, lse, **opts)
+        out, lse = _ce_forward(logits, labels, opts, reduction, divisor)
         ctx.save_for_backward(logits, labels, lse, divisor)
         ctx.opts, ctx.reduction = opts, reduction
-        if reduction == "none":
-            return loss
-        return loss.sum() if divisor is None else loss.sum() / divisor
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
         logits, labels, lse, divisor = ctx.saved_tensors
-        g = grad_out.float()
-        if ctx.reduction == "mean":
-            g = g / divisor
-        dlogits = new_buffer(logits.shape, logits.dtype, logits.device)
-        launch_backward(logits, labels, lse, dlogits, g, **ctx.opts)
+        dlogits = _ce_backward(grad_out, logits, labels, lse, ctx.opts, ctx.reduction, divisor)
         return dlogits, None, None, None, None
 
 
-def _cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                          softcap: float | None = None, logit_scale: float = 1.0,
-                          label_smoothing: float = 0.0, reduction: str = "mean",
-                          num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
-    """The Triton path of :func:`cross_entropy` (same signature), always Triton."""
+def _prepare(logits, labels, *, ignore_index, softcap, logit_scale, label_smoothing, reduction,
+             num_items_in_batch, z_loss):
+    """The checked arguments of the kernel path: ``(x [N, V], y [N] contiguous, divisor, opts)``."""
     ref.check_options(reduction=reduction, logit_scale=logit_scale, softcap=softcap,
                       label_smoothing=label_smoothing, z_loss=z_loss,
                       num_items_in_batch=num_items_in_batch)
@@ -245,7 +259,30 @@ def _cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, *, ignore_
     divisor = ref.loss_divisor(y, ignore_index, reduction, num_items_in_batch, logits.device)
     opts = kernel_options(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           label_smoothing=label_smoothing, z_loss=z_loss)
+    return x, y, divisor, opts
+
+
+def _cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                          softcap: float | None = None, logit_scale: float = 1.0,
+                          label_smoothing: float = 0.0, reduction: str = "mean",
+                          num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
+    """The Triton path of :func:`cross_entropy` (same signature), always Triton."""
+    x, y, divisor, opts = _prepare(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                   logit_scale=logit_scale, label_smoothing=label_smoothing,
+                                   reduction=reduction, num_items_in_batch=num_items_in_batch, z_loss=z_loss)
     out = _CrossEntropy.apply(x, y, opts, reduction, divisor)
+    return out.reshape(labels.shape) if reduction == "none" else out
+
+
+def _cross_entropy_compiled(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+                            softcap: float | None = None, logit_scale: float = 1.0,
+                            label_smoothing: float = 0.0, reduction: str = "mean",
+                            num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
+    """The ``torch.compile`` form of :func:`_cross_entropy_triton` (custom operators)."""
+    x, y, divisor, opts = _prepare(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                   logit_scale=logit_scale, label_smoothing=label_smoothing,
+                                   reduction=reduction, num_items_in_batch=num_items_in_batch, z_loss=z_loss)
+    out = torch.ops.corept_kernels.cross_entropy_fwd(x, y, divisor, reduction, **opts)[0]
     return out.reshape(labels.shape) if reduction == "none" else out
 
 
@@ -276,5 +313,5 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: i
 
 capabilities.register(capabilities.KernelInfo(
     name="cross_entropy", triton_fn=_cross_entropy_triton, reference_fn=ref.cross_entropy,
-    compile_safe=False,
+    compiled_fn=_cross_entropy_compiled,
     notes="chunked online logsumexp over V; logit scale, softcap, label smoothing, z-loss; saves lse only"))

@@ -123,19 +123,22 @@ class _Grads:
     ``h``: grad_hidden [N, H] in the hidden dtype. ``w``: the fp32 grad_weight [V, H] held as
     :data:`WEIGHT_SLICES` row slices, so the final scale-and-cast to the weight dtype frees fp32
     memory slice by slice (peak: fp32 accumulator + one slice, not + the whole output). ``b``:
-    fp32 grad_bias [V].
+    fp32 grad_bias [V]. With ``whole_w`` the slices are views of one [V, H] buffer, ``w_whole``
+    (an operator returns the accumulator as one tensor; see :meth:`unscaled`).
     """
 
-    def __init__(self, hidden, weight, bias, need_h, need_w, need_b):
+    def __init__(self, hidden, weight, bias, need_h, need_w, need_b, whole_w=False):
         dev = hidden.device
         self.dtypes = (hidden.dtype, weight.dtype, None if bias is None else bias.dtype)
         self.h = new_buffer(hidden.shape, hidden.dtype, dev) if need_h else None
-        self.w = []
+        self.w, self.w_whole = [], None
         if need_w:
             V, H = weight.shape
             step = -(-V // WEIGHT_SLICES)
-            self.w = [new_buffer((min(step, V - v0), H), torch.float32, dev)
-                      for v0 in range(0, V, step)]
+            if whole_w:
+                self.w_whole = new_buffer((V, H), torch.float32, dev)
+            self.w = [self.w_whole[v0:v0 + step] if whole_w else
+                      new_buffer((min(step, V - v0), H), torch.float32, dev) for v0 in range(0, V, step)]
         self.b = torch.zeros(bias.shape, dtype=torch.float32, device=dev) if need_b else None
         self.folded = self.taken = False
 
@@ -161,9 +164,7 @@ class _Grads:
         gh, self.h = self.h, None
         if gh is not None and g is not None:
             _cast(gh, g, gh.dtype, out=gh)  # in place
-        if not self.folded:  # no tokens: nothing was accumulated
-            for acc in self.w:
-                acc.zero_()
+        self._zero_if_unfolded()
         pieces = []
         while self.w:
             pieces.append(_cast(self.w.pop(0), g, w_dt))  # the fp32 slice is freed here
@@ -172,80 +173,121 @@ class _Grads:
         gb, self.b = (None if self.b is None else _cast(self.b, g, b_dt)), None
         return gh, gw, gb
 
+    def unscaled(self):
+        """(grad_hidden, grad_weight [V, H] fp32, grad_bias [V] fp32) as accumulated (``None``
+        where not computed); needs ``whole_w``. Scaled later by :func:`_scale_grads`."""
+        self._zero_if_unfolded()
+        return self.h, self.w_whole, self.b
+
+    def _zero_if_unfolded(self) -> None:
+        if not self.folded:  # no tokens: nothing was accumulated
+            for acc in self.w:
+                acc.zero_()
+
+
+def _is_fast(need, reduction: str, return_lp: bool) -> bool:
+    """Whether the gradients are computed in forward (see the module docstring)."""
+    return any(need) and reduction != "none" and not return_lp
+
+
+def _forward(hidden, weight, bias, labels, opts: dict, reduction: str, divisor, return_lp: bool,
+             chunk: int, need, whole_w: bool = False):
+    """``(out, lp [N] | None, lse [N], grads | None)`` for ``hidden [N, H]``, ``weight [V, H]``,
+    ``bias [V] | None``, ``labels [N]``; ``out`` the fp32 loss reduced as ``reduction``; ``need``
+    the (hidden, weight, bias) gradients wanted. On the fast path ``grads`` (a :class:`_Grads`)
+    holds d out / d inputs, to be scaled by the upstream gradient."""
+    N, dev = hidden.shape[0], hidden.device
+    fast = _is_fast(need, reduction, return_lp)
+    loss = new_buffer((N,), torch.float32, dev)
+    lse = new_buffer((N,), torch.float32, dev)
+    lp = new_buffer((N,), torch.float32, dev) if return_lp else None
+    grads = _Grads(hidden, weight, bias, *need, whole_w=whole_w) if fast else None
+    scale = None
+    if fast:
+        scale = (1.0 / divisor) if divisor is not None else torch.ones((), device=dev)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = _chunk_logits(hidden[s:e], weight, bias)
+        launch_forward(logits, labels[s:e], loss[s:e], lse[s:e],
+                       logprobs=None if lp is None else lp[s:e], grad_scale=scale,
+                       dx=logits if fast else None, **opts)
+        if fast:
+            grads.fold(logits, hidden[s:e], weight, s, e)
+        del logits
+    return ref.reduce_rows(loss, divisor, reduction, loss.shape), lp, lse, grads
+
+
+def _backward(g_loss, g_lp, hidden, weight, bias, labels, lse, divisor, opts: dict, reduction: str,
+              chunk: int, need):
+    """The slow path's ``(grad_hidden, grad_weight, grad_bias)`` (``None`` where not in ``need``):
+    each chunk's logits recomputed, from the upstream ``g_loss`` (0-d, or [N] for "none"; ``None``
+    = 0) and ``g_lp`` ([N] or ``None``)."""
+    N, dev = hidden.shape[0], hidden.device
+    if g_loss is None:
+        g = torch.zeros((), dtype=torch.float32, device=dev)
+    else:
+        g = g_loss.float()
+        g = g.reshape(-1) if reduction == "none" else (g / divisor if divisor is not None else g)
+    q = None if g_lp is None else g_lp.float().reshape(-1)
+    grads = _Grads(hidden, weight, bias, *need)
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = _chunk_logits(hidden[s:e], weight, bias)
+        launch_backward(logits, labels[s:e], lse[s:e], logits, g if g.dim() == 0 else g[s:e],
+                        None if q is None else q[s:e], **opts)
+        grads.fold(logits, hidden[s:e], weight, s, e)
+        del logits
+    return grads.take(None)
+
+
+def _scale_grads(g, gh, gw, gb, w_dtype: torch.dtype, b_dtype: torch.dtype):
+    """The fast path's :meth:`_Grads.unscaled` gradients times the upstream ``g`` (0-d), as
+    :meth:`_Grads.take` makes them (fp32 math, one rounding to hidden's / ``w_dtype`` /
+    ``b_dtype``), into fresh tensors; an empty tensor stays empty."""
+    g = g.float()
+    return tuple(t.new_empty(t.shape, dtype=dt) if t.numel() == 0 else _cast(t, g, dt)
+                 for t, dt in ((gh, gh.dtype), (gw, w_dtype), (gb, b_dtype)))
+
 
 class _FusedLinearCE(torch.autograd.Function):
-    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (loss, label log-probs [N])."""
+    """hidden [N, H], weight [V, H], bias [V] | None, labels [N] -> (loss, label log-probs [N]).
+    The eager form; inside ``torch.compile`` the operators of
+    :mod:`corept_kernels.ops.fused_linear_ce` run the same code."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, labels, opts, reduction, divisor, return_lp, chunk,
                 grad_on):
-        N, dev = hidden.shape[0], hidden.device
         need = [bool(grad_on and n) for n in ctx.needs_input_grad[:3]]
-        fast = any(need) and reduction != "none" and not return_lp
-        loss = new_buffer((N,), torch.float32, dev)
-        lse = new_buffer((N,), torch.float32, dev)
-        lp = new_buffer((N,), torch.float32, dev) if return_lp else None
-        grads = _Grads(hidden, weight, bias, *need) if fast else None
-        scale = None
-        if fast:
-            scale = (1.0 / divisor) if divisor is not None else torch.ones((), device=dev)
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            logits = _chunk_logits(hidden[s:e], weight, bias)
-            launch_forward(logits, labels[s:e], loss[s:e], lse[s:e],
-                           logprobs=None if lp is None else lp[s:e], grad_scale=scale,
-                           dx=logits if fast else None, **opts)
-            if fast:
-                grads.fold(logits, hidden[s:e], weight, s, e)
-            del logits
-        ctx.fast, ctx.opts, ctx.reduction, ctx.chunk = fast, opts, reduction, chunk
-        ctx.device_type = dev.type
-        if fast:
+        out, lp, lse, grads = _forward(hidden, weight, bias, labels, opts, reduction, divisor,
+                                       return_lp, chunk, need)
+        ctx.fast, ctx.opts, ctx.reduction, ctx.chunk = grads is not None, opts, reduction, chunk
+        ctx.device_type = hidden.device.type
+        if ctx.fast:
             ctx.grads = grads  # not save_for_backward: backward releases it piece by piece
         else:
             ctx.save_for_backward(hidden, weight, bias, labels, lse, divisor)
         ctx.set_materialize_grads(False)
         if lp is None:
-            lp = torch.zeros((0,), dtype=torch.float32, device=dev)
+            lp = torch.zeros((0,), dtype=torch.float32, device=hidden.device)
             ctx.mark_non_differentiable(lp)
-        out = ref.reduce_rows(loss, divisor, reduction, loss.shape)
         return out, lp
 
     @staticmethod
     def backward(ctx, g_loss, g_lp):
         with torch.autocast(ctx.device_type, enabled=False):
-            return (*_FusedLinearCE._grads(ctx, g_loss, g_lp), None, None, None, None, None, None,
-                    None)
-
-    @staticmethod
-    def _grads(ctx, g_loss, g_lp):
-        if ctx.fast:
-            if g_loss is None:
-                return None, None, None
-            return ctx.grads.take(g_loss.float())
-        hidden, weight, bias, labels, lse, divisor = ctx.saved_tensors
-        N, dev = hidden.shape[0], hidden.device
-        if g_loss is None:
-            g = torch.zeros((), dtype=torch.float32, device=dev)
-        else:
-            g = g_loss.float()
-            g = g.reshape(-1) if ctx.reduction == "none" else (g / divisor if divisor is not None else g)
-        q = None if g_lp is None else g_lp.float().reshape(-1)
-        grads = _Grads(hidden, weight, bias, *ctx.needs_input_grad[:3])
-        for s in range(0, N, ctx.chunk):
-            e = min(s + ctx.chunk, N)
-            logits = _chunk_logits(hidden[s:e], weight, bias)
-            launch_backward(logits, labels[s:e], lse[s:e], logits, g if g.dim() == 0 else g[s:e],
-                            None if q is None else q[s:e], **ctx.opts)
-            grads.fold(logits, hidden[s:e], weight, s, e)
-            del logits
-        return grads.take(None)
+            if ctx.fast:
+                grads = (None, None, None) if g_loss is None else ctx.grads.take(g_loss.float())
+            else:
+                hidden, weight, bias, labels, lse, divisor = ctx.saved_tensors
+                grads = _backward(g_loss, g_lp, hidden, weight, bias, labels, lse, divisor, ctx.opts,
+                                  ctx.reduction, ctx.chunk, ctx.needs_input_grad[:3])
+        return (*grads, None, None, None, None, None, None, None)
 
 
-def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
-                            logit_scale=1.0, label_smoothing=0.0, reduction="mean",
-                            num_items_in_batch=None, z_loss=0.0, return_logprobs=False, chunk_size=None):
-    """The Triton path of :func:`fused_linear_cross_entropy` (same signature), always Triton."""
+def _prepare(hidden, weight, labels, bias, ignore_index, softcap, logit_scale, label_smoothing,
+             reduction, num_items_in_batch, z_loss, chunk_size):
+    """The checked arguments of the kernel path: ``(h [N, H], weight, y [N], chunk, divisor,
+    opts)``, ``h`` and ``weight`` in the matmul dtype."""
     ref.check_options(reduction=reduction, logit_scale=logit_scale, softcap=softcap,
                       label_smoothing=label_smoothing, z_loss=z_loss,
                       num_items_in_batch=num_items_in_batch)
@@ -258,20 +300,49 @@ def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-
         raise ValueError(f"labels {tuple(labels.shape)} do not match hidden {tuple(hidden.shape)}")
     if bias is not None and bias.shape != (weight.shape[0],):
         raise ValueError(f"bias {tuple(bias.shape)} is not [{weight.shape[0]}]")
-    chunk = int(chunk_size) if chunk_size else default_chunk_size(
-        h.shape[0], H, weight.shape[0], ref.matmul_dtype(hidden, weight))
+    dt = ref.matmul_dtype(hidden, weight)  # casts are differentiable: grads return in each dtype
+    chunk = int(chunk_size) if chunk_size else default_chunk_size(h.shape[0], H, weight.shape[0], dt)
     if chunk < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
     divisor = ref.loss_divisor(y, ignore_index, reduction, num_items_in_batch, hidden.device)
     opts = kernel_options(ignore_index=ignore_index, logit_scale=logit_scale, softcap=softcap,
                           label_smoothing=label_smoothing, z_loss=z_loss)
-    dt = ref.matmul_dtype(hidden, weight)  # casts are differentiable: grads return in each dtype
-    with torch.autocast(hidden.device.type, enabled=False):  # explicit dtypes; out= matmuls inside
-        loss, lp = _FusedLinearCE.apply(h.to(dt), weight.to(dt), bias, y, opts, reduction, divisor,
-                                        return_logprobs, chunk, torch.is_grad_enabled())
+    return h.to(dt), weight.to(dt), y, chunk, divisor, opts
+
+
+def _finish(loss, lp, labels, reduction, return_logprobs):
     if reduction == "none":
         loss = loss.reshape(labels.shape)
     return (loss, lp.reshape(labels.shape)) if return_logprobs else loss
+
+
+def _fused_linear_ce_triton(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
+                            logit_scale=1.0, label_smoothing=0.0, reduction="mean",
+                            num_items_in_batch=None, z_loss=0.0, return_logprobs=False, chunk_size=None):
+    """The Triton path of :func:`fused_linear_cross_entropy` (same signature), always Triton."""
+    h, w, y, chunk, divisor, opts = _prepare(hidden, weight, labels, bias, ignore_index, softcap,
+                                             logit_scale, label_smoothing, reduction,
+                                             num_items_in_batch, z_loss, chunk_size)
+    with torch.autocast(hidden.device.type, enabled=False):  # explicit dtypes; out= matmuls inside
+        loss, lp = _FusedLinearCE.apply(h, w, bias, y, opts, reduction, divisor, return_logprobs,
+                                        chunk, torch.is_grad_enabled())
+    return _finish(loss, lp, labels, reduction, return_logprobs)
+
+
+def _fused_linear_ce_compiled(hidden, weight, labels, *, bias=None, ignore_index=-100, softcap=None,
+                              logit_scale=1.0, label_smoothing=0.0, reduction="mean",
+                              num_items_in_batch=None, z_loss=0.0, return_logprobs=False, chunk_size=None):
+    """The ``torch.compile`` form of :func:`_fused_linear_ce_triton` (custom operators, which
+    cannot see ``needs_input_grad``: the wanted gradients are arguments)."""
+    h, w, y, chunk, divisor, opts = _prepare(hidden, weight, labels, bias, ignore_index, softcap,
+                                             logit_scale, label_smoothing, reduction,
+                                             num_items_in_batch, z_loss, chunk_size)
+    grad_on = torch.is_grad_enabled()
+    out = torch.ops.corept_kernels.fused_linear_ce_fwd(
+        h, w, bias, y, divisor, reduction, **opts, return_lp=return_logprobs, chunk=chunk,
+        need_h=grad_on and h.requires_grad, need_w=grad_on and w.requires_grad,
+        need_b=grad_on and bias is not None and bias.requires_grad)
+    return _finish(out[0], out[1], labels, reduction, return_logprobs)
 
 
 def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, *,
@@ -306,5 +377,5 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
 
 capabilities.register(capabilities.KernelInfo(
     name="fused_linear_cross_entropy", triton_fn=_fused_linear_ce_triton,
-    reference_fn=ref.fused_linear_cross_entropy, compile_safe=False,
+    reference_fn=ref.fused_linear_cross_entropy, compiled_fn=_fused_linear_ce_compiled,
     notes="token-chunked lm_head matmul + CE kernels; grads folded per chunk; no [N, V] logits"))

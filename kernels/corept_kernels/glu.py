@@ -110,40 +110,69 @@ def _contig(N: int, *ts: torch.Tensor) -> bool:
     return all(t.stride(0) == N or t.shape[0] == 1 for t in ts)
 
 
+def _glu_forward(gate, up, act: int):
+    """``(y, g2, u2)``: ``y = act(gate) * up`` (``[..., N]``, contiguous, ``promote(gate, up)``
+    dtype) and the ``[M, N]`` rows of ``gate`` and ``up`` the kernel read (a backward reuses them)."""
+    N = gate.shape[-1]
+    g2, u2 = _rows(gate), _rows(up)
+    n = g2.numel()
+    y = _empty(gate.shape, torch.promote_types(gate.dtype, up.dtype), gate.device)
+    _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
+        g2, u2, y, n, N, g2.stride(0), u2.stride(0), ACT=act, CONTIG=_contig(N, g2, u2),
+        BLOCK=BLOCK, num_warps=8)
+    return y, g2, u2
+
+
+def _glu_backward(dy, gate, up, act: int):
+    """``(d_gate, d_up)``, contiguous with ``dy``'s shape ``[..., N]``, in ``gate``'s and ``up``'s
+    dtypes; ``gate``/``up`` as given to the forward or as its ``[M, N]`` rows."""
+    N = gate.shape[-1]
+    g2, u2, dy2 = _rows(gate), _rows(up), _rows(dy)
+    n = g2.numel()
+    dg = _empty(dy.shape, g2.dtype, g2.device)
+    du = _empty(dy.shape, u2.dtype, u2.device)
+    _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
+        dy2, g2, u2, dg, du, n, N, dy2.stride(0), g2.stride(0), u2.stride(0), ACT=act,
+        CONTIG=_contig(N, dy2, g2, u2), BLOCK=BLOCK, num_warps=8)
+    return dg, du
+
+
 class _GluFn(torch.autograd.Function):
+    """The eager form; inside ``torch.compile`` the operators of :mod:`corept_kernels.ops.glu`
+    run the same launches."""
+
     @staticmethod
     def forward(ctx, gate, up, act):
-        shape, N = gate.shape, gate.shape[-1]
-        g2, u2 = _rows(gate), _rows(up)
-        n = g2.numel()
-        y = _empty(shape, torch.promote_types(gate.dtype, up.dtype), gate.device)
-        _glu_fwd_kernel[(triton.cdiv(n, BLOCK),)](
-            g2, u2, y, n, N, g2.stride(0), u2.stride(0), ACT=act, CONTIG=_contig(N, g2, u2),
-            BLOCK=BLOCK, num_warps=8)
+        y, g2, u2 = _glu_forward(gate, up, act)
         ctx.save_for_backward(g2, u2)
-        ctx.shape, ctx.act = shape, act
+        ctx.act = act
         return y
 
     @staticmethod
     def backward(ctx, dy):
         g2, u2 = ctx.saved_tensors
-        N = g2.shape[-1]
-        dy2 = _rows(dy)
-        n = g2.numel()
-        dg = _empty(ctx.shape, g2.dtype, g2.device)
-        du = _empty(ctx.shape, u2.dtype, u2.device)
-        _glu_bwd_kernel[(triton.cdiv(n, BLOCK),)](
-            dy2, g2, u2, dg, du, n, N, dy2.stride(0), g2.stride(0), u2.stride(0), ACT=ctx.act,
-            CONTIG=_contig(N, dy2, g2, u2), BLOCK=BLOCK, num_warps=8)
+        dg, du = _glu_backward(dy, g2, u2, ctx.act)
         return dg, du, None
+
+
+def _act_id(approximate: str) -> int:
+    return _GELU_TANH if approximate == "tanh" else _GELU_ERF
 
 
 def _swiglu_triton(gate, up):
     return _GluFn.apply(gate, up, _SILU)
 
 
+def _swiglu_compiled(gate, up):
+    return torch.ops.corept_kernels.glu_fwd(gate, up, _SILU)
+
+
 def _geglu_triton(gate, up, approximate="tanh"):
-    return _GluFn.apply(gate, up, _GELU_TANH if approximate == "tanh" else _GELU_ERF)
+    return _GluFn.apply(gate, up, _act_id(approximate))
+
+
+def _geglu_compiled(gate, up, approximate="tanh"):
+    return torch.ops.corept_kernels.glu_fwd(gate, up, _act_id(approximate))
 
 
 def _check(gate: torch.Tensor, up: torch.Tensor) -> None:
@@ -171,8 +200,8 @@ def geglu(gate: torch.Tensor, up: torch.Tensor, approximate: str = "tanh") -> to
 
 
 capabilities.register(KernelInfo(
-    name="swiglu", triton_fn=_swiglu_triton, reference_fn=ref.swiglu, compile_safe=False,
+    name="swiglu", triton_fn=_swiglu_triton, reference_fn=ref.swiglu, compiled_fn=_swiglu_compiled,
     eligibility=unsupported_tensors, notes="row-strided inputs without copy; out of place"))
 capabilities.register(KernelInfo(
-    name="geglu", triton_fn=_geglu_triton, reference_fn=ref.geglu, compile_safe=False,
+    name="geglu", triton_fn=_geglu_triton, reference_fn=ref.geglu, compiled_fn=_geglu_compiled,
     eligibility=unsupported_tensors, notes="approximate tanh or none (erf); out of place"))

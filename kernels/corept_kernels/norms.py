@@ -220,82 +220,108 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t2 if t2.stride(-1) == 1 else t2.contiguous()
 
 
+def _rms_forward(x, weight, eps: float, offset: float, casting: str):
+    """``(y [M, H], rstd [M] fp32)`` for ``x`` ``[..., H]`` (``x`` read as rows, no copy when it can)."""
+    H = x.shape[-1]
+    x2 = _rows(x)
+    weight = weight.contiguous()
+    M = x2.shape[0]
+    y = _empty((M, H), rms_norm_out_dtype(x, weight, casting), x.device)
+    rstd = _empty((M,), torch.float32, x.device)
+    block, rows, _ = _config(H)
+    _launch("rms_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
+            x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), eps, offset,
+            CASTING=_CASTING_ID[casting], BLOCK_H=block, ROWS=rows)
+    return y, rstd
+
+
+def _rms_backward(dy, x, weight, rstd, offset: float, casting: str, need_dw: bool):
+    """``(dx [M, H] in x's dtype, dw [H] or None)`` from ``dy`` ``[..., H]``."""
+    x2, dy2 = _rows(x), _rows(dy)
+    weight = weight.contiguous()
+    M, H = x2.shape
+    dx = _empty((M, H), x2.dtype, x2.device)
+    block, rows, _ = _config(H)
+    grid, most = _bwd_programs(M, rows, x2.device)
+    dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
+    # the tuned config may launch fewer programs than the buffer has rows: sum what it wrote
+    n = _launch("rms_bwd", grid, x2.device, H,
+                dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
+                offset, CASTING=_CASTING_ID[casting], COMPUTE_DW=need_dw, BLOCK_H=block, ROWS=rows)
+    return dx, (dw_part[:n].sum(0).to(weight.dtype) if need_dw else None)
+
+
+def _ln_forward(x, weight, bias, eps: float):
+    """``(y [M, H], mean [M], rstd [M])`` (statistics fp32) for ``x`` ``[..., H]``."""
+    H = x.shape[-1]
+    x2 = _rows(x)
+    weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    M = x2.shape[0]
+    y = _empty((M, H), x.dtype, x.device)
+    mean = _empty((M,), torch.float32, x.device)
+    rstd = _empty((M,), torch.float32, x.device)
+    block, rows, _ = _config(H)
+    _launch("ln_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
+            x2, weight, bias if bias is not None else weight, y, mean, rstd, M, H,
+            x2.stride(0), y.stride(0), eps, HAS_BIAS=bias is not None, BLOCK_H=block, ROWS=rows)
+    return y, mean, rstd
+
+
+def _ln_backward(dy, x, weight, mean, rstd, need_dw: bool, bias_dtype):
+    """``(dx [M, H], dw [H] or None, db [H] or None)``; ``bias_dtype`` None: no bias gradient."""
+    x2, dy2 = _rows(x), _rows(dy)
+    M, H = x2.shape
+    dx = _empty((M, H), x2.dtype, x2.device)
+    block, rows, _ = _config(H)
+    grid, most = _bwd_programs(M, rows, x2.device)
+    need_db = bias_dtype is not None
+    dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
+    db_part = _empty((most, H), torch.float32, x2.device) if need_db else dx
+    n = _launch("ln_bwd", grid, x2.device, H,
+                dy2, x2, weight.contiguous(), mean, rstd, dx, dw_part, db_part, M, H,
+                dy2.stride(0), x2.stride(0), dx.stride(0),
+                COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows)
+    dw = dw_part[:n].sum(0).to(weight.dtype) if need_dw else None
+    db = db_part[:n].sum(0).to(bias_dtype) if need_db else None
+    return dx, dw, db
+
+
 class _RMSNormFn(torch.autograd.Function):
+    """The eager form. Inside ``torch.compile`` the custom operators of
+    :mod:`corept_kernels.ops.norms` run the same launches (an operator call costs about twice
+    this Function's Python overhead, which an eager step pays per layer)."""
+
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):
-        shape, H = x.shape, x.shape[-1]
-        x2 = _rows(x)
-        weight = weight.contiguous()
-        M = x2.shape[0]
-        y = _empty((M, H), rms_norm_out_dtype(x, weight, casting), x.device)
-        rstd = _empty((M,), torch.float32, x.device)
-        block, rows, _ = _config(H)
-        _launch("rms_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
-                x2, weight, y, rstd, M, H, x2.stride(0), y.stride(0), eps, offset,
-                CASTING=_CASTING_ID[casting], BLOCK_H=block, ROWS=rows)
-        ctx.save_for_backward(x2, weight, rstd)
-        ctx.shape, ctx.offset, ctx.casting = shape, offset, casting
-        return y.view(shape)
+        y, rstd = _rms_forward(x, weight, eps, offset, casting)
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.offset, ctx.casting = offset, casting
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, rstd = ctx.saved_tensors
-        M, H = x2.shape
-        dy2 = _rows(dy)
-        dx = _empty((M, H), x2.dtype, x2.device)
-        block, rows, _ = _config(H)
-        grid, most = _bwd_programs(M, rows, x2.device)
-        need_dw = ctx.needs_input_grad[1]
-        dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
-        # the tuned config may launch fewer programs than the buffer has rows: sum what it wrote
-        n = _launch("rms_bwd", grid, x2.device, H,
-                dy2, x2, weight, rstd, dx, dw_part, M, H, dy2.stride(0), x2.stride(0), dx.stride(0),
-                ctx.offset, CASTING=_CASTING_ID[ctx.casting], COMPUTE_DW=need_dw,
-                BLOCK_H=block, ROWS=rows)
-        dw = dw_part[:n].sum(0).to(weight.dtype) if need_dw else None
-        return dx.view(ctx.shape), dw, None, None, None
+        x, weight, rstd = ctx.saved_tensors
+        dx, dw = _rms_backward(dy, x, weight, rstd, ctx.offset, ctx.casting, ctx.needs_input_grad[1])
+        return dx.view(x.shape), dw, None, None, None
 
 
 class _LayerNormFn(torch.autograd.Function):
+    """Eager form (see :class:`_RMSNormFn`)."""
+
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
-        shape, H = x.shape, x.shape[-1]
-        x2 = _rows(x)
-        weight = weight.contiguous()
-        bias = bias.contiguous() if bias is not None else None
-        M = x2.shape[0]
-        y = _empty((M, H), x.dtype, x.device)
-        mean = _empty((M,), torch.float32, x.device)
-        rstd = _empty((M,), torch.float32, x.device)
-        block, rows, _ = _config(H)
-        _launch("ln_fwd", lambda meta: (triton.cdiv(M, rows),), x.device, H,
-                x2, weight, bias if bias is not None else weight, y, mean, rstd, M, H,
-                x2.stride(0), y.stride(0), eps,
-                HAS_BIAS=bias is not None, BLOCK_H=block, ROWS=rows)
-        ctx.save_for_backward(x2, weight, mean, rstd)
-        ctx.shape = shape
+        y, mean, rstd = _ln_forward(x, weight, bias, eps)
+        ctx.save_for_backward(x, weight, mean, rstd)
         ctx.bias_dtype = None if bias is None else bias.dtype
-        return y.view(shape)
+        return y.view(x.shape)
 
     @staticmethod
     def backward(ctx, dy):
-        x2, weight, mean, rstd = ctx.saved_tensors
-        M, H = x2.shape
-        dy2 = _rows(dy)
-        dx = _empty((M, H), x2.dtype, x2.device)
-        block, rows, _ = _config(H)
-        grid, most = _bwd_programs(M, rows, x2.device)
-        need_dw = ctx.needs_input_grad[1]
-        need_db = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
-        dw_part = _empty((most, H), torch.float32, x2.device) if need_dw else dx
-        db_part = _empty((most, H), torch.float32, x2.device) if need_db else dx
-        n = _launch("ln_bwd", grid, x2.device, H,
-                dy2, x2, weight, mean, rstd, dx, dw_part, db_part, M, H,
-                dy2.stride(0), x2.stride(0), dx.stride(0),
-                COMPUTE_DW=need_dw, COMPUTE_DB=need_db, BLOCK_H=block, ROWS=rows)
-        dw = dw_part[:n].sum(0).to(weight.dtype) if need_dw else None
-        db = db_part[:n].sum(0).to(ctx.bias_dtype) if need_db else None
-        return dx.view(ctx.shape), dw, db, None
+        x, weight, mean, rstd = ctx.saved_tensors
+        bias_dtype = ctx.bias_dtype if ctx.needs_input_grad[2] else None
+        dx, dw, db = _ln_backward(dy, x, weight, mean, rstd, ctx.needs_input_grad[1], bias_dtype)
+        return dx.view(x.shape), dw, db, None
 
 
 def _eligibility(x: torch.Tensor, *params: torch.Tensor | None) -> str | None:
@@ -308,8 +334,16 @@ def _rms_norm_triton(x, weight, eps, *, offset=0.0, casting="scale_after_cast"):
     return _RMSNormFn.apply(x, weight, float(eps), float(offset), casting)
 
 
+def _rms_norm_compiled(x, weight, eps, *, offset=0.0, casting="scale_after_cast"):
+    return torch.ops.corept_kernels.rms_norm_fwd(x, weight, float(eps), float(offset), casting)[0]
+
+
 def _layer_norm_triton(x, weight, bias, eps):
     return _LayerNormFn.apply(x, weight, bias, float(eps))
+
+
+def _layer_norm_compiled(x, weight, bias, eps):
+    return torch.ops.corept_kernels.layer_norm_fwd(x, weight, bias, float(eps))[0]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, *, offset: float = 0.0,
@@ -340,9 +374,9 @@ def layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
 
 
 capabilities.register(KernelInfo(
-    name="rms_norm", triton_fn=_rms_norm_triton, reference_fn=ref.rms_norm, compile_safe=False,
+    name="rms_norm", triton_fn=_rms_norm_triton, reference_fn=ref.rms_norm, compiled_fn=_rms_norm_compiled,
     eligibility=_eligibility,
     notes="casting scale_after_cast/scale_in_fp32/none, weight offset; dX out of place; fp32 dW partials"))
 capabilities.register(KernelInfo(
-    name="layer_norm", triton_fn=_layer_norm_triton, reference_fn=ref.layer_norm, compile_safe=False,
+    name="layer_norm", triton_fn=_layer_norm_triton, reference_fn=ref.layer_norm, compiled_fn=_layer_norm_compiled,
     eligibility=_eligibility, notes="weight required, bias optional; fp32 statistics"))

@@ -162,24 +162,39 @@ def _expand(cs: torch.Tensor, B: int) -> torch.Tensor:
     return (cs.unsqueeze(0) if cs.dim() == 2 else cs).expand(B, -1, -1)
 
 
+def _rope_forward(q, k, cos, sin):
+    """``(q_out, k_out)``: ``q [B, Hq, S, D]`` and ``k [B, Hk, S, D]`` rotated by ``cos``/``sin``
+    (``[S, Dr]`` or ``[1|B, S, Dr]``), fresh tensors with the inputs' layout."""
+    B = q.shape[0]
+    return _launch(q, k, _expand(cos, B), _expand(sin, B), backward=False)
+
+
+def _rope_backward(dqo, dko, cos, sin):
+    """``(dq, dk)``: the transposed rotation of ``dqo [B, Hq, S, D]`` and ``dko [B, Hk, S, D]``."""
+    B = dqo.shape[0]
+    return _launch(dqo, dko, _expand(cos, B), _expand(sin, B), backward=True)
+
+
+def _grad_or_zeros(g: torch.Tensor | None, meta, device: torch.device) -> torch.Tensor:
+    # An unused output gets no gradient (None) or zeros; its input's gradient is then zero.
+    return torch.zeros(meta[0], dtype=meta[1], device=device) if g is None else g
+
+
 class _RopeFn(torch.autograd.Function):
+    """The eager form; inside ``torch.compile`` the operators of :mod:`corept_kernels.ops.rope`
+    run the same launches."""
+
     @staticmethod
     def forward(ctx, q, k, cos, sin):
-        B = q.shape[0]
-        cos, sin = _expand(cos, B), _expand(sin, B)
         ctx.save_for_backward(cos, sin)
         ctx.q_meta, ctx.k_meta = (q.shape, q.dtype), (k.shape, k.dtype)
-        return _launch(q, k, cos, sin, backward=False)
+        return _rope_forward(q, k, cos, sin)
 
     @staticmethod
     def backward(ctx, dqo, dko):
         cos, sin = ctx.saved_tensors
-        # An unused output gets no gradient; its input's gradient is then zero.
-        if dqo is None:
-            dqo = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=cos.device)
-        if dko is None:
-            dko = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=cos.device)
-        dq, dk = _launch(dqo, dko, cos, sin, backward=True)
+        dq, dk = _rope_backward(_grad_or_zeros(dqo, ctx.q_meta, cos.device),
+                                _grad_or_zeros(dko, ctx.k_meta, cos.device), cos, sin)
         return dq, dk, None, None
 
 
@@ -206,6 +221,10 @@ def _rope_triton(q, k, cos, sin):
     return _RopeFn.apply(q, k, cos, sin)
 
 
+def _rope_compiled(q, k, cos, sin):
+    return torch.ops.corept_kernels.rope_fwd(q, k, cos, sin)
+
+
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
     """Apply rotary embeddings: ``x * cos + rotate_half(x) * sin`` on the first ``Dr`` dims.
 
@@ -222,5 +241,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
 
 
 capabilities.register(KernelInfo(
-    name="rope", triton_fn=_rope_triton, reference_fn=ref.rope, compile_safe=False, eligibility=_eligibility,
+    name="rope", triton_fn=_rope_triton, reference_fn=ref.rope, compiled_fn=_rope_compiled,
+    eligibility=_eligibility,
     notes="q and k in one launch; strided inputs; partial rotary; out of place"))

@@ -101,8 +101,9 @@ def test_fsdp_rules(monkeypatch):
         distributed.validate(h.options(**dict(base, load_in_8bit=True)), cuda=True)
     with pytest.raises(InvalidOptionsError, match="sft only"):
         distributed.validate(h.options("dpo", "full", distributed="fsdp", save_method="merged_16bit"), cuda=True)
-    assert distributed.load_kwargs(h.options(**base)) == {"device_map": {"": "cpu"}}
-    assert distributed.load_kwargs(h.options(**dict(base, load_in_4bit=True))) == {"bnb_4bit_quant_storage": "auto"}
+    assert distributed.load_kwargs(h.options(**base)) == {"device_map": {"": "cpu"}, "compile": False}
+    assert distributed.load_kwargs(h.options(**dict(base, load_in_4bit=True))) == {"bnb_4bit_quant_storage": "auto",
+                                                                                    "compile": False}
 
 
 def test_trainer_kwargs(tiny_chat, monkeypatch):

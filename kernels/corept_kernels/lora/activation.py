@@ -201,12 +201,21 @@ def glu_backward_(dh: torch.Tensor, e: torch.Tensor, g: torch.Tensor, activation
     fn(dh, e, g, activation)
 
 
+def _glu_forward_compiled(e, g, activation):
+    return torch.ops.corept_kernels.lora_glu(e, g, activation)
+
+
+def _glu_backward_compiled_(dh, e, g, activation):
+    torch.ops.corept_kernels.lora_glu_backward_(dh, e, g, activation)
+
+
 _NOTES = "inside the fused LoRA MLP; float64 (gold references) takes the torch path; not differentiable"
 capabilities.register(KernelInfo(
     name="lora_glu", triton_fn=_glu_forward_triton, reference_fn=_glu_forward_torch, has_backward=False,
-    compile_safe=False, devices=("cuda",), eligibility=unsupported_tensors,
+    compiled_fn=_glu_forward_compiled,
+    devices=("cuda",), eligibility=unsupported_tensors,
     notes="h = act(e) * g with the reference's rounding points; " + _NOTES))
 capabilities.register(KernelInfo(
     name="lora_glu_backward", triton_fn=_glu_backward_triton_, reference_fn=_glu_backward_torch_,
-    has_backward=False, compile_safe=False, devices=("cuda",), eligibility=unsupported_tensors,
+    has_backward=False, compiled_fn=_glu_backward_compiled_, devices=("cuda",), eligibility=unsupported_tensors,
     notes="in place: dh <- h, e <- de, g <- dg, one read of each; " + _NOTES))

@@ -24,7 +24,9 @@ of fp32 adapters on bf16 are Triton kernels (torch code where Triton cannot run)
 
 Each public function asks :func:`~corept_kernels.capabilities.dispatch` for its path: the fused
 one, or its plain-autograd twin (:mod:`corept_kernels.torch_ref.lora`) under
-:func:`~corept_kernels.capabilities.reference_only` or inside ``torch.compile``.
+:func:`~corept_kernels.capabilities.reference_only`. Inside ``torch.compile`` the fused path runs
+as custom operators (:mod:`corept_kernels.ops.lora`), the linears flattened by
+:mod:`corept_kernels.lora.packing`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from corept_kernels.capabilities import KernelInfo
 from corept_kernels.lora.activation import activation_id
 from corept_kernels.lora.autograd import LoraSharedInput
 from corept_kernels.lora.mlp import LoraMLP, mlp_linears
+from corept_kernels.lora.packing import pack
 from corept_kernels.lora.tiled import TiledLoraMLP, check_tile_rows, mlp_tile_rows
 from corept_kernels.lora.weights import LoraWeights
 from corept_kernels.torch_ref import lora as _ref
@@ -89,6 +92,54 @@ def _lora_qkv_fused(x, q, k, v):
 
 def _lora_o_fused(x, o):
     return _apply(LoraSharedInput, x, (o,), *_flat((o,)))[0]
+
+
+# ---- the forms taken inside torch.compile: the custom operators of corept_kernels.ops.lora
+
+def _mixed_trained_biases(lws) -> bool:
+    """Biases present on some linears only, one of them trained: an operator's ``Tensor?[]`` input
+    with a ``None`` in it takes no gradients, so such calls keep the eager Function."""
+    present = [lw.bias is not None for lw in lws]
+    return not all(present) and any(lw.bias is not None and lw.bias.requires_grad for lw in lws)
+
+
+@torch.compiler.disable
+def _eager(fn, x, *args):
+    return _apply(fn, x, *args)
+
+
+def _compiled(op, x: torch.Tensor, lws, *extra):
+    """``op`` on ``x`` as ``[N, in]`` in the compute dtype, autocast off (as :func:`_apply`)."""
+    x = x.to(_compute_dtype(x))
+    p = pack(lws)
+    with torch.autocast(x.device.type, enabled=False):
+        return x.shape[:-1], op(x.reshape(-1, x.shape[-1]), *p, *extra)
+
+
+def _lora_mlp_compiled(x, gate, up, down, activation="swiglu", tile_rows=None):
+    lin = mlp_linears(gate, up, down)
+    rows = mlp_tile_rows(x.numel() // max(1, x.shape[-1]), gate.shape[0], _compute_dtype(x).itemsize, tile_rows)
+    if rows is not None:
+        # row tiles recompute the MLP inside backward (a graph of their own): no operator form;
+        # such long calls (gate/up above MLP_TILE_MIN_BYTES) run eagerly, one graph break each
+        return _eager(TiledLoraMLP, x, activation, lin, rows, *_flat(lin.linears))
+    if _mixed_trained_biases(lin.linears):
+        return _eager(LoraMLP, x, activation, lin, *_flat(lin.linears))
+    cols = [] if lin.cols is None else [lin.cols[0].start, lin.cols[0].stop, lin.cols[1].start, lin.cols[1].stop]
+    lead, (y, *_) = _compiled(torch.ops.corept_kernels.lora_mlp_fwd, x, lin.linears, activation, cols)
+    return y.view(*lead, y.shape[-1])
+
+
+def _lora_qkv_compiled(x, q, k, v):
+    if _mixed_trained_biases((q, k, v)):
+        return _eager(LoraSharedInput, x, (q, k, v), *_flat((q, k, v)))
+    lead, (outs, _) = _compiled(torch.ops.corept_kernels.lora_linears_fwd, x, (q, k, v))
+    return tuple(y.view(*lead, y.shape[-1]) for y in outs)
+
+
+def _lora_o_compiled(x, o):
+    lead, (outs, _) = _compiled(torch.ops.corept_kernels.lora_linears_fwd, x, (o,))
+    return outs[0].view(*lead, outs[0].shape[-1])
 
 
 def lora_mlp(x: torch.Tensor, gate: LoraWeights, up: LoraWeights, down: LoraWeights,
@@ -157,7 +208,7 @@ _NOTES_COMMON = ("hand-derived backward (grads for x, A, B; base W frozen); matm
 
 capabilities.register(KernelInfo(
     name="lora_mlp", triton_fn=_lora_mlp_fused, reference_fn=_ref.lora_mlp, has_backward=True,
-    compile_safe=False, devices=("cuda", "cpu"),
+    compiled_fn=_lora_mlp_compiled, devices=("cuda", "cpu"),
     notes=_NOTES_COMMON + "; gated activation fwd/bwd is one Triton kernel on CUDA or under "
           "TRITON_INTERPRET, torch elementwise code elsewhere (so it runs on any device); saves x, "
           "gate/up projections and the [N, r] products, recomputes act(e)*g in backward; the two "
@@ -166,13 +217,13 @@ capabilities.register(KernelInfo(
 ))
 capabilities.register(KernelInfo(
     name="lora_qkv", triton_fn=_lora_qkv_fused, reference_fn=_ref.lora_qkv, has_backward=True,
-    compile_safe=False, devices=("cuda", "cpu"),
+    compiled_fn=_lora_qkv_compiled, devices=("cuda", "cpu"),
     notes=_NOTES_COMMON + "; no Triton kernel (torch matmuls only, runs on any device); "
           "one node for q, k and v: x saved once, one dA matmul, dx accumulated in peft's order; "
           "saves x and [N, rq+rk+rv]",
 ))
 capabilities.register(KernelInfo(
     name="lora_o", triton_fn=_lora_o_fused, reference_fn=_ref.lora_o, has_backward=True,
-    compile_safe=False, devices=("cuda", "cpu"),
+    compiled_fn=_lora_o_compiled, devices=("cuda", "cpu"),
     notes=_NOTES_COMMON + "; no Triton kernel (torch matmuls only, runs on any device); saves x and [N, r]",
 ))

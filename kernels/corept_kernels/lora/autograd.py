@@ -260,20 +260,34 @@ def autocast_off_backward(backward):
     return run
 
 
+def shared_backward(douts, x2: torch.Tensor, xa: torch.Tensor, lws, As, Bs, need_x: bool, need_A, need_B, need_b):
+    """The backward of k LoRA linears sharing ``x2`` ``[N, in]`` (see the module notes).
+
+    :param douts: the outputs' gradients ``[N, out_i]`` in the model dtype.
+    :param need_A: per linear, whether ``dA`` is wanted (likewise ``need_B``, ``need_b``).
+    :returns: ``(dx [N, in] or None, dAs, dBs, dbs)``, each list with ``None`` where not wanted.
+    """
+    dBs, dxa = _backward_small(xa, douts, lws, Bs, need_B)
+    dx = _backward_input(douts, dxa, lws, As) if need_x else None
+    dAs = _dA(dxa, x2, As, need_A)
+    dbs = [_bias_grad(d, lw.bias, nb) for lw, d, nb in zip(lws, douts, need_b)]
+    return dx, dAs, dBs, dbs
+
+
 class LoraSharedInput(torch.autograd.Function):
     """k LoRA linears on one input (q/k/v: k=3; o: k=1).
 
     ``apply(x, lws, *flat)`` with ``x`` ``[..., in]``, ``lws`` a tuple of :class:`LoraWeights`
     and ``flat`` = ``(A_1, B_1, bias_1, ..., A_k, B_k, bias_k)`` (the same tensors as in ``lws``,
-    passed so autograd tracks them). Returns k tensors ``[..., out_i]``.
+    passed so autograd tracks them). Returns k tensors ``[..., out_i]``. Inside ``torch.compile``
+    the custom operators of :mod:`corept_kernels.ops.lora` run the same two functions.
     """
 
     @staticmethod
     def forward(ctx, x, lws, *flat):
-        dt = x.dtype
         x2 = x.reshape(-1, x.shape[-1])
         As, Bs = flat[0::3], flat[1::3]
-        outs, xa = _forward_shared(x2, lws, As, Bs, dt)
+        outs, xa = _forward_shared(x2, lws, As, Bs, x.dtype)
         ctx.save_for_backward(x2, xa, *As, *Bs)
         ctx.lws, ctx.device_type = lws, x.device.type
         ctx.lead = x.shape[:-1]
@@ -284,16 +298,11 @@ class LoraSharedInput(torch.autograd.Function):
     def backward(ctx, *douts):
         x2, xa, *ab = ctx.saved_tensors
         k = len(ctx.lws)
-        As, Bs = ab[:k], ab[k:]
         need = ctx.needs_input_grad
-        need_A, need_B, need_b = need[2::3], need[3::3], need[4::3]
         d2 = [d.reshape(-1, d.shape[-1]).to(x2.dtype) for d in douts]
-        dBs, dxa = _backward_small(xa, d2, ctx.lws, Bs, need_B)
-        dx = None
-        if need[0]:
-            dx = _backward_input(d2, dxa, ctx.lws, As).view(*ctx.lead, x2.shape[1])
-        dAs = _dA(dxa, x2, As, need_A)
-        grads = [dx, None]
-        for lw, dA, dB, d, nb in zip(ctx.lws, dAs, dBs, d2, need_b):
-            grads += [dA, dB, _bias_grad(d, lw.bias, nb)]
+        dx, dAs, dBs, dbs = shared_backward(d2, x2, xa, ctx.lws, ab[:k], ab[k:], need[0],
+                                            need[2::3], need[3::3], need[4::3])
+        grads = [None if dx is None else dx.view(*ctx.lead, x2.shape[1]), None]
+        for dA, dB, db in zip(dAs, dBs, dbs):
+            grads += [dA, dB, db]
         return tuple(grads)

@@ -110,24 +110,60 @@ def _gate_and_up(lin: MlpLinears, outs):
     return outs[0][:, lin.cols[0]], outs[0][:, lin.cols[1]]
 
 
+def mlp_forward(x2: torch.Tensor, activation: str, lin: MlpLinears, As, Bs):
+    """``(y [N, O], xa_f, xa_d, outs)``: the MLP of ``x2`` ``[N, H]`` and what its backward needs
+    (``xa`` of the front linears ``[N, sum r]`` and of down ``[N, r_d]``, and the front linears'
+    outputs: ``(e, g)`` ``[N, F]`` each, or gate_up's ``[N, 2F]``). ``As``/``Bs``: the adapters
+    of ``lin.linears``, in order."""
+    dt, k = x2.dtype, len(lin.front)
+    outs, xa_f = _forward_shared(x2, lin.front, As[:k], Bs[:k], dt)
+    h = glu_forward(*_gate_and_up(lin, outs), activation)
+    (y,), xa_d = _forward_shared(h, (lin.down,), As[k:], Bs[k:], dt)
+    return y, xa_f, xa_d, outs
+
+
+def mlp_backward(dy2, x2, xa_f, xa_d, outs, activation: str, lin: MlpLinears, As, Bs, need_x: bool,
+                 need_A, need_B, need_b):
+    """The MLP's backward from ``dy2`` ``[N, O]`` (model dtype). ``outs`` (saved by
+    :func:`mlp_forward`) are overwritten in place by their own gradients.
+
+    :param need_A: per linear of ``lin.linears``, whether its ``dA`` is wanted (likewise
+        ``need_B``, ``need_b``).
+    :returns: ``(dx [N, H] or None, dAs, dBs, dbs)`` per linear of ``lin.linears``, ``None``
+        where not wanted.
+    """
+    k = len(lin.front)
+    e, g = _gate_and_up(lin, outs)
+    (dBd,), dxa_d = _backward_small(xa_d, (dy2,), (lin.down,), (Bs[k],), (need_B[k],))
+    dbd = _bias_grad(dy2, lin.down.bias, need_b[k])
+    if not (need_x or any(need_A[:k]) or any(need_B[:k]) or any(need_b[:k])):
+        h = glu_forward(e, g, activation)
+        (dAd,) = _dA(dxa_d, h, (As[k],), (need_A[k],))
+        del h
+        return None, [None] * k + [dAd], [None] * k + [dBd], [None] * k + [dbd]
+    dAd = _down_and_glu_backward_(dy2, dxa_d, e, g, lin.down, As[k], activation, need_A[k])
+    douts = outs  # overwritten in place: (de, dg), or gate_up's dy = [de | dg]
+    dBs, dxa_f = _backward_small(xa_f, douts, lin.front, Bs[:k], need_B[:k])
+    dbs = [_bias_grad(d, lw.bias, nb) for d, lw, nb in zip(douts, lin.front, need_b[:k])]
+    dx = _backward_input(douts, dxa_f, lin.front, As[:k]) if need_x else None
+    dAs = _dA(dxa_f, x2, As[:k], need_A[:k])
+    return dx, [*dAs, dAd], [*dBs, dBd], [*dbs, dbd]
+
+
 class LoraMLP(torch.autograd.Function):
     """``y = down(act(gate(x)) * up(x))``, each a LoRA linear, or ``gate``/``up`` one linear.
 
     ``apply(x, activation, lin, *flat)`` with ``x`` ``[..., H]``, ``lin`` an :class:`MlpLinears`
     and ``flat`` the ``(A, B, bias)`` triples of ``lin.linears`` (the same tensors, passed so
-    autograd tracks them). Returns ``[..., O]``.
+    autograd tracks them). Returns ``[..., O]``. Inside ``torch.compile`` the custom operators of
+    :mod:`corept_kernels.ops.lora` run :func:`mlp_forward` and :func:`mlp_backward`.
     """
 
     @staticmethod
     def forward(ctx, x, activation, lin: MlpLinears, *flat):
-        dt = x.dtype
-        k = len(lin.front)
         x2 = x.reshape(-1, x.shape[-1])
         As, Bs = flat[0::3], flat[1::3]
-        outs, xa_f = _forward_shared(x2, lin.front, As[:k], Bs[:k], dt)
-        h = glu_forward(*_gate_and_up(lin, outs), activation)
-        (y,), xa_d = _forward_shared(h, (lin.down,), As[k:], Bs[k:], dt)
-        del h
+        y, xa_f, xa_d, outs = mlp_forward(x2, activation, lin, As, Bs)
         ctx.save_for_backward(x2, xa_f, xa_d, *outs, *As, *Bs)
         ctx.lin, ctx.activation, ctx.lead, ctx.device_type = lin, activation, x.shape[:-1], x.device.type
         return y.view(*x.shape[:-1], y.shape[-1])
@@ -139,29 +175,11 @@ class LoraMLP(torch.autograd.Function):
         k = len(lin.front)
         x2, xa_f, xa_d, *rest = ctx.saved_tensors
         outs, As, Bs = rest[:k], rest[k:2 * k + 1], rest[2 * k + 1:]
-        e, g = _gate_and_up(lin, outs)
         need = ctx.needs_input_grad
-        nd = 3 + 3 * k  # flat triples start at index 3: the front linears', then down's (nd, nd+1, nd+2)
-        need_front = need[0] or any(need[3:nd])
         dy2 = dy.reshape(-1, dy.shape[-1]).to(x2.dtype)
-
-        (dBd,), dxa_d = _backward_small(xa_d, (dy2,), (lin.down,), (Bs[k],), (need[nd + 1],))
-        dbd = _bias_grad(dy2, lin.down.bias, need[nd + 2])
-        if not need_front:
-            h = glu_forward(e, g, ctx.activation)
-            (dAd,) = _dA(dxa_d, h, (As[k],), (need[nd],))
-            del h
-            return (None,) * nd + (dAd, dBd, dbd)
-        dAd = _down_and_glu_backward_(dy2, dxa_d, e, g, lin.down, As[k], ctx.activation, need[nd])
-        douts = outs  # overwritten in place: (de, dg), or gate_up's dy = [de | dg]
-
-        dBs, dxa_f = _backward_small(xa_f, douts, lin.front, Bs[:k], need[4:nd:3])
-        dbs = [_bias_grad(d, lw.bias, nb) for d, lw, nb in zip(douts, lin.front, need[5:nd:3])]
-        dx = None
-        if need[0]:
-            dx = _backward_input(douts, dxa_f, lin.front, As[:k]).view(*ctx.lead, x2.shape[1])
-        dAs = _dA(dxa_f, x2, As[:k], need[3:nd:3])
-        grads = [dx, None, None]
+        dx, dAs, dBs, dbs = mlp_backward(dy2, x2, xa_f, xa_d, outs, ctx.activation, lin, As, Bs, need[0],
+                                         need[3::3], need[4::3], need[5::3])
+        grads = [None if dx is None else dx.view(*ctx.lead, x2.shape[1]), None, None]
         for dA, dB, db in zip(dAs, dBs, dbs):
             grads += [dA, dB, db]
-        return (*grads, dAd, dBd, dbd)
+        return tuple(grads)

@@ -220,8 +220,15 @@ def rank_add_group_torch_(items, round_first: bool) -> None:
                 y[sl] = z.add_(y[sl]).to(y.dtype)
 
 
+def _rank_add_group_compiled_(items, round_first: bool) -> None:
+    items = _check_group(items)
+    if items:
+        ys, us, vs, ss = (list(t) for t in zip(*items))
+        torch.ops.corept_kernels.rank_add_(ys, us, vs, [float(s) for s in ss], round_first)
+
+
 register(KernelInfo(
     name="rank_add", triton_fn=rank_add_group_triton_, reference_fn=rank_add_group_torch_,
-    has_backward=False, compile_safe=False, devices=("cuda",), eligibility=unsupported_tensors,
+    compiled_fn=_rank_add_group_compiled_, has_backward=False, devices=("cuda",), eligibility=unsupported_tensors,
     notes="inside the fused LoRA paths (fp32 adapters on bf16): y += s * (u @ v) in place, fp32 sums "
           "rounded once (or twice, round_first); up to three adds per launch; not differentiable"))
