@@ -28,6 +28,10 @@
 #                   Llama-3.1-8B corept, corept_prev, their QLoRA forms and unsloth, then Qwen3-8B corept and
 #                   corept_prev, both shapes (~9 min)
 #   regression-qlora  corept_qlora against corept_qlora_prev, Llama-3.1-8B and Qwen3-8B, both shapes (~4 min)
+#   compile         issue 18's check: the compile-safety tests on CUDA (kernels/tests/test_compile.py,
+#                   TRITON_INTERPRET=0), a 2-layer Llama-3.1-8B cut through corept compiled vs eager (LoRA and
+#                   QLoRA, 2x2048 and 8x512 in one process: recompiles show), then Llama-3.1-8B corept,
+#                   corept_eager and unsloth at 2x2048 and 8x512 (~9.5 min)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -46,7 +50,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -119,6 +123,17 @@ case "$PRESET" in
   custom)   ARGS=() ;;
 esac
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
+if [ "$PRESET" = compile ]; then
+  TRITON_INTERPRET=0 PYTHONPATH=/tmp/site_corept:kernels/tests:/tmp/site_base timeout 150 \
+    python3 -m pytest -q -p no:cacheprovider -rs kernels/tests/test_compile.py > "$OUT/pytest-compile.log" 2>&1
+  tail -3 "$OUT/pytest-compile.log"
+  python3 -P bench/e2e.py --steps 3 --warmup 2 --models llama-3.1-8b-2l --shapes 2x2048,8x512 --group-shapes \
+    --variants corept,corept_eager,corept_qlora,corept_qlora_eager "${SITES[@]}" --out "$OUT" \
+    --tag "${CARD:-gpu}-compile-check" --budget-s 150 "$@"
+  exec python3 -P bench/e2e.py --steps 8 --warmup 2 --models llama-3.1-8b --shapes 2x2048,8x512 --group-shapes \
+    --variants corept,corept_eager,unsloth "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-compile-llama" \
+    --budget-s $((CALL_S - (SECONDS - T0))) "$@"
+fi
 if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants; one results file each
   python3 -P bench/e2e.py --steps 8 --warmup 2 --models llama-3.1-8b --shapes 2x2048,1x8192 --group-shapes \
     --variants corept,corept_prev,corept_qlora,corept_qlora_prev,unsloth "${SITES[@]}" --out "$OUT" \

@@ -29,6 +29,7 @@ from corept.testing import checks as C
 from corept.testing.cases import MatrixCase, full_cases, quirk_cases
 from corept.testing.interpreter import nearest_bf16_rounding
 from corept.testing.store import Store, glob
+from corept.testing.suite_compile import CompileChecks
 from corept.testing.suite_contract import ContractChecks
 from corept.testing.suite_export import ExportChecks
 from corept.testing.suite_numerics import NumericChecks
@@ -36,7 +37,7 @@ from corept.testing.suite_numerics import NumericChecks
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks):
+class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileChecks):
     """Subclass with a ``Test`` name and set :attr:`configs`; everything else has defaults.
 
     :cvar configs: ``{name: () -> config}``; each must force GQA > 1, head_dim != hidden/heads and
@@ -52,6 +53,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks):
         components but ``attention``, which the built-in components leave to transformers).
     :cvar full_matrix: config names given the full matrix (default: the first config).
     :cvar convergence: config names given the LoRA convergence check (default: the first).
+    :cvar compiled: config names given the compiled-layers check (default: the first).
     :cvar skip: ``{test id glob: reason}``: not run; every skip carries its reason.
     :cvar known_failures: ``{test id glob: reason}``: run as non-strict xfail (an XPASS shows when
         the case happens to pass); empty by default.
@@ -65,6 +67,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks):
     expect_applied: dict[str, tuple] = {}
     full_matrix: tuple[str, ...] | None = None
     convergence: tuple[str, ...] | None = None
+    compiled: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
     known_failures: dict[str, str] = {}
     seed = 0
@@ -94,6 +97,8 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks):
             fn = metafunc.function.__name__
             if fn == "test_convergence":
                 names = list(cls.convergence if cls.convergence is not None else names[:1])
+            elif fn == "test_compiled_layers_train_like_eager":
+                names = list(cls.compiled if cls.compiled is not None else names[:1])
             elif fn == "test_quirk_is_exercised":
                 names = [n for n in names if cls.quirk_probes.get(n)]
             metafunc.parametrize("config_name", names)

@@ -20,6 +20,16 @@ from corept_kernels.capabilities import all_kernels
 from corept_kernels.lora.activation import glu_backward_, glu_forward
 from corept_kernels.lora.branch import rank_add_
 
+#: On a GPU machine (TRITON_INTERPRET=0) the same cases run on CUDA, the operators' real path
+#: (bench/run_e2e_h200.sh compile runs them there); on CPU through the interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() and not ck.interpreter_active() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _on_device():
+    with torch.device(DEVICE):
+        yield
+
 
 def _rope(dt):
     q, k = torch.randn(2, 5, 7, 12, dtype=dt), torch.randn(2, 1, 7, 12, dtype=dt)

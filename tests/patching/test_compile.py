@@ -40,7 +40,7 @@ def _step(model, ids=IDS, labels=LABELS):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen3"])
+@pytest.mark.parametrize("model_type", ["llama"])  # every plugin's kit runs its own (corept.testing.suite_compile)
 def test_compiled_layers_train_like_eager(model_type):
     torch._dynamo.reset()
     eager, compiled = _lora(model_type, False), _lora(model_type, AOT)
