@@ -51,14 +51,16 @@ MODELS["llama-3.1-8b-2l"] = dict(MODELS["llama-3.1-8b"], num_hidden_layers=2)
 MODELS["qwen3-8b-2l"] = dict(MODELS["qwen3-8b"], num_hidden_layers=2, max_window_layers=2)
 
 VARIANTS = ("hf", "hf_bf16", "liger", "unsloth", "corept", "hf_qlora", "unsloth_qlora", "corept_qlora",
-            "corept_prev", "corept_qlora_prev", "corept_eager", "corept_qlora_eager")
+            "corept_prev", "corept_qlora_prev", "corept_eager", "corept_qlora_eager", "corept_lean",
+            "corept_qlora_lean")
 # Which package set (PYTHONPATH) a variant runs with: base = wheels without unsloth; corept = corept's
 # own packages + base; corept_prev = an earlier commit's corept + base (regression runs: both corept
 # versions on one machine); unsloth = every wheel.
 STACK_OF = {"hf": "base", "hf_bf16": "base", "liger": "base", "hf_qlora": "base",
             "corept": "corept", "corept_qlora": "corept", "unsloth": "unsloth", "unsloth_qlora": "unsloth",
             "corept_prev": "corept_prev", "corept_qlora_prev": "corept_prev",
-            "corept_eager": "corept", "corept_qlora_eager": "corept"}  # *_eager: corept.load(compile=False)
+            "corept_eager": "corept", "corept_qlora_eager": "corept",  # *_eager: corept.load(compile=False)
+            "corept_lean": "corept", "corept_qlora_lean": "corept"}  # *_lean: use_gradient_checkpointing="corept"
 
 
 def digest(model: str, seed: int, dtype: str) -> str:
@@ -266,9 +268,11 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
 
         extra = {"compile": False} if variant.endswith("_eager") else {}
         model, _ = corept.load(folder, max_seq_length=max_seq, dtype=tdt, load_in_4bit=quant, **extra)
+        # corept's defaults (checkpointing "auto", layers compiled on CUDA) unless the variant names one;
+        # *_prev variants (an earlier corept) get its lean mode, which every earlier commit had
+        ckpt = {"use_gradient_checkpointing": "corept"} if variant.endswith(("_lean", "_prev")) else {}
         model = corept.get_peft_model(model, r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                      target_modules=list(LORA_TARGETS), use_gradient_checkpointing="corept",
-                                      random_state=LORA_SEED)
+                                      target_modules=list(LORA_TARGETS), random_state=LORA_SEED, **ckpt)
         rep = corept.report(model)
         info["corept_applied"] = dict(rep.applied)
         info["corept_fallbacks"] = dict(rep.fallbacks)

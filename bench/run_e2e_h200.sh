@@ -32,6 +32,11 @@
 #                   TRITON_INTERPRET=0), a 2-layer Llama-3.1-8B cut through corept compiled vs eager (LoRA and
 #                   QLoRA, 2x2048 and 8x512 in one process: recompiles show), then Llama-3.1-8B corept,
 #                   corept_eager and unsloth at 2x2048 and 8x512 (~9.5 min)
+#   issue18-lora    Llama-3.1-8B LoRA r16 at 2x2048, 8x512 and 1x8192 in one process per variant: hf, corept
+#                   (defaults: checkpointing auto, layers compiled), corept_eager (compile=False),
+#                   corept_lean (checkpointing "corept"), unsloth (~8 min); MODEL=qwen3-8b for Qwen3-8B
+#   issue18-qlora   the same with QLoRA: hf_qlora, corept_qlora, corept_qlora_eager, corept_qlora_lean,
+#                   unsloth_qlora
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -50,7 +55,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -120,6 +125,10 @@ case "$PRESET" in
   regression) exec_twice=1 ;;
   regression-qlora) ARGS=(--models llama-3.1-8b,qwen3-8b --shapes 2x2048,1x8192 --group-shapes
                           --variants corept_qlora,corept_qlora_prev) ;;
+  issue18-lora)  ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
+                       --variants hf,corept,corept_eager,corept_lean,unsloth) ;;
+  issue18-qlora) ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
+                       --variants hf_qlora,corept_qlora,corept_qlora_eager,corept_qlora_lean,unsloth_qlora) ;;
   custom)   ARGS=() ;;
 esac
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
@@ -142,6 +151,9 @@ if [ "${exec_twice:-0}" = 1 ]; then  # two models, the first with more variants;
     --variants corept,corept_prev "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-regression-qwen" \
     --budget-s $((CALL_S - (SECONDS - T0))) "$@"
 fi
-BUDGET=$((CALL_S - (SECONDS - T0)))
-exec python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-$PRESET" \
+BUDGET=$((CALL_S - (SECONDS - T0) - 5))
+python3 -P bench/e2e.py --steps 8 --warmup 2 "${ARGS[@]}" "${SITES[@]}" --out "$OUT" --tag "${CARD:-gpu}-$PRESET" \
   --budget-s "$BUDGET" "$@"
+rc=$?
+for f in "$OUT"/logs/*+*; do [ -e "$f" ] && cp "$f" "${f//+/_}"; done  # the device tool skips names with '+'
+exit $rc

@@ -64,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     s.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
     s.add_argument("--optim", help="HF optimizer name (default adamw_8bit on GPU, adamw_torch on CPU)")
-    s.add_argument("--gradient-checkpointing", default=None, choices=("corept", "true", "false"),
-                   help="corept (offloaded, default), true (standard) or false")
+    s.add_argument("--gradient-checkpointing", default=None, choices=("auto", "corept", "true", "false"),
+                   help="auto (default: keep activations when they fit the GPU, else corept), corept (offloaded "
+                        "recompute, the least memory), true (standard) or false")
     s.add_argument("--beta", type=float, default=0.1, help="DPO/KTO beta")
     s.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="under torchrun / accelerate launch: ddp (a replica per GPU; the default when launched "
@@ -114,7 +115,7 @@ def options_from_args(args):
         data, model = args.data, args.model
     sharded_lora = getattr(args, "distributed", None) == "fsdp" and not args.full_finetuning
     given.setdefault("save_method", "lora" if sharded_lora else "merged_16bit")
-    given.setdefault("gradient_checkpointing", "corept")
+    given.setdefault("gradient_checkpointing", "auto")
     return TrainOptions(model=model, data=data, method=args.method, output=args.output, **common, **given)
 
 

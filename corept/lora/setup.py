@@ -109,15 +109,18 @@ def install_fused_lora(peft_model: nn.Module) -> None:
 
 
 def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                   target_modules="all-linear", bias: str = "none", use_gradient_checkpointing="corept",
+                   target_modules="all-linear", bias: str = "none", use_gradient_checkpointing="auto",
                    use_rslora: bool = False, loftq_config=None, modules_to_save=None, random_state: int = 3407,
-                   mlp_tile_rows: int | None = None, **lora_kwargs):
+                   mlp_tile_rows: int | None = None, memory_budget_gib: float | None = None, **lora_kwargs):
     """Add LoRA adapters to a (corept-loaded) model and return the ``PeftModel``.
 
     :param r: adapter rank. :param lora_alpha: scaling numerator (scaling = alpha / r, or
         alpha / sqrt(r) with ``use_rslora``). :param lora_dropout: 0 keeps the fused fast path.
     :param target_modules: ``"all-linear"`` (see the module docstring) or a list of module names.
-    :param use_gradient_checkpointing: ``"corept"`` (offloaded), ``True`` (standard) or ``False``.
+    :param use_gradient_checkpointing: ``"auto"`` (default: per batch shape, keep the activations
+        when the planner says the step fits the GPU, else ``"corept"``), ``"corept"`` (offloaded
+        recompute: the least memory), ``True`` (standard) or ``False``.
+    :param memory_budget_gib: GPU memory ``"auto"`` may plan for (default: the GPU's total).
     :param random_state: seed for the adapter initialisation.
     :param mlp_tile_rows: sequence tiling of the fused LoRA MLPs, for long contexts. ``None``
         (default): automatic, on only for calls whose gate/up projections would exceed 2 GiB
@@ -148,7 +151,7 @@ def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_d
                         use_rslora=use_rslora, loftq_config=loftq_config or {}, modules_to_save=modules_to_save,
                         task_type="CAUSAL_LM", **lora_kwargs)
     peft_model = peft_get_peft_model(model, config)
-    enable_checkpointing(peft_model, use_gradient_checkpointing)
+    enable_checkpointing(peft_model, use_gradient_checkpointing, memory_budget_gib)
     if arch is not None and arch.supported:
         state_of(peft_model).options["mlp_tile_rows"] = mlp_tile_rows
         install_fused_lora(peft_model)

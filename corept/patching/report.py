@@ -81,7 +81,8 @@ def checkpointing(model: nn.Module) -> str:
         return "off"
     ours = sum(getattr(m._gradient_checkpointing_func, "corept_checkpointing", False) for m in on)
     if ours == len(on):
-        return f"corept ({ours} layers)"
+        policy = getattr(on[0]._gradient_checkpointing_func, "corept_policy", None)
+        return f"corept ({ours} layers)" + (f", {policy.describe()}" if policy is not None else "")
     return f"transformers' ({len(on) - ours} layers)" + (f", corept ({ours} layers)" if ours else "")
 
 

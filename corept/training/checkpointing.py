@@ -28,6 +28,7 @@ from typing import Any, Callable
 import torch
 
 from corept.patching.compile import compiled_body
+from corept.training.recompute_policy import AutoPolicy
 from corept.training.offload import HostCopy, Kept
 
 logger = logging.getLogger("corept")
@@ -76,14 +77,17 @@ class OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, hidden.grad) + (None,) * len(ctx.rest)
 
 
-def make_checkpoint_func(offload: bool) -> Callable:
+def make_checkpoint_func(offload: bool, policy: AutoPolicy | None = None) -> Callable:
     """A ``_gradient_checkpointing_func`` for transformers' checkpointable layers.
 
-    Called as ``func(partial(forward, self, **kwargs), hidden_states, *more_args)``.
+    Called as ``func(partial(forward, self, **kwargs), hidden_states, *more_args)``. With a
+    ``policy`` (``"auto"`` mode), calls whose batch shape it keeps run without checkpointing.
     """
 
     def checkpoint_func(function: Callable, hidden: torch.Tensor, *args: Any):
         function = compiled_body(function)  # a compiled layer's body, when transformers checkpoints inside forward
+        if policy is not None and torch.is_tensor(hidden) and policy.keep(hidden):
+            return function(hidden, *args)
         if not torch.is_tensor(hidden):
             return torch.utils.checkpoint.checkpoint(function, hidden, *args, use_reentrant=False)
         tokens = hidden.numel() // hidden.shape[-1]
@@ -91,20 +95,25 @@ def make_checkpoint_func(offload: bool) -> Callable:
         return OffloadedCheckpoint.apply(function, do_offload, hidden, *args)
 
     checkpoint_func.corept_checkpointing = True  # how the report tells corept's function from transformers'
+    checkpoint_func.corept_policy = policy
     return checkpoint_func
 
 
-def enable_checkpointing(model: torch.nn.Module, mode: str | bool) -> str:
+def enable_checkpointing(model: torch.nn.Module, mode: str | bool, memory_budget_gib: float | None = None) -> str:
     """Turn on gradient checkpointing for every checkpointable layer of ``model``.
 
-    :param mode: ``"corept"`` (offload layer inputs to pinned CPU memory on CUDA), ``True``
-        (ordinary non-reentrant checkpointing) or ``False`` (off).
+    :param mode: ``"auto"`` (per batch shape: keep the activations when the planner says they fit
+        ``memory_budget_gib``, else ``"corept"``; :mod:`corept.training.recompute_policy`),
+        ``"corept"`` (offload layer inputs to pinned CPU memory on CUDA), ``True`` (ordinary
+        non-reentrant checkpointing) or ``False`` (off).
     :returns: a description for logs and reports.
     """
     if mode is False or mode is None:
         return "off"
-    if mode not in (True, "corept", "unsloth"):
-        raise ValueError(f"use_gradient_checkpointing must be 'corept', True or False, got {mode!r}")
+    if mode not in (True, "auto", "corept", "unsloth"):
+        raise ValueError(f"use_gradient_checkpointing must be 'auto', 'corept', True or False, got {mode!r}")
+    if memory_budget_gib is not None and mode != "auto":
+        raise ValueError(f"memory_budget_gib applies to use_gradient_checkpointing='auto' only (got {mode!r})")
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     disable_reinstall(base)
     enable = getattr(base, "activation_checkpointing_enable", None) or base.gradient_checkpointing_enable
@@ -116,7 +125,8 @@ def enable_checkpointing(model: torch.nn.Module, mode: str | bool) -> str:
     # Whether a layer input is offloaded is decided per call (CUDA input, >= MIN_OFFLOAD_TOKENS), so a
     # model loaded on CPU and moved to its GPU later (FSDP sharding, accelerate) still offloads.
     on_gpu = any(p.is_cuda for p in base.parameters()) or torch.cuda.is_available()
-    func = make_checkpoint_func(offload=True)
+    policy = AutoPolicy(model, memory_budget_gib) if mode == "auto" else None
+    func = make_checkpoint_func(offload=True, policy=policy)
     n = _install(base, func)
     _reinstall_on_enable(base, func)
     if not on_gpu:

@@ -16,7 +16,7 @@ from corept.training.data import METHODS
 from corept.training.profiles import default_optim, resolve_profile
 
 SAVE_METHODS = ("lora", "merged_16bit", "merged_4bit")
-CHECKPOINTING = {"corept": "corept", "true": True, "standard": True, "false": False, "off": False}
+CHECKPOINTING = {"auto": "auto", "corept": "corept", "true": True, "standard": True, "false": False, "off": False}
 
 #: Values used when neither a flag nor the profile gives one.
 DEFAULTS = dict(max_seq_length=1024, batch_size=2, grad_accum=1, r=16, lora_alpha=None, epochs=1.0)
@@ -185,5 +185,5 @@ def _check_optim(optim: str) -> None:
 
 
 def checkpointing_mode(opts: TrainOptions):
-    """The ``use_gradient_checkpointing`` value for corept: ``"corept"``, ``True`` or ``False``."""
+    """The ``use_gradient_checkpointing`` value for corept: ``"auto"``, ``"corept"``, ``True`` or ``False``."""
     return CHECKPOINTING[str(opts.gradient_checkpointing).lower()]

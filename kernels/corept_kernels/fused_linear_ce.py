@@ -243,10 +243,10 @@ def _backward(g_loss, g_lp, hidden, weight, bias, labels, lse, divisor, opts: di
 def _scale_grads(g, gh, gw, gb, w_dtype: torch.dtype, b_dtype: torch.dtype):
     """The fast path's :meth:`_Grads.unscaled` gradients times the upstream ``g`` (0-d), as
     :meth:`_Grads.take` makes them (fp32 math, one rounding to hidden's / ``w_dtype`` /
-    ``b_dtype``), into fresh tensors; an empty tensor stays empty."""
+    ``b_dtype``), into fresh tensors (a placeholder of a gradient not computed is scaled too, and
+    ignored by the caller)."""
     g = g.float()
-    return tuple(t.new_empty(t.shape, dtype=dt) if t.numel() == 0 else _cast(t, g, dt)
-                 for t, dt in ((gh, gh.dtype), (gw, w_dtype), (gb, b_dtype)))
+    return tuple(_cast(t, g, dt) for t, dt in ((gh, gh.dtype), (gw, w_dtype), (gb, b_dtype)))
 
 
 class _FusedLinearCE(torch.autograd.Function):

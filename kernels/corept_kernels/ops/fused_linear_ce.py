@@ -4,8 +4,8 @@ An operator cannot see which inputs need gradients, so the forward takes them as
 ``need_w``, ``need_b``. On the fast path (:func:`corept_kernels.fused_linear_ce._is_fast`) it
 returns the gradients of the loss as extra outputs, saved for backward, where
 ``fused_linear_ce_fast_bwd`` multiplies them by the upstream gradient: grad_hidden
-``[N, H]`` (hidden's dtype), grad_weight ``[V, H]`` fp32, grad_bias ``[V]`` fp32, each an empty
-``[0]`` tensor when not computed. Otherwise it saves ``lse`` and ``fused_linear_ce_bwd``
+``[N, H]`` (hidden's dtype), grad_weight ``[V, H]`` fp32, grad_bias ``[V]`` fp32, each a one-element
+placeholder when not computed (:func:`~corept_kernels.ops.common.unused`). Otherwise it saves ``lse`` and ``fused_linear_ce_bwd``
 recomputes each chunk's logits. The same functions as the eager ``autograd.Function`` do the work.
 Unlike the eager form, the fp32 grad_weight is freed only after its cast copy is whole (the eager
 form frees it slice by slice), and the scaled grad_hidden is a new buffer, not the saved one.
@@ -15,11 +15,12 @@ from __future__ import annotations
 import torch
 
 from corept_kernels.cross_entropy import kernel_options
+from corept_kernels.ops.common import unused
 from corept_kernels.fused_linear_ce import _backward, _forward, _is_fast, _scale_grads
 
 
 def _or_empty(t: torch.Tensor | None, like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return like.new_empty((0,), dtype=dtype) if t is None else t
+    return unused(like, dtype) if t is None else t
 
 
 @torch.library.custom_op("corept_kernels::fused_linear_ce_fwd", mutates_args=())
@@ -47,9 +48,9 @@ def _(hidden, weight, bias, labels, divisor, reduction, ignore_index, logit_scal
 
     def f32(shape):
         return hidden.new_empty(shape, dtype=torch.float32)
-    return (f32((N,) if reduction == "none" else ()), f32((N,) if return_lp else (0,)), f32((N,)),
-            hidden.new_empty(hidden.shape if fast and need_h else (0,)),
-            f32(weight.shape if fast and need_w else (0,)), f32(bias.shape if fast and need_b else (0,)))
+    return (f32((N,) if reduction == "none" else ()), f32((N,) if return_lp else (1,)), f32((N,)),
+            hidden.new_empty(hidden.shape if fast and need_h else (1,)),
+            f32(weight.shape if fast and need_w else (1,)), f32(bias.shape if fast and need_b else (1,)))
 
 
 @torch.library.custom_op("corept_kernels::fused_linear_ce_fast_bwd", mutates_args=())
@@ -81,8 +82,8 @@ def _flce_bwd_op(g_loss: torch.Tensor | None, g_lp: torch.Tensor | None, hidden:
 @_flce_bwd_op.register_fake
 def _(g_loss, g_lp, hidden, weight, bias, labels, lse, divisor, reduction, ignore_index, logit_scale,
       softcap, label_smoothing, z_loss, chunk, need_h, need_w, need_b):
-    return (hidden.new_empty(hidden.shape if need_h else (0,)), weight.new_empty(weight.shape if need_w else (0,)),
-            weight.new_empty((0,)) if bias is None else bias.new_empty(bias.shape if need_b else (0,)))
+    return (hidden.new_empty(hidden.shape if need_h else (1,)), weight.new_empty(weight.shape if need_w else (1,)),
+            weight.new_zeros((1,)) if bias is None else bias.new_empty(bias.shape if need_b else (1,)))
 
 
 def _flce_setup(ctx, inputs, output):

@@ -20,17 +20,18 @@ import torch
 from corept_kernels.lora.autograd import _forward_shared, lora_dtype, shared_backward
 from corept_kernels.lora.mlp import MlpLinears, mlp_backward, mlp_forward
 from corept_kernels.lora.packing import out_features, unpack
+from corept_kernels.ops.common import unused
 
 Tensors = list[torch.Tensor]
 OptTensors = list[torch.Tensor | None]
 
 
 def _empty0(like: torch.Tensor) -> torch.Tensor:
-    return like.new_empty((0,))
+    return unused(like)
 
 
 def _own(ts, likes) -> Tensors:
-    """Operator outputs: ``None`` -> empty ``[0]``; views of a shared buffer copied out."""
+    """Operator outputs: ``None`` -> :func:`~corept_kernels.ops.common.unused`; views of a shared buffer copied out."""
     shared = len([t for t in ts if t is not None]) > 1
     return [_empty0(like) if t is None else (t.clone() if shared and t._base is not None else t)
             for t, like in zip(ts, likes)]
@@ -157,7 +158,7 @@ _Grads10 = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.T
 
 
 def _slots(ts: Tensors, x2: torch.Tensor) -> Tensors:
-    return list(ts) + [_empty0(x2)] * (_MLP_LINEARS - len(ts))
+    return list(ts) + [_empty0(x2) for _ in range(_MLP_LINEARS - len(ts))]
 
 
 # An operator that declares a mutation cannot return lists (functionalization refuses it), so the

@@ -3,13 +3,14 @@
 Each kernel is a forward and a backward operator with fake (shape-only) functions and the forward's
 autograd formula registered, so Dynamo records one opaque node per call instead of breaking the
 graph at a Triton launch. They run the same launch functions as the eager ``autograd.Function`` s
-of :mod:`corept_kernels.norms`. Unused gradients come back as empty ``[0]`` tensors (an operator
-returns tensors, never ``None``).
+of :mod:`corept_kernels.norms`. Unused gradients come back as one-element placeholders
+(:mod:`corept_kernels.ops.common`: an operator returns tensors, never ``None``).
 """
 from __future__ import annotations
 
 import torch
 
+from corept_kernels.ops.common import unused
 from corept_kernels.norms import _ln_backward, _ln_forward, _rms_backward, _rms_forward
 from corept_kernels.torch_ref.norms import rms_norm_out_dtype
 
@@ -31,12 +32,12 @@ def _(x, weight, eps, offset, casting):
 def _rms_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, rstd: torch.Tensor, offset: float,
                 casting: str, need_dw: bool) -> tuple[torch.Tensor, torch.Tensor]:
     dx, dw = _rms_backward(dy, x, weight, rstd, offset, casting, need_dw)
-    return dx.view(x.shape), (dw if need_dw else weight.new_empty((0,)))
+    return dx.view(x.shape), (dw if need_dw else unused(weight))
 
 
 @_rms_bwd_op.register_fake
 def _(dy, x, weight, rstd, offset, casting, need_dw):
-    return torch.empty_like(x), weight.new_empty(weight.shape if need_dw else (0,))
+    return torch.empty_like(x), weight.new_empty(weight.shape if need_dw else (1,))
 
 
 def _rms_setup(ctx, inputs, output):
@@ -72,14 +73,13 @@ def _(x, weight, bias, eps):
 def _ln_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
                need_dw: bool, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     dx, dw, db = _ln_backward(dy, x, weight, mean, rstd, need_dw, None if bias is None else bias.dtype)
-    empty = weight.new_empty((0,))
-    return dx.view(x.shape), (empty if dw is None else dw), (empty if db is None else db)
+    return dx.view(x.shape), (unused(weight) if dw is None else dw), (unused(weight) if db is None else db)
 
 
 @_ln_bwd_op.register_fake
 def _(dy, x, weight, mean, rstd, need_dw, bias):
-    return (torch.empty_like(x), weight.new_empty(weight.shape if need_dw else (0,)),
-            weight.new_empty((0,)) if bias is None else torch.empty_like(bias))
+    return (torch.empty_like(x), weight.new_empty(weight.shape if need_dw else (1,)),
+            unused(weight) if bias is None else torch.empty_like(bias))
 
 
 def _ln_setup(ctx, inputs, output):

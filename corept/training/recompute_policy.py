@@ -1,0 +1,97 @@
+"""``use_gradient_checkpointing="auto"``: recompute only when keeping the activations would not fit.
+
+Recomputing every layer in backward costs one more forward per step (about a quarter of an 8B
+step at 2×2048 on an H100, where the step is bound by its GEMMs). A short-row batch on a large GPU
+usually fits without it. So per batch shape ``[B, S]`` (decided at the first call with that shape,
+then cached), :class:`AutoPolicy` asks the planner (:func:`corept.planning.estimate`, the same
+model ``corept plan`` uses) for the step's peak with every activation kept
+(``checkpointing="none"``), and keeps them when that fits the budget; otherwise the layer takes
+corept's offloaded recompute (``"corept"`` mode, the lean one).
+
+Budget: ``memory_budget_gib`` when given, else the GPU's total memory; the planner's margin (5%),
+allocator slack (3%) and CUDA context come off it. Off CUDA, and in multi-process runs (whose
+per-GPU figures depend on the engine), every call recomputes, as ``"corept"`` does.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import torch
+
+logger = logging.getLogger("corept")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What :class:`AutoPolicy` chose for one batch shape, and the planner's figures behind it."""
+
+    keep: bool
+    required_gib: float | None
+    budget_gib: float | None
+    why: str
+
+    def describe(self) -> str:
+        what = "keep activations" if self.keep else "recompute (offloaded)"
+        return f"{what}: {self.why}"
+
+
+class AutoPolicy:
+    """Per batch shape, keep a decoder layer's activations or recompute them (module notes).
+
+    :param model: the model being trained (a peft model or a transformers one).
+    :param memory_budget_gib: GPU memory the step may take; ``None``: the GPU's total.
+    """
+
+    def __init__(self, model: torch.nn.Module, memory_budget_gib: float | None = None):
+        if memory_budget_gib is not None and memory_budget_gib <= 0:
+            raise ValueError(f"memory_budget_gib must be positive, got {memory_budget_gib!r}")
+        self.model, self.budget = model, memory_budget_gib
+        self.decisions: dict[tuple[int, int], Decision] = {}
+
+    def keep(self, hidden: torch.Tensor) -> bool:
+        """Whether the layer called on ``hidden`` ``[B, S, H]`` keeps its activations."""
+        if not hidden.is_cuda:
+            return False
+        key = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.numel() // hidden.shape[-1])
+        decision = self.decisions.get(key)
+        if decision is None:
+            decision = self.decisions[key] = self._decide(*key, hidden.device)
+            logger.info("corept: checkpointing auto for batch %dx%d: %s", *key, decision.describe())
+        return decision.keep
+
+    def describe(self) -> str:
+        """The report line: the decision per batch shape seen so far."""
+        if not self.decisions:
+            return "auto (no batch yet)"
+        return "auto: " + "; ".join(f"{b}x{s} {d.describe()}" for (b, s), d in sorted(self.decisions.items()))
+
+    def _method_and_rank(self) -> tuple[str, int]:
+        base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        opts = getattr(base, "corept_load_options", None)
+        if opts is not None and opts.full_finetuning:
+            return "full", 16
+        config = next(iter(getattr(self.model, "peft_config", {}).values()), None)
+        rank = int(getattr(config, "r", 16) or 16)
+        return ("qlora" if getattr(base, "is_loaded_in_4bit", False) else "lora"), rank
+
+    def _decide(self, batch: int, seq: int, device: torch.device) -> Decision:
+        if torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            return Decision(False, None, None, "multi-process run (the planner's per-GPU figures depend on the engine)")
+        from corept.planning import detect_gpu, estimate, get_gpu, model_shape
+
+        method, rank = self._method_and_rank()
+        try:
+            shape = model_shape(self.model.config)
+            gpu = detect_gpu(device.index if device.index is not None else torch.cuda.current_device())
+            if self.budget is not None:
+                gpu = get_gpu(gpu, vram_gib=self.budget)
+            est = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="none", gpu=gpu)
+        except Exception as exc:  # noqa: BLE001 - the planner cannot model this model: the lean choice
+            return Decision(False, None, None, f"the planner could not model it ({type(exc).__name__}: {exc})")
+        gib = 2 ** 30
+        required, budget = est.required / gib, est.budget / gib
+        source = f"memory_budget_gib={self.budget:g}" if self.budget is not None else gpu.label
+        why = f"planner: {required:.1f} GiB with every activation kept, budget {budget:.1f} GiB ({source})"
+        return Decision(est.vram_fits, round(required, 2), round(budget, 2), why)
