@@ -22,6 +22,7 @@ to mark a variable ready only once" when their gradients arrive (``corept train`
 """
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
@@ -77,6 +78,15 @@ class OffloadedCheckpoint(torch.autograd.Function):
         return (None, None, hidden.grad) + (None,) * len(ctx.rest)
 
 
+def _layer_of(function) -> torch.nn.Module | None:
+    """The decoder layer a checkpointed ``partial(forward, layer, ...)`` (or ``partial(layer.__call__)``) runs."""
+    if isinstance(function, functools.partial):
+        if function.args and isinstance(function.args[0], torch.nn.Module):
+            return function.args[0]
+        return getattr(function.func, "__self__", None)
+    return None
+
+
 def make_checkpoint_func(offload: bool, policy: AutoPolicy | None = None) -> Callable:
     """A ``_gradient_checkpointing_func`` for transformers' checkpointable layers.
 
@@ -86,7 +96,7 @@ def make_checkpoint_func(offload: bool, policy: AutoPolicy | None = None) -> Cal
 
     def checkpoint_func(function: Callable, hidden: torch.Tensor, *args: Any):
         function = compiled_body(function)  # a compiled layer's body, when transformers checkpoints inside forward
-        if policy is not None and torch.is_tensor(hidden) and policy.keep(hidden):
+        if policy is not None and torch.is_tensor(hidden) and policy.keep(hidden, _layer_of(function)):
             return function(hidden, *args)
         if not torch.is_tensor(hidden):
             return torch.utils.checkpoint.checkpoint(function, hidden, *args, use_reentrant=False)

@@ -5,8 +5,11 @@ step at 2×2048 on an H100, where the step is bound by its GEMMs). A short-row b
 usually fits without it. So per batch shape ``[B, S]`` (decided at the first call with that shape,
 then cached), :class:`AutoPolicy` asks the planner (:func:`corept.planning.estimate`, the same
 model ``corept plan`` uses) for the step's peak with every activation kept
-(``checkpointing="none"``), and keeps them when that fits the budget; otherwise the layer takes
-corept's offloaded recompute (``"corept"`` mode, the lean one).
+(``checkpointing="none"``) and with every layer recomputed (``"corept"``), and keeps the
+activations of as many layers ``K`` as fit the budget, taking the peak as linear in ``K`` between
+the two (each kept layer adds its saved set). The kept layers are the *last* ``K``: backward
+reaches them first and frees their activations before the recomputed layers below need memory.
+The others take corept's offloaded recompute (``"corept"`` mode, the lean one).
 
 Budget: ``memory_budget_gib`` when given, else the GPU's total memory; the planner's margin (5%),
 allocator slack (3%) and CUDA context come off it. Off CUDA, and in multi-process runs (whose
@@ -26,13 +29,24 @@ logger = logging.getLogger("corept")
 class Decision:
     """What :class:`AutoPolicy` chose for one batch shape, and the planner's figures behind it."""
 
-    keep: bool
+    keep_layers: int
+    layers: int
     required_gib: float | None
     budget_gib: float | None
     why: str
 
+    @property
+    def keep(self) -> bool:
+        """Every layer keeps its activations."""
+        return self.layers > 0 and self.keep_layers == self.layers
+
     def describe(self) -> str:
-        what = "keep activations" if self.keep else "recompute (offloaded)"
+        if self.keep:
+            what = "keep activations"
+        elif self.keep_layers == 0:
+            what = "recompute (offloaded)"
+        else:
+            what = f"keep the last {self.keep_layers} of {self.layers} layers, recompute the rest"
         return f"{what}: {self.why}"
 
 
@@ -48,9 +62,11 @@ class AutoPolicy:
             raise ValueError(f"memory_budget_gib must be positive, got {memory_budget_gib!r}")
         self.model, self.budget = model, memory_budget_gib
         self.decisions: dict[tuple[int, int], Decision] = {}
+        self._index: dict[int, int] = {}  # id(decoder layer) -> its position among the checkpointed layers
 
-    def keep(self, hidden: torch.Tensor) -> bool:
-        """Whether the layer called on ``hidden`` ``[B, S, H]`` keeps its activations."""
+    def keep(self, hidden: torch.Tensor, layer: torch.nn.Module | None = None) -> bool:
+        """Whether ``layer`` (a decoder layer; ``None``: any) called on ``hidden`` ``[B, S, H]``
+        keeps its activations."""
         if not hidden.is_cuda:
             return False
         key = (hidden.shape[0], hidden.shape[1]) if hidden.dim() == 3 else (1, hidden.numel() // hidden.shape[-1])
@@ -58,7 +74,20 @@ class AutoPolicy:
         if decision is None:
             decision = self.decisions[key] = self._decide(*key, hidden.device)
             logger.info("corept: checkpointing auto for batch %dx%d: %s", *key, decision.describe())
-        return decision.keep
+        if decision.keep or decision.keep_layers == 0:
+            return decision.keep
+        return self._position(layer) >= decision.layers - decision.keep_layers
+
+    def _position(self, layer) -> int:
+        if not self._index:
+            base = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+            # the checkpointed decoder layers (the model itself carries the flag too: skip modules
+            # holding other checkpointed modules)
+            marked = [m for m in base.modules() if getattr(m, "gradient_checkpointing", False)
+                      and hasattr(m, "_gradient_checkpointing_func")]
+            layers = [m for m in marked if not any(c is not m and c in marked for c in m.modules())]
+            self._index = {id(m): i for i, m in enumerate(layers)}
+        return self._index.get(id(layer), -1)  # an unknown module recomputes
 
     def describe(self) -> str:
         """The report line: the decision per batch shape seen so far."""
@@ -78,7 +107,7 @@ class AutoPolicy:
     def _decide(self, batch: int, seq: int, device: torch.device) -> Decision:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
-            return Decision(False, None, None, "multi-process run (the planner's per-GPU figures depend on the engine)")
+            return Decision(0, 0, None, None, "multi-process run (the planner's per-GPU figures depend on the engine)")
         from corept.planning import detect_gpu, estimate, get_gpu, model_shape
 
         method, rank = self._method_and_rank()
@@ -87,11 +116,16 @@ class AutoPolicy:
             gpu = detect_gpu(device.index if device.index is not None else torch.cuda.current_device())
             if self.budget is not None:
                 gpu = get_gpu(gpu, vram_gib=self.budget)
-            est = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="none", gpu=gpu)
+            kept = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="none", gpu=gpu)
+            lean = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="corept", gpu=gpu)
         except Exception as exc:  # noqa: BLE001 - the planner cannot model this model: the lean choice
-            return Decision(False, None, None, f"the planner could not model it ({type(exc).__name__}: {exc})")
-        gib = 2 ** 30
-        required, budget = est.required / gib, est.budget / gib
+            return Decision(0, 0, None, None, f"the planner could not model it ({type(exc).__name__}: {exc})")
+        L, gib = shape.layers, 2 ** 30
+        per_layer = max(0.0, (kept.required - lean.required) / L)
+        room = kept.budget - lean.required
+        k = L if kept.vram_fits else (0 if room <= 0 or per_layer <= 0 else min(L, int(room // per_layer)))
+        required = (lean.required + k * per_layer) / gib
         source = f"memory_budget_gib={self.budget:g}" if self.budget is not None else gpu.label
-        why = f"planner: {required:.1f} GiB with every activation kept, budget {budget:.1f} GiB ({source})"
-        return Decision(est.vram_fits, round(required, 2), round(budget, 2), why)
+        why = (f"planner: {required:.1f} GiB (all kept: {kept.required / gib:.1f}, all recomputed: "
+               f"{lean.required / gib:.1f}), budget {kept.budget / gib:.1f} GiB ({source})")
+        return Decision(k, L, round(required, 2), round(kept.budget / gib, 2), why)

@@ -62,6 +62,28 @@ def test_keeps_when_the_planner_says_it_fits_and_recomputes_when_not(lora_model,
     assert "recompute" in tight.describe() and "memory_budget_gib=" in tight.describe()
 
 
+def test_keeps_the_last_layers_that_fit_between_the_two_estimates(gpu_of):
+    """A budget between "all recomputed" and "all kept": the last K layers keep their activations."""
+    from corept.planning.estimate import DEFAULT_MARGIN
+
+    gpu_of(80.0)
+    big = tiny.tiny_model("llama", num_hidden_layers=6)  # more layers: K strictly between 0 and L
+    pm = corept.get_peft_model(big, r=4, lora_alpha=8, use_gradient_checkpointing="auto")
+    shape = planning.model_shape(pm.config)
+    profile = GpuProfile("cuda:0", "x", 80.0)
+    kept, lean = (planning.estimate(shape, method="lora", seq=16, batch=2, r=4, checkpointing=c, gpu=profile)
+                  for c in ("none", "corept"))
+    per_layer = (kept.required - lean.required) / shape.layers
+    usable = (lean.required + 2.5 * per_layer) / (1 - DEFAULT_MARGIN) / 2**30
+    policy = AutoPolicy(pm, memory_budget_gib=usable)
+    layers = list(pm.get_base_model().model.layers)
+    assert len(layers) == shape.layers == 6
+    keeps = [policy.keep(_hidden(2, 16), layer) for layer in layers]
+    (decision,) = policy.decisions.values()
+    assert decision.keep_layers == 2 and keeps == [False] * 4 + [True] * 2, (decision, keeps)
+    assert "keep the last 2 of 6 layers" in policy.describe()
+
+
 def test_decides_once_per_batch_shape(lora_model, gpu_of, monkeypatch):
     gpu_of(80.0)
     calls = []
@@ -71,7 +93,8 @@ def test_decides_once_per_batch_shape(lora_model, gpu_of, monkeypatch):
     for _ in range(3):
         policy.keep(_hidden(2, 16))
     policy.keep(_hidden(1, 40))
-    assert [(c["batch"], c["seq"]) for c in calls] == [(2, 16), (1, 40)]
+    assert [(c["batch"], c["seq"], c["checkpointing"]) for c in calls] == [
+        (2, 16, "none"), (2, 16, "corept"), (1, 40, "none"), (1, 40, "corept")]
     assert set(policy.decisions) == {(2, 16), (1, 40)}
 
 
@@ -93,7 +116,7 @@ def test_kept_calls_skip_the_checkpoint_and_train_alike(lora_model):
         def __init__(self, answer):
             self.answer = answer
 
-        def keep(self, hidden):
+        def keep(self, hidden, layer=None):
             return self.answer
 
         def describe(self):
