@@ -35,6 +35,8 @@
 #   issue18-lora    Llama-3.1-8B LoRA r16 at 2x2048, 8x512 and 1x8192 in one process per variant: hf, corept
 #                   (defaults: checkpointing auto, layers compiled), corept_eager (compile=False),
 #                   corept_lean (checkpointing "corept"), unsloth (~8 min); MODEL=qwen3-8b for Qwen3-8B
+#   issue18-both    one call for both: hf, corept, corept_lean, unsloth, hf_qlora, corept_qlora, unsloth_qlora
+#                   at 2x2048 and 1x8192 (~9 min; SHAPES overrides the shapes)
 #   issue18-qlora   the same with QLoRA: hf_qlora, corept_qlora, corept_qlora_eager, corept_qlora_lean,
 #                   unsloth_qlora
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
@@ -55,7 +57,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -127,6 +129,8 @@ case "$PRESET" in
                           --variants corept_qlora,corept_qlora_prev) ;;
   issue18-lora)  ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
                        --variants hf,corept,corept_eager,corept_lean,unsloth) ;;
+  issue18-both)  ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes "${SHAPES:-2x2048,1x8192}" --group-shapes
+                       --variants hf,corept,corept_lean,unsloth,hf_qlora,corept_qlora,unsloth_qlora) ;;
   issue18-qlora) ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
                        --variants hf_qlora,corept_qlora,corept_qlora_eager,corept_qlora_lean,unsloth_qlora) ;;
   custom)   ARGS=() ;;
