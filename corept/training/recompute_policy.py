@@ -3,11 +3,9 @@
 Recomputing every layer in backward costs one more forward per step (about a quarter of an 8B
 step at 2×2048 on an H100, where the step is bound by its GEMMs). A short-row batch on a large GPU
 usually fits without it. So per batch shape ``[B, S]`` (decided at the first call with that shape,
-then cached), :class:`AutoPolicy` asks the planner (:func:`corept.planning.estimate`, the same
-model ``corept plan`` uses) for the step's peak with every activation kept
-(``checkpointing="none"``) and with every layer recomputed (``"corept"``), and keeps the
-activations of as many layers ``K`` as fit the budget, taking the peak as linear in ``K`` between
-the two (each kept layer adds its saved set). The kept layers are the *last* ``K``: backward
+then cached), :class:`AutoPolicy` asks the planner (:func:`corept.planning.recompute.keep_plan`,
+built on the estimates ``corept plan`` gives) how many layers ``K`` may keep their activations
+within the budget. The kept layers are the *last* ``K``: backward
 reaches them first and frees their activations before the recomputed layers below need memory.
 The others take corept's offloaded recompute (``"corept"`` mode, the lean one).
 
@@ -108,7 +106,8 @@ class AutoPolicy:
         if torch.distributed.is_available() and torch.distributed.is_initialized() \
                 and torch.distributed.get_world_size() > 1:
             return Decision(0, 0, None, None, "multi-process run (the planner's per-GPU figures depend on the engine)")
-        from corept.planning import detect_gpu, estimate, get_gpu, model_shape
+        from corept.planning import detect_gpu, get_gpu, model_shape
+        from corept.planning.recompute import keep_plan
 
         method, rank = self._method_and_rank()
         try:
@@ -116,16 +115,10 @@ class AutoPolicy:
             gpu = detect_gpu(device.index if device.index is not None else torch.cuda.current_device())
             if self.budget is not None:
                 gpu = get_gpu(gpu, vram_gib=self.budget)
-            kept = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="none", gpu=gpu)
-            lean = estimate(shape, method=method, seq=seq, batch=batch, r=rank, checkpointing="corept", gpu=gpu)
+            plan = keep_plan(shape, gpu, method=method, seq=seq, batch=batch, r=rank)
         except Exception as exc:  # noqa: BLE001 - the planner cannot model this model: the lean choice
             return Decision(0, 0, None, None, f"the planner could not model it ({type(exc).__name__}: {exc})")
-        L, gib = shape.layers, 2 ** 30
-        per_layer = max(0.0, (kept.required - lean.required) / L)
-        room = kept.budget - lean.required
-        k = L if kept.vram_fits else (0 if room <= 0 or per_layer <= 0 else min(L, int(room // per_layer)))
-        required = (lean.required + k * per_layer) / gib
         source = f"memory_budget_gib={self.budget:g}" if self.budget is not None else gpu.label
-        why = (f"planner: {required:.1f} GiB (all kept: {kept.required / gib:.1f}, all recomputed: "
-               f"{lean.required / gib:.1f}), budget {kept.budget / gib:.1f} GiB ({source})")
-        return Decision(k, L, round(required, 2), round(kept.budget / gib, 2), why)
+        why = (f"planner: {plan.required_gib:.1f} GiB (all kept: {plan.all_kept_gib:.1f}, all recomputed: "
+               f"{plan.all_recomputed_gib:.1f}), budget {plan.budget_gib:.1f} GiB ({source})")
+        return Decision(plan.keep_layers, plan.layers, plan.required_gib, plan.budget_gib, why)

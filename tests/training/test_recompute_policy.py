@@ -86,9 +86,11 @@ def test_keeps_the_last_layers_that_fit_between_the_two_estimates(gpu_of):
 
 def test_decides_once_per_batch_shape(lora_model, gpu_of, monkeypatch):
     gpu_of(80.0)
+    import corept.planning.recompute as recompute
+
     calls = []
-    real = planning.estimate
-    monkeypatch.setattr(planning, "estimate", lambda *a, **k: calls.append(k) or real(*a, **k))
+    real = recompute.estimate
+    monkeypatch.setattr(recompute, "estimate", lambda *a, **k: calls.append(k) or real(*a, **k))
     policy = AutoPolicy(lora_model)
     for _ in range(3):
         policy.keep(_hidden(2, 16))
