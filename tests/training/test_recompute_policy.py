@@ -57,7 +57,7 @@ def test_keeps_when_the_planner_says_it_fits_and_recomputes_when_not(lora_model,
                             gpu=GpuProfile("cuda:0", "x", 80.0))
     assert decision.required_gib == round(est.required / 2**30, 2)  # the planner's figure, as `corept plan` gives it
 
-    tight = AutoPolicy(lora_model, memory_budget_gib=est.required / 2**30 * 0.9)  # 10% short of the step
+    tight = AutoPolicy(lora_model, memory_budget_gib=est.required / 2**30)  # the step alone: no room for margins
     assert tight.keep(_hidden(2, 16)) is False
     assert "recompute" in tight.describe() and "memory_budget_gib=" in tight.describe()
 
@@ -65,6 +65,7 @@ def test_keeps_when_the_planner_says_it_fits_and_recomputes_when_not(lora_model,
 def test_keeps_the_last_layers_that_fit_between_the_two_estimates(gpu_of):
     """A budget between "all recomputed" and "all kept": the last K layers keep their activations."""
     from corept.planning.estimate import DEFAULT_MARGIN
+    from corept.planning.recompute import AUTO_HEADROOM
 
     gpu_of(80.0)
     big = tiny.tiny_model("llama", num_hidden_layers=6)  # more layers: K strictly between 0 and L
@@ -74,7 +75,7 @@ def test_keeps_the_last_layers_that_fit_between_the_two_estimates(gpu_of):
     kept, lean = (planning.estimate(shape, method="lora", seq=16, batch=2, r=4, checkpointing=c, gpu=profile)
                   for c in ("none", "corept"))
     per_layer = (kept.required - lean.required) / shape.layers
-    usable = (lean.required + 2.5 * per_layer) / (1 - DEFAULT_MARGIN) / 2**30
+    usable = (lean.required + 2.5 * per_layer) / (1 - DEFAULT_MARGIN) / (1 - AUTO_HEADROOM) / 2**30
     policy = AutoPolicy(pm, memory_budget_gib=usable)
     layers = list(pm.get_base_model().model.layers)
     assert len(layers) == shape.layers == 6
