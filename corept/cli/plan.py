@@ -95,6 +95,20 @@ def _notes(est) -> dict:
     }
 
 
+def _auto_lines(est) -> list[str]:
+    """What training's default ``--gradient-checkpointing auto`` would do at this shape (one GPU)."""
+    if est.sharding.mode is not None:
+        return []
+    from corept.planning.recompute import keep_plan
+
+    kp = keep_plan(est.model, est.gpu, method=est.method, seq=est.seq, batch=est.batch, r=est.r or 16)
+    what = ("keeps every layer's activations (no recompute)" if kp.keep_layers == kp.layers else
+            "recomputes every layer (offloaded)" if kp.keep_layers == 0 else
+            f"keeps the last {kp.keep_layers} of {kp.layers} layers' activations, recomputes the rest")
+    return [f"{'checkpointing auto':26s} {kp.required_gib:7.2f}   {what} (budget {kp.budget_gib:.2f} GiB; "
+            f"all kept {kp.all_kept_gib:.2f}, all recomputed {kp.all_recomputed_gib:.2f})"]
+
+
 def render(p) -> str:
     """The human table of a :class:`corept.planning.Plan`."""
     est, m = p.estimate, p.estimate.model
@@ -117,7 +131,7 @@ def render(p) -> str:
               f"{'required':26s} {g(est.required)}   budget {est.budget / GIB:.2f} GiB "
               f"({est.gpu.usable_gib:.1f} GiB - {est.margin:.0%} margin): "
               + ("FITS" if est.vram_fits else "DOES NOT FIT")]
-    lines += _host_lines(est)
+    lines += _host_lines(est) + _auto_lines(est)
     if not est.fits:
         why = [w for w, bad in (("VRAM", not est.vram_fits), ("pinned host RAM", not est.host_fits)) if bad]
         lines.append(f"{'verdict':26s} DOES NOT FIT ({' and '.join(why)})")

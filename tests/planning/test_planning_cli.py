@@ -38,6 +38,21 @@ def test_table_for_a_local_config_folder(capsys, tmp_path):
         assert text in out, text
 
 
+def test_table_says_what_checkpointing_auto_would_do(capsys):
+    """The training default keeps every layer when it fits, and some of them on a tighter card."""
+    from corept.planning import get_gpu, model_shape
+    from corept.planning.recompute import keep_plan
+
+    _, roomy, _ = run(capsys, "--model", LLAMA, "--method", "lora", "--gpu", "h100", "--max-seq-length", "2048",
+                        "--batch-size", "2")
+    assert "checkpointing auto" in roomy and "keeps every layer's activations (no recompute)" in roomy
+    kp = keep_plan(model_shape(LLAMA), get_gpu("rtx3090"), method="qlora", seq=8192, batch=1, r=16)
+    assert 0 < kp.keep_layers < kp.layers  # 24 GiB: room for some layers, not all
+    _, tight, _ = run(capsys, "--model", LLAMA, "--method", "qlora", "--gpu", "rtx3090", "--max-seq-length", "8192", "--r", "16",
+                        "--batch-size", "1")
+    assert f"keeps the last {kp.keep_layers} of {kp.layers} layers' activations" in tight
+
+
 def test_load_in_4bit_is_qlora(capsys):
     rc, out, _ = run(capsys, "--model", LLAMA, "--load-in-4bit", "--gpu", "rtx3090", "--json")
     assert rc == 0 and json.loads(out)["estimate"]["method"] == "qlora"
