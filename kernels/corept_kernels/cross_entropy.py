@@ -262,28 +262,28 @@ def _prepare(logits, labels, *, ignore_index, softcap, logit_scale, label_smooth
     return x, y, divisor, opts
 
 
-def _cross_entropy_triton(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                          softcap: float | None = None, logit_scale: float = 1.0,
-                          label_smoothing: float = 0.0, reduction: str = "mean",
-                          num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
-    """The Triton path of :func:`cross_entropy` (same signature), always Triton."""
-    x, y, divisor, opts = _prepare(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                   logit_scale=logit_scale, label_smoothing=label_smoothing,
-                                   reduction=reduction, num_items_in_batch=num_items_in_batch, z_loss=z_loss)
-    out = _CrossEntropy.apply(x, y, opts, reduction, divisor)
-    return out.reshape(labels.shape) if reduction == "none" else out
+def _kernel_path(run, doc: str):
+    """A function with :func:`cross_entropy`'s signature that checks its arguments and calls
+    ``run(x [N, V], y [N], opts, reduction, divisor)``: the eager Function or the operator."""
+    def path(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
+             softcap: float | None = None, logit_scale: float = 1.0, label_smoothing: float = 0.0,
+             reduction: str = "mean", num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
+        x, y, divisor, opts = _prepare(logits, labels, ignore_index=ignore_index, softcap=softcap,
+                                       logit_scale=logit_scale, label_smoothing=label_smoothing,
+                                       reduction=reduction, num_items_in_batch=num_items_in_batch, z_loss=z_loss)
+        out = run(x, y, opts, reduction, divisor)
+        return out.reshape(labels.shape) if reduction == "none" else out
+    path.__doc__ = doc
+    return path
 
 
-def _cross_entropy_compiled(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
-                            softcap: float | None = None, logit_scale: float = 1.0,
-                            label_smoothing: float = 0.0, reduction: str = "mean",
-                            num_items_in_batch=None, z_loss: float = 0.0) -> torch.Tensor:
-    """The ``torch.compile`` form of :func:`_cross_entropy_triton` (custom operators)."""
-    x, y, divisor, opts = _prepare(logits, labels, ignore_index=ignore_index, softcap=softcap,
-                                   logit_scale=logit_scale, label_smoothing=label_smoothing,
-                                   reduction=reduction, num_items_in_batch=num_items_in_batch, z_loss=z_loss)
-    out = torch.ops.corept_kernels.cross_entropy_fwd(x, y, divisor, reduction, **opts)[0]
-    return out.reshape(labels.shape) if reduction == "none" else out
+_cross_entropy_triton = _kernel_path(
+    lambda x, y, opts, reduction, divisor: _CrossEntropy.apply(x, y, opts, reduction, divisor),
+    "The Triton path of :func:`cross_entropy` (same signature), always Triton.")
+_cross_entropy_compiled = _kernel_path(
+    lambda x, y, opts, reduction, divisor: torch.ops.corept_kernels.cross_entropy_fwd(
+        x, y, divisor, reduction, **opts)[0],
+    "The ``torch.compile`` form of the Triton path (the custom operators of corept_kernels.ops).")
 
 
 def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, *, ignore_index: int = -100,
