@@ -117,3 +117,20 @@ def test_errors_of_the_callers_own_propagate():
     with pytest.raises(Exception):
         model(input_ids=IDS.float())  # float ids: the embedding refuses them
     assert "fell back" not in corept.report(model).settings["compile"]
+
+
+def test_layers_of_a_modeling_module_with_hub_kernel_wrappers_stay_eager(monkeypatch):
+    """transformers 5.25+ with HF `kernels` turns modeling functions into nn.Module wrappers, which
+    Dynamo cannot guard through corept's cloned forwards: compiling is off, with the reason."""
+    model = tiny.tiny_model("llama")
+    layers = list(model.model.layers)
+    assert pc.untraceable_reason(layers) is None  # the pinned transformers: plain functions
+    import sys
+
+    mod = sys.modules[type(layers[0]).__module__]
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", torch.nn.Identity(), raising=True)
+    reason = pc.untraceable_reason(layers)
+    assert reason.startswith(pc.HUB_WRAPPED) and "apply_rotary_pos_emb" in reason
+    corept.patch(model, compile=AOT)
+    assert corept.report(model).settings["compile"] == reason
+    assert all(pc.ATTR not in layer.__dict__ for layer in layers)
