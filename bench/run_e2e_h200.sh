@@ -12,7 +12,7 @@
 #   llama-8k        Llama-3.1-8B 1x8192, all eight variants
 #   qwen-2k         Qwen3-8B 2x2048, all eight variants
 #   qwen-8k         Qwen3-8B 1x8192, all eight variants
-#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora: from 122880 up to 131072
+#   maxseq-corept   longest sequence in 24 GiB (QLoRA r32, Llama-3.1-8B), corept_qlora_lean (lean mode): from 122880 up to 131072
 #                   (Llama-3.1's positions), 8192 steps, 2 steps per probe: the second runs with AdamW's
 #                   states allocated, as every later step does (~3 min a probe)
 #   maxseq-hf       the same for hf_qlora: from 8192, 1024 steps (issue's figure: 9,216)
@@ -117,7 +117,7 @@ case "$PRESET" in
   llama-8k) ARGS=(--models llama-3.1-8b --shapes 1x8192 --variants $ALL) ;;
   qwen-2k)  ARGS=(--models qwen3-8b --shapes 2x2048 --variants $ALL) ;;
   qwen-8k)  ARGS=(--models qwen3-8b --shapes 1x8192 --variants $ALL) ;;
-  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora --maxseq-start 122880 --maxseq-max 131072
+  maxseq-corept)  ARGS=(--variants none --maxseq corept_qlora_lean --maxseq-start 122880 --maxseq-max 131072
                         --maxseq-step 8192 --maxseq-steps 2 --maxseq-timeout 270) ;;
   maxseq-hf)      ARGS=(--variants none --maxseq hf_qlora --maxseq-start 8192 --maxseq-step 1024) ;;
   maxseq-unsloth) ARGS=(--variants none --maxseq unsloth_qlora --maxseq-start 65536 --maxseq-max 81920

@@ -9,8 +9,9 @@ within the budget. The kept layers are the *last* ``K``: backward
 reaches them first and frees their activations before the recomputed layers below need memory.
 The others take corept's offloaded recompute (``"corept"`` mode, the lean one).
 
-Budget: ``memory_budget_gib`` when given, else the GPU's total memory; the planner's margin (5%),
-allocator slack (3%) and CUDA context come off it. Off CUDA, and in multi-process runs (whose
+Budget: ``memory_budget_gib`` when given, else what this process may use of the GPU (its total
+under torch's per-process memory fraction, less other processes' memory); the planner's margin
+(5%), allocator slack (3%), CUDA context and 10% more come off it. Off CUDA, and in multi-process runs (whose
 per-GPU figures depend on the engine), every call recomputes, as ``"corept"`` does.
 """
 from __future__ import annotations
@@ -21,6 +22,18 @@ from dataclasses import dataclass
 import torch
 
 logger = logging.getLogger("corept")
+
+
+def _capacity_gib(device: torch.device) -> float | None:
+    """GPU memory this process may use, in GiB: the device's total under torch's per-process
+    fraction (``set_per_process_memory_fraction``), less what other processes hold; ``None`` when
+    it cannot be read."""
+    try:
+        free, total = torch.cuda.mem_get_info(device)
+        fraction = getattr(torch.cuda, "get_per_process_memory_fraction", lambda d: 1.0)(device)
+        return min(total * fraction, free + torch.cuda.memory_reserved(device)) / 2 ** 30
+    except Exception:  # noqa: BLE001 - no CUDA runtime, a fake device in tests: the profile's total
+        return None
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,7 @@ class AutoPolicy:
     """Per batch shape, keep a decoder layer's activations or recompute them (module notes).
 
     :param model: the model being trained (a peft model or a transformers one).
-    :param memory_budget_gib: GPU memory the step may take; ``None``: the GPU's total.
+    :param memory_budget_gib: GPU memory the step may take; ``None``: what this process may use.
     """
 
     def __init__(self, model: torch.nn.Module, memory_budget_gib: float | None = None):
@@ -113,8 +126,9 @@ class AutoPolicy:
         try:
             shape = model_shape(self.model.config)
             gpu = detect_gpu(device.index if device.index is not None else torch.cuda.current_device())
-            if self.budget is not None:
-                gpu = get_gpu(gpu, vram_gib=self.budget)
+            capacity = self.budget if self.budget is not None else _capacity_gib(device)
+            if capacity is not None and (self.budget is not None or capacity < gpu.usable_gib):
+                gpu = get_gpu(gpu, vram_gib=capacity)
             plan = keep_plan(shape, gpu, method=method, seq=seq, batch=batch, r=rank)
         except Exception as exc:  # noqa: BLE001 - the planner cannot model this model: the lean choice
             return Decision(0, 0, None, None, f"the planner could not model it ({type(exc).__name__}: {exc})")
