@@ -289,8 +289,8 @@ def _ln_backward(dy, x, weight, mean, rstd, need_dw: bool, bias_dtype):
 
 class _RMSNormFn(torch.autograd.Function):
     """The eager form. Inside ``torch.compile`` the custom operators of
-    :mod:`corept_kernels.ops.norms` run the same launches (an operator call costs about twice
-    this Function's Python overhead, which an eager step pays per layer)."""
+    :mod:`corept_kernels.ops.norms` run the same launches (an operator call adds dispatcher
+    overhead that an eager step would pay per call)."""
 
     @staticmethod
     def forward(ctx, x, weight, eps, offset, casting):

@@ -84,10 +84,10 @@ def _linears_setup(ctx, inputs, output):
     ctx.save_for_backward(x2, output[1], *weights, *As, *Bs, *biases, *qtensors)
 
 
-def _unsaved(ctx):
-    """``(x2, saved activation, weights, As, Bs, biases, qtensors)`` from ``ctx.saved_tensors``."""
-    x2, act, *rest = ctx.saved_tensors
-    k = ctx.k
+def _unsaved(saved, k: int):
+    """``(x2, saved activation, weights, As, Bs, biases, qtensors)`` from saved tensors laid out
+    as the setup functions save them, for ``k`` linears."""
+    x2, act, *rest = saved
     return x2, act, rest[:k], rest[k:2 * k], rest[2 * k:3 * k], rest[3 * k:4 * k], rest[4 * k:]
 
 
@@ -116,7 +116,7 @@ def _grads(ts, needs):
 
 
 def _linears_backward(ctx, douts, _dxa):
-    x2, xa, weights, As, Bs, biases, qtensors = _unsaved(ctx)
+    x2, xa, weights, As, Bs, biases, qtensors = _unsaved(ctx.saved_tensors, ctx.k)
     need = ctx.needs_input_grad
     need_A, need_B = _needs(need[2], ctx.k), _needs(need[3], ctx.k)
     need_b = [n and b is not None for n, b in zip(_needs(need[4], ctx.k), biases)]
@@ -196,7 +196,7 @@ def _mlp_setup(ctx, inputs, output):
 def _mlp_backward(ctx, dy, _dxa_f, _dxa_d, _douts):
     saved = ctx.saved_tensors
     tail = 1 + ctx.front  # xa_d and the front outputs, saved after the packed linears
-    x2, xa_f, weights, As, Bs, biases, qtensors = _unsaved(_Saved(saved[:-tail], ctx.k))
+    x2, xa_f, weights, As, Bs, biases, qtensors = _unsaved(saved[:-tail], ctx.k)
     xa_d, outs = saved[-tail], list(saved[-ctx.front:])
     need = ctx.needs_input_grad
     need_A, need_B = _needs(need[2], ctx.k), _needs(need[3], ctx.k)
@@ -209,13 +209,6 @@ def _mlp_backward(ctx, dy, _dxa_f, _dxa_d, _douts):
     dAs, dBs, dbs = g[:k], g[_MLP_LINEARS:_MLP_LINEARS + k], g[2 * _MLP_LINEARS:2 * _MLP_LINEARS + k]
     return _structured(ctx.lengths, {0: dx if need[0] else None, 2: _grads(dAs, need_A), 3: _grads(dBs, need_B),
                                      4: _grads(dbs, need_b)})
-
-
-class _Saved:
-    """``ctx``-like view of a prefix of the saved tensors, for :func:`_unsaved`."""
-
-    def __init__(self, saved, k):
-        self.saved_tensors, self.k = saved, k
 
 
 _mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
