@@ -150,37 +150,10 @@ def compiled_body(function):
     return functools.partial(call.body(function.func), *function.args, **function.keywords)
 
 
-#: The start of the report line when the modeling module holds hub-kernel function wrappers.
-HUB_WRAPPED = "off (transformers wraps"
-
-
-def untraceable_reason(layers: list[nn.Module]) -> str | None:
-    """Why these layers cannot be compiled in this environment, or ``None``.
-
-    transformers with HF's ``kernels`` package installed (5.25+) replaces modeling functions such as
-    ``apply_rotary_pos_emb`` by ``nn.Module`` wrappers at module level. corept's patched forwards
-    run with cloned globals whose ``__name__`` is still the modeling module's, so Dynamo guards the
-    *module's* attribute as if it were the function it traced, and fails building that guard
-    (``'Func' object has no attribute '__defaults__'``). Until the clones get a module of their own,
-    such layers stay eager, with this reason.
-    """
-    mod = sys.modules.get(type(layers[0]).__module__) if layers else None
-    wrapped = sorted(n for n, v in vars(mod).items() if isinstance(v, nn.Module)) if mod is not None else []
-    if wrapped:
-        return (f"{HUB_WRAPPED} {', '.join(wrapped)} of {mod.__name__} in hub-kernel modules, which "
-                f"torch.compile cannot guard through corept's patched forwards; layers stay eager)")
-    return None
-
-
 def compile_layers(model: nn.Module, state: PatchState, layers: list[nn.Module], option) -> str:
     """Compile each of ``layers`` (``model``'s decoder layers) per :func:`choose`; record the
     changes in ``state`` and return the report line."""
     kwargs, why = choose(option, model)
-    if kwargs is not None and layers:
-        blocked = untraceable_reason(layers)
-        if blocked is not None:
-            kwargs, why = None, blocked
-            logger.info("corept: %s", blocked)
     if kwargs is None or not layers:
         state.settings[SETTING] = why if layers else "off (no decoder layer found)"
         return state.settings[SETTING]

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import inspect
 import itertools
+import sys
 import types
+import weakref
 from typing import Callable
 
 P = inspect.Parameter
@@ -130,14 +132,27 @@ def faithful(sig: inspect.Signature, impl: Callable, *, call_style: str = "posit
 
 def clone_with_globals(fn: types.FunctionType, overrides: dict) -> types.FunctionType:
     """A copy of ``fn`` (its innermost function, below any decorator) whose global lookups see
-    ``overrides`` first; ``fn`` itself is untouched. Same code, so the same signature."""
+    ``overrides`` first; ``fn`` itself is untouched. Same code, so the same signature.
+
+    The copy's globals are the namespace of a module of its own (``corept._forward_clone<n>``, in
+    ``sys.modules`` while the copy lives): ``torch.compile`` guards a function's globals through the
+    module its ``__name__`` names, and the modeling module's attributes are not the copy's globals
+    (transformers 5.25+ with HF ``kernels`` replaces some by wrappers, and Dynamo then fails to
+    build the guard).
+    """
     while hasattr(fn, "__wrapped__"):
         fn = fn.__wrapped__
-    scope = dict(fn.__globals__)
+    name = f"corept._forward_clone{next(_counter)}"
+    module = types.ModuleType(name, f"globals of a corept-patched copy of {fn.__module__}.{fn.__qualname__}")
+    scope = module.__dict__
+    scope.update({k: v for k, v in fn.__globals__.items() if k not in ("__name__", "__doc__", "__spec__",
+                                                                         "__loader__", "__package__")})
     scope.update(overrides)
     clone = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     clone.__kwdefaults__ = fn.__kwdefaults__
     clone.__annotations__ = dict(getattr(fn, "__annotations__", {}))
     clone.__qualname__ = fn.__qualname__
     clone.__doc__ = fn.__doc__
+    sys.modules[name] = module
+    weakref.finalize(clone, sys.modules.pop, name, None)
     return clone

@@ -11,13 +11,11 @@ from __future__ import annotations
 
 import copy
 
-import pytest
 import torch
 
 import corept
 from corept.testing import builders as B
 from corept.testing import checks as C
-from corept.patching.compile import HUB_WRAPPED
 from corept.testing.tolerances import assert_fp32_close
 
 
@@ -52,8 +50,6 @@ class CompileChecks:
             before = _graph_breaks()
             outcomes.append(C.train_pass(model, batch))
             setting = corept.report(model).settings.get("compile", "")
-            if option is not False and setting.startswith(HUB_WRAPPED):
-                pytest.skip(f"compiling is off on this stack, by design: {setting}")
             if option is not False:
                 assert _graph_breaks() == before, f"compiling the layers broke the graph: {_graph_breaks() - before}"
                 assert "one region each" in setting and "fell back" not in setting, setting

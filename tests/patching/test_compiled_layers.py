@@ -9,19 +9,22 @@ compiler that fails sends the model back to eager with one warning and a report 
 from __future__ import annotations
 
 
+import copy
+
 import pytest
 import torch
 
 import corept
 from corept.patching import compile as pc
+from corept.testing.tolerances import assert_fp32_close
 import tiny
 
 AOT = {"backend": "aot_eager"}
 IDS, LABELS = tiny.batch(s=11)
 
 
-def _lora(model_type: str, compile_option, checkpointing="corept"):
-    model = tiny.tiny_model(model_type)
+def _lora(model_type: str, compile_option, checkpointing="corept", model=None):
+    model = tiny.tiny_model(model_type) if model is None else model
     corept.patch(model, compile=compile_option)
     peft_model = corept.get_peft_model(model, r=4, lora_alpha=8, use_gradient_checkpointing=checkpointing)
     gen = torch.Generator().manual_seed(5)
@@ -119,18 +122,29 @@ def test_errors_of_the_callers_own_propagate():
     assert "fell back" not in corept.report(model).settings["compile"]
 
 
-def test_layers_of_a_modeling_module_with_hub_kernel_wrappers_stay_eager(monkeypatch):
-    """transformers 5.25+ with HF `kernels` turns modeling functions into nn.Module wrappers, which
-    Dynamo cannot guard through corept's cloned forwards: compiling is off, with the reason."""
-    model = tiny.tiny_model("llama")
-    layers = list(model.model.layers)
-    assert pc.untraceable_reason(layers) is None  # the pinned transformers: plain functions
+class _HubWrapper(torch.nn.Module):
+    """What transformers 5.25+ with HF ``kernels`` puts at module level in place of a function."""
+
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, q, k, cos, sin, unsqueeze_dim=1):
+        return self.fn(q, k, cos, sin, unsqueeze_dim)
+
+
+def test_layers_of_a_modeling_module_with_hub_kernel_wrappers_compile(monkeypatch):
+    """Modeling functions replaced by nn.Module wrappers at module level (transformers 5.25+ with HF
+    ``kernels``): corept's cloned forwards keep globals of their own, so Dynamo guards them and the
+    layers compile and train like eager."""
     import sys
 
-    mod = sys.modules[type(layers[0]).__module__]
-    monkeypatch.setattr(mod, "apply_rotary_pos_emb", torch.nn.Identity(), raising=True)
-    reason = pc.untraceable_reason(layers)
-    assert reason.startswith(pc.HUB_WRAPPED) and "apply_rotary_pos_emb" in reason
-    corept.patch(model, compile=AOT)
-    assert corept.report(model).settings["compile"] == reason
-    assert all(pc.ATTR not in layer.__dict__ for layer in layers)
+    model = tiny.tiny_model("llama")
+    mod = sys.modules[type(model.model.layers[0]).__module__]
+    monkeypatch.setattr(mod, "apply_rotary_pos_emb", _HubWrapper(mod.apply_rotary_pos_emb))
+    eager = _lora("llama", False, checkpointing=False, model=copy.deepcopy(model))
+    compiled = _lora("llama", AOT, checkpointing=False, model=model)
+    want, got = _step(eager), _step(compiled)
+    setting = corept.report(compiled).settings["compile"]
+    assert "one region each" in setting and "fell back" not in setting, setting
+    assert_fp32_close("loss", got[0], want[0])

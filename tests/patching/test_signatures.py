@@ -83,3 +83,23 @@ def test_trainer_keeps_the_same_dataset_columns(tmp_path):
         trainer._set_signature_columns_if_needed()
         columns.append(trainer._signature_columns)
     assert columns[0] == columns[1] and {"attention_mask", "position_ids", "labels"} <= set(columns[1])
+
+
+def test_a_clone_with_globals_has_a_module_of_its_own_while_it_lives():
+    """The clone's globals are a registered module's namespace (what Dynamo guards through), with
+    the overrides in it; the module leaves ``sys.modules`` when the clone is collected."""
+    import gc
+    import sys
+
+    from corept.patching.signature import clone_with_globals
+
+    def original(x):
+        return helper(x)  # noqa: F821 - resolved in the clone's globals
+
+    clone = clone_with_globals(original, {"helper": lambda x: x + 1})
+    name = clone.__globals__["__name__"]
+    assert sys.modules[name].__dict__ is clone.__globals__ and name != original.__module__
+    assert clone(1) == 2 and "helper" not in original.__globals__
+    del clone
+    gc.collect()
+    assert name not in sys.modules
