@@ -12,6 +12,7 @@ from corept.registry.manager import get_plugin_manager, register_plugin, reset_p
 from corept.registry.plugin_base import ArchitecturePlugin
 from corept.registry.quirks import FromConfig, LoadPolicy, Numerics, Recorded
 from corept.registry.resolution import ResolvedArchitecture, resolve
+from corept.training.responses_only import train_on_responses_only
 
 __version__ = "0.1.0"
 
@@ -51,5 +52,5 @@ __all__ = [
     "architecture_of", "resolve", "get_plugin_manager", "register_plugin", "unregister_plugin",
     "reset_plugin_manager", "CheckpointError", "CoreptError", "InvalidOptionsError", "PluginHookError",
     "ModelNotFoundError", "PluginConflictError",
-    "PluginLoadError", "UnsupportedArchitectureError",
+    "PluginLoadError", "UnsupportedArchitectureError", "train_on_responses_only",
 ]

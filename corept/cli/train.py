@@ -22,6 +22,13 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
   dpo  {"prompt": "...", "chosen": "...", "rejected": "..."}   (strings, or conversations as above)
   kto  {"prompt": "...", "completion": "...", "label": true}   (label: true = desirable)
 
+chat templates and loss (--template, --train-on):
+  --template NAME supplies a chat template when the tokenizer has none, or replaces its own (saved with the
+  model): chatml, gemma, llama-3, mistral, qwen3, or the path of a .jinja file.
+  --train-on responses (sft default for conversations) puts the loss on the assistant turns only, their
+  end-of-turn token included, with any template: system, user and tool turns and role headers get none.
+  --train-on all trains on every token. (prompt/completion strings: responses = the completion; text: all)
+
 outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers folder, unless
 --save-method lora), DIR/gguf (with --save-gguf) and DIR/run.json (options, losses, timings).
 The no-argument run writes to ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
@@ -31,7 +38,9 @@ example: corept train --model ./my-model --data my.jsonl --output my-run --max-s
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from corept.training.chat_templates import template_names
     from corept.training.profiles import PROFILES, profile_names
+    from corept.training.responses_only import TRAIN_ON
 
     presets = "; ".join(f"{n}: {v.description}, seq {v.max_seq_length}, batch {v.batch_size} x accum "
                         f"{v.grad_accum}, r {v.r}" for n, v in PROFILES.items())
@@ -42,6 +51,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft",
                    help="TRL trainer: sft (default), dpo or kto; the data columns each needs are listed below")
     g.add_argument("--output", help="output folder: adapter/, merged/ and run.json (required with --model/--data)")
+    g.add_argument("--template", metavar="NAME",
+                   help=f"chat template for conversations, replacing the tokenizer's own: {', '.join(template_names())}"
+                        f" or a .jinja file (required when the tokenizer has none)")
+    g.add_argument("--train-on", choices=TRAIN_ON,
+                   help="sft loss on: responses (assistant turns, their end-of-turn token included; the default "
+                        "for conversations and prompt/completion) or all (every token; the default for text)")
     g.add_argument("--overwrite", action="store_true", help="allow a non-empty --output (the no-argument run too)")
     q = p.add_argument_group("weights")
     q.add_argument("--load-in-4bit", action="store_true", help="QLoRA: NF4 base weights (bitsandbytes)")
@@ -87,6 +102,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
           "gradient_checkpointing", "save_method", "save_gguf", "sample_prompt")
 _FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite", "distributed")
+_CHAT = ("template", "train_on")  # passed on when given
 
 
 def options_from_args(args):
@@ -101,6 +117,7 @@ def options_from_args(args):
 
     given = {k: getattr(args, k) for k in _SIZES if getattr(args, k, None) is not None}
     given.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k, None)})
+    given.update({k: getattr(args, k) for k in _CHAT if getattr(args, k, None) is not None})
     common = dict(targets=args.targets, beta=args.beta, seed=args.seed)
     if args.max_new_tokens is not None:
         common["max_new_tokens"] = args.max_new_tokens

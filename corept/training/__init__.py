@@ -1,6 +1,8 @@
 """Training corept models with TRL (SFT, DPO, KTO) and the ``corept train`` pipeline.
 
 * :mod:`.data`: read jsonl/json/csv/parquet/datasets folders, check the schema per method.
+* :mod:`.chat_templates`, :mod:`.responses_only`: chat templates (the tokenizer's or a shipped one)
+  and the loss on assistant turns only (``corept.train_on_responses_only``).
 * :mod:`.options`, :mod:`.profiles`: run options, ``--profile`` presets and the planner hook.
 * :mod:`.trainers`: TRL trainer construction for corept models (LoRA, QLoRA, full).
 * :mod:`.compat`: how TRL's fused LM head, bitsandbytes and corept's checkpointing coexist.

@@ -58,6 +58,8 @@ class TrainOptions:
     warmup_ratio: float = 0.0
     logging_steps: int = 1
     distributed: str | None = None  # "ddp" / "fsdp" under torchrun or accelerate launch (training/distributed.py)
+    template: str | None = None  # --template: a shipped chat template's name or a .jinja path (chat_templates.py)
+    train_on: str | None = None  # --train-on responses / all (sft); None: by the data format (responses_only.py)
     embedded: bool = False  # the no-argument run (shipped data; answer a held-out question)
     notes: list = field(default_factory=list)
 
@@ -156,6 +158,7 @@ def validate(opts: TrainOptions) -> None:
         raise InvalidOptionsError("--method kto needs --batch-size >= 2: TRL's KTOTrainer estimates its KL term "
                                   "from mismatched pairs within a batch.")
     _check_optim(opts.optim)
+    _check_chat_options(opts)
     if str(opts.gradient_checkpointing).lower() not in CHECKPOINTING:
         raise InvalidOptionsError(f"--gradient-checkpointing must be one of {sorted(CHECKPOINTING)}, "
                                   f"got {opts.gradient_checkpointing!r}")
@@ -182,6 +185,20 @@ def _check_optim(optim: str) -> None:
         raise InvalidOptionsError(f"--optim {optim!r} is not an optimizer the HF Trainer knows"
                                   + (f" (did you mean {', '.join(close)}?)" if close else "")
                                   + f"; e.g. adamw_torch, adamw_8bit, paged_adamw_8bit, sgd")
+
+
+def _check_chat_options(opts: TrainOptions) -> None:
+    """``--template`` names a shipped template or a readable file; ``--train-on`` is a known value, for sft."""
+    from corept.training.chat_templates import read_template
+    from corept.training.responses_only import TRAIN_ON
+
+    if opts.template is not None:
+        read_template(opts.template)
+    if opts.train_on is not None:
+        if opts.train_on not in TRAIN_ON:
+            raise InvalidOptionsError(f"--train-on must be one of {TRAIN_ON}, got {opts.train_on!r}")
+        if opts.method != "sft":
+            raise InvalidOptionsError(f"--train-on applies to sft; --method {opts.method} scores whole completions")
 
 
 def checkpointing_mode(opts: TrainOptions):

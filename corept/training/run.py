@@ -3,7 +3,8 @@
 Order matters for the promises ``corept train`` makes:
 
 1. :func:`prepare` finalizes and validates the options, resolves the model name and reads and
-   checks the data. Nothing is written to ``--output`` before it returns.
+   checks the data (conversations need a chat template: the tokenizer's or ``--template``).
+   Nothing is written to ``--output`` before it returns.
 2. The model loads through ``corept.load`` (patched); LoRA/QLoRA adapters come from
    ``corept.get_peft_model`` (fused LoRA kernels); full fine-tuning gets corept checkpointing.
 3. TRL trains (:mod:`corept.training.trainers`) inside :func:`~corept.training.compat.trl_head_scope`,
@@ -27,11 +28,13 @@ from pathlib import Path
 from typing import Callable
 
 from corept.errors import InvalidOptionsError
+from corept.training.chat_templates import check_chat_template, is_conversational, use_chat_template
 from corept.training.data import load_training_data
 from corept.training import distributed
 from corept.training.cpu import initial_threads
 from corept.training.generation import GreedyCheck, answer_shown, patched_unpatched_check
 from corept.training.options import TrainOptions, checkpointing_mode, finalize, validate
+from corept.training.responses_only import resolve_train_on, sft_training_data
 from corept.training.safety import check_writable, epochs_warning, no_telemetry, remove_stale
 from corept.training.summary import data_record, format_loss_summary, loss_summary
 
@@ -73,6 +76,9 @@ def prepare(opts: TrainOptions):
         raise InvalidOptionsError("--model and --data go together (give both, or neither for the embedded default)")
     folder, _ = resolve_model_path(opts.model)
     dataset, fmt = load_training_data(opts.data, opts.method)
+    if opts.method == "sft":
+        opts.train_on = resolve_train_on(opts.train_on, fmt)
+    check_chat_template(str(folder), opts.template, dataset, who=opts.model)
     check_writable(Path(opts.output).expanduser())
     return opts, dataset, fmt, str(folder)
 
@@ -200,6 +206,7 @@ def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
         logger.warning("corept: %s", too_many)
         echo(f"warning: {too_many}")
     model, tokenizer = _load_model(opts, folder)
+    use_chat_template(tokenizer, opts.template, required=is_conversational(dataset), who=opts.model)
     result.seconds["load"] = round(time.perf_counter() - t0, 1)
     result.question = opts.held_out_question or opts.sample_prompt or sample_question(dataset, fmt)
     label = "held-out question" if opts.held_out_question else "sample prompt"
@@ -217,6 +224,8 @@ def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
     if mode == "fsdp" and not any(p.is_cuda for p in model.parameters()):
         echo("  (loaded on CPU for sharding: each kernel call picks Triton once its shards are on the GPU)")
     t1 = time.perf_counter()
+    if opts.method == "sft":  # conversations tokenized here, the loss mask per --train-on (responses_only.py)
+        dataset = sft_training_data(dataset, fmt, tokenizer, opts.train_on)
     result.log_history, result.thread_changes, result.interrupted_at = _train(model, tokenizer, dataset, opts,
                                                                               max_threads)
     result.seconds["train"] = round(time.perf_counter() - t1, 1)
