@@ -101,13 +101,14 @@ class Driver:
             env["PYTHONPATH"] = os.pathsep.join(os.path.abspath(s) for s in sites)
         return env
 
-    def spawn(self, name: str, spec: dict, stack: str, timeout: float) -> dict:
-        """Run the worker on ``spec``; returns rc, timed_out, wall_s, log path and the log's tail."""
+    def spawn(self, name: str, spec: dict, stack: str, timeout: float, worker: str = WORKER) -> dict:
+        """Run ``worker`` (default bench/e2e_worker.py) on ``spec``; returns rc, timed_out, wall_s, log
+        path and the log's tail."""
         spec_path = os.path.join(self.a.out, "specs", name + ".json")
         log_path = os.path.join(self.a.out, "logs", name + ".log")
         with open(spec_path, "w", encoding="utf-8") as fh:
             json.dump(spec, fh, indent=1)
-        cmd = [self.a.python, "-P", WORKER, os.path.abspath(spec_path)]
+        cmd = [self.a.python, "-P", worker, os.path.abspath(spec_path)]
         t = time.monotonic()
         timed_out = False
         with open(log_path, "w", encoding="utf-8") as log:

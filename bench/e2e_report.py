@@ -21,17 +21,22 @@ def _row_key(r: dict) -> tuple:
     return (str(r.get("model")), int(s or 0), int(b or 0), _ORDER.index(v) if v in _ORDER else len(_ORDER), str(v))
 
 
-def paths(out_dir: str, tag: str, date: str | None = None) -> tuple[str, str]:
+def paths(out_dir: str, tag: str, date: str | None = None, prefix: str = "e2e") -> tuple[str, str]:
     date = date or datetime.date.today().isoformat()
-    stem = os.path.join(out_dir, f"e2e-{date}-{tag}")
+    stem = os.path.join(out_dir, f"{prefix}-{date}-{tag}")
     return stem + ".json", stem + ".md"
 
 
-def write(records: list[dict], out_dir: str, tag: str, date: str | None = None) -> tuple[str, str]:
-    """Write both files atomically (called after every record, so a killed call keeps its results)."""
+def write(records: list[dict], out_dir: str, tag: str, date: str | None = None, *, prefix: str = "e2e",
+          render=None) -> tuple[str, str]:
+    """Write both files atomically (called after every record, so a killed call keeps its results).
+
+    ``prefix`` and ``render`` (records -> markdown; default :func:`markdown`) serve the other
+    benchmarks that reuse this format (bench/packing.py).
+    """
     os.makedirs(out_dir, exist_ok=True)
-    jpath, mpath = paths(out_dir, tag, date)
-    for path, text in ((jpath, json.dumps(records, indent=1, default=str)), (mpath, markdown(records))):
+    jpath, mpath = paths(out_dir, tag, date, prefix)
+    for path, text in ((jpath, json.dumps(records, indent=1, default=str)), (mpath, (render or markdown)(records))):
         with open(path + ".tmp", "w", encoding="utf-8") as fh:
             fh.write(text + "\n")
         os.replace(path + ".tmp", path)
@@ -122,13 +127,17 @@ def profile_table(records: list[dict]) -> list[str]:
     return lines
 
 
+def package_versions(records: list[dict], keys) -> dict:
+    """``{package: version}`` for ``keys``: each stack's records carry its own package set (unsloth's
+    only in unsloth's runs), so the first record that has a version of a package names it."""
+    return {k: next((r["versions"][k] for r in records if (r.get("versions") or {}).get(k)), None) for k in keys}
+
+
 def markdown(records: list[dict]) -> str:
     """Header (GPU, versions, method), the throughput table and the longest-sequence table."""
     env = next((r for r in records if r.get("versions")), {})
     keys = ("torch", "triton", "transformers", "peft", "liger_kernel", "unsloth", "bitsandbytes")
-    # Each stack's records carry its own package set (unsloth's only in unsloth's runs): the first
-    # record that has a version of a package names it.
-    ver = {k: next((r["versions"][k] for r in records if (r.get("versions") or {}).get(k)), None) for k in keys}
+    ver = package_versions(records, keys)
     steps = next((r for r in records if r.get("kind") == "throughput" and "warmup" in r), {})
     head = [f"End-to-end LoRA fine-tuning on {env.get('gpu') or 'CPU'} — {env.get('date', '')}; "
             + ", ".join(f"{k} {ver[k]}" for k in keys if ver[k] is not None) + ".",

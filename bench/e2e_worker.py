@@ -32,8 +32,8 @@ GIB = 2**30
 _HERE = os.path.dirname(os.path.abspath(__file__))
 _VERSIONED = {"torch": "torch", "triton": "triton", "transformers": "transformers", "peft": "peft",
               "accelerate": "accelerate", "bitsandbytes": "bitsandbytes", "liger_kernel": "liger-kernel",
-              "unsloth": "unsloth", "unsloth_zoo": "unsloth_zoo", "trl": "trl", "corept": "corept",
-              "corept_kernels": "corept-kernels"}
+              "unsloth": "unsloth", "unsloth_zoo": "unsloth_zoo", "trl": "trl", "datasets": "datasets",
+              "corept": "corept", "corept_kernels": "corept-kernels"}
 
 
 def load_sibling(name: str):

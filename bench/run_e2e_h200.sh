@@ -39,6 +39,15 @@
 #                   at 2x2048 and 1x8192 (~9 min; SHAPES overrides the shapes)
 #   issue18-qlora   the same with QLoRA: hf_qlora, corept_qlora, corept_qlora_eager, corept_qlora_lean,
 #                   unsloth_qlora
+#   packing         packed vs padded SFT through TRL's SFTTrainer (bench/packing.py, not bench/e2e.py): Llama-3.1-8B,
+#                   LoRA r16, 16,384 tokens per optimizer step, heavy-tailed document lengths, one epoch of ~10 steps
+#                   per run: corept_packed, hf_packed, unsloth (its default batching), corept_padded, hf_padded,
+#                   unsloth_packed (~9 min; what does not fit is recorded as skipped)
+#   packing-qlora   the same with QLoRA: corept_qlora_packed, hf_qlora_packed, unsloth_qlora, corept_qlora_padded,
+#                   hf_qlora_padded, unsloth_qlora_packed
+#                   (both: MODEL=qwen3-8b for Qwen3-8B; VARIANTS=a,b,... replaces the preset's variants, e.g. to
+#                   rerun skipped ones; results $OUT/packing-<date>-<card>-<preset>-<model>.json/.md, merged on the
+#                   CPU machine with: python3 bench/packing.py --merge <the .json files> --out bench/results)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -57,7 +66,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|packing|packing-qlora|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -136,6 +145,14 @@ case "$PRESET" in
   custom)   ARGS=() ;;
 esac
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
+case "$PRESET" in
+  packing|packing-qlora)  # bench/packing.py, one process per run (its own driver, the same site folders)
+    PACK=corept_packed,hf_packed,unsloth,corept_padded,hf_padded,unsloth_packed
+    [ "$PRESET" = packing-qlora ] && PACK=corept_qlora_packed,hf_qlora_packed,unsloth_qlora,corept_qlora_padded,hf_qlora_padded,unsloth_qlora_packed
+    exec python3 -P bench/packing.py --models "${MODEL:-llama-3.1-8b}" --variants "${VARIANTS:-$PACK}" \
+      --site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth --out "$OUT" \
+      --tag "${CARD:-gpu}-$PRESET-${MODEL:-llama-3.1-8b}" --budget-s $((CALL_S - (SECONDS - T0) - 5)) "$@" ;;
+esac
 if [ "$PRESET" = compile ]; then
   TRITON_INTERPRET=0 PYTHONPATH=/tmp/site_corept:kernels/tests:/tmp/site_base timeout 150 \
     python3 -m pytest -q -p no:cacheprovider -rs kernels/tests/test_compile.py > "$OUT/pytest-compile.log" 2>&1
