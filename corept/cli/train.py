@@ -29,6 +29,10 @@ chat templates and loss (--template, --train-on):
   end-of-turn token included, with any template: system, user and tool turns and role headers get none.
   --train-on all trains on every token. (prompt/completion strings: responses = the completion; text: all)
 
+packing (sft, on by default): rows are packed without padding into bins of --max-seq-length tokens
+(--batch-size bins a step); each document keeps its own positions, attention and loss. --no-packing
+pads each batch to its longest row instead.
+
 outputs (--output DIR): DIR/adapter (LoRA weights), DIR/merged (transformers folder, unless
 --save-method lora), DIR/gguf (with --save-gguf) and DIR/run.json (options, losses, timings).
 The no-argument run writes to ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves it).
@@ -82,6 +86,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--gradient-checkpointing", default=None, choices=("auto", "corept", "true", "false"),
                    help="auto (default: keep activations when they fit the GPU, else corept), corept (offloaded "
                         "recompute, the least memory), true (standard) or false")
+    s.add_argument("--packing", action=argparse.BooleanOptionalAction, default=None,
+                   help="sft: pack rows padding-free into bins of --max-seq-length tokens (--batch-size bins a "
+                        "step); documents stay apart in attention, RoPE and loss. On by default for sft; "
+                        "--no-packing pads each batch to its longest row")
     s.add_argument("--beta", type=float, default=0.1, help="DPO/KTO beta")
     s.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="under torchrun / accelerate launch: ddp (a replica per GPU; the default when launched "
@@ -117,6 +125,8 @@ def options_from_args(args):
 
     given = {k: getattr(args, k) for k in _SIZES if getattr(args, k, None) is not None}
     given.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k, None)})
+    if getattr(args, "packing", None) is not None:
+        given["packing"] = args.packing
     given.update({k: getattr(args, k) for k in _CHAT if getattr(args, k, None) is not None})
     common = dict(targets=args.targets, beta=args.beta, seed=args.seed)
     if args.max_new_tokens is not None:

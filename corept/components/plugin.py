@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib
 
-from corept.patching.answers import Keep
 from corept.registry.hookspecs import hookimpl
 
 
@@ -31,11 +30,4 @@ corept_patch_mlp = _shared("mlp", "mlp_replacement")
 corept_patch_rope = _shared("rope", "rope_replacement")
 corept_patch_loss = _shared("head", "causal_lm_replacement")
 corept_patch_lora = _shared("lora", "lora_replacement")
-
-
-@hookimpl(trylast=True)
-def corept_patch_attention(arch, module, model):
-    # corept ships no attention kernel: transformers' AttentionInterface runs (SDPA dispatches to
-    # flash kernels on CUDA; the implementation a quirk forces at load otherwise)
-    impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    return Keep(f"attention runs transformers' AttentionInterface {impl!r} (corept has no attention kernel)")
+corept_patch_attention = _shared("attention", "attention_replacement")

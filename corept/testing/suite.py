@@ -33,11 +33,12 @@ from corept.testing.suite_compile import CompileChecks
 from corept.testing.suite_contract import ContractChecks
 from corept.testing.suite_export import ExportChecks
 from corept.testing.suite_numerics import NumericChecks
+from corept.testing.suite_packing import PackingChecks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileChecks):
+class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileChecks, PackingChecks):
     """Subclass with a ``Test`` name and set :attr:`configs`; everything else has defaults.
 
     :cvar configs: ``{name: () -> config}``; each must force GQA > 1, head_dim != hidden/heads and
@@ -50,10 +51,12 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     :cvar quirk_probes: ``{name: {config attr: value}}``: setting the attribute to the value must
         change the reference logits, proving the tiny config exercises that quirk.
     :cvar expect_applied: ``{name: components}`` that must be patched (default: the declared
-        components but ``attention``, which the built-in components leave to transformers).
+        components).
     :cvar full_matrix: config names given the full matrix (default: the first config).
     :cvar convergence: config names given the LoRA convergence check (default: the first).
     :cvar compiled: config names given the compiled-layers check (default: the first).
+    :cvar packed: config names given the packing checks (default: the first; add the configs whose
+        attention differs: sliding windows, softcapping).
     :cvar skip: ``{test id glob: reason}``: not run; every skip carries its reason.
     :cvar known_failures: ``{test id glob: reason}``: run as non-strict xfail (an XPASS shows when
         the case happens to pass); empty by default.
@@ -68,6 +71,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     full_matrix: tuple[str, ...] | None = None
     convergence: tuple[str, ...] | None = None
     compiled: tuple[str, ...] | None = None
+    packed: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
     known_failures: dict[str, str] = {}
     seed = 0
@@ -99,6 +103,8 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
                 names = list(cls.convergence if cls.convergence is not None else names[:1])
             elif fn == "test_compiled_layers_train_like_eager":
                 names = list(cls.compiled if cls.compiled is not None else names[:1])
+            elif fn.startswith("test_packed_documents"):
+                names = list(cls.packed if cls.packed is not None else names[:1])
             elif fn == "test_quirk_is_exercised":
                 names = [n for n in names if cls.quirk_probes.get(n)]
             metafunc.parametrize("config_name", names)
@@ -167,7 +173,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     def applied_components(self, store: Store, name: str) -> tuple:
         if name in self.expect_applied:
             return tuple(self.expect_applied[name])
-        return tuple(c for c in store.arch(name).components if c != "attention")
+        return tuple(store.arch(name).components)
 
     def run_case(self, model, batch: dict, case: MatrixCase, nib: bool) -> C.Outcome:
         out = C.Outcome()

@@ -13,7 +13,8 @@
   the model picked up, whole (up to 96 new tokens: the trained model ends it with EOS, which the
   summary shows).
 * Sizes (:data:`EMBEDDED`) are tuned so the run takes a few minutes on a 2-core CPU (fp32, LoRA
-  r 16, no checkpointing: recompute would only cost time at these lengths).
+  r 16, no checkpointing: recompute would only cost time at these lengths). SFT trains packed on
+  the assistant turns only (the shipped rows are conversations: the chat template applies).
 """
 from __future__ import annotations
 
@@ -34,10 +35,11 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content']
 
 #: (model kind, method) -> option values of the embedded run.
 EMBEDDED: dict[tuple[str, str], dict] = {
-    ("embedded", "sft"): dict(r=16, lora_alpha=32, lr=1e-3, max_steps=40, batch_size=4, max_seq_length=256),
+    # sft packs: one bin of 256 tokens holds ~5 of the shipped conversations (the padded run took 4 rows)
+    ("embedded", "sft"): dict(r=16, lora_alpha=32, lr=1e-3, max_steps=40, batch_size=1, max_seq_length=256),
     ("embedded", "dpo"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=24, batch_size=2, max_seq_length=256),
     ("embedded", "kto"): dict(r=16, lora_alpha=32, lr=5e-4, max_steps=30, batch_size=4, max_seq_length=256),
-    ("tiny", "sft"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=20, batch_size=4, max_seq_length=256),
+    ("tiny", "sft"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=20, batch_size=1, max_seq_length=256),
     ("tiny", "dpo"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),
     ("tiny", "kto"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),
 }

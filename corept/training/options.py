@@ -60,6 +60,7 @@ class TrainOptions:
     distributed: str | None = None  # "ddp" / "fsdp" under torchrun or accelerate launch (training/distributed.py)
     template: str | None = None  # --template: a shipped chat template's name or a .jinja path (chat_templates.py)
     train_on: str | None = None  # --train-on responses / all (sft); None: by the data format (responses_only.py)
+    packing: bool | None = None  # sft: padding-free packing (TRL's bfd bins of max_seq_length); None: on for sft
     embedded: bool = False  # the no-argument run (shipped data; answer a held-out question)
     notes: list = field(default_factory=list)
 
@@ -110,6 +111,8 @@ def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
         lora_lr, full_lr = DEFAULT_LR.get(out.method, DEFAULT_LR["sft"])
         out.lr = full_lr if out.full_finetuning else lora_lr
     out.targets = parse_targets(out.targets)
+    if out.packing is None:
+        out.packing = out.method == "sft"
     return out
 
 
@@ -159,6 +162,9 @@ def validate(opts: TrainOptions) -> None:
                                   "from mismatched pairs within a batch.")
     _check_optim(opts.optim)
     _check_chat_options(opts)
+    if opts.packing and opts.method != "sft":
+        raise InvalidOptionsError(f"--packing applies to sft; --method {opts.method} compares whole sequences "
+                                  f"(drop --packing)")
     if str(opts.gradient_checkpointing).lower() not in CHECKPOINTING:
         raise InvalidOptionsError(f"--gradient-checkpointing must be one of {sorted(CHECKPOINTING)}, "
                                   f"got {opts.gradient_checkpointing!r}")

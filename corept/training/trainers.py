@@ -77,7 +77,10 @@ def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, d
         common["warmup_steps"] = float(opts.warmup_ratio)
     common.update(extra or {})
     if method == "sft":
-        return SFTConfig(**common, packing=False)
+        # packing: TRL's best-fit-decreasing bins of max_length tokens, padding-free (one row, position
+        # ids restarting per document, cu_seq_lens for the attention: corept's varlen kernel)
+        packing = dict(packing=True, packing_strategy="bfd") if opts.packing else dict(packing=False)
+        return SFTConfig(**common, **packing)
     if method == "dpo":
         return DPOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
     if method == "kto":

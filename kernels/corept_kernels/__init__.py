@@ -17,6 +17,7 @@ from corept_kernels.rope import rope
 from corept_kernels.glu import geglu, swiglu
 from corept_kernels.cross_entropy import cross_entropy
 from corept_kernels.fused_linear_ce import fused_linear_cross_entropy
+from corept_kernels.attention import varlen_attention
 from corept_kernels.lora import LoraWeights, lora_mlp, lora_o, lora_qkv, lora_fast_path_reason
 from corept_kernels import ops  # noqa: F401  (registers the custom operators)
 
@@ -25,6 +26,6 @@ __version__ = "0.1.0"
 __all__ = [
     "KernelInfo", "all_kernels", "can_run", "dispatch", "interpreter_active", "reference_only",
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu",
-    "cross_entropy", "fused_linear_cross_entropy",
+    "cross_entropy", "fused_linear_cross_entropy", "varlen_attention",
     "LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason",
 ]

@@ -15,6 +15,7 @@ import torch
 import corept_kernels
 from corept_kernels import capabilities, norms
 from corept_kernels.capabilities import dispatch, reference_only
+from corept_kernels.attention import varlen_attention
 from corept_kernels.lora import LoraWeights
 from corept_kernels.lora import activation as lora_activation
 from corept_kernels.lora import branch as lb
@@ -172,6 +173,8 @@ def _calls():
         "lora_glu": lambda: lora_activation.glu_forward(torch.randn(5, 7), torch.randn(5, 7), "swiglu"),
         "lora_glu_backward": lambda: lora_activation.glu_backward_(*torch.randn(3, 5, 7).unbind(0), "geglu_tanh"),
         "rank_add": lambda: lb.rank_add_(bf.clone(), torch.randn(5, 2), torch.randn(2, 7), 1.0, False),
+        "varlen_attention": lambda: varlen_attention(x.view(6, 1, 8), torch.randn(6, 1, 8), torch.randn(6, 1, 8),
+                                                     torch.tensor([0, 2, 6], dtype=torch.int32), 4, scale=0.5),
         "rank_add (group)": lambda: lb.add_branches_([bf.clone(), bf.clone()], [torch.randn(5, 2)] * 2,
                                                      [torch.randn(7, 2)] * 2, [1.0, 0.5], False),
     }

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 import corept_kernels as ck
+from corept_kernels.attention import varlen_attention
 from corept_kernels.capabilities import all_kernels
 from corept_kernels.lora.activation import glu_backward_, glu_forward
 from corept_kernels.lora.branch import rank_add_
@@ -50,6 +51,12 @@ def _ce(dt, **kw):
     return (lambda x: ck.cross_entropy(x, y, **kw)), (x,)
 
 
+def _varlen_attention(dt):
+    cu = torch.tensor([0, 3, 4, 13], dtype=torch.int32)
+    q, k, v = torch.randn(13, 4, 24, dtype=dt), torch.randn(13, 2, 24, dtype=dt), torch.randn(13, 2, 24, dtype=dt)
+    return (lambda q, k, v: varlen_attention(q, k, v, cu, 9, scale=0.2, window=5, softcap=20.0)), (q, k, v)
+
+
 def _lora_pieces(dt):
     """The LoRA inner kernels (no autograd of their own), e and g the halves of one buffer."""
     def fn(buf, dh):
@@ -74,6 +81,7 @@ CASES = {
                                                                  torch.randn(3, 29, dtype=dt))),
     "cross_entropy": lambda dt: _ce(dt, softcap=30.0, label_smoothing=0.1, z_loss=1e-4),
     "fused_linear_cross_entropy": lambda dt: _flce(dt, softcap=20.0),
+    "varlen_attention": _varlen_attention,
     "lora_glu": _lora_pieces, "lora_glu_backward": _lora_pieces, "rank_add": _lora_pieces,
     "lora_mlp": None, "lora_qkv": None, "lora_o": None,  # lora/test_compile_lora.py
 }
@@ -123,7 +131,7 @@ def test_compiled_equals_eager_without_graph_breaks(name, dtype):
 
 
 @pytest.mark.parametrize("name", ["rms_norm", "layer_norm", "rope", "swiglu", "cross_entropy",
-                                  "fused_linear_cross_entropy", "lora_glu"])
+                                  "fused_linear_cross_entropy", "lora_glu", "varlen_attention"])
 def test_operators_pass_opcheck(name, monkeypatch):
     """Schema, fake function and autograd registration of every operator the kernel calls, on
     the arguments of a real call (recorded while the compiled forms run eagerly)."""

@@ -192,9 +192,12 @@ def test_trl_packed_batches_keep_the_mask(tiny_chat, tmp_path, config):
     assert torch.equal(labels[labels != -100], ids[labels != -100])
 
 
-def test_corept_train_trains_on_responses(tiny_chat, tmp_path, monkeypatch):
+@pytest.mark.parametrize("packing", [True, False], ids=["packed", "padded"])
+def test_corept_train_trains_on_responses(tiny_chat, tmp_path, monkeypatch, packing):
     """``corept train --train-on responses`` on messages, with ``--template`` supplying a missing
-    template: the labels of the batch TRL trains on are -100 outside the assistant turns."""
+    template: the labels of the batch TRL trains on are -100 outside the assistant turns. Packed (the
+    default): one row of whole conversations, position ids restarting at each and the boundaries
+    for the attention; ``--no-packing``: one padded row per conversation."""
     import corept.training.trainers as trainers
     from corept.cli import main
 
@@ -213,9 +216,18 @@ def test_corept_train_trains_on_responses(tiny_chat, tmp_path, monkeypatch):
     out = tmp_path / "out"
     assert main(["train", "--model", str(folder), "--data", str(data), "--output", str(out), "--template", "chatml",
                  "--train-on", "responses", "--max-steps", "1", "--batch-size", "2", "--save-method", "lora",
-                 "--max-new-tokens", "2"]) == 0
+                 "--max-new-tokens", "2", "--packing" if packing else "--no-packing"]) == 0
     batch = next(iter(seen[0].get_train_dataloader()))
-    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+    rows = list(zip(batch["input_ids"], batch["labels"]))
+    if packing:
+        (ids, labels), = rows
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist()
+        assert len(starts) == len(CHATS) and "attention_mask" not in batch
+        assert batch["cu_seq_lens_q"].tolist() == starts + [len(ids)]
+        rows = [(ids[a:b], labels[a:b]) for a, b in zip(starts, starts[1:] + [len(ids)])]
+    else:
+        assert len(rows) == 2 and "cu_seq_lens_q" not in batch
+    for ids, labels in rows:
         ids, keep = ids.tolist(), (labels != -100).tolist()
         trained = runs(seen[0].processing_class, ids, keep)
         assert len(trained) == 2 and all(t.endswith(".<|im_end|>") for t in trained), trained

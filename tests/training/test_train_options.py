@@ -124,3 +124,16 @@ def test_kto_weights_balance_the_labels():
     assert kto_weights(Dataset.from_dict({"label": [True] * 4 + [False] * 2})) == {"undesirable_weight": 2.0}
     assert kto_weights(Dataset.from_dict({"label": [True] * 2 + [False] * 6})) == {"desirable_weight": 3.0}
     assert kto_weights(Dataset.from_dict({"label": [True, False]})) == {}
+
+
+def test_sft_packs_by_default_and_only_sft_packs(tmp_path):
+    from corept.training.trainers import trl_config
+
+    sft, dpo = (finalize(_opts(tmp_path, method=m), on_gpu=False) for m in ("sft", "dpo"))
+    assert sft.packing is True and dpo.packing is False
+    config = trl_config("sft", sft, output_dir=str(tmp_path / "trl"), gpu=False, dtype=None)
+    assert config.packing and config.packing_strategy == "bfd" and config.max_length == sft.max_seq_length
+    padded = finalize(_opts(tmp_path, packing=False), on_gpu=False)
+    assert not trl_config("sft", padded, output_dir=str(tmp_path / "trl"), gpu=False, dtype=None).packing
+    with pytest.raises(InvalidOptionsError, match="--packing applies to sft"):
+        validate(finalize(_opts(tmp_path, method="kto", packing=True), on_gpu=False))

@@ -37,6 +37,7 @@ class TestGemma(ConformanceSuite):
         "gemma3_mm": gemma3_multimodal,
     }
     model_classes = {"gemma3_mm": "Gemma3ForConditionalGeneration"}
+    packed = ("gemma2", "gemma3_text")  # softcapping and sliding windows; Gemma-3's local RoPE
     expected_quirks = {
         "gemma2": {"attn_softcap": 1.0, "final_logit_softcap": 0.5, "sliding_window": 4, "norm_offset": 1.0},
         "gemma": {"norm_offset": 1.0, "norm_casting": "scale_in_fp32", "mlp_activation": "geglu_tanh"},

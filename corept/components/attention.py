@@ -1,0 +1,134 @@
+"""Attention for packed batches: document-masked, through corept's varlen Triton kernel.
+
+A padding-free batch (TRL's ``padding_free`` / ``packing=True`` collator, or any caller) is one row
+of ``T`` tokens holding several documents. transformers marks it two ways: the collator's
+``cu_seq_lens_q/k`` (int32 ``[N+1]`` document starts, then ``T``) and ``max_length_q/k`` reach the
+attention function as keyword arguments, and ``position_ids`` restart at 0 at every document.
+SDPA and eager then attend through a dense ``[T, T]`` block mask built from the position ids;
+:func:`corept_kernels.varlen_attention` instead skips every block outside a document, so a packed
+step costs the sum of its documents' attention, not ``T**2``.
+
+Transformers' attention forwards look up their function as
+``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, a
+module global. As with RoPE, that global is rebound for this attention instance's forward only: the
+stand-in answers a function that runs the kernel on the collator's packed batches and on every
+causal call that comes without a mask (the documents then come from the position ids, on the
+device), and hands every other call (a mask: padding, or the document mask transformers built;
+generation with a cache; dropout; attention weights requested; arguments the kernel does not
+model) to the function transformers would have used, unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from corept_kernels import varlen_attention
+
+from corept.patching.answers import Keep, Replacement
+
+INTERFACE_GLOBAL = "ALL_ATTENTION_FUNCTIONS"
+#: keyword arguments of the attention interface that change its math and the kernel does not model
+_UNMODELLED = ("s_aux", "sinks", "position_bias", "head_mask")
+
+
+def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict):
+    """``(cu_seqlens int32 [N+1], max_seqlen)`` when the kernel takes this call, else ``None``.
+
+    ``query`` ``[B, Hq, S, D]``, ``key`` ``[B, Hkv, S, D]``. The collator's ``cu_seq_lens_q`` wins
+    (one row; the attention mask then only restates the documents). Otherwise a call without an
+    attention mask (transformers passes none for an unpadded causal batch) is split where its
+    ``position_ids`` ``[B, S]`` restart, and at every row: computed on the device, with no wait for
+    the host, as ``B * S + 1`` boundaries of which the surplus ones are empty documents at the end.
+    """
+    b, s = query.shape[0], query.shape[2]
+    if s != key.shape[2]:
+        return None  # a cache: generation
+    cu = kwargs.get("cu_seq_lens_q")
+    if cu is not None:
+        cu_k = kwargs.get("cu_seq_lens_k", cu)
+        if b != 1 or (cu_k is not cu and not torch.equal(cu_k, cu)):
+            return None
+        max_len = kwargs.get("max_length_q")
+        if max_len is None:
+            max_len = s
+        return cu.to(device=query.device, dtype=torch.int32), int(max_len)
+    position_ids = kwargs.get("position_ids")
+    if attention_mask is not None or position_ids is None:
+        return None
+    pos = position_ids.to(query.device).expand(b, s)
+    starts = torch.ones((b, s), dtype=torch.bool, device=query.device)
+    starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
+    index = torch.arange(b * s, device=query.device, dtype=torch.int32)
+    ends = torch.full((1,), b * s, device=query.device, dtype=torch.int32)
+    cu = torch.cat([torch.where(starts.reshape(-1), index, b * s).sort().values, ends])
+    return cu, s
+
+
+def packed_attention(fallback):
+    """An attention-interface function: the varlen kernel on packed calls, ``fallback`` otherwise.
+
+    Returns ``(attn_output [B, S, Hq, D], None)`` as transformers' functions do.
+    """
+
+    def attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+        bounds = None
+        if not dropout and not kwargs.get("output_attentions") and getattr(module, "is_causal", True) \
+                and all(kwargs.get(k) is None for k in _UNMODELLED):
+            bounds = packed_boundaries(query, key, attention_mask, kwargs)
+        if bounds is None:
+            return fallback(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+        cu_seqlens, max_len = bounds
+        b, hq, s, d = query.shape
+        q = query.transpose(1, 2).reshape(b * s, hq, d)
+        k = key.transpose(1, 2).reshape(b * s, key.shape[1], d)
+        v = value.transpose(1, 2).reshape(b * s, value.shape[1], value.shape[-1])
+        out = varlen_attention(q, k, v, cu_seqlens, max_len, scale=d ** -0.5 if scaling is None else scaling,
+                               window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
+        return out.view(b, s, hq, out.shape[-1]), None
+
+    attention.__corept_fallback__ = fallback
+    return attention
+
+
+class PackedInterfaces:
+    """Stands in for ``ALL_ATTENTION_FUNCTIONS`` in one attention forward's globals: every lookup
+    answers :func:`packed_attention` around what the real registry answers."""
+
+    def __init__(self, interfaces):
+        self.interfaces = interfaces
+        self._made: dict = {}
+
+    def get_interface(self, attn_implementation, default):
+        fallback = self.interfaces.get_interface(attn_implementation, default)
+        made = self._made.get(fallback)
+        if made is None:
+            made = self._made[fallback] = packed_attention(fallback)
+        return made
+
+    def __getattr__(self, name):  # anything else the forward reads goes to the real registry
+        return getattr(self.interfaces, name)
+
+    def __getitem__(self, key):
+        return self.interfaces[key]
+
+    def __contains__(self, key):
+        return key in self.interfaces
+
+
+def _innermost(fn):
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
+def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
+    """Packed batches of this attention instance through the varlen kernel (see the module doc)."""
+    cls = type(module).__name__
+    fn = _innermost(type(module).forward)
+    if INTERFACE_GLOBAL not in getattr(getattr(fn, "__code__", None), "co_names", ()):
+        return Keep(f"{cls}.forward does not look up transformers' {INTERFACE_GLOBAL} (nothing to route)")
+    interfaces = fn.__globals__.get(INTERFACE_GLOBAL)
+    if interfaces is None or not hasattr(interfaces, "get_interface"):
+        return Keep(f"{cls}.forward's module has no {INTERFACE_GLOBAL} registry")
+    # the report shows triton:varlen_attention, or torch:varlen_attention with the reason on a device
+    # the kernel cannot run on; calls that are not packed reach transformers' function unchanged
+    return Replacement(kernel="varlen_attention", forward_globals={INTERFACE_GLOBAL: PackedInterfaces(interfaces)})

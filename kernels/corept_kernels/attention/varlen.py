@@ -1,0 +1,103 @@
+"""Varlen attention: causal attention within each document of a packed token stream.
+
+The eager ``autograd.Function`` and the public function; the launches are in
+:mod:`corept_kernels.attention.varlen_launch`, the kernels in
+:mod:`corept_kernels.attention.varlen_kernels`, the custom-operator form (inside
+``torch.compile``) in :mod:`corept_kernels.ops.attention`, the torch twin in
+:mod:`corept_kernels.torch_ref.attention`.
+"""
+from __future__ import annotations
+
+import torch
+
+from corept_kernels import capabilities
+from corept_kernels.attention.varlen_launch import MAX_HEAD_DIM, varlen_backward, varlen_forward
+from corept_kernels.capabilities import KernelInfo, unsupported_tensors
+from corept_kernels.torch_ref import attention as ref
+
+
+class _VarlenAttentionFn(torch.autograd.Function):
+    """The eager form; inside ``torch.compile`` the operators of :mod:`corept_kernels.ops.attention`
+    run the same launches."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, scale, window, softcap):
+        out, lse, sched = varlen_forward(q, k, v, cu_seqlens, scale, window, softcap)
+        ctx.save_for_backward(q, k, v, out, lse, sched)
+        ctx.options = (scale, window, softcap)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sched = ctx.saved_tensors
+        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, sched, *ctx.options)
+        return dq, dk, dv, None, None, None, None
+
+
+def _check(q, k, v, cu_seqlens, max_seqlen, scale, window, softcap):
+    if q.dim() != 3 or k.dim() != 3 or k.shape != v.shape:
+        raise ValueError(f"q must be [T, Hq, D] and k, v [T, Hkv, D], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                         f"{tuple(v.shape)}")
+    T, Hq, D = q.shape
+    if k.shape[0] != T or k.shape[2] != D or Hq % k.shape[1]:
+        raise ValueError(f"k/v {tuple(k.shape)} do not fit q {tuple(q.shape)} (same T and D, Hq a multiple of Hkv)")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"cu_seqlens must be int32/int64 [N + 1] with N >= 1, got {cu_seqlens.dtype} "
+                         f"{tuple(cu_seqlens.shape)}")
+    if max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if window is not None and window < 1:
+        raise ValueError(f"window must be >= 1 or None, got {window}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"softcap must be > 0 or None, got {softcap}")
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
+
+
+def _eligibility(q, k, v, cu_seqlens) -> str | None:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim {q.shape[-1]} > {MAX_HEAD_DIM}"
+    return unsupported_tensors(q, k, v)
+
+
+def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None):
+    return _VarlenAttentionFn.apply(q, k, v, cu_seqlens, scale, window, softcap)
+
+
+def _varlen_attention_compiled(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None):
+    return torch.ops.corept_kernels.varlen_attention_fwd(q, k, v, cu_seqlens, scale, window, softcap)[0]
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, scale: float, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Causal attention within each document of a packed stream: no token attends across a boundary.
+
+    :param q: ``[T, Hq, D]``; ``k``, ``v``: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (query head ``h``
+        reads kv head ``h // (Hq // Hkv)``); one dtype (fp32, bf16 or fp16). Any token and head
+        strides; a non-unit stride along ``D`` costs a copy. ``D <= 256`` on the Triton path.
+    :param cu_seqlens: ``[N + 1]`` int32 (or int64) document boundaries: ``0 = cu[0] <= ... <=
+        cu[N] = T`` (empty documents allowed). Not checked against ``T`` (that would wait for the
+        device).
+    :param max_seqlen: the longest document's length, as flash-attn takes it. The kernels need no
+        bound (their schedule is built on the device from ``cu_seqlens``); it is only validated.
+    :param scale: the factor on ``q @ k^T`` (usually ``D ** -0.5``).
+    :param window: sliding window in transformers' sense: query ``i`` sees keys ``j`` of its
+        document with ``i - window < j <= i`` (positions within the document); ``None``: all ``j <= i``.
+    :param softcap: Gemma-2's logit softcap: scores ``softcap * tanh(scale * q @ k^T / softcap)``
+        before masking and softmax.
+    :returns: ``[T, Hq, D]`` in ``q``'s dtype; softmax statistics and accumulation in fp32.
+        Differentiable in ``q``, ``k``, ``v`` (dK/dV summed over each kv head's query heads).
+    """
+    _check(q, k, v, cu_seqlens, max_seqlen, scale, window, softcap)
+    fn, _ = capabilities.dispatch("varlen_attention", q, k, v, cu_seqlens)
+    return fn(q, k, v, cu_seqlens, max_seqlen, scale=float(scale), window=None if window is None else int(window),
+              softcap=None if softcap is None else float(softcap))
+
+
+capabilities.register(KernelInfo(
+    name="varlen_attention", triton_fn=_varlen_attention_triton, reference_fn=ref.varlen_attention,
+    compiled_fn=_varlen_attention_compiled, eligibility=_eligibility,
+    notes="packed documents (cu_seqlens), causal, GQA, sliding window, softcap; D <= 256; deterministic backward"))

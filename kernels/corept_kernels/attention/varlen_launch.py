@@ -1,0 +1,168 @@
+"""Launches of the varlen attention kernels: tile sizes, the device-built schedule, forward, backward.
+
+Both passes share one schedule (built in the forward, saved for the backward): every ``tile``-token
+span of every document, heaviest first (:func:`~corept_kernels.attention.varlen_kernels.schedule_kernel`),
+built on the device from ``cu_seqlens`` in one launch, so nothing waits for the host and the grid
+size ``cdiv(T, tile) + N`` depends on shapes only. A packed batch costs the sum of its documents'
+causal (or windowed) attention, not ``T**2``.
+
+Tile sizes are fixed per head width and dtype (:func:`blocks`), chosen on an H100 (see
+``bench/attention_varlen.py``), never tuned at run time.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from corept_kernels.attention import varlen_kernels as kn
+from corept_kernels.capabilities import interpreter_active
+
+MAX_HEAD_DIM = 256
+LOG2E = 1.4426950408889634
+_DOCS = 256  # documents per step of the schedule kernel's scans
+
+# Tests set this to True: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+POISON_OUTPUTS = False
+
+
+@dataclass(frozen=True)
+class Blocks:
+    """Tile sizes and launch settings for one head width and dtype.
+
+    :param tile: tokens per program and the schedule's unit: query rows of the forward and dQ
+        programs, keys of the dK/dV programs.
+    :param fwd_n: keys per step of the forward; ``dq_n``: of the dQ kernel; ``kv_m``: query rows
+        per step of the dK/dV kernel.
+    """
+
+    tile: int
+    fwd_n: int
+    dq_n: int
+    kv_m: int
+    fwd_warps: int
+    bwd_warps: int
+    stages: int
+
+
+# (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D
+_BLOCKS = {
+    (True, 64): Blocks(tile=128, fwd_n=64, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=3),
+    (True, 128): Blocks(tile=128, fwd_n=64, dq_n=32, kv_m=32, fwd_warps=8, bwd_warps=8, stages=2),
+    (True, 256): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=8, bwd_warps=8, stages=2),
+    (False, 64): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=1),
+    (False, 128): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=1),
+    (False, 256): Blocks(tile=32, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=8, stages=1),
+}
+
+#: Off CUDA (the interpreter) the GPU's blocks are used unless this is set: tests set small blocks
+#: to cover several tiles and blocks per document at small shapes.
+BLOCKS_OFF_CUDA: Blocks | None = None
+
+
+def padded_head_dim(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def blocks(D: int, dtype: torch.dtype, device: torch.device) -> Blocks:
+    """The tile sizes for head dim ``D`` (``<= MAX_HEAD_DIM``) and input dtype on ``device``."""
+    if BLOCKS_OFF_CUDA is not None and (device.type != "cuda" or interpreter_active()):
+        return BLOCKS_OFF_CUDA
+    low = dtype != torch.float32
+    # D itself, not its padded width, against the power-of-two keys: D may be symbolic (fake tensors)
+    return next(b for (lp, width), b in _BLOCKS.items() if lp == low and D <= width)
+
+
+def schedule_rows(T: int, n_docs: int, tile: int) -> int:
+    """Rows of each order of the schedule: a bound on the tiles of ``n_docs`` documents of ``T``
+    tokens (symbolic sizes allowed)."""
+    return (T + tile - 1) // tile + n_docs
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=device)
+    return out.fill_(float("nan")) if POISON_OUTPUTS else out
+
+
+def _unit_last(t: torch.Tensor) -> torch.Tensor:
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def schedule(cu_seqlens: torch.Tensor, T: int, tile: int) -> torch.Tensor:
+    """``[2, cdiv(T, tile) + N, 3]`` int32 rows ``(start, doc_start, doc_end)``: order 0 for the
+    query-tile programs, order 1 for the key-tile programs, then ``(0, 0, 0)`` padding rows."""
+    cu = cu_seqlens.to(torch.int32).contiguous()
+    n_docs = cu.numel() - 1
+    size = schedule_rows(T, n_docs, tile)
+    sched = torch.empty((2, size, 3), dtype=torch.int32, device=cu.device)
+    if POISON_OUTPUTS:
+        sched.fill_(-7)
+    kn.schedule_kernel[(triton.cdiv(T, tile), 2)](cu, sched, n_docs, size, TILE=tile, DOCS=_DOCS, num_warps=4)
+    return sched
+
+
+def _options(T: int, scale: float, window: int | None, softcap: float | None):
+    """(window as an int, ``qk_scale``, ``cap``) for the kernels (see ``varlen_kernels._scores``)."""
+    w = T + 1 if window is None else min(window, T + 1)
+    if softcap is None:
+        return w, scale * LOG2E, 0.0
+    return w, scale / softcap, softcap * LOG2E
+
+
+def _precision(t: torch.Tensor) -> tuple[bool, str]:
+    """(LOWP, PRECISION): 16-bit matmul operands on a GPU; fp32 operands get full fp32 matmuls."""
+    lowp = t.dtype != torch.float32 and t.is_cuda and not interpreter_active()
+    return lowp, "tf32" if lowp else "ieee"
+
+
+def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softcap: float | None):
+    """Forward of :func:`corept_kernels.attention.varlen_attention`.
+
+    :returns: ``(out [T, Hq, D]`` in ``q``'s dtype, ``lse [Hq, T]`` fp32 in base 2 (log2 of each
+        row's sum of ``exp2`` of its base-2 scores), ``sched`` (:func:`schedule`), kept for the
+        backward).
+    """
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    T, Hq, D = q.shape
+    cfg = blocks(D, q.dtype, q.device)
+    sched = schedule(cu_seqlens, T, cfg.tile)
+    out = _empty((T, Hq, D), q.dtype, q.device)
+    lse = _empty((Hq, T), torch.float32, q.device)
+    w, qk_scale, cap = _options(T, scale, window, softcap)
+    lowp, precision = _precision(q)
+    kn.fwd_kernel[(Hq, sched.shape[1])](
+        q, k, v, out, lse, sched[0], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        qk_scale, cap, w, GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_D=padded_head_dim(D), TILE=cfg.tile,
+        BLOCK_N=cfg.fwd_n, SOFTCAP=softcap is not None, LOWP=lowp, PRECISION=precision,
+        num_warps=cfg.fwd_warps, num_stages=cfg.stages)
+    return out, lse, sched
+
+
+def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | None, softcap: float | None):
+    """``(dq, dk, dv)`` (dtypes and shapes of ``q, k, v``) from ``dout [T, Hq, D]`` and the forward's
+    ``out``, ``lse`` and ``sched``. dK/dV of a kv head sum its query heads' shares in one program."""
+    q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
+    T, Hq, D = q.shape
+    Hkv = k.shape[1]
+    cfg = blocks(D, q.dtype, q.device)
+    bd = padded_head_dim(D)
+    w, qk_scale, cap = _options(T, scale, window, softcap)
+    lowp, precision = _precision(q)
+    delta = _empty((Hq, T), torch.float32, q.device)
+    rows = max(16, 4096 // bd)
+    kn.delta_kernel[(Hq, triton.cdiv(T, rows))](out, dout, delta, T, *out.stride()[:2], *dout.stride()[:2],
+                                                HEAD_DIM=D, BLOCK_D=bd, ROWS=rows, num_warps=4)
+    dq = _empty((T, Hq, D), q.dtype, q.device)
+    dk = _empty((T, Hkv, D), k.dtype, k.device)
+    dv = _empty((T, Hkv, D), v.dtype, v.device)
+    common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, TILE=cfg.tile, SOFTCAP=softcap is not None, LOWP=lowp,
+                  PRECISION=precision, num_warps=cfg.bwd_warps, num_stages=cfg.stages)
+    kn.dkdv_kernel[(Hkv, sched.shape[1])](
+        q, k, v, dout, dk, dv, lse, delta, sched[1], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        *dout.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], scale, qk_scale, cap, w,
+        BLOCK_M=cfg.kv_m, **common)
+    kn.dq_kernel[(Hq, sched.shape[1])](
+        q, k, v, dout, dq, lse, delta, sched[0], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
+        *dout.stride()[:2], *dq.stride()[:2], scale, qk_scale, cap, w, BLOCK_N=cfg.dq_n, **common)
+    return dq, dk, dv

@@ -1,0 +1,38 @@
+"""Pure-torch twin of :mod:`corept_kernels.attention` (same signature and semantics, autograd backward).
+
+A dense ``[T, T]`` mask (same document, causal, window) over fp32 scores of all heads: simple and
+free of host syncs (it traces in ``torch.compile``), but ``O(Hq * T**2)`` memory: a fallback for
+small inputs and the kernel tests' reference, not a training path for long packed batches.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                     max_seqlen: int, *, scale: float, window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor:
+    """Causal attention within the documents ``cu_seqlens`` marks in a packed stream.
+
+    :param q: ``[T, Hq, D]``; ``k``, ``v``: ``[T, Hkv, D]``, ``Hq % Hkv == 0``.
+    :param cu_seqlens: ``[N + 1]`` document boundaries (``cu[0] = 0``, ``cu[N] = T``).
+    :param max_seqlen: unused (flash-attn's argument; kept for the common signature).
+    :param window: query ``i`` sees keys ``j`` with ``i - window < j <= i`` (transformers' sliding window).
+    :param softcap: scores ``softcap * tanh(scale * qk / softcap)`` before masking (Gemma-2).
+    :returns: ``[T, Hq, D]`` in ``q``'s dtype, computed in fp32.
+    """
+    T, Hq, _ = q.shape
+    group = Hq // k.shape[1]
+    pos = torch.arange(T, device=q.device)
+    doc = torch.searchsorted(cu_seqlens[1:].contiguous(), pos.to(cu_seqlens.dtype), right=True)
+    mask = (doc[:, None] == doc[None, :]) & (pos[None, :] <= pos[:, None])
+    if window is not None:
+        mask &= pos[None, :] > pos[:, None] - window
+    qf = q.float().transpose(0, 1)  # [Hq, T, D]
+    kf = k.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    vf = v.float().repeat_interleave(group, dim=1).transpose(0, 1)
+    scores = qf @ kf.transpose(1, 2) * scale
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    return (probs @ vf).transpose(0, 1).to(q.dtype)

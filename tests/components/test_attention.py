@@ -1,0 +1,116 @@
+"""The attention component: packed batches through corept's varlen kernel, everything else unchanged.
+
+The conformance kit proves packed == each document alone per plugin; these tests pin the routing:
+which calls take the kernel, which reach transformers' own function (with the same arguments),
+the boundaries derived from position ids, and undo.
+"""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import corept
+import tiny
+from corept.components import attention as A
+from corept.testing.suite_packing import documents, packed_batch
+
+LENGTHS = (4, 1, 9, 6)
+
+
+def _qkv(b=1, s=20, hq=4, hkv=2, d=8):
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(b, hq, s, d, generator=g), torch.randn(b, hkv, s, d, generator=g),
+            torch.randn(b, hkv, s, d, generator=g))
+
+
+class _Recorder:
+    """A fallback attention function that records its calls."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, module, query, key, value, attention_mask, **kwargs):
+        self.calls.append(kwargs)
+        return query.transpose(1, 2), None
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+def test_boundaries_come_from_the_collator_or_from_restarting_position_ids():
+    q, k, _ = _qkv(b=2, s=6)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 0], [0, 1, 2, 3, 4, 5]])
+    cu, bound = A.packed_boundaries(q, k, None, {"position_ids": pos})
+    assert cu.dtype == torch.int32 and bound == 6
+    assert cu.tolist() == [0, 3, 5, 6] + [12] * 9  # rows and restarts; then empty documents
+    one_doc_rows = torch.arange(6).expand(2, 6)
+    assert A.packed_boundaries(q, k, None, {"position_ids": one_doc_rows})[0].tolist() == [0, 6] + [12] * 11
+    assert A.packed_boundaries(q, k, torch.ones(2, 1, 6, 6, dtype=torch.bool), {"position_ids": pos}) is None
+    assert A.packed_boundaries(q, k, None, {}) is None
+    q1, k1, _ = _qkv(b=1, s=6)
+    given = torch.tensor([0, 2, 6], dtype=torch.int32)
+    cu, longest = A.packed_boundaries(q1, k1, object(), {"cu_seq_lens_q": given, "cu_seq_lens_k": given,
+                                                         "max_length_q": 4})
+    assert torch.equal(cu, given) and longest == 4
+    assert A.packed_boundaries(q1, k1[:, :, :3], None, {"cu_seq_lens_q": given}) is None  # a KV cache
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"mask": True},                                            # a mask (padding): transformers' function
+    {"dropout": 0.1},                                          # dropout: the kernel has none
+    {"output_attentions": True},                               # weights asked for
+    {"s_aux": torch.zeros(4)},                                 # attention sinks: not modelled
+])
+def test_calls_the_kernel_does_not_model_reach_transformers_function_unchanged(kwargs):
+    q, k, v = _qkv()
+    cu = torch.tensor([0, 7, 20], dtype=torch.int32)
+    packed = {} if "mask" in kwargs else {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": 13}
+    fallback = _Recorder()
+    fn = A.packed_attention(fallback)
+    dropout = kwargs.pop("dropout", 0.0)
+    mask = torch.ones(1, 1, 20, 20, dtype=torch.bool) if kwargs.pop("mask", False) else None
+    fn(_Module(), q, k, v, mask, dropout=dropout, scaling=0.3, position_ids=torch.arange(20)[None], **packed,
+       **kwargs)
+    assert len(fallback.calls) == 1
+    seen = fallback.calls[0]
+    assert seen["scaling"] == 0.3 and seen["dropout"] == dropout and all(k_ in seen for k_ in kwargs)
+
+
+def test_packed_calls_run_the_kernel_per_document():
+    q, k, v = _qkv(s=20)
+    cu = torch.tensor([0, 7, 8, 20], dtype=torch.int32)
+    fallback = _Recorder()
+    out, weights = A.packed_attention(fallback)(_Module(), q, k, v, None, scaling=0.4, cu_seq_lens_q=cu,
+                                                cu_seq_lens_k=cu, max_length_q=12, sliding_window=5)
+    assert not fallback.calls and weights is None and out.shape == (1, 20, 4, 8)
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):  # each document alone, GQA 2, window 5
+        qd, kd, vd = q[..., s:e, :], k[..., s:e, :].repeat_interleave(2, 1), v[..., s:e, :].repeat_interleave(2, 1)
+        i = torch.arange(e - s)
+        allowed = (i[None] <= i[:, None]) & (i[None] > i[:, None] - 5)
+        want = torch.nn.functional.scaled_dot_product_attention(qd, kd, vd, attn_mask=allowed, scale=0.4)
+        torch.testing.assert_close(out[0, s:e], want[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_patched_models_route_packed_batches_and_unpatch_restores_them(model_type):
+    """The report names the kernel; a packed batch with a KV cache created (eval, use_cache on: the
+    case where transformers' SDPA path attends across documents) still keeps documents apart."""
+    model = tiny.tiny_model(model_type)
+    original = copy.deepcopy(model).eval()
+    corept.patch(model)
+    attn = corept.report(model).applied["attention"]
+    assert attn.startswith("triton:varlen_attention"), attn
+    model.eval()
+    docs = documents(tiny.VOCAB, LENGTHS)
+    batch = packed_batch(docs)
+    del batch["labels"], batch["use_cache"]
+    with torch.no_grad():
+        packed = model(**batch, use_cache=True).logits[0]
+        alone = torch.cat([original(input_ids=d[None]).logits[0] for d in docs])
+    torch.testing.assert_close(packed, alone, rtol=1e-4, atol=1e-5)
+    corept.unpatch(model)
+    layer = model.model.layers[0].self_attn
+    assert "forward" not in layer.__dict__
