@@ -129,6 +129,9 @@ def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
     interfaces = fn.__globals__.get(INTERFACE_GLOBAL)
     if interfaces is None or not hasattr(interfaces, "get_interface"):
         return Keep(f"{cls}.forward's module has no {INTERFACE_GLOBAL} registry")
+    device = next((p.device for p in module.parameters()), None)
+    if device is not None and device.type == "meta":
+        return Keep(f"{cls}: cannot patch attention on meta tensors (load the weights first)")
     # the report shows triton:varlen_attention, or torch:varlen_attention with the reason on a device
     # the kernel cannot run on; calls that are not packed reach transformers' function unchanged
     return Replacement(kernel="varlen_attention", forward_globals={INTERFACE_GLOBAL: PackedInterfaces(interfaces)})

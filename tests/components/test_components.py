@@ -57,11 +57,11 @@ def test_patched_matches_hf(model_type):
 
     assert (r.plugin, r.model_type) == (plugin, model_type)
     expected_applied = {"norm": f"triton:rms_norm x{n_norms}", "rope": "triton:rope x2",
-                        "loss": "triton:fused_linear_cross_entropy x1"}
+                        "loss": "triton:fused_linear_cross_entropy x1", "attention": "triton:varlen_attention x2"}
     if mlp_kernel:
         expected_applied["mlp"] = f"triton:{mlp_kernel} x2"
     assert r.applied == expected_applied
-    assert set(r.fallbacks) == {"attention"} | ({"mlp"} if not mlp_kernel else set()), r.fallbacks
+    assert set(r.fallbacks) == ({"mlp"} if not mlp_kernel else set()), r.fallbacks
 
     # eval: logits, and the (unfused) loss with labels
     with torch.no_grad():
@@ -108,7 +108,7 @@ def test_gemma3_multimodal_patches_the_text_path_only():
     corept.patch(model)
     r = corept.report(model)
     assert (r.plugin, r.model_type) == ("gemma", "gemma3")
-    assert set(r.applied) == {"norm", "mlp", "rope"}  # no loss: the multimodal head keeps transformers'
+    assert set(r.applied) == {"norm", "mlp", "rope", "attention"}  # no loss: the multimodal head keeps transformers'
     assert r.applied["norm"] == "triton:rms_norm x14"  # text norms (13) + the multimodal projector's
     assert r.fallbacks["loss"].startswith("plugin 'gemma' keeps it") and "multimodal" in r.fallbacks["loss"]
     with torch.no_grad():

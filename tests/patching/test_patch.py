@@ -121,7 +121,7 @@ def test_two_models_patched_differently(llama_pair):
     corept.patch(b, exclude=["norm"])
     ra, rb = corept.report(a), corept.report(b)
     assert set(ra.applied) == {"norm"}
-    assert set(rb.applied) == {"mlp", "rope", "loss"}
+    assert set(rb.applied) == {"mlp", "rope", "loss", "attention"}
     assert ra.fallbacks["mlp"].startswith("not selected") and rb.fallbacks["norm"].startswith("not selected")
     assert "forward" not in a.model.layers[0].mlp.__dict__ and "forward" in b.model.layers[0].mlp.__dict__
     assert "forward" in a.model.norm.__dict__ and "forward" not in b.model.norm.__dict__
@@ -170,8 +170,8 @@ def test_report_contents_and_json(llama_pair):
     r = corept.report(model)
     assert (r.plugin, r.distribution, r.model_type) == ("llama", "corept-llama", "llama")
     assert r.applied == {"mlp": "triton:swiglu x2", "rope": "triton:rope x2", "norm": "triton:rms_norm x5",
-                         "loss": "triton:fused_linear_cross_entropy x1"}
-    assert "attention" in r.fallbacks and "norm" not in r.fallbacks
+                         "loss": "triton:fused_linear_cross_entropy x1", "attention": "triton:varlen_attention x2"}
+    assert not r.fallbacks
     assert r.patched
     assert r.quirks["norm_casting"] == "scale_after_cast" and r.quirks["mlp_activation"] == "swiglu"
     d = json.loads(json.dumps(r.to_dict()))
@@ -247,7 +247,7 @@ def test_each_component_hook_is_called_once_per_module_with_its_arguments():
     assert seen == {"attention": ["Qwen3Attention"] * 2, "mlp": ["Qwen3MLP"] * 2, "rope": ["Qwen3Attention"] * 2,
                     "norm": ["Qwen3RMSNorm"] * 9, "loss": ["Qwen3ForCausalLM"]}
     # returning None let the next implementation (the qwen plugin's) answer
-    assert set(corept.report(model).applied) == {"mlp", "rope", "norm", "loss"}
+    assert set(corept.report(model).applied) == {"mlp", "rope", "norm", "loss", "attention"}
 
 
 class _AttentionTagger:
