@@ -20,6 +20,9 @@ window 4096, softcap 50). Contenders, each timed as forward and forward+backward
 * ``sdpa_per_doc``: SDPA ``is_causal=True`` looped over the documents (llama only);
 * ``flash_attn``: ``flash_attn_varlen_func`` when the package imports.
 
+``--doc-length N`` replaces the mix by documents of ``N`` tokens: plain causal rows (an unpacked
+batch), where ``sdpa_per_doc`` is SDPA's own causal kernel per row.
+
 A contender that cannot run records why instead of a time. Before timing, every contender's output
 and input gradients on a smaller packed batch (``--check-tokens``) are compared with an fp32
 per-document reference (max abs error / max abs reference); the errors are recorded.
@@ -191,7 +194,10 @@ def run_config(cfg_name, args, gen) -> dict:
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
     scale = cfg["D"] ** -0.5
     window, softcap = cfg["window"], cfg["softcap"]
-    lens = doc_lengths(args.tokens, gen)
+    if args.doc_length:  # unpacked rows of one length: sdpa_per_doc is then plain causal SDPA per row
+        lens = [args.doc_length] * max(1, args.tokens // args.doc_length)
+    else:
+        lens = doc_lengths(args.tokens, gen)
     check_lens = doc_lengths(args.check_tokens, gen, hi=args.check_tokens // 2)
     rec = {"config": cfg_name, **cfg, "dtype": args.dtype, "tokens": args.tokens, "doc_lengths": lens,
            "check_doc_lengths": check_lens, "contenders": {}}
@@ -242,6 +248,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--check-tokens", type=int, default=4096, help="tokens of the correctness-check batch")
     ap.add_argument("--configs", default="llama,gemma")
+    ap.add_argument("--doc-length", type=int, default=0,
+                    help="every document this long instead of the heavy-tailed mix (e.g. 2048 with --tokens 4096: "
+                         "two plain causal rows, the unpacked training batch corept's attention also takes)")
     ap.add_argument("--dtype", default="bf16", choices=["bf16", "fp16"])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--warmup", type=int, default=5)
