@@ -24,5 +24,5 @@ class TestMistral(ConformanceSuite):
     known_failures = {"test_packed_documents_train_like_separate_bf16[sliding]": (
         "layer 0's gate_proj lora_B gradient: patched bf16 error 2.7e-2 against the bound 2.3e-2 (2 x HF's "
         "own 0.95e-2 + one ulp); every other tensor passes, fp32 matches tightly, and the same packed run "
-        "with transformers' attention instead of corept's varlen kernel gives 2.2e-2: a rounding-order "
-        "difference of the fp32-operand interpreter path, not yet explained (see docs/packing.md)")}
+        "with transformers' attention instead of corept's varlen kernel gives 2.2e-2: the kernel rounds once "
+        "where transformers' attention rounds after each op (docs/conformance.md, rounding points)")}
