@@ -43,9 +43,8 @@ def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kw
     if s != key.shape[2]:
         return None  # a cache: generation
     cu = kwargs.get("cu_seq_lens_q")
-    if cu is not None:
-        cu_k = kwargs.get("cu_seq_lens_k", cu)
-        if b != 1 or (cu_k is not cu and not torch.equal(cu_k, cu)):
+    if cu is not None:  # self-attention without a cache: the keys' boundaries are the queries'
+        if b != 1:
             return None
         max_len = kwargs.get("max_length_q")
         if max_len is None:

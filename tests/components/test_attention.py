@@ -114,3 +114,34 @@ def test_patched_models_route_packed_batches_and_unpatch_restores_them(model_typ
     corept.unpatch(model)
     layer = model.model.layers[0].self_attn
     assert "forward" not in layer.__dict__
+
+
+def test_packed_batches_trace_into_compiled_layers_without_a_break():
+    """A packed LoRA step with the decoder layers compiled (``aot_eager``): the varlen kernel's
+    operator form is traced (no graph break), and loss and gradients equal the eager step."""
+    from torch._dynamo.utils import counters
+
+    from corept.testing.tolerances import assert_fp32_close
+
+    base = tiny.tiny_model("llama")
+    docs = documents(tiny.VOCAB, LENGTHS)
+    outcomes = []
+    torch._dynamo.reset()
+    for option in (False, {"backend": "aot_eager"}):
+        model = corept.get_peft_model(corept.patch(copy.deepcopy(base), compile=option), r=4, lora_alpha=8,
+                                      use_gradient_checkpointing=False)
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(p, std=0.1, generator=torch.Generator().manual_seed(len(name)))
+        breaks = sum(counters["graph_break"].values())
+        model.train()
+        loss = model(**packed_batch(docs)).loss
+        loss.backward()
+        outcomes.append((loss.detach(), {n: p.grad for n, p in model.named_parameters() if p.requires_grad}))
+        if option:
+            assert sum(counters["graph_break"].values()) == breaks, dict(counters["graph_break"])
+            assert "one region each" in corept.report(model).settings["compile"]
+    (want, want_grads), (got, got_grads) = outcomes
+    assert_fp32_close("loss", got, want)
+    for name, grad in want_grads.items():
+        assert_fp32_close(name, got_grads[name], grad)
