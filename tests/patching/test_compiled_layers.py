@@ -85,7 +85,7 @@ def test_unpatch_removes_the_compiled_regions():
 
 def test_switches_and_defaults(monkeypatch):
     model = tiny.tiny_model("llama")
-    assert pc.choose(None, model) == (None, "off (model not on CUDA; compile=True forces it)")
+    assert pc.choose(None, model) == (None, "off (default; compile=True or COREPT_COMPILE=1 turns it on)")
     assert pc.choose(True, model)[0] == {} and pc.choose(AOT, model)[0] == AOT
     monkeypatch.setenv(pc.ENV, "0")
     assert pc.choose(True, model) == (None, f"off ({pc.ENV}=0)")
