@@ -145,3 +145,23 @@ def test_packed_batches_trace_into_compiled_layers_without_a_break():
     assert_fp32_close("loss", got, want)
     for name, grad in want_grads.items():
         assert_fp32_close(name, got_grads[name], grad)
+
+
+@pytest.mark.parametrize("implementation,kernel", [("sdpa", False), ("eager", True)])
+def test_unmasked_causal_rows_take_the_kernel_only_where_transformers_has_no_causal_kernel(implementation, kernel):
+    """Plain causal rows without a mask: SDPA's own kernel is faster there (H100), so SDPA models keep
+    it; an eager model (a materialized [S, S] score matrix otherwise) takes the varlen kernel."""
+    fallback = _Recorder()
+
+    class Registry:
+        def get_interface(self, name, default):
+            return fallback
+
+    q, k, v = _qkv(s=10)
+    fn = A.PackedInterfaces(Registry()).get_interface(implementation, None)
+    out, _ = fn(_Module(), q, k, v, None, scaling=0.3, position_ids=torch.arange(10)[None])
+    assert (not fallback.calls) == kernel
+    if kernel:
+        want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
+                                                                is_causal=True, scale=0.3)
+        torch.testing.assert_close(out[0], want[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
