@@ -124,7 +124,7 @@ def test_several_tiles_per_document(monkeypatch, window):
     edge, unmasked middle, causal diagonal) runs, with loop blocks smaller than the tile; an empty
     document too."""
     monkeypatch.setattr(varlen_launch, "BLOCKS_OFF_CUDA", Blocks(tile=32, fwd_n=16, dq_n=16, kv_m=16, fwd_warps=4,
-                                                                 bwd_warps=4, stages=1))
+                                                                 bwd_warps=4, fwd_stages=1, bwd_stages=1))
     _check([40, 1, 0, 130, 16, 33], 4, 2, 24, torch.float32, window, 3.0 if window == 7 else None)
 
 

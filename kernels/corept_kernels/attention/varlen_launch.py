@@ -6,8 +6,8 @@ built on the device from ``cu_seqlens`` in one launch, so nothing waits for the 
 size ``cdiv(T, tile) + N`` depends on shapes only. A packed batch costs the sum of its documents'
 causal (or windowed) attention, not ``T**2``.
 
-Tile sizes are fixed per head width and dtype (:func:`blocks`), chosen on an H100 (see
-``bench/attention_varlen.py``), never tuned at run time.
+Tile sizes are fixed per head width and dtype (:func:`blocks`): no run-time autotuning
+(:class:`corept_kernels.tuning.Launcher` serves the memory-bound kernels).
 """
 from __future__ import annotations
 
@@ -43,17 +43,23 @@ class Blocks:
     kv_m: int
     fwd_warps: int
     bwd_warps: int
-    stages: int
+    fwd_stages: int
+    bwd_stages: int
 
 
-# (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D
+# (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D. On an H100 at D=128
+# (Triton 3.6, the packed 16k-token llama batch of bench/attention_varlen.py, separate runs) the
+# forward took 1.34 ms with 3 stages against 1.55 with 2, and the backward 5.5 ms with these 128-key
+# dK/dV tiles against 8.6 with 64-key ones (q and dO read twice as often). D=64 and D=256 keep the
+# settings of the committed measurement (bench/results/attention-varlen-2026-12-07-h100-*.json,
+# which ran with 2 forward stages at D=128). fp32 runs full-precision FMA matmuls: small tiles.
 _BLOCKS = {
-    (True, 64): Blocks(tile=128, fwd_n=64, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=3),
-    (True, 128): Blocks(tile=128, fwd_n=64, dq_n=32, kv_m=32, fwd_warps=8, bwd_warps=8, stages=2),
-    (True, 256): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=8, bwd_warps=8, stages=2),
-    (False, 64): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=1),
-    (False, 128): Blocks(tile=64, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=4, stages=1),
-    (False, 256): Blocks(tile=32, fwd_n=32, dq_n=32, kv_m=32, fwd_warps=4, bwd_warps=8, stages=1),
+    (True, 64): Blocks(128, 64, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=3),
+    (True, 128): Blocks(128, 64, 32, 32, fwd_warps=8, bwd_warps=8, fwd_stages=3, bwd_stages=2),
+    (True, 256): Blocks(64, 32, 32, 32, fwd_warps=8, bwd_warps=8, fwd_stages=2, bwd_stages=2),
+    (False, 64): Blocks(64, 32, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=1, bwd_stages=1),
+    (False, 128): Blocks(64, 32, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=1, bwd_stages=1),
+    (False, 256): Blocks(32, 32, 32, 32, fwd_warps=4, bwd_warps=8, fwd_stages=1, bwd_stages=1),
 }
 
 #: Off CUDA (the interpreter) the GPU's blocks are used unless this is set: tests set small blocks
@@ -135,7 +141,7 @@ def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softca
         q, k, v, out, lse, sched[0], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         qk_scale, cap, w, GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_D=padded_head_dim(D), TILE=cfg.tile,
         BLOCK_N=cfg.fwd_n, SOFTCAP=softcap is not None, LOWP=lowp, PRECISION=precision,
-        num_warps=cfg.fwd_warps, num_stages=cfg.stages)
+        num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, lse, sched
 
 
@@ -157,7 +163,7 @@ def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | 
     dk = _empty((T, Hkv, D), k.dtype, k.device)
     dv = _empty((T, Hkv, D), v.dtype, v.device)
     common = dict(GROUP=Hq // Hkv, HEAD_DIM=D, BLOCK_D=bd, TILE=cfg.tile, SOFTCAP=softcap is not None, LOWP=lowp,
-                  PRECISION=precision, num_warps=cfg.bwd_warps, num_stages=cfg.stages)
+                  PRECISION=precision, num_warps=cfg.bwd_warps, num_stages=cfg.bwd_stages)
     kn.dkdv_kernel[(Hkv, sched.shape[1])](
         q, k, v, dout, dk, dv, lse, delta, sched[1], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2],
         *dout.stride()[:2], *dk.stride()[:2], *dv.stride()[:2], scale, qk_scale, cap, w,
