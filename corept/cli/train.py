@@ -24,7 +24,7 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
 
 chat templates and loss (--template, --train-on):
   --template NAME supplies a chat template when the tokenizer has none, or replaces its own (saved with the
-  model): chatml, gemma, llama-3, mistral, qwen3, or the path of a .jinja file.
+  model): a shipped name (listed under --template above) or the path of a .jinja file.
   --train-on responses (sft default for conversations) puts the loss on the assistant turns only, their
   end-of-turn token included, with any template: system, user and tool turns and role headers get none.
   --train-on all trains on every token. (prompt/completion strings: responses = the completion; text: all)

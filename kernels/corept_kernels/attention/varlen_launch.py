@@ -48,7 +48,7 @@ class Blocks:
 
 
 # (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D. On an H100 at D=128
-# (Triton 3.6, the packed 16k-token llama batch of bench/attention_varlen.py, separate runs) the
+# (Triton 3.6, the packed 16k-token batch of bench/attention_varlen.py (Hq 32, Hkv 8), separate runs) the
 # forward took 1.34 ms with 3 stages against 1.55 with 2, and the backward 5.5 ms with these 128-key
 # dK/dV tiles against 8.6 with 64-key ones (q and dO read twice as often). D=64 and D=256 keep the
 # settings of the committed measurement (bench/results/attention-varlen-2026-12-07-h100-*.json,
