@@ -24,7 +24,7 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
 
 chat templates and loss (--template, --train-on):
   --template NAME supplies a chat template when the tokenizer has none, or replaces its own (saved with the
-  model): a shipped name (listed under --template above) or the path of a .jinja file.
+  model): {templates}, or the path of a .jinja file.
   --train-on responses (sft default for conversations) puts the loss on the assistant turns only, their
   end-of-turn token included, with any template: system, user and tool turns and role headers get none.
   --train-on all trains on every token. (prompt/completion strings: responses = the completion; text: all)
@@ -39,6 +39,15 @@ The no-argument run writes to ~/.cache/corept/runs/demo-sft (COREPT_CACHE moves 
 
 example: corept train --model ./my-model --data my.jsonl --output my-run --max-steps 20
 """
+
+
+def _with_template_names(text: str) -> str:
+    from corept.training.chat_templates import template_names  # the shipped .jinja files, read as data
+
+    return text.replace("{templates}", ", ".join(template_names()))
+
+
+EPILOG = _with_template_names(EPILOG)
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
