@@ -24,6 +24,7 @@ import torch.nn as nn
 from corept_kernels import varlen_attention
 
 from corept.patching.answers import Keep, Replacement
+from corept.patching.signature import innermost
 
 INTERFACE_GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 #: implementations whose unmasked causal calls the kernel takes too (SDPA and flash have their own)
@@ -119,16 +120,10 @@ class PackedInterfaces:
         return key in self.interfaces
 
 
-def _innermost(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
-
-
 def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
     """Packed batches of this attention instance through the varlen kernel (see the module doc)."""
     cls = type(module).__name__
-    fn = _innermost(type(module).forward)
+    fn = innermost(type(module).forward)
     if INTERFACE_GLOBAL not in getattr(getattr(fn, "__code__", None), "co_names", ()):
         return Keep(f"{cls}.forward does not look up transformers' {INTERFACE_GLOBAL} (nothing to route)")
     interfaces = fn.__globals__.get(INTERFACE_GLOBAL)

@@ -18,16 +18,11 @@ from corept_kernels import reference_only, rope
 
 from corept.components import probe
 from corept.patching.answers import Keep, Replacement
-from corept.patching.signature import faithful
+from corept.patching.signature import faithful, innermost
 
 ROPE_GLOBAL = "apply_rotary_pos_emb"
 _ROTARY_ARGS = 4  # q, k, cos, sin
 
-
-def _innermost(fn):
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
-    return fn
 
 
 def _signature(fn) -> inspect.Signature:
@@ -83,7 +78,7 @@ def _probe(original, ours, head_dim: int, device) -> str | None:
 def rope_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
     """Rebind ``apply_rotary_pos_emb`` for this attention instance's forward only."""
     cls = type(module).__name__
-    fn = _innermost(type(module).forward)
+    fn = innermost(type(module).forward)
     if ROPE_GLOBAL not in getattr(getattr(fn, "__code__", None), "co_names", ()):
         return Keep(f"{cls}.forward does not call {ROPE_GLOBAL} (nothing for corept's RoPE to replace)")
     original = fn.__globals__.get(ROPE_GLOBAL)

@@ -130,6 +130,13 @@ def faithful(sig: inspect.Signature, impl: Callable, *, call_style: str = "posit
     return fn
 
 
+def innermost(fn: Callable) -> Callable:
+    """``fn`` below every decorator that kept ``__wrapped__`` (the function whose globals it reads)."""
+    while hasattr(fn, "__wrapped__"):
+        fn = fn.__wrapped__
+    return fn
+
+
 def clone_with_globals(fn: types.FunctionType, overrides: dict) -> types.FunctionType:
     """A copy of ``fn`` (its innermost function, below any decorator) whose global lookups see
     ``overrides`` first; ``fn`` itself is untouched. Same code, so the same signature.
@@ -140,8 +147,7 @@ def clone_with_globals(fn: types.FunctionType, overrides: dict) -> types.Functio
     (transformers 5.25+ with HF ``kernels`` replaces some by wrappers, and Dynamo then fails to
     build the guard).
     """
-    while hasattr(fn, "__wrapped__"):
-        fn = fn.__wrapped__
+    fn = innermost(fn)
     name = f"corept._forward_clone{next(_counter)}"
     module = types.ModuleType(name, f"globals of a corept-patched copy of {fn.__module__}.{fn.__qualname__}")
     scope = module.__dict__
