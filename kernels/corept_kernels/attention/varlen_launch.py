@@ -47,15 +47,13 @@ class Blocks:
     bwd_stages: int
 
 
-# (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D. On an H100 at D=128
-# (Triton 3.6, the packed 16k-token batch of bench/attention_varlen.py (Hq 32, Hkv 8), separate runs) the
-# forward took 1.34 ms with 3 stages against 1.55 with 2, and the backward 5.5 ms with these 128-key
-# dK/dV tiles against 8.6 with 64-key ones (q and dO read twice as often). D=64 and D=256 keep the
-# settings of the committed measurement (bench/results/attention-varlen-2026-12-07-h100-*.json,
-# which ran with 2 forward stages at D=128). fp32 runs full-precision FMA matmuls: small tiles.
+# (16-bit inputs, padded head dim) -> blocks: the first key whose width holds D. These are the settings
+# of the committed H100 measurement (bench/results/attention-varlen-2026-12-07-h100-*.json); a tuning
+# run whose output was not kept suggested 3 forward stages at D=128, to be measured before it is used.
+# fp32 runs full-precision FMA matmuls: small tiles.
 _BLOCKS = {
     (True, 64): Blocks(128, 64, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=3, bwd_stages=3),
-    (True, 128): Blocks(128, 64, 32, 32, fwd_warps=8, bwd_warps=8, fwd_stages=3, bwd_stages=2),
+    (True, 128): Blocks(128, 64, 32, 32, fwd_warps=8, bwd_warps=8, fwd_stages=2, bwd_stages=2),
     (True, 256): Blocks(64, 32, 32, 32, fwd_warps=8, bwd_warps=8, fwd_stages=2, bwd_stages=2),
     (False, 64): Blocks(64, 32, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=1, bwd_stages=1),
     (False, 128): Blocks(64, 32, 32, 32, fwd_warps=4, bwd_warps=4, fwd_stages=1, bwd_stages=1),
