@@ -83,6 +83,8 @@ VARIANTS = {  # name: (stack variant of bench/e2e_variants.py, batching); defaul
     "unsloth_qlora": ("unsloth_qlora", "unsloth_default"),
     "corept_qlora_padded": ("corept_qlora", "padded"), "hf_qlora_padded": ("hf_qlora", "padded"),
     "unsloth_packed": ("unsloth", "packed"), "unsloth_qlora_packed": ("unsloth_qlora", "packed"),
+    # use_gradient_checkpointing="corept" (offloaded recompute) instead of the default "auto"
+    "corept_lean_packed": ("corept_lean", "packed"), "corept_qlora_lean_packed": ("corept_qlora_lean", "packed"),
 }
 FILL = 0.97
 """The dataset holds ``FILL x (warmup + steps) x tokens per step`` tokens: BFD fills rows to ~99%,

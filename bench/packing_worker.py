@@ -110,14 +110,26 @@ def step_timer(mem, rec: dict, pending: list, warmup: int, flush):
                 rec[key].append(v)
             rec["micro_batches"].append(len(pending))
             peak, reserved = mem.peak()
+            retries = _alloc_retries()
+            rec.setdefault("alloc_retries", []).append(retries)
             rec.update(peak_gib=round(peak, 4), reserved_peak_gib=None if reserved is None else round(reserved, 4),
                        steps_done=len(rec["step_s"]))
             flush()
             i = len(rec["step_s"])
             print(f"  step {i}{' (warm-up)' if i <= warmup else ''} {rec['step_s'][-1]:.3f}s real tokens {sums[0]} "
-                  f"positions {sums[1]} docs {sums[3]} peak {peak:.2f} GiB", flush=True)
+                  f"positions {sums[1]} docs {sums[3]} peak {peak:.2f} GiB alloc retries {retries}", flush=True)
 
     return StepTimer()
+
+
+def _alloc_retries() -> int | None:
+    """The CUDA caching allocator's retries so far (each frees cached blocks and synchronizes: a
+    step that needed them is slow for memory, not compute); ``None`` off CUDA."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return int(torch.cuda.memory_stats().get("num_alloc_retries", 0))
 
 
 def batching_in_use(trainer) -> str:

@@ -7,8 +7,9 @@ Two operator pairs run the same functions as the eager ``autograd.Function`` s:
 The linears arrive flattened (:mod:`corept_kernels.lora.packing`). Inputs are 2-D: ``x2``
 ``[N, in]``; callers reshape around the operators.
 
-Differences from eager, both from the operator contract: outputs may not alias each other, so
-the ``dA`` of linears sharing one ``dxa^T x`` product are copied out of it (``[r, in]`` each);
+Differences from eager, both from the operator contract: outputs may not alias inputs or each other,
+so outputs sharing a storage are copied (:func:`_distinct`: the ``dA`` of linears sharing one
+``dxa^T x`` product, ``[r, in]`` each);
 ``lora_mlp_bwd`` declares that it overwrites the saved gate/up projections (eager does the same
 without saying so), which an uncompiled graph pays for with a copy of them before the call
 (inductor's re-inplacing pass removes it).
@@ -31,10 +32,32 @@ def _empty0(like: torch.Tensor) -> torch.Tensor:
 
 
 def _own(ts, likes) -> Tensors:
-    """Operator outputs: ``None`` -> :func:`~corept_kernels.ops.common.unused`; views of a shared buffer copied out."""
-    shared = len([t for t in ts if t is not None]) > 1
-    return [_empty0(like) if t is None else (t.clone() if shared and t._base is not None else t)
-            for t, like in zip(ts, likes)]
+    """Operator outputs of optional gradients: ``None`` -> :func:`~corept_kernels.ops.common.unused`."""
+    return [_empty0(like) if t is None else t for t, like in zip(ts, likes)]
+
+
+def _distinct(outs: Tensors, inputs: tuple) -> Tensors:
+    """``outs`` as the operator contract wants them: any output sharing storage with an input or an
+    earlier output is replaced by a copy (``dA`` s sliced out of one ``dxa^T x`` product, ``q/k/v``
+    column windows of one GEMM). Storages are compared, not ``._base``: on CUDA the slices reach
+    here without view metadata (torch 2.11 under inductor), and torch's own check compares storages."""
+    taken = {t.untyped_storage().data_ptr() for t in _flat_tensors(inputs) if t.numel()}
+    res = []
+    for t in outs:
+        if t.numel():
+            if t.untyped_storage().data_ptr() in taken:
+                t = t.clone()
+            taken.add(t.untyped_storage().data_ptr())
+        res.append(t)
+    return res
+
+
+def _flat_tensors(args):
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, torch.Tensor))
 
 
 def _mlp(lws, cols: list[int]) -> MlpLinears:
@@ -50,6 +73,7 @@ def _linears_fwd(x2: torch.Tensor, weights: Tensors, As: Tensors, Bs: Tensors, b
                  qtensors: OptTensors, ints: list[int], scalings: list[float]) -> tuple[Tensors, torch.Tensor]:
     lws = unpack(weights, As, Bs, biases, qtensors, ints, scalings)
     outs, xa = _forward_shared(x2, lws, As, Bs, x2.dtype)
+    *outs, xa = _distinct([*outs, xa], (x2, weights, As, Bs, biases, qtensors))
     return outs, xa
 
 
@@ -67,7 +91,10 @@ def _linears_bwd(douts: Tensors, x2: torch.Tensor, xa: torch.Tensor, weights: Te
                  ) -> tuple[torch.Tensor, Tensors, Tensors, Tensors]:
     lws = unpack(weights, As, Bs, biases, qtensors, ints, scalings)
     dx, dAs, dBs, dbs = shared_backward(douts, x2, xa, lws, As, Bs, need_x, need_A, need_B, need_b)
-    return (_empty0(x2) if dx is None else dx), _own(dAs, As), _own(dBs, Bs), _own(dbs, As)
+    k = len(As)
+    flat = _distinct([_empty0(x2) if dx is None else dx, *_own(dAs, As), *_own(dBs, Bs), *_own(dbs, As)],
+                     (douts, x2, xa, weights, As, Bs, biases, qtensors))
+    return flat[0], flat[1:1 + k], flat[1 + k:1 + 2 * k], flat[1 + 2 * k:]
 
 
 @_linears_bwd.register_fake
@@ -139,7 +166,8 @@ def _mlp_fwd(x2: torch.Tensor, weights: Tensors, As: Tensors, Bs: Tensors, biase
              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, Tensors]:
     lin = _mlp(unpack(weights, As, Bs, biases, qtensors, ints, scalings), cols)
     y, xa_f, xa_d, outs = mlp_forward(x2, activation, lin, As, Bs)
-    return y, xa_f, xa_d, list(outs)
+    y, xa_f, xa_d, *outs = _distinct([y, xa_f, xa_d, *outs], (x2, weights, As, Bs, biases, qtensors))
+    return y, xa_f, xa_d, outs
 
 
 @_mlp_fwd.register_fake
@@ -172,8 +200,9 @@ def _mlp_bwd(dy2: torch.Tensor, x2: torch.Tensor, xa_f: torch.Tensor, xa_d: torc
     outs = [out0] if out1 is None else [out0, out1]
     dx, dAs, dBs, dbs = mlp_backward(dy2, x2, xa_f, xa_d, outs, activation, lin, As, Bs, need_x,
                                      need_A, need_B, need_b)
-    return ((_empty0(x2) if dx is None else dx), *_slots(_own(dAs, As), x2), *_slots(_own(dBs, Bs), x2),
-            *_slots(_own(dbs, As), x2))
+    grads = [(_empty0(x2) if dx is None else dx), *_slots(_own(dAs, As), x2), *_slots(_own(dBs, Bs), x2),
+             *_slots(_own(dbs, As), x2)]
+    return tuple(_distinct(grads, (dy2, x2, xa_f, xa_d, out0, out1, weights, As, Bs, biases, qtensors)))
 
 
 @_mlp_bwd.register_fake

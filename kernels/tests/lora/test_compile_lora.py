@@ -104,6 +104,39 @@ def test_tiled_mlp_breaks_the_graph_once_and_stays_exact():
     _check("mlp", pm, torch.float32, tile_rows=5, expect_breaks=1, wrap=lambda fn: lambda x: fn(x.sin()).cos())
 
 
+def _shared_storage(grads):
+    """``grads`` as one storage's slices without view metadata: what the GPU path returns."""
+    live = [g for g in grads if g is not None]
+    flat = torch.cat([g.reshape(-1) for g in live])
+    out, off = [], 0
+    for g in grads:
+        if g is None:
+            out.append(None)
+            continue
+        out.append(flat[off:off + g.numel()].view_as(g).detach())
+        off += g.numel()
+    return out
+
+
+@pytest.mark.parametrize("kind", ["mlp", "qkv"])
+def test_operators_copy_outputs_that_share_storage(kind, monkeypatch):
+    """On CUDA (torch 2.11) the ``dA`` slices of one product reached the operator's return without
+    view metadata, and torch's aliasing check failed the compiled backward. Returned gradients that
+    share one storage must come out as separate tensors, equal to eager's."""
+    import corept_kernels.ops.lora as ops
+
+    if kind == "mlp":
+        real = ops.mlp_backward
+        monkeypatch.setattr(ops, "mlp_backward", lambda *a: (lambda dx, dAs, dBs, dbs: (
+            dx, _shared_storage(dAs), _shared_storage(dBs), dbs))(*real(*a)))
+    else:
+        real = ops.shared_backward
+        monkeypatch.setattr(ops, "shared_backward", lambda *a: (lambda dx, dAs, dBs, dbs: (
+            dx, _shared_storage(dAs), _shared_storage(dBs), dbs))(*real(*a)))
+    model, targets = tiny(kind, "swiglu")
+    _check(kind, peftify(model.to(torch.bfloat16), targets), torch.bfloat16)
+
+
 def test_lora_kernels_declare_compile_safe():
     for name in ("lora_mlp", "lora_qkv", "lora_o"):
         assert get(name).compile_safe
