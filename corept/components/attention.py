@@ -24,6 +24,7 @@ import torch.nn as nn
 from corept_kernels import varlen_attention
 
 from corept.patching.answers import Keep, Replacement
+from corept.patching.sharing import shared
 from corept.patching.signature import innermost
 
 INTERFACE_GLOBAL = "ALL_ATTENTION_FUNCTIONS"
@@ -101,10 +102,17 @@ class PackedInterfaces:
 
     def __init__(self, interfaces):
         self.interfaces = interfaces
+        # made up front for every registered function: a compiled layer guards on this dict, and
+        # one filled at the first call would recompile every compiled layer once (eager models'
+        # own function, which is not registered, still adds one entry at its first call)
         self._made: dict = {}
+        for name in list(interfaces.keys()) if hasattr(interfaces, "keys") else ():
+            self.get_interface(name, None)
 
     def get_interface(self, attn_implementation, default):
         fallback = self.interfaces.get_interface(attn_implementation, default)
+        if fallback is None:
+            return None
         made = self._made.get(fallback)
         if made is None:
             made = self._made[fallback] = packed_attention(fallback, unmasked=attn_implementation in UNMASKED)
@@ -134,4 +142,6 @@ def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
         return Keep(f"{cls}: cannot patch attention on meta tensors (load the weights first)")
     # the report shows triton:varlen_attention, or torch:varlen_attention with the reason on a device
     # the kernel cannot run on; calls that are not packed reach transformers' function unchanged
-    return Replacement(kernel="varlen_attention", forward_globals={INTERFACE_GLOBAL: PackedInterfaces(interfaces)})
+    # one stand-in per registry (it keeps the registry alive, so its id names it)
+    packed = shared(("attention", id(interfaces)), lambda: PackedInterfaces(interfaces))
+    return Replacement(kernel="varlen_attention", forward_globals={INTERFACE_GLOBAL: packed})

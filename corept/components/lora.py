@@ -26,6 +26,7 @@ from corept.components.norm import single_input
 from corept.lora.fast_path import group_reason, is_training_call
 from corept.lora.qkv_group import QKVGroup
 from corept.patching.answers import Keep, Replacement
+from corept.patching.sharing import shared
 from corept.patching.signature import unbound_forward
 from corept.patching.engine import state_of
 
@@ -47,7 +48,8 @@ def linear_replacement(module: nn.Module) -> Replacement | Keep:
     why = lora_fast_path_reason(module)
     if why is not None:
         return Keep(why)
-    return Replacement(kernel="lora_o", forward=_linear_forward(unbound_forward(module)))
+    unfused = unbound_forward(module)
+    return Replacement(kernel="lora_o", forward=shared(("lora_o", unfused), lambda: _linear_forward(unfused)))
 
 
 def _children(module: nn.Module, done: set) -> tuple[dict, list[str]]:
@@ -86,7 +88,8 @@ def _mlp_forward(names, gate_up: bool, activation: str, unfused, options: dict):
             return fused(self, x)
         return unfused(self, x, *args, **kwargs)
 
-    return forward, fused
+    forward.fused = fused
+    return forward
 
 
 def mlp_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep | None:
@@ -103,7 +106,11 @@ def mlp_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | 
         why = f"activation {arch.numerics.mlp_activation!r} has no fused LoRA kernel"
     if why is None:
         options = _options(model)
-        forward, fused = _mlp_forward(names, gate_up, arch.numerics.mlp_activation, unbound_forward(module), options)
+        unfused, activation = unbound_forward(module), arch.numerics.mlp_activation
+        # options by id: the forward keeps the model's options dict (read at call time) alive
+        forward = shared(("lora_mlp", names, gate_up, activation, unfused, id(options)),
+                         lambda: _mlp_forward(names, gate_up, activation, unfused, options))
+        fused = forward.fused
         candidate = Replacement(kernel="lora_mlp", forward=forward)
         hidden = getattr(getattr(module, names[0]), "in_features")
         dtype, device = probe.compute_dtype(module, model), next(module.parameters()).device
@@ -129,8 +136,9 @@ def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
         if why is None:
             group = QKVGroup(mods, names)
             for n, m in zip(names, mods):
-                children[n] = Replacement(kernel="lora_qkv", forward=_qkv_forward(unbound_forward(m)),
-                                          attributes={"corept_qkv_group": group})
+                unfused = unbound_forward(m)
+                children[n] = Replacement(kernel="lora_qkv", attributes={"corept_qkv_group": group},
+                                          forward=shared(("lora_qkv", unfused), lambda: _qkv_forward(unfused)))
             done.update(names)
         elif any(_is_lora(m) for m in mods):
             reasons.append(f"{'/'.join(names)} not grouped: {why}")

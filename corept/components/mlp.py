@@ -12,6 +12,7 @@ from corept_kernels import geglu, swiglu
 from corept.components import probe
 from corept.components.norm import single_input
 from corept.patching.answers import Keep, Replacement
+from corept.patching.sharing import shared
 from corept.registry.quirks import MLP_ACTIVATIONS
 
 
@@ -33,6 +34,21 @@ def linears(module: nn.Module, names) -> str | None:
             f"{present}: declare them with corept.Projections")
 
 
+def _mlp_forward(activation: str, names: tuple, gate_up: bool):
+    act = glu(activation)[1]
+    if gate_up:
+        fused, down = names
+
+        def forward(self, x):
+            return getattr(self, down)(act(*getattr(self, fused)(x).chunk(2, dim=-1)))
+    else:
+        gate, up, down = names
+
+        def forward(self, x):
+            return getattr(self, down)(act(getattr(self, gate)(x), getattr(self, up)(x)))
+    return forward
+
+
 def mlp_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
     """Replace a gated MLP's forward: input ``[..., H]`` -> ``[..., H]``, proven on a probe."""
     p = arch.projections
@@ -43,18 +59,8 @@ def mlp_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | 
     why = linears(module, names) or single_input(module)
     if why:
         return Keep(why)
-    kernel, act = glu(activation)
-    if p.gate_up:
-        gate_up, down = p.gate_up, p.down
-
-        def forward(self, x):
-            return getattr(self, down)(act(*getattr(self, gate_up)(x).chunk(2, dim=-1)))
-    else:
-        gate, up, down = p.gate, p.up, p.down
-
-        def forward(self, x):
-            return getattr(self, down)(act(getattr(self, gate)(x), getattr(self, up)(x)))
-
+    kernel = glu(activation)[0]
+    forward = shared(("mlp", activation, names, bool(p.gate_up)), lambda: _mlp_forward(activation, names, bool(p.gate_up)))
     replacement = Replacement(kernel=kernel, forward=forward)
     hidden = getattr(getattr(module, names[0]), "in_features", None)
     if hidden is None:

@@ -8,6 +8,7 @@ from corept_kernels import rms_norm
 
 from corept.components import probe
 from corept.patching.answers import Keep, Replacement
+from corept.patching.sharing import shared
 from corept.patching.signature import forward_signature
 from corept.registry.quirks import NORM_CASTINGS
 
@@ -21,6 +22,12 @@ def single_input(module: nn.Module) -> str | None:
         return None
     return (f"{type(module).__name__}.forward{forward_signature(module)} takes more than one input; the shared "
             f"component replaces forward(x) only")
+
+
+def _norm_forward(eps_attr: str, offset: float, casting: str):
+    def forward(self, hidden_states):
+        return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting=casting)
+    return forward
 
 
 def norm_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
@@ -43,9 +50,7 @@ def norm_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement |
     if casting not in NORM_CASTINGS:
         return Keep(f"norm_casting {casting!r} is not one of {NORM_CASTINGS}")
 
-    def forward(self, hidden_states):
-        return rms_norm(hidden_states, self.weight, getattr(self, eps_attr), offset=offset, casting=casting)
-
+    forward = shared(("rms_norm", eps_attr, offset, casting), lambda: _norm_forward(eps_attr, offset, casting))
     replacement = Replacement(kernel="rms_norm", forward=forward)
     make = lambda: (probe.randn(2, 3, weight.shape[0], dtype=weight.dtype, device=weight.device),)  # noqa: E731
     return probe.checked(arch, "norm", module, replacement, make,

@@ -18,6 +18,7 @@ from corept_kernels import reference_only, rope
 
 from corept.components import probe
 from corept.patching.answers import Keep, Replacement
+from corept.patching.sharing import shared
 from corept.patching.signature import faithful, innermost
 
 ROPE_GLOBAL = "apply_rotary_pos_emb"
@@ -88,7 +89,7 @@ def rope_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement |
     positional = [p for p in sig.parameters.values() if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     if len(positional) < _ROTARY_ARGS or any(p.kind is p.VAR_POSITIONAL for p in sig.parameters.values()):
         return Keep(f"{ROPE_GLOBAL}{sig} is not (q, k, cos, sin, ...)")
-    ours = rotary_function(original, sig)
+    ours = shared(("rope", original), lambda: rotary_function(original, sig))
     head_dim = getattr(module, "head_dim", None) or getattr(arch.config, "head_dim", None)
     if not head_dim:
         return Keep(f"{cls} has no head_dim to probe {ROPE_GLOBAL} with")

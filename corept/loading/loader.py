@@ -183,8 +183,8 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
         ``"auto"`` or a float dtype stores them in the compute dtype, which FSDP needs to shard
         4-bit weights like the other (floating) parameters (docs/distributed.md).
     :param compile: each decoder layer as one ``torch.compile`` region (docs/compile.md): ``None``
-        (default) on when the model is on CUDA, ``False`` off (or ``COREPT_COMPILE=0``), ``True``
-        on anywhere, or a dict of ``torch.compile`` arguments.
+        (default) off unless ``COREPT_COMPILE=1``, ``False`` off (also ``COREPT_COMPILE=0``), ``True``
+        on, or a dict of ``torch.compile`` arguments.
     :returns: ``(model, tokenizer)``; the tokenizer is ``None`` if the folder has none.
     """
     opts = validate_options(max_seq_length=max_seq_length, dtype=dtype, load_in_4bit=load_in_4bit,

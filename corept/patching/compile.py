@@ -30,10 +30,11 @@ the model goes back to eager, with one warning line and the reason in ``corept.r
 ``settings["compile"]``. An error that eager raises too is the caller's and propagates as it is.
 Compilation of the backward graph happens at the first backward; a failure there propagates.
 
-Switch: ``corept.load(..., compile=False)`` or ``COREPT_COMPILE=0``. Default (``None``):
-on when the model is on CUDA; off elsewhere (CPU runs have no inductor benefit, and inductor needs
-a C++ compiler there). ``compile=True`` forces it on; a dict gives ``torch.compile`` arguments
-(e.g. ``{"backend": "aot_eager"}``, how the CPU tests run it).
+Switch: ``corept.load(..., compile=True)`` or ``COREPT_COMPILE=1`` turns it on; ``compile=False`` or
+``COREPT_COMPILE=0`` keeps it off; a dict gives ``torch.compile`` arguments (e.g.
+``{"backend": "aot_eager"}``, how the CPU tests run it). Default (``None``): off, until an 8B GPU
+run with every layer compiled shows it pays (docs/compile.md: the GPU runs so far compiled at most
+8 of 32 layers, see :mod:`corept.patching.sharing`).
 """
 from __future__ import annotations
 
@@ -69,8 +70,7 @@ def choose(option, model: nn.Module) -> tuple[dict | None, str]:
         return dict(option), "on (compile=" + repr(option) + ")"
     if option is True or env in ("1", "true", "on", "yes"):
         return {}, "on (compile=True)" if option is True else f"on ({ENV}={os.environ[ENV]})"
-    # Off by default until a GPU run trains a compiled LoRA layer: on an H100 (torch 2.11) the compiled
-    # LoRA MLP backward failed torch's check that no operator output aliases an input (docs/compile.md)
+    # Off by default until a GPU run with every layer compiled is measured (module notes, docs/compile.md)
     return None, "off (default; compile=True or COREPT_COMPILE=1 turns it on)"
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import torch.nn as nn
 
 from corept.patching.answers import Replacement
+from corept.patching.sharing import shared
 from corept.patching.signature import clone_with_globals, faithful_forward, unbound_forward
 
 logger = logging.getLogger("corept")
@@ -121,13 +122,27 @@ def forward_chain(module: nn.Module) -> list:
     return chain
 
 
+def _installed_forward(module: nn.Module, impl, style: str, scope: dict, parts: tuple, replaces):
+    """The forward :func:`install` binds to ``module`` (and to every instance it is equal for)."""
+    if scope:
+        forward = clone_with_globals(impl if impl is not None else type(module).forward, scope)
+        if impl is not None:
+            forward = faithful_forward(module, forward, call_style=style)
+    else:
+        forward = faithful_forward(module, impl, call_style=style)
+    forward.__corept_parts__ = parts
+    forward.__corept_replaces__ = replaces
+    return forward
+
+
 def install(module: nn.Module, answers: list[tuple[str, Replacement]]) -> list[Change]:
     """Apply the replacements answered for ``module`` (by one or more components), and their
     children; returns the recorded changes.
 
     One forward results: the last answer's ``forward`` (or the current one), cloned with every
     answer's ``forward_globals``, installed with the signature of the forward it replaces. The
-    installed function carries ``__corept_parts__`` (the components it serves) and
+    installed function (one per distinct definition, shared by the instances it is equal for:
+    :mod:`corept.patching.sharing`) carries ``__corept_parts__`` (the components it serves) and
     ``__corept_replaces__`` (the forward it replaced, which fused forwards still call for the calls
     they cannot take), so the live module tree tells what runs.
     """
@@ -139,16 +154,13 @@ def install(module: nn.Module, answers: list[tuple[str, Replacement]]) -> list[C
         scope.update(r.forward_globals)
         if r.forward is not None:
             impl, style = r.forward, r.call_style
-    forward = None
-    if scope:
-        forward = clone_with_globals(impl if impl is not None else type(module).forward, scope)
-        if impl is not None:
-            forward = faithful_forward(module, forward, call_style=style)
-    elif impl is not None:
-        forward = faithful_forward(module, impl, call_style=style)
-    if forward is not None:
-        forward.__corept_parts__ = tuple((c, r.implementation or r.kernel) for c, r in answers)
-        forward.__corept_replaces__ = unbound_forward(module)
+    if scope or impl is not None:
+        parts = tuple((c, r.implementation or r.kernel) for c, r in answers)
+        replaces = unbound_forward(module)
+        # impl and the scope's values by id: the installed function keeps them alive
+        key = ("forward", type(module), replaces, id(impl), style, parts,
+               tuple(sorted((name, id(value)) for name, value in scope.items())))
+        forward = shared(key, lambda: _installed_forward(module, impl, style, scope, parts, replaces))
         change.set("forward", types.MethodType(forward, module))
     changes = [change] if change.new else []
     children: dict[str, list] = {}

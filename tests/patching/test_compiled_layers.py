@@ -148,3 +148,21 @@ def test_layers_of_a_modeling_module_with_hub_kernel_wrappers_compile(monkeypatc
     setting = corept.report(compiled).settings["compile"]
     assert "one region each" in setting and "fell back" not in setting, setting
     assert_fp32_close("loss", got[0], want[0])
+
+
+def test_layers_share_one_compiled_graph():
+    """Every decoder layer of a model runs one compiled frame: corept's per-instance forwards
+    (rope and attention globals, fused LoRA forwards) are shared by layers they are equal for, so
+    Dynamo's guards hold across layers. Per-layer copies made each layer a recompile, and past
+    ``torch._dynamo.config.recompile_limit`` (8) the remaining layers of an 8B model ran eager."""
+    from torch._dynamo.utils import counters
+
+    def graphs(layers: int) -> int:
+        torch._dynamo.reset()
+        counters.clear()
+        _step(_lora("llama", AOT, model=tiny.tiny_model("llama", num_hidden_layers=layers)))
+        return counters["stats"]["unique_graphs"]
+
+    two, four = graphs(2), graphs(4)
+    # offloaded checkpointing runs each layer without and with grad: two graphs per shape
+    assert two == four == 2, f"{two} graphs for 2 layers, {four} for 4: a recompile per layer"
