@@ -108,7 +108,7 @@ def _fwd_blocks(acc, m_i, l_i, q, Kh, Vh, skt, svt, lo, j0, j1, q1, rpos, window
     return acc, m_i, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "window"])
 def fwd_kernel(Q, K, V, O, LSE, SCHED, T, sqt, sqh, skt, skh, svt, svh, sot, soh, qk_scale, cap, window,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
                BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr):
@@ -143,7 +143,7 @@ def fwd_kernel(Q, K, V, O, LSE, SCHED, T, sqt, sqh, skt, skh, svt, svh, sot, soh
     tl.store(LSE + h.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def delta_kernel(O, DO, DELTA, T, sot, soh, sdt, sdh,
                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, ROWS: tl.constexpr):
     """Grid ``(Hq, cdiv(T, ROWS))``: ``delta = rowsum(dO * O)`` in fp32."""
@@ -183,7 +183,7 @@ def _dq_blocks(dq, q, do, lse, delta, Kh, Vh, skt, svt, lo, j0, j1, q1, rpos, wi
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "window"])
 def dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, SCHED, T, sqt, sqh, skt, skh, svt, svh, sdt, sdh, sdqt, sdqh,
               scale, qk_scale, cap, window,
               GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
@@ -253,7 +253,7 @@ def _dkdv_blocks(dk, dv, k, v, Qh, DOh, LSEh, DELTAh, sqt, sdt, k0, i0, i1, cols
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T", "window"])
 def dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SCHED, T, sqt, sqh, skt, skh, svt, svh, sdt, sdh,
                 sdkt, sdkh, sdvt, sdvh, scale, qk_scale, cap, window,
                 GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
@@ -289,7 +289,7 @@ def dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, SCHED, T, sqt, sqh, skt, skh, s
     store_rounded(DV + hk64 * sdvh + cols64 * sdvt + d[None, :], dv, cmask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "size"])
 def schedule_kernel(CU, SCHED, N, size, TILE: tl.constexpr, DOCS: tl.constexpr):
     """Grid ``(cdiv(T, TILE), 2)``: program ``(r, order)`` writes the schedule rows of rank ``r``.
 

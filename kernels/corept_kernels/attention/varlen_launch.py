@@ -7,7 +7,12 @@ size ``cdiv(T, tile) + N`` depends on shapes only. A packed batch costs the sum 
 causal (or windowed) attention, not ``T**2``.
 
 Tile sizes are fixed per head width and dtype (:func:`blocks`): no run-time autotuning
-(:class:`corept_kernels.tuning.Launcher` serves the memory-bound kernels).
+(:class:`corept_kernels.tuning.Launcher` serves the memory-bound kernels). Nothing a batch's
+documents decide may pick a new compiled variant: Triton specializes integer arguments on
+divisibility by 16 and pointers on 16-byte alignment, so the kernels do not specialize on ``T``,
+the window (``T + 1`` when there is none), the document count or the schedule's size, and the
+schedule's second order starts aligned. Before, a packed run on an H100 compiled new variants at
+steps 4, 5 and 7 of its first process (2.5-4.6 s steps instead of 1.1 s; docs/packing.md).
 """
 from __future__ import annotations
 
@@ -80,8 +85,9 @@ def blocks(D: int, dtype: torch.dtype, device: torch.device) -> Blocks:
 
 def schedule_rows(T: int, n_docs: int, tile: int) -> int:
     """Rows of each order of the schedule: a bound on the tiles of ``n_docs`` documents of ``T``
-    tokens (symbolic sizes allowed)."""
-    return (T + tile - 1) // tile + n_docs
+    tokens (symbolic sizes allowed), rounded up to a multiple of 4 so the second order starts
+    16-byte aligned (rows are 3 int32): Triton compiles a kernel once per pointer alignment."""
+    return ((T + tile - 1) // tile + n_docs + 3) // 4 * 4
 
 
 def _empty(shape, dtype, device) -> torch.Tensor:
@@ -94,7 +100,7 @@ def _unit_last(t: torch.Tensor) -> torch.Tensor:
 
 
 def schedule(cu_seqlens: torch.Tensor, T: int, tile: int) -> torch.Tensor:
-    """``[2, cdiv(T, tile) + N, 3]`` int32 rows ``(start, doc_start, doc_end)``: order 0 for the
+    """``[2, schedule_rows(T, N, tile), 3]`` int32 rows ``(start, doc_start, doc_end)``: order 0 for the
     query-tile programs, order 1 for the key-tile programs, then ``(0, 0, 0)`` padding rows."""
     cu = cu_seqlens.to(torch.int32).contiguous()
     n_docs = cu.numel() - 1
