@@ -14,6 +14,14 @@ export HF_HUB_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 export PIP_NO_WARN_SCRIPT_LOCATION := 1
 
+# Test processes (pytest-xdist): two by default, as CI has 2 cores and the suites are mostly
+# single-threaded Triton-interpreter work. The core suites keep whole files in one process
+# (--dist loadfile: module fixtures run once); a conformance kit is one class in one file, so its
+# tests are dealt out one by one (each process builds the tiny models it needs). XDIST= KIT_XDIST=
+# run everything in one process.
+XDIST ?= -n 2 --dist loadfile
+KIT_XDIST ?= -n 2
+
 .PHONY: demo test test-core test-kernels test-plugin test-plugins test-latest test-examples venv install clean
 
 venv: $(STAMP)
@@ -53,7 +61,7 @@ test-kernels: install
 	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q -rs
 
 test-plugin: $(BUILD)/only-$(P)
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q -rs
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q -rs $(KIT_XDIST)
 
 test-plugins:
 	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
@@ -67,7 +75,7 @@ $(LATEST)/.stamp: $(STAMP) requirements/latest.txt
 
 test-latest: install $(LATEST)/.stamp
 	TRITON_INTERPRET=1 PYTHONPATH=$(LATEST):$(BUILD)/all $(PY) -P -m pytest tests/patching tests/components \
-		plugins/llama/tests/test_conformance.py -q -rs -k "not matrix and not convergence" \
+		plugins/llama/tests/test_conformance.py -q -rs -k "not matrix and not convergence" $(KIT_XDIST) \
 		--ignore=tests/patching/test_compiled_layers.py  # the kit's compiled-layers check covers this stack
 
 # Example third-party plugins, installed beside the core and kernels only.
@@ -76,10 +84,10 @@ $(BUILD)/examples: $(STAMP) FORCE
 	$(PIP) install --no-deps --no-build-isolation --target $@ . ./kernels $(wildcard ./examples/plugins/*/) 2>&1 | grep -v "is ignored" || true
 
 test-examples: $(BUILD)/examples
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q -rs
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/examples $(PY) -P -m pytest examples/plugins -q -rs $(KIT_XDIST)
 
 test: install
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q -rs --durations=10
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests tests bench/tests -q -rs --durations=15 $(XDIST)
 	$(MAKE) --no-print-directory test-plugins
 	$(MAKE) --no-print-directory test-examples
 	$(MAKE) --no-print-directory test-latest

@@ -47,6 +47,9 @@ def main() -> None:
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch: rank 0 saves
         print("adapter:", corept.save(model, tokenizer, f"{args.output}/adapter", method="lora"))
         print("merged: ", corept.save(model, tokenizer, f"{args.output}/merged", method="merged_16bit"))
+    if torch.distributed.is_initialized():  # the other ranks wait for rank 0's save, then all leave together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -40,12 +40,15 @@ def main() -> None:
         args=SFTConfig(output_dir=args.output, max_steps=args.max_steps, per_device_train_batch_size=8,
                        learning_rate=1e-3, logging_steps=5, max_length=256, save_strategy="no",
                        report_to="none", use_cpu=not gpu, bf16=gpu and torch.cuda.is_bf16_supported(),
-                       gradient_checkpointing=False,
-                       ddp_find_unused_parameters=False))  # needed by corept's checkpointing under DDP  # corept's own checkpointing is already on
+                       gradient_checkpointing=False,  # corept's own checkpointing is already on
+                       ddp_find_unused_parameters=False))  # needed by corept's checkpointing under DDP
     trainer.train()
     if trainer.is_world_process_zero():  # under torchrun / accelerate launch: rank 0 saves
         print("adapter:", corept.save(model, tokenizer, f"{args.output}/adapter", method="lora"))
         print("merged: ", corept.save(model, tokenizer, f"{args.output}/merged", method="merged_16bit"))
+    if torch.distributed.is_initialized():  # the other ranks wait for rank 0's save, then all leave together
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

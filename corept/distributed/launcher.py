@@ -75,6 +75,14 @@ def barrier() -> None:
         torch.distributed.barrier()
 
 
+def leave_group() -> None:
+    """Wait for every rank, then destroy the process group (no-op without one). A rank that exits
+    while a peer still writes (rank 0 saving) closes its gloo/NCCL connections under that peer."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def exit_skipping_teardown(code: int | None) -> None:
     """End a worker process whose work is written and whose process group is destroyed, skipping
     the interpreter's teardown (``os._exit``; stdout/stderr flushed first).

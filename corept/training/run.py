@@ -244,6 +244,10 @@ def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
     if main:
         _write_record(result)
     _print_summary(result, label, echo)
+    if mode is not None:
+        from corept.distributed.launcher import leave_group
+
+        leave_group()
     return result
 
 
