@@ -1,4 +1,4 @@
-"""``corept train``: fine-tune with SFT, DPO or KTO (TRL) on a corept-patched model, then save it.
+"""``corept train``: fine-tune with SFT, DPO, KTO or GRPO (TRL) on a corept-patched model, then save it.
 
 With no ``--model``/``--data`` it runs the embedded default offline (SmolLM2-135M-Instruct, or a
 tiny built-in model, on the shipped corept Q/A data) and shows a held-out answer before and after.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-HELP = ("fine-tune with TRL (sft/dpo/kto; LoRA, QLoRA or full) and save adapter + merged model; "
+HELP = ("fine-tune with TRL (sft/dpo/kto/grpo; LoRA, QLoRA or full) and save adapter + merged model; "
         "no arguments: the embedded offline demo")
 
 #: printed after the options by ``corept train --help``
@@ -21,6 +21,14 @@ data (--data: .jsonl, .json, .csv, .parquet or a datasets folder; every row in t
     (messages/prompt rows use the tokenizer's chat template; prompt+completion puts the loss on the completion)
   dpo  {"prompt": "...", "chosen": "...", "rejected": "..."}   (strings, or conversations as above)
   kto  {"prompt": "...", "completion": "...", "label": true}   (label: true = desirable)
+  grpo {"prompt": "What is 2+3?", "answer": "5"}   (prompt: string or conversation; other columns reach the rewards)
+
+rewards (grpo, --reward NAME[=ARG], repeatable; summed): exact_match (1 when the completion's answer, inside
+<answer></answer> or its last line, equals the 'answer' column; numbers compared as numbers), format[=REGEX]
+(1 when the whole completion matches; default <think>..</think><answer>..</answer>), length[=N] (near N
+words). Default: exact_match when the data has an 'answer' column, else format. --num-generations
+completions per prompt (default 4) of at most --max-completion-length tokens (default 128), sampled by the
+patched model's generate(); --batch-size x --grad-accum must be a multiple of --num-generations.
 
 chat templates and loss (--template, --train-on):
   --template NAME supplies a chat template when the tokenizer has none, or replaces its own (saved with the
@@ -61,8 +69,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", help="model folder, HF id or plugin alias (default: the embedded model a plugin declares)")
     g.add_argument("--data", help="jsonl, json, csv or parquet file, or a datasets folder (save_to_disk); "
                                   "default: the shipped corept Q/A data")
-    g.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft",
-                   help="TRL trainer: sft (default), dpo or kto; the data columns each needs are listed below")
+    g.add_argument("--method", choices=("sft", "dpo", "kto", "grpo"), default="sft",
+                   help="TRL trainer: sft (default), dpo, kto or grpo; the data columns each needs are listed below")
     g.add_argument("--output", help="output folder: adapter/, merged/ and run.json (required with --model/--data)")
     g.add_argument("--template", metavar="NAME",
                    help=f"chat template for conversations, replacing the tokenizer's own: {', '.join(template_names())}"
@@ -87,7 +95,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-seq-length", type=int, help="tokens per row; longer rows are truncated (default 1024)")
     s.add_argument("--batch-size", type=int, help="per-device micro-batch (default 2)")
     s.add_argument("--grad-accum", type=int, help="gradient accumulation steps (default 1)")
-    s.add_argument("--lr", type=float, help="learning rate (default per method: sft 2e-4, dpo/kto 5e-5; "
+    s.add_argument("--lr", type=float, help="learning rate (default per method: sft 2e-4, dpo/kto/grpo 5e-5; "
                                             "full fine-tuning 2e-5 / 1e-6)")
     s.add_argument("--epochs", type=float, help="passes over the data (default 1)")
     s.add_argument("--max-steps", type=int, help="optimizer steps (overrides --epochs)")
@@ -99,7 +107,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="sft: pack rows padding-free into bins of --max-seq-length tokens (--batch-size bins a "
                         "step); documents stay apart in attention, RoPE and loss. On by default for sft; "
                         "--no-packing pads each batch to its longest row")
-    s.add_argument("--beta", type=float, default=0.1, help="DPO/KTO beta")
+    s.add_argument("--beta", type=float, help="DPO/KTO beta (default 0.1); GRPO's KL coefficient (default 0: no "
+                                             "reference pass)")
+    s.add_argument("--reward", action="append", dest="rewards", metavar="NAME[=ARG]",
+                   help="grpo reward, repeatable: exact_match, format[=REGEX], length[=N] (see below)")
+    s.add_argument("--num-generations", type=int, help="grpo: completions sampled per prompt (default 4)")
+    s.add_argument("--max-completion-length", type=int, help="grpo: tokens per completion (default 128)")
     s.add_argument("--distributed", choices=("ddp", "fsdp"),
                    help="under torchrun / accelerate launch: ddp (a replica per GPU; the default when launched "
                         "with >1 process) or fsdp (FSDP2 shards, CUDA only); see docs/distributed.md")
@@ -119,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
           "gradient_checkpointing", "save_method", "save_gguf", "sample_prompt")
 _FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite", "distributed")
-_CHAT = ("template", "train_on")  # passed on when given
+_CHAT = ("template", "train_on", "rewards", "num_generations", "max_completion_length")  # passed on when given
 
 
 def options_from_args(args):

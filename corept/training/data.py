@@ -12,6 +12,8 @@ Schemas (TRL's standard and conversational formats; a "conversation" is a non-em
   strings or both conversations; the loss is then on the completion only);
 * ``dpo``: ``prompt`` + ``chosen`` + ``rejected`` (all strings or all conversations);
 * ``kto``: ``prompt`` + ``completion`` + ``label`` (bool: true = desirable). Rows are unpaired.
+* ``grpo``: ``prompt`` (string or conversation); every other column (e.g. ``answer``) is kept and
+  handed to the reward functions.
 
 Every row must use the same format as row 0. The first bad row is reported by index (0-based; for
 JSON Lines also its line number) with what it lacks. Columns a format does not use are dropped.
@@ -25,14 +27,17 @@ from typing import Any, Iterable
 
 from corept.errors import InvalidOptionsError
 
-METHODS = ("sft", "dpo", "kto")
+METHODS = ("sft", "dpo", "kto", "grpo")
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 #: method -> list of (format name, required columns), tried in order on each row.
 FORMATS: dict[str, list[tuple[str, tuple[str, ...]]]] = {
     "sft": [("messages", ("messages",)), ("prompt-completion", ("prompt", "completion")), ("text", ("text",))],
     "dpo": [("preference", ("prompt", "chosen", "rejected"))],
     "kto": [("unpaired preference", ("prompt", "completion", "label"))],
+    "grpo": [("prompt-only", ("prompt",))],
 }
+#: methods whose other columns are kept (the reward functions read them)
+KEEP_ALL_COLUMNS = ("grpo",)
 _TRUE = {"true", "1", "yes", "y", "t"}
 _FALSE = {"false", "0", "no", "n", "f"}
 
@@ -227,7 +232,7 @@ def _columns(method: str, fmt: str) -> tuple[str, ...]:
 def load_training_data(source: str | Path, method: str):
     """Read ``source``, check it for ``method`` and return ``(datasets.Dataset, format name)``.
 
-    Only the format's columns are kept; KTO labels become bools.
+    Only the format's columns are kept (GRPO keeps every column); KTO labels become bools.
     :raises DataError: unreadable source, or the first row that does not fit the schema.
     """
     from datasets import Dataset
@@ -235,6 +240,8 @@ def load_training_data(source: str | Path, method: str):
     rows = read_rows(source)
     fmt = check_rows(rows, method, source=str(source), lines=getattr(rows, "lines", None))
     cols = _columns(method, fmt)
+    if method in KEEP_ALL_COLUMNS:
+        return (rows if isinstance(rows, Dataset) else Dataset.from_list(list(rows))), fmt
     if isinstance(rows, Dataset):
         ds = rows.select_columns(list(cols))
         if "label" in cols and ds.features["label"].dtype != "bool":

@@ -34,6 +34,12 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content']
                       "{% if add_generation_prompt %}<|assistant|>{% endif %}")
 
 #: (model kind, method) -> option values of the embedded run.
+#: The no-argument GRPO run's rewards: the right number (its last line's last number), and brevity (about
+#: 6 words). SmolLM2-135M rambles and rarely adds right, so brevity is what its reward rises on in a few
+#: minutes; the sampled answers' lengths differ, so every group has something to compare.
+GRPO_REWARDS = ["exact_match", "length=6"]
+GRPO_HELD_OUT = "What is 17 + 25? Answer briefly."
+
 EMBEDDED: dict[tuple[str, str], dict] = {
     # sft packs: one bin of 256 tokens holds ~5 of the shipped conversations (the padded run took 4 rows)
     ("embedded", "sft"): dict(r=16, lora_alpha=32, lr=1e-3, max_steps=40, batch_size=1, max_seq_length=256),
@@ -42,11 +48,17 @@ EMBEDDED: dict[tuple[str, str], dict] = {
     ("tiny", "sft"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=20, batch_size=1, max_seq_length=256),
     ("tiny", "dpo"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),
     ("tiny", "kto"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=10, batch_size=4, max_seq_length=256),
+    # grpo: one prompt a step, 4 sampled answers of up to 32 tokens (GRPO_REWARDS)
+    ("embedded", "grpo"): dict(r=16, lora_alpha=32, lr=2e-4, max_steps=24, batch_size=4, max_seq_length=256,
+                               num_generations=4, max_completion_length=32, rewards=GRPO_REWARDS),
+    ("tiny", "grpo"): dict(r=16, lora_alpha=32, lr=1e-2, max_steps=4, batch_size=4, max_seq_length=256,
+                           num_generations=4, max_completion_length=8, rewards=GRPO_REWARDS),
 }
 
 
 def shipped_data(method: str) -> Path:
-    """Path of the shipped dataset for ``method`` (``sft``, ``dpo`` or ``kto``)."""
+    """Path of the shipped dataset for ``method`` (``sft``, ``dpo``, ``kto`` or ``grpo``: arithmetic prompts
+    with an ``answer`` column)."""
     path = Path(str(resources.files("corept") / "data" / f"corept_{method}.jsonl"))
     if not path.is_file():
         raise FileNotFoundError(f"shipped dataset {path} is missing (corept installed without package data?)")
@@ -124,6 +136,8 @@ def embedded_options(method: str = "sft", **overrides) -> TrainOptions:
                   save_method="merged_16bit", gradient_checkpointing="false", embedded=True,
                   held_out_question=HELD_OUT_QUESTION, seed=3407, max_new_tokens=96,
                   notes=[f"model: {description}"])
+    if method == "grpo":  # the corept question teaches nothing GRPO's arithmetic prompts reward
+        values["held_out_question"] = GRPO_HELD_OUT
     values.update(EMBEDDED[(kind, method)])
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainOptions(**values)

@@ -21,7 +21,9 @@ CHECKPOINTING = {"auto": "auto", "corept": "corept", "true": True, "standard": T
 #: Values used when neither a flag nor the profile gives one.
 DEFAULTS = dict(max_seq_length=1024, batch_size=2, grad_accum=1, r=16, lora_alpha=None, epochs=1.0)
 #: Learning rates: (LoRA, full fine-tuning) per method.
-DEFAULT_LR = {"sft": (2e-4, 2e-5), "dpo": (5e-5, 1e-6), "kto": (5e-5, 1e-6)}
+DEFAULT_LR = {"sft": (2e-4, 2e-5), "dpo": (5e-5, 1e-6), "kto": (5e-5, 1e-6), "grpo": (5e-5, 1e-6)}
+#: GRPO: completions sampled per prompt, and their length in tokens, when not given.
+GRPO_DEFAULTS = dict(num_generations=4, max_completion_length=128)
 
 
 @dataclass
@@ -50,7 +52,7 @@ class TrainOptions:
     profile: str | None = None
     optim: str | None = None
     gradient_checkpointing: str = "corept"
-    beta: float = 0.1
+    beta: float | None = None  # DPO/KTO beta (default 0.1); GRPO's KL coefficient (default 0: no reference pass)
     overwrite: bool = False
     sample_prompt: str | None = None
     held_out_question: str | None = None
@@ -61,6 +63,9 @@ class TrainOptions:
     template: str | None = None  # --template: a shipped chat template's name or a .jinja path (chat_templates.py)
     train_on: str | None = None  # --train-on responses / all (sft); None: by the data format (responses_only.py)
     packing: bool | None = None  # sft: padding-free packing (TRL's bfd bins of max_seq_length); None: on for sft
+    rewards: list | None = None  # grpo: --reward specs (rewards.py); None: exact_match with an answer column, else format
+    num_generations: int | None = None  # grpo: completions per prompt (the group)
+    max_completion_length: int | None = None  # grpo: tokens generated per completion
     embedded: bool = False  # the no-argument run (shipped data; answer a held-out question)
     notes: list = field(default_factory=list)
 
@@ -113,6 +118,14 @@ def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
     out.targets = parse_targets(out.targets)
     if out.packing is None:
         out.packing = out.method == "sft"
+    if out.beta is None:
+        out.beta = 0.0 if out.method == "grpo" else 0.1
+    if out.method == "grpo":
+        for name, value in GRPO_DEFAULTS.items():
+            if getattr(out, name) is None:
+                setattr(out, name, value)
+        if opts.batch_size is None:  # one group of completions a step (a profile's batch counts rows, not groups)
+            out.batch_size = out.num_generations
     return out
 
 
@@ -135,7 +148,11 @@ def validate(opts: TrainOptions) -> None:
         _positive_float("--epochs", opts.epochs)
     _positive_float("--lr", opts.lr)
     _positive_float("--alpha", opts.lora_alpha)
-    _positive_float("--beta", opts.beta)
+    if opts.method == "grpo":
+        if isinstance(opts.beta, bool) or not isinstance(opts.beta, (int, float)) or not 0 <= opts.beta < math.inf:
+            raise InvalidOptionsError(f"--beta (GRPO's KL coefficient) must be >= 0, got {opts.beta!r}")
+    else:
+        _positive_float("--beta", opts.beta)
     if not 0.0 <= opts.warmup_ratio < 1.0:
         raise InvalidOptionsError(f"--warmup-ratio must be in [0, 1), got {opts.warmup_ratio!r}")
     if opts.save_method not in SAVE_METHODS:
@@ -162,6 +179,7 @@ def validate(opts: TrainOptions) -> None:
                                   "from mismatched pairs within a batch.")
     _check_optim(opts.optim)
     _check_chat_options(opts)
+    _check_grpo_options(opts)
     if opts.packing and opts.method != "sft":
         raise InvalidOptionsError(f"--packing applies to sft; --method {opts.method} compares whole sequences "
                                   f"(drop --packing)")
@@ -205,6 +223,29 @@ def _check_chat_options(opts: TrainOptions) -> None:
             raise InvalidOptionsError(f"--train-on must be one of {TRAIN_ON}, got {opts.train_on!r}")
         if opts.method != "sft":
             raise InvalidOptionsError(f"--train-on applies to sft; --method {opts.method} scores whole completions")
+
+
+def _check_grpo_options(opts: TrainOptions) -> None:
+    """GRPO's own flags only with ``--method grpo``; a group of at least 2 that divides the batch."""
+    given = [f"--{n.replace('_', '-')}" for n in ("rewards", "num_generations", "max_completion_length")
+             if getattr(opts, n) is not None]
+    if opts.method != "grpo":
+        if given:
+            raise InvalidOptionsError(f"{', '.join(given).replace('--rewards', '--reward')} applies to --method grpo")
+        return
+    from corept.training.rewards import parse_reward
+
+    for spec in opts.rewards or []:
+        parse_reward(spec)
+    _positive_int("--max-completion-length", opts.max_completion_length)
+    if not isinstance(opts.num_generations, int) or opts.num_generations < 2:
+        raise InvalidOptionsError(f"--num-generations must be at least 2 (GRPO compares completions of one prompt "
+                                  f"with each other), got {opts.num_generations!r}")
+    per_step = opts.batch_size * opts.grad_accum
+    if per_step % opts.num_generations:
+        raise InvalidOptionsError(f"--batch-size x --grad-accum ({opts.batch_size} x {opts.grad_accum} = {per_step}) "
+                                  f"must be a multiple of --num-generations ({opts.num_generations}): each step "
+                                  f"trains on whole groups of completions")
 
 
 def checkpointing_mode(opts: TrainOptions):

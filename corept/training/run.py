@@ -78,6 +78,10 @@ def prepare(opts: TrainOptions):
     dataset, fmt = load_training_data(opts.data, opts.method)
     if opts.method == "sft":
         opts.train_on = resolve_train_on(opts.train_on, fmt)
+    if opts.method == "grpo":  # the rewards' own columns (exact_match: every row's answer), before the model loads
+        from corept.training.rewards import resolve
+
+        resolve(opts.rewards, dataset, str(opts.data))
     check_chat_template(str(folder), opts.template, dataset, who=opts.model)
     check_writable(Path(opts.output).expanduser())
     return opts, dataset, fmt, str(folder)
@@ -156,6 +160,7 @@ def _save(model, tokenizer, opts: TrainOptions, result: RunResult) -> None:
 def _write_record(result: RunResult) -> None:
     record = {"options": asdict(result.options), "data": data_record(result.options.data),
               "loss": loss_summary(result.log_history),
+              "reward": loss_summary(result.log_history, "reward") if result.options.method == "grpo" else None,
               "question": result.question, "before": result.before, "after": result.after,
               "greedy_patched_equals_unpatched": None if result.greedy is None else result.greedy.equal,
               "after_stopped": None if result.greedy is None else result.greedy.stopped,
@@ -274,6 +279,8 @@ def _quiet(*_args) -> None:
 def _print_summary(result: RunResult, label: str, echo) -> None:
     echo("")
     echo(format_loss_summary(result.log_history))
+    if result.options.method == "grpo":
+        echo(format_loss_summary(result.log_history, key="reward"))
     if result.adapter:
         echo(f"adapter (LoRA, safetensors): {result.adapter}")
     if result.merged:

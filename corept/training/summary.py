@@ -11,10 +11,10 @@ from pathlib import Path
 BARS = "▁▂▃▄▅▆▇█"
 
 
-def loss_points(log_history: list[dict]) -> list[tuple[int, float]]:
-    """``(step, loss)`` for every training log entry that has a loss."""
-    return [(int(e.get("step", i)), float(e["loss"])) for i, e in enumerate(log_history)
-            if "loss" in e and isinstance(e["loss"], (int, float))]
+def loss_points(log_history: list[dict], key: str = "loss") -> list[tuple[int, float]]:
+    """``(step, value)`` for every training log entry that has ``key`` (the loss; GRPO: also "reward")."""
+    return [(int(e.get("step", i)), float(e[key])) for i, e in enumerate(log_history)
+            if key in e and isinstance(e[key], (int, float))]
 
 
 def _downsample(values: list[float], width: int) -> list[float]:
@@ -38,8 +38,8 @@ def sparkline(values: list[float], width: int = 60) -> str:
     return "".join(BARS[0 if span == 0 else min(len(BARS) - 1, int((v - lo) / span * len(BARS)))] for v in vals)
 
 
-def loss_table(points: list[tuple[int, float]], rows: int = 6) -> list[str]:
-    """Up to ``rows`` evenly spaced ``step  loss`` lines, always with the first and the last."""
+def loss_table(points: list[tuple[int, float]], rows: int = 6, key: str = "loss") -> list[str]:
+    """Up to ``rows`` evenly spaced ``step  <key>`` lines, always with the first and the last."""
     if not points:
         return []
     if len(points) <= rows:
@@ -47,33 +47,35 @@ def loss_table(points: list[tuple[int, float]], rows: int = 6) -> list[str]:
     else:
         idx = sorted({round(i * (len(points) - 1) / (rows - 1)) for i in range(rows)})
         chosen = [points[i] for i in idx]
-    return [f"    step {s:>5}  loss {v:.4f}" for s, v in chosen]
+    return [f"    step {s:>5}  {key} {v:.4f}" for s, v in chosen]
 
 
 TAIL = 5  # logged values averaged into "last_mean" (single steps are noisy at small batch sizes)
 
 
-def loss_summary(log_history: list[dict]) -> dict:
-    """``{"first", "min", "last", "last_mean", "steps", "points"}`` of the training loss (``None`` if none)."""
-    pts = loss_points(log_history)
+def loss_summary(log_history: list[dict], key: str = "loss") -> dict:
+    """``{"first", "min", "max", "last", "last_mean", "steps", "points"}`` of the logged ``key`` (the
+    training loss by default; ``None`` values if none was logged)."""
+    pts = loss_points(log_history, key)
     if not pts:
-        return {"first": None, "min": None, "last": None, "last_mean": None, "steps": 0, "points": []}
+        return {"first": None, "min": None, "max": None, "last": None, "last_mean": None, "steps": 0, "points": []}
     vals = [v for _, v in pts]
     tail = vals[-TAIL:]
-    return {"first": vals[0], "min": min(vals), "last": vals[-1], "last_mean": sum(tail) / len(tail),
+    return {"first": vals[0], "min": min(vals), "max": max(vals), "last": vals[-1], "last_mean": sum(tail) / len(tail),
             "steps": pts[-1][0], "points": pts}
 
 
-def format_loss_summary(log_history: list[dict]) -> str:
-    """Human-readable loss summary: first/min/last, sparkline and table."""
-    s = loss_summary(log_history)
+def format_loss_summary(log_history: list[dict], key: str = "loss") -> str:
+    """Human-readable summary of the logged ``key``: first/min (max for a reward)/last, sparkline and table."""
+    s = loss_summary(log_history, key)
     if s["first"] is None:
-        return "loss: (no training loss was logged)"
+        return f"{key}: (no training {key} was logged)"
     vals = [v for _, v in s["points"]]
-    lines = [f"loss: first {s['first']:.4f}  min {s['min']:.4f}  last {s['last']:.4f}  "
+    best = f"max {s['max']:.4f}" if key == "reward" else f"min {s['min']:.4f}"
+    lines = [f"{key}: first {s['first']:.4f}  {best}  last {s['last']:.4f}  "
              f"(mean of the last {min(TAIL, len(vals))}: {s['last_mean']:.4f}; {len(vals)} logged steps)",
              f"  {sparkline(vals)}"]
-    lines += loss_table(s["points"])
+    lines += loss_table(s["points"], key=key)
     return "\n".join(lines)
 
 

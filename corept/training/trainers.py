@@ -1,4 +1,4 @@
-"""Build TRL's ``SFTTrainer``, ``DPOTrainer`` or ``KTOTrainer`` (unmodified) for a corept model.
+"""Build TRL's ``SFTTrainer``, ``DPOTrainer``, ``KTOTrainer`` or ``GRPOTrainer`` (unmodified) for a corept model.
 
 What corept decides and TRL does not:
 
@@ -14,9 +14,13 @@ What corept decides and TRL does not:
   reference path, the adapter disabled (no adapter copy, no LoRA matmuls in the reference
   forward). A trained adapter keeps TRL's copy. Full fine-tuning DPO/KTO gets an explicit frozen
   copy from :func:`reference_copy` (TRL would otherwise reload ``config._name_or_path``).
-* **Memory of DPO/KTO log-probs**: TRL's fused LM head (``add_fused_lm_head``) computes per-token
+* **Memory of DPO/KTO/GRPO log-probs**: TRL's fused LM head (``add_fused_lm_head``) computes per-token
   log-probs of the policy and the reference tile by tile (on CUDA only over the positions with a
   label, elsewhere over all), without full-vocabulary logits for the whole batch.
+* **GRPO**: completions are sampled by the patched model's own ``generate()`` (TRL's default path,
+  with the KV cache), ``--num-generations`` per prompt, scored by the reward functions of
+  :mod:`corept.training.rewards`. The KL term is off (TRL's default ``beta=0``), so no reference
+  forward runs; ``--beta`` > 0 turns it on, with the adapter disabled as the reference.
 """
 from __future__ import annotations
 
@@ -62,7 +66,7 @@ def kto_weights(dataset) -> dict:
 def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, dtype: torch.dtype,
                extra: dict | None = None):
     """The TRL config (``SFTConfig`` / ``DPOConfig`` / ``KTOConfig``) for ``opts``."""
-    from trl import DPOConfig, KTOConfig, SFTConfig
+    from trl import DPOConfig, GRPOConfig, KTOConfig, SFTConfig
 
     common = dict(
         output_dir=str(output_dir), per_device_train_batch_size=opts.batch_size,
@@ -85,6 +89,11 @@ def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, d
         return DPOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
     if method == "kto":
         return KTOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
+    if method == "grpo":
+        common.pop("max_length")  # prompts are cut by the tokenizer's own limit; completions by max_completion_length
+        return GRPOConfig(**common, num_generations=opts.num_generations,
+                          max_completion_length=opts.max_completion_length, beta=opts.beta,
+                          log_completions=False)
     raise ValueError(f"unknown method {method!r}")
 
 
@@ -133,7 +142,7 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
     :param output_dir: TRL's ``output_dir`` (nothing is written there with the default
         ``save_strategy="no"``); default a temporary folder removed with the trainer.
     """
-    from trl import DPOTrainer, KTOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, SFTTrainer
 
     is_peft = hasattr(model, "peft_config")
     if method in ("dpo", "kto") and not is_peft and ref_model is None:
@@ -157,11 +166,15 @@ def build_trainer(method: str, model: nn.Module, tokenizer, train_dataset, opts:
         trainer = DPOTrainer(ref_model=ref_model, **kwargs)
     elif method == "kto":
         trainer = KTOTrainer(ref_model=ref_model, **kwargs)
+    elif method == "grpo":
+        from corept.training.rewards import resolve
+
+        trainer = GRPOTrainer(reward_funcs=resolve(opts.rewards, train_dataset, str(opts.data or "data")), **kwargs)
     else:
         raise ValueError(f"unknown method {method!r}")
     if temporary is not None:
         weakref.finalize(trainer, shutil.rmtree, temporary, True)
-    if is_peft and method in ("dpo", "kto"):
+    if is_peft and method in ("dpo", "kto", "grpo"):
         use_disabled_adapter_reference(trainer.model)
     guard_4bit(trainer.model)
     return trainer

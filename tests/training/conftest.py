@@ -81,3 +81,13 @@ def corept_env():
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(entries))
     return env
+
+
+@pytest.fixture
+def no_model_load(monkeypatch):
+    """Fail the test if a run gets as far as loading the model."""
+    from corept.training import run as run_module
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(run_module, "_load_model", refuse)

@@ -1,4 +1,4 @@
-"""examples/sft.py, dpo.py and kto.py run end to end (tiny built-in model, two steps each)."""
+"""examples/sft.py, dpo.py, kto.py and grpo.py run end to end (tiny built-in model, two steps each)."""
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +8,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
-@pytest.mark.parametrize("name", ["sft", "dpo", "kto"])
+@pytest.mark.parametrize("name", ["sft", "dpo", "kto", "grpo"])
 def test_example_runs(name, tmp_path, corept_env):
     out = tmp_path / name
     proc = subprocess.run([sys.executable, "-P", str(EXAMPLES / f"{name}.py"), "--tiny", "--max-steps", "2",

@@ -16,7 +16,6 @@ import pytest
 import training_helpers as h
 from transformers import TrainerCallback
 
-import corept.training.run as run_module
 import corept.training.trainers as trainers
 from corept.cli import build_parser, main
 from corept.cli.train import options_from_args
@@ -29,13 +28,6 @@ from corept.training.safety import epochs_warning
 def sft_data(tmp_path):
     return str(h.write_jsonl(tmp_path / "sft.jsonl", h.rows("sft", 8)))
 
-
-@pytest.fixture
-def no_model_load(monkeypatch):
-    """Fail the test if a run gets as far as loading the model."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the model was loaded before the options were checked")
-    monkeypatch.setattr(run_module, "_load_model", refuse)
 
 
 def _train(model, data, out, *extra):
