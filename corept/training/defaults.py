@@ -35,8 +35,8 @@ TINY_CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content']
 
 #: (model kind, method) -> option values of the embedded run.
 #: The no-argument GRPO run's rewards: the right number (its last line's last number), and brevity (about
-#: 6 words). SmolLM2-135M rambles and rarely adds right, so brevity is what its reward rises on in a few
-#: minutes; the sampled answers' lengths differ, so every group has something to compare.
+#: 6 words). The embedded 135M model rambles and rarely adds right, so brevity is what its reward rises on
+#: in a few minutes; the sampled answers' lengths differ, so every group has something to compare.
 GRPO_REWARDS = ["exact_match", "length=6"]
 GRPO_HELD_OUT = "What is 17 + 25? Answer briefly."
 

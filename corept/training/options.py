@@ -75,6 +75,13 @@ class TrainOptions:
         return "full" if self.full_finetuning else "qlora" if self.load_in_4bit else "lora"
 
 
+def beta_of(opts: TrainOptions) -> float:
+    """``--beta`` as given, else the method's default: 0.1 (DPO/KTO), 0.0 (GRPO: no KL term)."""
+    if opts.beta is not None:
+        return opts.beta
+    return 0.0 if opts.method == "grpo" else 0.1
+
+
 def _positive_int(name: str, value) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise InvalidOptionsError(f"{name} must be a positive integer, got {value!r}")
@@ -118,8 +125,7 @@ def finalize(opts: TrainOptions, *, on_gpu: bool) -> TrainOptions:
     out.targets = parse_targets(out.targets)
     if out.packing is None:
         out.packing = out.method == "sft"
-    if out.beta is None:
-        out.beta = 0.0 if out.method == "grpo" else 0.1
+    out.beta = beta_of(out)
     if out.method == "grpo":
         for name, value in GRPO_DEFAULTS.items():
             if getattr(out, name) is None:

@@ -35,7 +35,7 @@ import torch
 import torch.nn as nn
 
 from corept.training.compat import guard_4bit
-from corept.training.options import TrainOptions
+from corept.training.options import TrainOptions, beta_of
 
 logger = logging.getLogger("corept")
 
@@ -86,13 +86,13 @@ def trl_config(method: str, opts: TrainOptions, *, output_dir: str, gpu: bool, d
         packing = dict(packing=True, packing_strategy="bfd") if opts.packing else dict(packing=False)
         return SFTConfig(**common, **packing)
     if method == "dpo":
-        return DPOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
+        return DPOConfig(**common, beta=beta_of(opts), precompute_ref_log_probs=False)
     if method == "kto":
-        return KTOConfig(**common, beta=opts.beta, precompute_ref_log_probs=False)
+        return KTOConfig(**common, beta=beta_of(opts), precompute_ref_log_probs=False)
     if method == "grpo":
         common.pop("max_length")  # prompts are cut by the tokenizer's own limit; completions by max_completion_length
         return GRPOConfig(**common, num_generations=opts.num_generations,
-                          max_completion_length=opts.max_completion_length, beta=opts.beta,
+                          max_completion_length=opts.max_completion_length, beta=beta_of(opts),
                           log_completions=False)
     raise ValueError(f"unknown method {method!r}")
 

@@ -6,6 +6,7 @@ by a reward that varies with the text, so the advantages are not all zero); the 
 through TRL's loss on the patched model and, after ``corept.unpatch``, on the unpatched one. The
 loss and every adapter gradient must agree (fp32, tight).
 """
+import copy
 import json
 
 import pytest
@@ -15,7 +16,7 @@ from datasets import Dataset
 
 import corept
 from corept.errors import InvalidOptionsError
-from corept.testing.tolerances import assert_fp32_close
+from corept.testing.tolerances import assert_bf16_within, assert_fp32_close
 from corept.training.compat import trl_head_scope
 from corept.training.rewards import completion_text
 
@@ -78,6 +79,34 @@ def test_grpo_loss_and_adapter_grads_match_unpatched(tiny_chat, tmp_path, loss_t
     assert got.keys() == want.keys() and got
     for name in want:
         assert_fp32_close(name, got[name], want[name])
+
+
+def test_grpo_bf16_error_is_within_the_rule(tiny_chat, tmp_path):
+    """bf16: the patched model's loss and adapter gradients are no further from an fp32 gold copy
+    than twice the unpatched bf16 model's own error (corept.testing.tolerances)."""
+    model, tok = corept.load(tiny_chat, max_seq_length=128, dtype=torch.bfloat16)
+    model = corept.get_peft_model(model, r=8, lora_alpha=16, use_gradient_checkpointing=False)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn_like(p) * 0.05)
+    with trl_head_scope(model):
+        trainer = _trainer(model, tok, tmp_path, "dapo", 0.0)
+        model.train()
+        torch.manual_seed(0)
+        inputs = trainer._generate_and_score_completions([{"prompt": PROMPT}] * 4)
+        assert inputs["advantages"].abs().sum() > 0
+        patched = _loss_and_grads(trainer, model, inputs)
+    corept.unpatch(model)
+    gold_model = copy.deepcopy(model).float()
+    results = []
+    for m in (model, gold_model):
+        with trl_head_scope(m):
+            results.append(_loss_and_grads(_trainer(m, tok, tmp_path, "dapo", 0.0), m, inputs))
+    (loss_u, unpatched), (loss_g, gold) = results
+    assert_bf16_within("loss", patched[0], loss_u, loss_g)
+    for name in gold:
+        assert_bf16_within(name, patched[1][name], unpatched[name], gold[name])
 
 
 # ----------------------------------------------------------------------------- corept train --method grpo
