@@ -48,6 +48,16 @@
 #                   (both: MODEL=qwen3-8b for Qwen3-8B; VARIANTS=a,b,... replaces the preset's variants, e.g. to
 #                   rerun skipped ones; results $OUT/packing-<date>-<card>-<preset>-<model>.json/.md, merged on the
 #                   CPU machine with: python3 bench/packing.py --merge <the .json files> --out bench/results)
+#   grpo            GRPO through TRL's GRPOTrainer (bench/grpo_memory.py, not bench/e2e.py): Llama-3.1-8B, LoRA r16,
+#                   one 256-token prompt per step, a group of 8 completions of exactly 1024 tokens, 1 warm-up + 2
+#                   steps: hf (peft_config + TRL's checkpointing), corept, corept_lean; peak memory (generation and
+#                   training apart), × hf, step/generation seconds, then generate() tok/s (hf's peft model; corept
+#                   patched, then unpatched). What does not fit is recorded as skipped: rerun it with VARIANTS=...;
+#                   VARIANTS=hf_qlora,corept_qlora for QLoRA (~3-4 min a variant: sampling dominates)
+#   grpo-qlora      longest completion under 24 GiB (QLoRA, group 8, 2 steps per probe), corept_qlora_lean: from
+#                   8192, 1024 steps; probes replace sampling by a chunked KV-cache prefill of random completions
+#                   (the same cache, minutes less); VARIANTS=hf_qlora MAXLEN_START=2048 for HF's
+#                   (both: MODEL=qwen3-8b for Qwen3-8B; results $OUT/grpomem-<date>-<card>-<preset>-<model>.json/.md)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -66,7 +76,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|packing|packing-qlora|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|packing|packing-qlora|grpo|grpo-qlora|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -151,6 +161,16 @@ case "$PRESET" in
     [ "$PRESET" = packing-qlora ] && PACK=corept_qlora_packed,hf_qlora_packed,unsloth_qlora,corept_qlora_padded,hf_qlora_padded,unsloth_qlora_packed
     exec python3 -P bench/packing.py --models "${MODEL:-llama-3.1-8b}" --variants "${VARIANTS:-$PACK}" \
       --site-base /tmp/site_base --site-corept /tmp/site_corept --site-unsloth /tmp/site_unsloth --out "$OUT" \
+      --tag "${CARD:-gpu}-$PRESET-${MODEL:-llama-3.1-8b}" --budget-s $((CALL_S - (SECONDS - T0) - 5)) "$@" ;;
+  grpo|grpo-qlora)  # bench/grpo_memory.py, one process per variant or probe (its own driver, the same site folders)
+    if [ "$PRESET" = grpo ]; then
+      GRPO=(--variants "${VARIANTS:-hf,corept,corept_lean}")
+    else
+      GRPO=(--variants none --maxlen "${VARIANTS:-corept_qlora_lean}" --cap-gib 24 --maxlen-start "${MAXLEN_START:-8192}"
+            --maxlen-step 1024 --maxlen-steps 2 --maxlen-timeout 300)
+    fi
+    exec python3 -P bench/grpo_memory.py --model "${MODEL:-llama-3.1-8b}" "${GRPO[@]}" \
+      --site-base /tmp/site_base --site-corept /tmp/site_corept --out "$OUT" \
       --tag "${CARD:-gpu}-$PRESET-${MODEL:-llama-3.1-8b}" --budget-s $((CALL_S - (SECONDS - T0) - 5)) "$@" ;;
 esac
 if [ "$PRESET" = compile ]; then

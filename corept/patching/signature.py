@@ -59,7 +59,8 @@ def faithful_forward(module, impl: Callable, *, call_style: str = "positional") 
     :param impl: called as ``impl(self, *values)`` with every parameter of the current forward in
         order (``*args`` spread, keyword-only ones by keyword, ``**kwargs`` spread), or, with
         ``call_style="mapping"``, as ``impl(self, arguments)`` with one dict of every argument by
-        name (``**kwargs`` merged in; the forward may then take no ``*args``).
+        name (``**kwargs`` merged in; the forward may then take no ``*args``); arguments whose value
+        is their parameter's default object are left out of that dict.
     """
     current = module.forward
     return faithful(inspect.signature(current), impl, call_style=call_style, bound=True,
@@ -106,15 +107,22 @@ def faithful(sig: inspect.Signature, impl: Callable, *, call_style: str = "posit
             call.append(f"*{n}")
         elif p.kind is P.VAR_KEYWORD:
             call.append(f"**{n}")
-            named.append(f"**{n}")
+            named.append(f"__corept_m.update({n})")
         elif p.kind is P.KEYWORD_ONLY:
             call.append(f"{n}={n}")
-            named.append(f"{n!r}: {n}")
+            named.append(f"if {n} is not __corept_d{i}: __corept_m[{n!r}] = {n}" if default else
+                         f"__corept_m[{n!r}] = {n}")
         else:
             call.append(n)
-            named.append(f"{n!r}: {n}")
+            named.append(f"if {n} is not __corept_d{i}: __corept_m[{n!r}] = {n}" if default else
+                         f"__corept_m[{n!r}] = {n}")
     if call_style == "mapping":
-        body = f"return __corept_impl({', '.join(call[:1] if bound else [])}{', ' if bound else ''}{{{', '.join(named)}}})"
+        # arguments left at their default are left out: called with the mapping, the replaced forward
+        # then applies its own defaults and deprecation shims (transformers 5.24 renamed
+        # ``past_key_values`` to ``cache`` behind ``deprecate_kwarg``, which keeps an explicit
+        # ``cache=None`` over a caller's ``past_key_values=``)
+        body = "\n    ".join(["__corept_m = {}"] + named + [
+            f"return __corept_impl({', '.join(call[:1] if bound else [])}{', ' if bound else ''}__corept_m)"])
     else:
         body = f"return __corept_impl({', '.join(call)})"
     source = f"def {name}({', '.join(decl)}):\n    {body}\n"

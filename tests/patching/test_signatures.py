@@ -37,7 +37,7 @@ def test_faithful_forward_keeps_every_parameter_kind():
         module(x=torch.ones(1))  # x stays positional-only
 
 
-def test_mapping_style_receives_every_argument_by_name():
+def test_mapping_style_receives_the_arguments_given_by_name():
     class Head(torch.nn.Module):
         def forward(self, input_ids=None, labels=None, *, logits_to_keep: int = 0, **kwargs):
             return None
@@ -45,8 +45,28 @@ def test_mapping_style_receives_every_argument_by_name():
     head = Head()
     got = {}
     head.forward = types.MethodType(faithful_forward(head, lambda self, a: got.update(a), call_style="mapping"), head)
-    head(1, labels=2, num_items_in_batch=3)
-    assert got == {"input_ids": 1, "labels": 2, "logits_to_keep": 0, "num_items_in_batch": 3}
+    head(1, labels=2, logits_to_keep=5, num_items_in_batch=3)
+    assert got == {"input_ids": 1, "labels": 2, "logits_to_keep": 5, "num_items_in_batch": 3}
+    got.clear()
+    head(1)
+    assert got == {"input_ids": 1}  # defaults stay the replaced forward's own
+
+
+def test_a_renamed_argument_reaches_the_replaced_forward():
+    """transformers 5.24 renamed ``past_key_values`` to ``cache`` behind ``deprecate_kwarg``, which keeps
+    an explicit ``cache=None`` over a caller's ``past_key_values=``: a mapping-style replacement that
+    handed every default on would silently drop the caller's cache."""
+    from transformers.utils.deprecation import deprecate_kwarg
+
+    class Model(torch.nn.Module):
+        @deprecate_kwarg("past_key_values", version="99.0", new_name="cache")
+        def forward(self, input_ids=None, cache=None, labels=None, **kwargs):
+            return cache
+
+    model = Model()
+    model.forward = types.MethodType(faithful_forward(model, lambda self, a: type(self).forward(self, **a),
+                                                      call_style="mapping"), model)
+    assert model(1, past_key_values="kv") == "kv" and model(1, cache="c") == "c" and model(1) is None
 
 
 @pytest.mark.parametrize("model_type", tiny.ARCHS)
