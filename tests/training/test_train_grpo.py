@@ -179,3 +179,26 @@ def test_demo_grpo_is_one_flag_away(corept_cache, tmp_path, capsys):
     assert "prompt-only format) -> method grpo" in out and "held-out question: What is 17 + 25?" in out
     rec = json.loads((tmp_path / "grpo" / "run.json").read_text())
     assert rec["options"]["rewards"] == ["exact_match", "length=6"] and len(rec["reward"]["points"]) == 2
+
+
+@pytest.mark.parametrize("mode", ["lora", "qlora", "full"])
+def test_build_trainer_grpo_trains_every_mode(tiny_chat, mode, monkeypatch):
+    """corept's own path (corept.training.trainers.build_trainer): two GRPO steps move the trainable
+    weights, and every one stays finite (4-bit base: its quantization survives). The tiny model's
+    text has no words or numbers, so the built-in rewards would score every completion alike (no
+    advantage, no update): a reward that varies with the text stands in."""
+    from corept.training import rewards
+    from corept.training.trainers import build_trainer
+
+    monkeypatch.setattr(rewards, "resolve", lambda *args: [_varying_reward])
+    model, tok = h.load(tiny_chat, mode, checkpointing=False)
+    data = Dataset.from_list([{"prompt": h.conv("user", f"What is {i} + 1?"), "answer": str(i + 1)} for i in range(4)])
+    opts = h.options("grpo", mode, max_steps=2, batch_size=4, num_generations=4, max_completion_length=6,
+                     rewards=["length=3"], beta=0.0)
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    with trl_head_scope(model):
+        trainer = build_trainer("grpo", model, tok, data, opts)
+        trainer.train()
+    moved = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, before[n])]
+    assert moved and all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad)
+    assert getattr(model, "is_loaded_in_4bit", False) == (mode == "qlora")
