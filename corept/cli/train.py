@@ -132,7 +132,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 _SIZES = ("r", "lora_alpha", "max_seq_length", "batch_size", "grad_accum", "lr", "epochs", "max_steps", "optim",
           "gradient_checkpointing", "save_method", "save_gguf", "sample_prompt")
 _FLAGS = ("load_in_4bit", "load_in_8bit", "full_finetuning", "profile", "overwrite", "distributed")
-_CHAT = ("template", "train_on", "rewards", "num_generations", "max_completion_length")  # passed on when given
+_WHEN_GIVEN = ("template", "train_on", "rewards", "num_generations", "max_completion_length")  # passed on when given
 
 
 def options_from_args(args):
@@ -149,7 +149,7 @@ def options_from_args(args):
     given.update({k: getattr(args, k) for k in _FLAGS if getattr(args, k, None)})
     if getattr(args, "packing", None) is not None:
         given["packing"] = args.packing
-    given.update({k: getattr(args, k) for k in _CHAT if getattr(args, k, None) is not None})
+    given.update({k: getattr(args, k) for k in _WHEN_GIVEN if getattr(args, k, None) is not None})
     common = dict(targets=args.targets, beta=args.beta, seed=args.seed)
     if args.max_new_tokens is not None:
         common["max_new_tokens"] = args.max_new_tokens

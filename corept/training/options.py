@@ -233,11 +233,12 @@ def _check_chat_options(opts: TrainOptions) -> None:
 
 def _check_grpo_options(opts: TrainOptions) -> None:
     """GRPO's own flags only with ``--method grpo``; a group of at least 2 that divides the batch."""
-    given = [f"--{n.replace('_', '-')}" for n in ("rewards", "num_generations", "max_completion_length")
-             if getattr(opts, n) is not None]
+    flags = {"rewards": "--reward", "num_generations": "--num-generations",
+             "max_completion_length": "--max-completion-length"}
+    given = [flag for field_name, flag in flags.items() if getattr(opts, field_name) is not None]
     if opts.method != "grpo":
         if given:
-            raise InvalidOptionsError(f"{', '.join(given).replace('--rewards', '--reward')} applies to --method grpo")
+            raise InvalidOptionsError(f"{', '.join(given)} applies to --method grpo")
         return
     from corept.training.rewards import parse_reward
 
