@@ -32,13 +32,14 @@ from corept.testing.store import Store, glob
 from corept.testing.suite_compile import CompileChecks
 from corept.testing.suite_contract import ContractChecks
 from corept.testing.suite_export import ExportChecks
+from corept.testing.suite_grpo import GRPOChecks
 from corept.testing.suite_numerics import NumericChecks
 from corept.testing.suite_packing import PackingChecks
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
-class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileChecks, PackingChecks):
+class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileChecks, PackingChecks, GRPOChecks):
     """Subclass with a ``Test`` name and set :attr:`configs`; everything else has defaults.
 
     :cvar configs: ``{name: () -> config}``; each must force GQA > 1, head_dim != hidden/heads and
@@ -57,6 +58,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     :cvar compiled: config names given the compiled-layers check (default: the first).
     :cvar packed: config names given the packing checks (default: the first; add the configs whose
         attention differs: sliding windows, softcapping).
+    :cvar grpo: config names given the GRPO checks (TRL's ``GRPOTrainer`` loss; default: the first).
     :cvar skip: ``{test id glob: reason}``: not run; every skip carries its reason.
     :cvar known_failures: ``{test id glob: reason}``: run as non-strict xfail (an XPASS shows when
         the case happens to pass); empty by default.
@@ -72,6 +74,7 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     convergence: tuple[str, ...] | None = None
     compiled: tuple[str, ...] | None = None
     packed: tuple[str, ...] | None = None
+    grpo: tuple[str, ...] | None = None
     skip: dict[str, str] = {}
     known_failures: dict[str, str] = {}
     seed = 0
@@ -105,6 +108,8 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
                 names = list(cls.compiled if cls.compiled is not None else names[:1])
             elif fn.startswith("test_packed_documents"):
                 names = list(cls.packed if cls.packed is not None else names[:1])
+            elif fn.startswith("test_grpo_step"):
+                names = list(cls.grpo if cls.grpo is not None else names[:1])
             elif fn == "test_quirk_is_exercised":
                 names = [n for n in names if cls.quirk_probes.get(n)]
             metafunc.parametrize("config_name", names)
