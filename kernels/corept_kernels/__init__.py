@@ -19,6 +19,7 @@ from corept_kernels.cross_entropy import cross_entropy
 from corept_kernels.fused_linear_ce import fused_linear_cross_entropy
 from corept_kernels.attention import varlen_attention
 from corept_kernels.lora import LoraWeights, lora_mlp, lora_o, lora_qkv, lora_fast_path_reason
+from corept_kernels.ops.experts import expert_linear
 from corept_kernels import ops  # noqa: F401  (registers the custom operators)
 
 __version__ = "0.1.0"
@@ -27,5 +28,5 @@ __all__ = [
     "KernelInfo", "all_kernels", "can_run", "dispatch", "interpreter_active", "reference_only",
     "rms_norm", "layer_norm", "rope", "swiglu", "geglu",
     "cross_entropy", "fused_linear_cross_entropy", "varlen_attention",
-    "LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason",
+    "LoraWeights", "lora_mlp", "lora_qkv", "lora_o", "lora_fast_path_reason", "expert_linear",
 ]

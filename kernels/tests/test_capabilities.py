@@ -175,6 +175,8 @@ def _calls():
         "rank_add": lambda: lb.rank_add_(bf.clone(), torch.randn(5, 2), torch.randn(2, 7), 1.0, False),
         "varlen_attention": lambda: varlen_attention(x.view(6, 1, 8), torch.randn(6, 1, 8), torch.randn(6, 1, 8),
                                                      torch.tensor([0, 2, 6], dtype=torch.int32), 4, scale=0.5),
+        "expert_linear": lambda: corept_kernels.expert_linear(x.view(6, 8), torch.tensor([2, 6], dtype=torch.int32),
+                                                              torch.randn(2, 5, 8)),
         "rank_add (group)": lambda: lb.add_branches_([bf.clone(), bf.clone()], [torch.randn(5, 2)] * 2,
                                                      [torch.randn(7, 2)] * 2, [1.0, 0.5], False),
     }

@@ -13,3 +13,4 @@ from corept_kernels.ops import cross_entropy  # noqa: F401
 from corept_kernels.ops import lora_pieces  # noqa: F401
 from corept_kernels.ops import fused_linear_ce  # noqa: F401
 from corept_kernels.ops import attention  # noqa: F401
+from corept_kernels.ops import experts  # noqa: F401
