@@ -15,7 +15,8 @@ import re
 import shutil
 import tomllib
 
-DEFAULT_PROJECTS = (".", "kernels", "plugins/llama", "plugins/qwen", "plugins/mistral", "plugins/gemma")
+DEFAULT_PROJECTS = (".", "kernels", "plugins/llama", "plugins/qwen", "plugins/mistral", "plugins/gemma",
+                    "plugins/gpt_oss")
 
 
 def _packages(project_dir: str, meta: dict) -> list[str]:

@@ -50,7 +50,8 @@ def build_base(config, class_name: str | None = None, seed: int = 0) -> nn.Modul
 
     Every 1-D parameter (norm weights, biases) gets noise of std 0.1: transformers initialises
     biases to 0 and Gemma norms to 0 (``1 + w``), which would hide a dropped bias or a wrong norm
-    offset.
+    offset. So do stacked biases (``*_bias`` of 2-D or more: a mixture-of-experts layer's per-expert
+    biases), from a generator of their own so the 1-D values stay what they were.
     """
     config = copy.deepcopy(config)
     attn = forced_attention(config)
@@ -60,11 +61,13 @@ def build_base(config, class_name: str | None = None, seed: int = 0) -> nn.Modul
     # Auto classes have from_config; concrete model classes (multimodal ones, say) _from_config
     build = cls.from_config if hasattr(cls, "from_config") else cls._from_config
     model = build(config, dtype=torch.float32, **kwargs)
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen, stacked = torch.Generator().manual_seed(seed + 1), torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
-        for _, p in sorted(model.named_parameters()):
+        for name, p in sorted(model.named_parameters()):
             if p.dim() == 1:
                 p.add_(torch.randn(p.shape, generator=gen) * 0.1)
+            elif name.endswith("_bias"):
+                p.add_(torch.randn(p.shape, generator=stacked) * 0.1)
     return model.eval()
 
 

@@ -12,7 +12,7 @@ from plugin_factory import run_scripts
 
 MISTRAL_TYPES = ["mistral"] + (["ministral"] if importlib.util.find_spec("transformers.models.ministral") else [])
 MODEL_TYPES = {"llama": ["llama"], "mistral": MISTRAL_TYPES, "qwen": ["qwen2", "qwen3", "qwen3_moe"],
-               "gemma": ["gemma", "gemma2", "gemma3_text", "gemma3"]}
+               "gemma": ["gemma", "gemma2", "gemma3_text", "gemma3"], "gpt_oss": ["gpt_oss"]}
 LIGHT_IMPORT = '''
 import sys
 import corept
@@ -64,7 +64,7 @@ def test_plugins_json(cli):
     assert set(rows) == set(MODEL_TYPES)
     for name, row in rows.items():
         assert row["loaded"] is True and row["error"] is None
-        assert row["distribution"] == f"corept-{name}"
+        assert row["distribution"] == f"corept-{name.replace('_', '-')}"
         assert row["version"] == importlib_metadata.version(f"corept-{name}")
         assert row["model_types"] == MODEL_TYPES[name]
         assert row["hooks"] == ["corept_register_architectures"] and row["builtin"] is False
@@ -105,7 +105,8 @@ def test_doctor_text(cli):
     assert "gpu none" in lines and "no problems found" in lines
     assert "kernels run as Triton interpreter (TRITON_INTERPRET=1)" in lines
     assert sum(line.startswith("triton ") for line in lines) == 1, lines  # the version, once
-    assert "plugins gemma (gemma, gemma2, gemma3_text, gemma3), llama (llama), mistral (" in " ".join(lines), lines
+    assert "plugins gemma (gemma, gemma2, gemma3_text, gemma3), gpt_oss (gpt_oss), llama (llama), mistral (" in \
+        " ".join(lines), lines
 
 
 def test_inspect_qwen3_json(cli):

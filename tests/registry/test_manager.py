@@ -2,7 +2,7 @@
 out-of-range plugins.
 
 corept's own built-in plugin (``corept.components``, the shared components) loads through the same
-code as the four shipped architecture plugins, which are real installed distributions (``make install``). Third-party plugins
+code as the five shipped architecture plugins, which are real installed distributions (``make install``). Third-party plugins
 are real distributions too: written into tmp_path by :mod:`plugin_factory`, pip-installed into a
 temporary site folder and exercised in subprocesses (the plugin manager is per process, and
 entry points and env vars are read at its first use).
@@ -21,10 +21,11 @@ from third_party_sources import (ACME, ACME_SCRIPT, BROKEN, BROKEN_SCRIPT, DUP, 
                                  OLD_SCRIPT, PLUS)
 import tiny
 
-BUILTIN = {"llama": "corept-llama", "mistral": "corept-mistral", "qwen": "corept-qwen", "gemma": "corept-gemma"}
+BUILTIN = {"llama": "corept-llama", "mistral": "corept-mistral", "qwen": "corept-qwen", "gemma": "corept-gemma",
+           "gpt_oss": "corept-gpt-oss"}
 MISTRAL_TYPES = ["mistral"] + (["ministral"] if importlib.util.find_spec("transformers.models.ministral") else [])
 MODEL_TYPES = {"llama": ["llama"], "mistral": MISTRAL_TYPES, "qwen": ["qwen2", "qwen3", "qwen3_moe"],
-               "gemma": ["gemma", "gemma2", "gemma3_text", "gemma3"]}
+               "gemma": ["gemma", "gemma2", "gemma3_text", "gemma3"], "gpt_oss": ["gpt_oss"]}
 
 
 # -- in process: the installed built-ins ---------------------------------------------------------

@@ -1,0 +1,93 @@
+"""corept plugin for OpenAI's gpt-oss (``model_type`` ``gpt_oss``): a mixture-of-experts decoder.
+
+What corept patches, and what stays transformers' own (``corept.report(model)`` shows each reason):
+
+* **RMSNorm** (patched): ``GptOssRMSNorm`` multiplies the normalised row by its weight in fp32 and
+  casts once at the end: ``norm_casting="scale_in_fp32"``, no offset. transformers keeps these
+  weights in fp32 when it loads an fp16 model (``_keep_in_fp32_modules``); the kernel takes an fp32
+  weight with a 16-bit input and returns the input's dtype, as the module does.
+* **Loss** (patched): ``GptOssForCausalLM`` computes plain ``lm_head`` logits and cross-entropy. With
+  ``output_router_logits=True`` the backbone returns router logits and the head adds
+  ``router_aux_loss_coef`` x the load-balancing loss; the fused head then runs transformers' own
+  forward on the backbone's outputs for that call (the aux loss stays exact, the logits are
+  materialised, and ``corept.report`` still names the fused kernel).
+* **Attention** (kept): every layer adds a learned per-head sink logit (``GptOssAttention.sinks``,
+  passed as ``s_aux``) to the softmax denominator; corept's varlen attention kernel has no sinks
+  and the shared attention component hands every call carrying ``s_aux`` back to transformers, so
+  nothing would run on the kernel. Sliding (``sliding_window``) and full layers alternate per ``config.layer_types``;
+  transformers' mask functions apply both.
+* **RoPE** (kept): ``GptOssRotaryEmbedding`` returns cos/sin of ``head_dim / 2`` (no
+  ``cat(freqs, freqs)``), which this modeling file's ``apply_rotary_pos_emb`` applies to both
+  halves; corept's kernel reads a narrower table as partial rotary (only the first dims rotate), so
+  its probe cannot reproduce the forward. YaRN itself would need nothing: the rotary module folds
+  its frequencies and ``attention_scaling`` into cos/sin.
+* **MoE block** (kept): ``GptOssMLP`` is a top-k router with a bias (softmax over the selected
+  logits) and ``GptOssExperts``: stacked expert weights with biases, gate/up interleaved in one
+  projection, and a clamped SwiGLU ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with
+  ``g = min(gate, limit)`` (``swiglu_alpha`` 1.702, ``swiglu_limit`` 7.0). No shared kernel computes
+  it; grouped-GEMM expert kernels are in progress (issue 24). The router stays exact.
+* **LoRA**: the default targets are the attention projections (the experts are parameters, not
+  linears). q/k/v/o all carry a bias (``attention_bias``), so each keeps peft's forward, with the
+  reason, as qwen2's biased q/k/v do.
+* **Packing**: transformers' ``GptOssModel.forward`` builds its masks without ``position_ids``, so a
+  padding-free row attends across its documents on the eager path (with or without corept); train
+  with ``--no-packing`` (``SFTConfig(packing=False)``) until transformers passes them.
+* No GGUF export declared yet: the stacked expert tensors and their biases need a tensor layout of
+  their own (as for qwen3_moe).
+"""
+from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, ModuleRoles, Numerics, Recorded
+
+TRANSFORMERS_RANGE = ">=5.17,<6"
+
+KEEP = {
+    "attention": ("GptOssAttention adds a learned per-head sink logit (s_aux) to the softmax denominator; "
+                  "corept's varlen attention kernel has no sinks, so every call would go back to transformers' "
+                  "attention"),
+    "rope": ("GptOssRotaryEmbedding returns cos/sin of head_dim / 2, which this modeling file's "
+             "apply_rotary_pos_emb applies to both halves; corept's rope kernel takes a table that narrow as "
+             "partial rotary (YaRN itself is folded into cos/sin by the rotary module)"),
+    "mlp": ("GptOssMLP is a biased top-k router over GptOssExperts (stacked experts with biases, interleaved "
+            "gate/up, clamped SwiGLU with swiglu_alpha / swiglu_limit and up + 1): no shared kernel computes it; "
+            "router and experts stay transformers' own"),
+}
+
+RECORDED = Recorded(
+    sliding_window=FromConfig("sliding_window"),
+    config={
+        "layer_types": "which layers use the sliding window (sliding_attention) and which attend fully; "
+                       "transformers' mask functions, per layer",
+        "swiglu_alpha": "the sigmoid gain of the experts' clamped SwiGLU, inside GptOssExperts (kept)",
+        "swiglu_limit": "the clamp of gate (above) and up (both sides) before that SwiGLU, inside GptOssExperts (kept)",
+        "router_aux_loss_coef": "weight of the load-balancing loss GptOssForCausalLM adds when "
+                                "output_router_logits is set (that call runs transformers' head)",
+        "rope_parameters": "YaRN frequencies and attention scaling, folded into cos/sin by GptOssRotaryEmbedding "
+                           "(kept)",
+    },
+)
+
+
+def _published(layers: int, experts: int) -> dict:
+    """The memory-shaping fields of the published ``config.json`` (``layer_types`` defaults to the
+    sliding/full alternation those files list)."""
+    return dict(hidden_size=2880, intermediate_size=2880, num_hidden_layers=layers, num_local_experts=experts,
+                num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64,
+                vocab_size=201088, max_position_embeddings=131072, sliding_window=128, rms_norm_eps=1e-5,
+                attention_bias=True, tie_word_embeddings=False, swiglu_limit=7.0, router_aux_loss_coef=0.9,
+                rope_theta=150000.0, rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                                                       original_max_position_embeddings=4096, truncate=False))
+
+
+GPT_OSS = Architecture(
+    model_type="gpt_oss",
+    roles=ModuleRoles.standard("GptOss", mlp=()),
+    numerics=Numerics(norm_casting="scale_in_fp32"),
+    recorded=RECORDED,
+    transformers=TRANSFORMERS_RANGE,
+    keep=KEEP,
+    models=(
+        KnownModel("openai/gpt-oss-20b", aliases=("gpt-oss-20b",), config=_published(layers=24, experts=32)),
+        KnownModel("openai/gpt-oss-120b", aliases=("gpt-oss-120b",), config=_published(layers=36, experts=128)),
+    ),
+)
+
+plugin = ArchitecturePlugin([GPT_OSS])
