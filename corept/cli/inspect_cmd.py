@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from corept.registry.declarations import COMPONENTS
-from corept.registry.hookspecs import COMPONENT_ROLES
+from corept.registry.declarations import COMPONENT_ROLES
 
 HELP = "show which plugin and patches a model would get (reads the config only, no weights)"
 

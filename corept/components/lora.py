@@ -21,6 +21,7 @@ import torch.nn as nn
 from corept_kernels.lora import lora_fast_path_reason, lora_mlp, lora_o, read_lora_weights
 
 from corept.components import probe
+from corept.components.experts import experts_lora_replacement, is_param_wrapper, wrapper_chain
 from corept.components.mlp import linears
 from corept.components.norm import single_input
 from corept.lora.fast_path import group_reason, is_training_call
@@ -171,6 +172,11 @@ def _options(model: nn.Module) -> dict:
 def lora_replacement(arch, module: nn.Module, model: nn.Module) -> Replacement | Keep:
     """The built-in answer of ``corept_patch_lora`` for an MLP, an attention module or a LoRA linear."""
     cls = type(module).__name__
+    if is_param_wrapper(module):
+        if type(wrapper_chain(module)[1]).__name__ in arch.roles.experts:
+            return experts_lora_replacement(arch, module, model)
+        return Keep(f"LoRA on the parameter {module.parameter_name} of {type(wrapper_chain(module)[1]).__name__}: "
+                    f"only experts modules ({list(arch.roles.experts) or 'none declared'}) have a fused path")
     if _is_lora(module):
         return linear_replacement(module)
     if cls in arch.roles.mlp:

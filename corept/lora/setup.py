@@ -11,7 +11,10 @@ answers are recorded in the model's patch state like every other patch.
 ``lora_targets`` when it declares them (a declared name the model lacks is warned about), else
 every linear layer inside the model's attention and MLP modules (named by the architecture's
 roles): what the model actually has, fused ``qkv_proj``/``gate_up_proj`` included. A model no
-plugin claims gets peft's own ``"all-linear"``.
+plugin claims gets peft's own ``"all-linear"``. A mixture-of-experts model's stacked expert weights
+are parameters, not linears: with ``"all-linear"`` they are targeted too, through peft's
+``target_parameters`` (:func:`expert_parameters`; pass ``target_parameters=[]`` to leave the experts
+frozen, or your own list), and run on corept's grouped GEMMs (:mod:`corept.components.experts`).
 """
 from __future__ import annotations
 
@@ -72,6 +75,18 @@ def default_targets(model: nn.Module, arch) -> list[str] | str:
     return [t for t in arch.lora_targets if t in present] or "all-linear"
 
 
+def expert_parameters(model: nn.Module, arch) -> list[str]:
+    """peft ``target_parameters`` for the experts modules' stacked weights: ``"<attribute>.<weight>"``
+    (e.g. ``experts.gate_up_proj``, matched by suffix), for every 3-D weight of a class in
+    ``arch.roles.experts``."""
+    if arch is None or not arch.roles.experts:
+        return []
+    classes = set(arch.roles.experts)
+    found = {f"{name.rsplit('.', 1)[-1]}.{p}" for name, m in model.named_modules() if type(m).__name__ in classes
+             for p, w in m.named_parameters(recurse=False) if w.dim() == 3}
+    return sorted(found)
+
+
 def check_targets(model: nn.Module, targets: list[str]) -> None:
     """Every name in ``targets`` matches a module (peft's rule: the name or its dotted suffix).
 
@@ -102,6 +117,8 @@ def install_fused_lora(peft_model: nn.Module) -> None:
         if type(m).__name__ in roles and any(hasattr(c, "lora_A") for c in m.modules()):
             answers.append((m, ask("corept_patch_lora", arch, m, peft_model)))
             covered.update(id(c) for c in m.children())
+    # a peft ParamWrapper nests one wrapper per targeted parameter: only the outermost is asked
+    covered.update(id(m.base_layer) for m in base.modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer"))
     for m in base.modules():
         if hasattr(m, "lora_A") and hasattr(m, "base_layer") and id(m) not in covered:
             answers.append((m, ask("corept_patch_lora", arch, m, peft_model)))
@@ -146,6 +163,10 @@ def get_peft_model(model: nn.Module, r: int = 16, lora_alpha: float = 16, lora_d
         check_targets(model, targets)
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         prepare_quantized(model)
+    if target_modules == "all-linear" and "target_parameters" not in lora_kwargs:
+        experts = expert_parameters(model, arch)
+        if experts:
+            lora_kwargs["target_parameters"] = experts
     torch.manual_seed(random_state)
     config = LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=targets, bias=bias,
                         use_rslora=use_rslora, loftq_config=loftq_config or {}, modules_to_save=modules_to_save,

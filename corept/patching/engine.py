@@ -18,7 +18,8 @@ from corept.patching.answers import Keep, Replacement
 from corept.patching.compile import compile_layers
 from corept.patching.state import STATE_ATTR, PatchState, install
 from corept.registry.declarations import COMPONENTS
-from corept.registry.hookspecs import COMPONENT_HOOKS, COMPONENT_ROLES
+from corept.registry.declarations import COMPONENT_ROLES
+from corept.registry.hookspecs import COMPONENT_HOOKS
 from corept.registry.manager import get_plugin_manager
 from corept.registry.resolution import ResolvedArchitecture, resolve
 
@@ -110,6 +111,8 @@ def apply(model: nn.Module, arch: ResolvedArchitecture | None, only: Iterable[st
         state.settings[hub_kernels.SETTING] = "turned off for this model (it would replace corept's forwards)"
     per_module: dict[int, tuple[nn.Module, list]] = {}
     for component in chosen:
+        if component not in arch.components and component not in arch.keep:
+            continue  # nothing of it declared (experts on a dense model): not part of this architecture
         if component in arch.keep:
             state.keep(component, f"plugin {arch.plugin!r} keeps it: {arch.keep[component]}")
             continue

@@ -12,7 +12,10 @@ from typing import Any, Mapping
 
 from corept.registry.quirks import LoadPolicy, Numerics, Recorded
 
-COMPONENTS = ("attention", "mlp", "rope", "norm", "loss")
+COMPONENTS = ("attention", "mlp", "rope", "norm", "loss", "experts")
+#: which :class:`ModuleRoles` field each component's modules come from
+COMPONENT_ROLES = {"attention": "attention", "mlp": "mlp", "rope": "attention", "norm": "norm", "loss": "causal_lm",
+                   "experts": "experts"}
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,8 @@ class ModuleRoles:
 
     Every field is a tuple of class names; an empty tuple means the architecture has no module of
     that role. RoPE is applied inside the attention modules, so it has no role of its own.
+    ``experts``: a mixture-of-experts layer's stacked expert weights (transformers' ``...Experts``
+    modules); the router and the block around them are not part of it.
     """
 
     attention: tuple[str, ...] = ()
@@ -28,6 +33,7 @@ class ModuleRoles:
     norm: tuple[str, ...] = ()
     decoder_layer: tuple[str, ...] = ()
     causal_lm: tuple[str, ...] = ()
+    experts: tuple[str, ...] = ()
 
     @classmethod
     def standard(cls, prefix: str, **overrides: tuple[str, ...]) -> "ModuleRoles":
@@ -215,8 +221,9 @@ class Architecture:
 
     @property
     def components(self) -> tuple[str, ...]:
-        """The components corept patches for this architecture (all but :attr:`keep`)."""
-        return tuple(c for c in COMPONENTS if c not in self.keep)
+        """The components corept patches for this architecture: all but :attr:`keep`, and but
+        ``experts`` where no experts class is declared (a dense model has none to patch)."""
+        return tuple(c for c in COMPONENTS if c not in self.keep and (c != "experts" or self.roles.experts))
 
     @property
     def aliases(self) -> dict[str, str]:

@@ -118,6 +118,21 @@ def corept_patch_loss(arch: "ResolvedArchitecture", module: "nn.Module",
 
 
 @hookspec(firstresult=True)
+def corept_patch_experts(arch: "ResolvedArchitecture", module: "nn.Module",
+                         model: "nn.Module") -> "Replacement | Keep | None":
+    """Replace the forward of one mixture-of-experts experts module (stacked expert weights).
+
+    Stops at the first non-None result. The module is called as ``experts(hidden [T, H],
+    top_k_index [T, k], top_k_weights [T, k]) -> [T, H]``; the router around it is not part of it.
+
+    :param arch: the resolved architecture.
+    :param module: the experts module instance (a class listed in ``arch.roles.experts``).
+    :param model: the whole model being patched.
+    :return: a ``Replacement``, a ``Keep``, or ``None``.
+    """
+
+
+@hookspec(firstresult=True)
 def corept_patch_lora(arch: "ResolvedArchitecture", module: "nn.Module",
                       model: "nn.Module") -> "Replacement | Keep | None":
     """Fuse the LoRA adapters of one module into corept's LoRA kernels (``corept.get_peft_model``).
@@ -142,8 +157,6 @@ COMPONENT_HOOKS = {
     "rope": "corept_patch_rope",
     "norm": "corept_patch_norm",
     "loss": "corept_patch_loss",
+    "experts": "corept_patch_experts",
 }
-# which ModuleRoles field each component's modules come from
-COMPONENT_ROLES = {"attention": "attention", "mlp": "mlp", "rope": "attention", "norm": "norm",
-                   "loss": "causal_lm"}
 ALL_HOOKS = ("corept_register_architectures", *COMPONENT_HOOKS.values(), "corept_patch_lora")

@@ -61,7 +61,14 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
                     w = w + m.scaling[adapter] * (b @ a).to(w.device)
         return place(w.to(dtype))
 
+    wrappers = {name: m for name, m in lora_modules.items() if hasattr(m, "parameter_name")}
+    for name, m in wrappers.items():  # peft's LoRA on parameters (stacked experts): one module, every tensor
+        if name.endswith(".base_layer"):
+            continue  # a nested wrapper: its outermost one yields the module
+        yield from _wrapped_items(name, m, dtype, place)
     for name, m in lora_modules.items():
+        if name in wrappers:
+            continue
         yield f"{name}.weight", _shape(m.get_base_layer().weight), (lambda m=m: merged(m))
         bias = getattr(m.get_base_layer(), "bias", None)
         if bias is not None:
@@ -76,6 +83,38 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
             yield key, _shape(weight), (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
             yield key, tuple(t.shape), (lambda t=t: place(t.detach().to(dtype)))
+
+
+def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
+    """``(key, shape, make)`` for every tensor of the module under the peft ``ParamWrapper`` chain
+    ``outer``: each wrapped parameter with its active adapters added (``scaling * B_e @ A_e`` per
+    expert, in float32, in the parameter's own layout), the others (biases) as they are."""
+    chain, inner = [], outer
+    while hasattr(inner, "parameter_name") and hasattr(inner, "base_layer"):
+        chain.append(inner)
+        inner = inner.base_layer
+    by_param = {w.parameter_name: w for w in chain}
+
+    def merged(w: nn.Module, param: torch.Tensor) -> torch.Tensor:
+        out = param.detach().float()
+        if not getattr(w, "merged", False) and not getattr(w, "disable_adapters", False):
+            for adapter in w.active_adapters:
+                if adapter in w.lora_A:
+                    e = w.num_experts
+                    a = w.lora_A[adapter].weight.detach().float().reshape(e, -1, w.in_features)
+                    b = w.lora_B[adapter].weight.detach().float().reshape(w.out_features, -1, e).permute(2, 0, 1)
+                    delta = (b @ a) * w.scaling[adapter]  # [E, out, in] as the weight is applied
+                    if not w._did_swap_in_out_features:  # peft's flag: the parameter is stored [E, in, out]
+                        delta = delta.transpose(1, 2)
+                    out = out + delta.reshape(out.shape).to(out.device)
+        return place(out.to(dtype))
+
+    for pname, param in inner.named_parameters(recurse=False):
+        key = f"{name}.{pname}"
+        if pname in by_param:
+            yield key, tuple(param.shape), (lambda w=by_param[pname], t=param: merged(w, t))
+        else:
+            yield key, tuple(param.shape), (lambda t=param: place(t.detach().to(dtype)))
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

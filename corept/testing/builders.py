@@ -123,14 +123,23 @@ def randomize_lora(model: nn.Module, seed: int) -> None:
 
 def add_lora(model: nn.Module, *, patched: bool, targets: list[str], rank: int, checkpointing: bool,
              seed: int = 7) -> nn.Module:
-    """LoRA through ``corept.get_peft_model`` (patched) or plain peft (reference).
+    """LoRA through ``corept.get_peft_model`` (patched) or plain peft (reference), on ``targets`` and,
+    for a mixture-of-experts model, on its stacked expert weights (``target_parameters``).
 
     The reference gets transformers' own non-reentrant gradient checkpointing when asked; the
     patched model gets corept's (``"corept"`` mode).
     """
+    from corept.lora.setup import expert_parameters
+
+    # a mixture-of-experts model's stacked expert weights too (peft's target_parameters), as
+    # corept.get_peft_model's default targets them
+    extra = {}
+    experts = expert_parameters(model, architecture_of(model.config))
+    if experts:
+        extra["target_parameters"] = experts
     if patched:
         pm = corept.get_peft_model(model, r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                   use_gradient_checkpointing="corept" if checkpointing else False)
+                                   use_gradient_checkpointing="corept" if checkpointing else False, **extra)
     else:
         from peft import LoraConfig, get_peft_model
 
@@ -139,7 +148,7 @@ def add_lora(model: nn.Module, *, patched: bool, targets: list[str], rank: int, 
             for p in model.parameters():
                 p.requires_grad_(False)
         pm = get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=targets,
-                                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM"))
+                                              lora_dropout=0.0, bias="none", task_type="CAUSAL_LM", **extra))
         if checkpointing:
             enable_reference_checkpointing(pm)
     randomize_lora(pm, seed)

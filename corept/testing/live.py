@@ -15,7 +15,7 @@ import torch.nn as nn
 import corept
 from corept.patching.engine import base_of, state_of
 from corept.patching.state import MISSING, forward_chain
-from corept.registry.hookspecs import COMPONENT_ROLES
+from corept.registry.declarations import COMPONENT_ROLES
 
 
 def live_parts(model: nn.Module) -> dict[int, list[tuple[str, str]]]:

@@ -9,12 +9,14 @@ patched model with LoRA and on the unpatched reference with identical adapters:
   adapters are re-drawn after sampling (the same values on both models), so the policy has moved
   away from the sampling-time reference and the KL term and its gradient are not zero;
 * bf16: the patched loss and gradients are within the project's rule (twice the unpatched bf16
-  run's own error against an fp32 gold copy).
+  run's own error against an fp32 gold copy); a mixture-of-experts model's routing is pinned to
+  the gold's (:mod:`corept.testing.routing`).
 
 Needs TRL (``trl>=1.16``): without it the checks skip and say so.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import importlib.util
 
@@ -23,6 +25,7 @@ import torch
 
 import corept
 from corept.testing import builders as B
+from corept.testing import routing
 from corept.testing.tolerances import assert_bf16_within, assert_fp32_close
 
 #: the prompt text; the tiny tokenizer is trained on it and on digits, so it encodes without <unk>
@@ -122,14 +125,22 @@ class GRPOChecks:
         gold = B.add_lora(B.to_fp32_gold(copy.deepcopy(corept_store.base(config_name)).to(torch.bfloat16)),
                           patched=False, **kw)
         tok = _tokenizer(B.vocab_size(ref))
-        results = []
-        for i, model in enumerate((patched, ref, gold)):
-            with scope(model):
-                trainer = _trainer(model, tok, tmp_path / str(i), beta=0.0)
-                inputs = _sample(trainer, patched) if i == 0 else inputs
-                results.append(_loss_and_grads(trainer, model, inputs))
+        experts = corept_store.arch(config_name).roles.experts
+        with scope(patched):
+            inputs = _sample(_trainer(patched, tok, tmp_path / "sample", beta=0.0), patched)
+        _without_trl_ref(patched)
+        results, routes = {}, {}
+        for tag, model in (("gold", gold), ("patched", patched), ("ref", ref)):  # gold first: its routing
+            with scope(model), contextlib.ExitStack() as stack:
+                if experts:  # pinned for the bf16 models (corept.testing.routing)
+                    if tag == "gold":
+                        routes = stack.enter_context(routing.recorded(model, experts))
+                    else:
+                        stack.enter_context(routing.pinned(model, experts, routes))
+                trainer = _trainer(model, tok, tmp_path / tag, beta=0.0)
+                results[tag] = _loss_and_grads(trainer, model, inputs)
             _without_trl_ref(model)
-        (loss_p, got), (loss_r, unpatched), (loss_g, golden) = results
+        (loss_p, got), (loss_r, unpatched), (loss_g, golden) = results["patched"], results["ref"], results["gold"]
         assert_bf16_within("GRPO loss", loss_p, loss_r, loss_g)
         assert got.keys() == golden.keys()
         for name in golden:

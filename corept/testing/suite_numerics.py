@@ -8,6 +8,7 @@ import torch
 import corept
 from corept.testing import builders as B
 from corept.testing import checks as C
+from corept.testing import routing
 from corept.testing.store import same
 from corept.testing.tolerances import scaled_error
 
@@ -34,7 +35,15 @@ class NumericChecks:
         rep = corept.report(pat)
         batch = corept_store.batch(case.config)
         nib = case.patch in ("all", "loss")
-        got, want = self.run_case(pat, batch, case, nib), self.run_case(ref, batch, case, nib)
+        experts = corept_store.arch(case.config).roles.experts
+        gold_out = None
+        if gold is not None and experts:  # bf16 with experts: the gold's routing for all (corept.testing.routing)
+            with routing.recorded(gold, experts) as routes:
+                gold_out = self.run_case(gold, batch, case, nib)
+            with routing.pinned(pat, experts, routes), routing.pinned(ref, experts, routes):
+                got, want = self.run_case(pat, batch, case, nib), self.run_case(ref, batch, case, nib)
+        else:
+            got, want = self.run_case(pat, batch, case, nib), self.run_case(ref, batch, case, nib)
         applied = [c for c in rep.applied if c != "lora"]
         if not applied and not case.lora and not case.ckpt:
             # nothing was patched for this selection (e.g. attention on AttentionInterface): bitwise
@@ -49,7 +58,9 @@ class NumericChecks:
         if case.lora:
             assert "lora" in rep.applied or rep.fallbacks.get("lora"), rep
             C.assert_state_dict_equal(pat.state_dict(), ref.state_dict(), "LoRA model")
-        compared = C.compare(got, want, self.run_case(gold, batch, case, nib) if gold is not None else None)
+        if gold is not None and gold_out is None:
+            gold_out = self.run_case(gold, batch, case, nib)
+        compared = C.compare(got, want, gold_out)
         assert compared >= sum(g is not None for g in want.grads.values()) + 1
 
     def test_generate_greedy(self, corept_store, config_name):

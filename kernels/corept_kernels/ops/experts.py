@@ -133,9 +133,11 @@ def _bwd_op(dy: Tensor, x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tens
 def _(dy, x, offsets, weight, lora_a, lora_b, xa, scaling, transposed, need_x, need_w, need_a, need_b, need_bias):
     E, M = weight.shape[0], _out_features(weight, transposed)
     lora = lora_a is not None
-    return (torch.empty_like(x) if need_x else unused(x), torch.empty_like(weight) if need_w else unused(x),
-            torch.empty_like(lora_a) if need_a and lora else unused(x),
-            torch.empty_like(lora_b) if need_b and lora else unused(x),
+    # contiguous, as the launches return them (an input may be a strided view, e.g. peft's permuted lora_B:
+    # empty_like would copy its strides, and AOTAutograd would then view the real gradient wrongly)
+    return (x.new_empty(x.shape) if need_x else unused(x), x.new_empty(weight.shape) if need_w else unused(x),
+            x.new_empty(lora_a.shape) if need_a and lora else unused(x),
+            x.new_empty(lora_b.shape) if need_b and lora else unused(x),
             x.new_empty((E, M)) if need_bias else unused(x))
 
 

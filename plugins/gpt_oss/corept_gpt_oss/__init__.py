@@ -21,14 +21,17 @@ What corept patches, and what stays transformers' own (``corept.report(model)`` 
   halves; corept's kernel reads a narrower table as partial rotary (only the first dims rotate), so
   its probe cannot reproduce the forward. YaRN itself would need nothing: the rotary module folds
   its frequencies and ``attention_scaling`` into cos/sin.
-* **MoE block** (kept): ``GptOssMLP`` is a top-k router with a bias (softmax over the selected
-  logits) and ``GptOssExperts``: stacked expert weights with biases, gate/up interleaved in one
-  projection, and a clamped SwiGLU ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with
-  ``g = min(gate, limit)`` (``swiglu_alpha`` 1.702, ``swiglu_limit`` 7.0). No shared kernel computes
-  it; grouped-GEMM expert kernels are in progress (issue 24). The router stays exact.
-* **LoRA**: the default targets are the attention projections (the experts are parameters, not
-  linears). q/k/v/o all carry a bias (``attention_bias``), so each keeps peft's forward, with the
-  reason, as qwen2's biased q/k/v do.
+* **Experts** (patched): ``GptOssExperts`` keeps stacked expert weights in the transposed layout
+  (``[E, in, out]``) with per-expert biases, gate/up interleaved in one projection, and a clamped
+  SwiGLU ``(clamp(up) + 1) * g * sigmoid(alpha * g)`` with ``g = min(gate, limit)``
+  (``swiglu_alpha`` 1.702, ``swiglu_limit`` 7.0). corept's shared experts component runs both
+  projections as grouped GEMMs (biases and LoRA included) and calls the module's own
+  ``_apply_gate`` between them, so the clamp is transformers' to the bit.
+* **MoE block** (kept): ``GptOssMLP``'s top-k router with a bias (softmax over the selected logits)
+  stays transformers', so routing and its gradient are exact.
+* **LoRA**: the default targets are the attention projections and the experts' stacked weights
+  (peft's ``target_parameters``, on the grouped GEMMs). q/k/v/o all carry a bias
+  (``attention_bias``), so each keeps peft's forward, with the reason, as qwen2's biased q/k/v do.
 * **Packing**: transformers' ``GptOssModel.forward`` builds its masks without ``position_ids``, so a
   padding-free row attends across its documents on the eager path (with or without corept); train
   with ``--no-packing`` (``SFTConfig(packing=False)``) until transformers passes them.
@@ -46,9 +49,8 @@ KEEP = {
     "rope": ("GptOssRotaryEmbedding returns cos/sin of head_dim / 2, which this modeling file's "
              "apply_rotary_pos_emb applies to both halves; corept's rope kernel takes a table that narrow as "
              "partial rotary (YaRN itself is folded into cos/sin by the rotary module)"),
-    "mlp": ("GptOssMLP is a biased top-k router over GptOssExperts (stacked experts with biases, interleaved "
-            "gate/up, clamped SwiGLU with swiglu_alpha / swiglu_limit and up + 1): no shared kernel computes it; "
-            "router and experts stay transformers' own"),
+    "mlp": ("GptOssMLP's biased top-k router stays transformers'; its GptOssExperts are patched as the experts "
+            "component"),
 }
 
 RECORDED = Recorded(
@@ -56,8 +58,8 @@ RECORDED = Recorded(
     config={
         "layer_types": "which layers use the sliding window (sliding_attention) and which attend fully; "
                        "transformers' mask functions, per layer",
-        "swiglu_alpha": "the sigmoid gain of the experts' clamped SwiGLU, inside GptOssExperts (kept)",
-        "swiglu_limit": "the clamp of gate (above) and up (both sides) before that SwiGLU, inside GptOssExperts (kept)",
+        "swiglu_alpha": "the sigmoid gain of the experts' clamped SwiGLU (GptOssExperts._apply_gate, called by corept)",
+        "swiglu_limit": "the clamp of gate (above) and up (both sides) before that SwiGLU (GptOssExperts._apply_gate)",
         "router_aux_loss_coef": "weight of the load-balancing loss GptOssForCausalLM adds when "
                                 "output_router_logits is set (that call runs transformers' head)",
         "rope_parameters": "YaRN frequencies and attention scaling, folded into cos/sin by GptOssRotaryEmbedding "
@@ -79,7 +81,7 @@ def _published(layers: int, experts: int) -> dict:
 
 GPT_OSS = Architecture(
     model_type="gpt_oss",
-    roles=ModuleRoles.standard("GptOss", mlp=()),
+    roles=ModuleRoles.standard("GptOss", mlp=(), experts=("GptOssExperts",)),
     numerics=Numerics(norm_casting="scale_in_fp32"),
     recorded=RECORDED,
     transformers=TRANSFORMERS_RANGE,

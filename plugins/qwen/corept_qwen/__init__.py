@@ -2,7 +2,9 @@
 
 * qwen2 carries a bias on q/k/v: the fused LoRA q/k/v group keeps peft's path (reported).
 * qwen3 applies per-head ``q_norm``/``k_norm`` (the same RMSNorm class) before RoPE: patched as norms.
-* qwen3_moe: norms, RoPE, attention and loss are patched; the experts stay transformers' own.
+* qwen3_moe: norms, RoPE, attention, loss and the experts are patched: the stacked experts run as
+  grouped GEMMs (LoRA on them included, peft's ``target_parameters``); the router and the block
+  around the experts stay transformers'.
 * GGUF export: qwen2 and qwen3 as llama.cpp's ``qwen2`` / ``qwen3``; qwen3_moe declares none yet
   (its stacked experts need their own tensor layout).
 """
@@ -51,10 +53,15 @@ QWEN3 = Architecture(
 
 QWEN3_MOE = Architecture(
     model_type="qwen3_moe",
-    roles=ModuleRoles.standard("Qwen3Moe", mlp=()),
+    roles=ModuleRoles.standard("Qwen3Moe", mlp=(), experts=("Qwen3MoeExperts",)),
     transformers=TRANSFORMERS_RANGE,
-    keep={"mlp": "the experts (the MoE block) stay transformers' implementation"},
-    models=(KnownModel("Qwen/Qwen3-30B-A3B", aliases=("qwen3-30b-a3b",)),),
+    keep={"mlp": "the MoE block around the experts (its top-k router) stays transformers'; the experts are "
+                 "patched as the experts component"},
+    models=(KnownModel("Qwen/Qwen3-30B-A3B", aliases=("qwen3-30b-a3b",), config=dict(
+        hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+        num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        max_position_embeddings=40960, rope_theta=1000000.0, tie_word_embeddings=False, rms_norm_eps=1e-6)),),
 )
 
 plugin = ArchitecturePlugin([QWEN2, QWEN3, QWEN3_MOE])

@@ -11,6 +11,8 @@ from corept.testing import ConformanceSuite, tiny_config
 
 class TestQwen(ConformanceSuite):
     plugin = "qwen"
+    full_matrix = ("qwen3", "qwen3_moe")
+    compiled = ("qwen3", "qwen3_moe")
     configs = {
         "qwen3": lambda: tiny_config("qwen3"),
         "qwen2": lambda: tiny_config("qwen2"),
