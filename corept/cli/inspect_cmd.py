@@ -31,13 +31,15 @@ def collect(name: str, trust_remote_code: bool = False) -> dict:
     info = {"model": name, "resolved": resolved, "found_via": how, "model_type": config.model_type,
             "plugin": None, "distribution": None, "quirks": {}, "components": {}, "notes": "", "gguf": None}
     if arch is None:
-        info["components"] = {c: "transformers (no plugin)" for c in COMPONENTS}
+        info["components"] = {c: "transformers (no plugin)" for c in COMPONENTS if c != "experts"}
         return info
     gguf = arch.declaration.gguf
     info.update(plugin=arch.plugin, distribution=arch.distribution, notes=arch.notes, quirks=arch.quirks(),
                 transformers_range=arch.declaration.transformers, gguf=gguf.arch if gguf else None)
     for comp in COMPONENTS:
         classes = getattr(arch.roles, COMPONENT_ROLES[comp])
+        if comp == "experts" and not classes and comp not in arch.keep:
+            continue  # a dense model: no experts to speak of
         if not arch.supported:
             info["components"][comp] = f"transformers ({arch.unsupported_reason})"
         elif comp in arch.keep:

@@ -38,6 +38,8 @@ def component_cell(arch: Architecture, component: str, plugin=None) -> str:
     """What runs for ``component`` of ``arch``: a kernel name, an HF implementation, or a plugin hook."""
     if component in arch.keep:
         return "transformers"
+    if component == "experts" and not arch.roles.experts:
+        return "-"
     if plugin is not None and _own_hook(plugin, component):
         return "plugin hook"
     n = arch.numerics
@@ -54,6 +56,8 @@ def component_cell(arch: Architecture, component: str, plugin=None) -> str:
         return f"glu ({act}{fused})"
     if component == "rope":
         return "rope"
+    if component == "experts":
+        return "expert_linear (grouped GEMM)"
     extras = [x for x, on in (("scale", n.logit_scale != 1.0), ("softcap", n.final_logit_softcap is not None)) if on]
     return "fused_linear_cross_entropy" + "".join(f" + {x}" for x in extras)
 

@@ -3,7 +3,7 @@
 Full matrix (a suite's ``full_matrix`` configs; by default its first config):
 
 * dtype {fp32, bf16} x patch set {each component alone, all}, no LoRA, no checkpointing, no
-  quantization: 12 cases. A component alone isolates its kernel; ``attention`` alone (which the
+  quantization: 12 cases (14 with experts, for an architecture that declares them). A component alone isolates its kernel; ``attention`` alone (which the
   built-in plugins leave on transformers' AttentionInterface) must then be bitwise the reference.
 * fp32, all, LoRA, checkpointing {off, on}; fp32, all, full fine-tuning with checkpointing;
   bf16, all, LoRA: 4 cases.
@@ -62,9 +62,11 @@ class MatrixCase:
         return "-".join(parts)
 
 
-def full_cases(config: str) -> list[MatrixCase]:
-    """Every case of the full matrix for ``config`` (see the module docstring)."""
-    cases = [MatrixCase(config, dtype, patch) for dtype in ("fp32", "bf16") for patch in PATCH_SETS]
+def full_cases(config: str, experts: bool = False) -> list[MatrixCase]:
+    """Every case of the full matrix for ``config`` (see the module docstring); ``experts``: the
+    architecture declares an experts class, so ``experts`` alone is a patch set too (2 more cases)."""
+    sets = [p for p in PATCH_SETS if experts or p != "experts"]
+    cases = [MatrixCase(config, dtype, patch) for dtype in ("fp32", "bf16") for patch in sets]
     cases += [MatrixCase(config, "fp32", ALL, lora=True), MatrixCase(config, "fp32", ALL, lora=True, ckpt=True),
               MatrixCase(config, "fp32", ALL, ckpt=True), MatrixCase(config, "bf16", ALL, lora=True)]
     cases += [MatrixCase(config, "fp32", ALL, lora=True, quant="4bit"),

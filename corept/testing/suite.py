@@ -93,7 +93,14 @@ class ConformanceSuite(ContractChecks, NumericChecks, ExportChecks, CompileCheck
     def matrix(cls) -> list[MatrixCase]:
         names = list(cls.configs)
         full = cls.full_matrix if cls.full_matrix is not None else names[:1]
-        return [c for n in names for c in (full_cases(n) if n in full else quirk_cases(n))]
+        return [c for n in names for c in (full_cases(n, cls._declares_experts(n)) if n in full else quirk_cases(n))]
+
+    @classmethod
+    def _declares_experts(cls, name: str) -> bool:
+        try:
+            return bool(B.architecture_of(cls.configs[name]()).roles.experts)
+        except AssertionError:  # no plugin claims it: the contract checks say so
+            return False
 
     def pytest_generate_tests(self, metafunc):
         cls = metafunc.cls

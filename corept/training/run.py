@@ -226,6 +226,15 @@ def _run(opts: TrainOptions, echo: Callable[[str], None]) -> RunResult:
     result.applied = dict(rep.applied)
     echo("corept kernels: " + ", ".join(f"{k}={v}" for k, v in result.applied.items())
          + f"; checkpointing: {rep.settings.get('checkpointing')}")
+    if opts.method == "sft" and opts.packing and mode != "fsdp":
+        from corept.training.packing_check import crosses_documents
+
+        if crosses_documents(model):
+            opts.packing = False
+            note = (f"packing: off. This {model.config.model_type} model's attention lets one packed document see "
+                    f"another (a two-document probe), so batches are padded instead; --no-packing skips the probe")
+            logger.warning("corept: %s", note)
+            echo(note)
     if mode == "fsdp" and not any(p.is_cuda for p in model.parameters()):
         echo("  (loaded on CPU for sharding: each kernel call picks Triton once its shards are on the GPU)")
     t1 = time.perf_counter()

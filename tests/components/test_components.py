@@ -23,7 +23,7 @@ EXPECTED = {
     "mistral": ("mistral", 5, "swiglu"),
     "qwen2": ("qwen", 5, "swiglu"),
     "qwen3": ("qwen", 9, "swiglu"),           # + q_norm/k_norm per layer
-    "qwen3_moe": ("qwen", 9, None),          # experts stay transformers'
+    "qwen3_moe": ("qwen", 9, None),          # experts: grouped GEMMs (expert_linear), no gated MLP
     "gemma": ("gemma", 5, "geglu"),
     "gemma2": ("gemma", 9, "geglu"),         # + pre/post feed-forward norms
     "gemma3_text": ("gemma", 13, "geglu"),   # + both of the above
@@ -60,6 +60,9 @@ def test_patched_matches_hf(model_type):
                         "loss": "triton:fused_linear_cross_entropy x1", "attention": "triton:varlen_attention x2"}
     if mlp_kernel:
         expected_applied["mlp"] = f"triton:{mlp_kernel} x2"
+    experts = model_type == "qwen3_moe"
+    if experts:
+        expected_applied["experts"] = "triton:expert_linear x2"
     assert r.applied == expected_applied
     assert set(r.fallbacks) == ({"mlp"} if not mlp_kernel else set()), r.fallbacks
 
@@ -76,7 +79,8 @@ def test_patched_matches_hf(model_type):
     assert out.logits is None, "training with labels must take the fused loss path (no logits)"
     # the Triton paths really ran (not the kernels' silent torch twins): their autograd Functions
     # are in the graph
-    want_modules = {"norms", "rope", "fused_linear_ce"} | ({"glu"} if mlp_kernel else set())
+    want_modules = {"norms", "rope", "fused_linear_ce"} | ({"glu"} if mlp_kernel else set()) | (
+        {"ops.experts"} if experts else set())
     assert {f"corept_kernels.{m}" for m in want_modules} <= _kernel_functions(out.loss)
     torch.testing.assert_close(out.loss, ref_out.loss, rtol=RTOL, atol=ATOL)
     out.loss.backward()

@@ -14,7 +14,7 @@ import torch
 import corept
 from corept.registry import hookspecs
 from corept.testing import live
-from corept.registry.declarations import COMPONENTS
+from corept.registry.declarations import COMPONENT_ROLES, COMPONENTS
 import tiny
 
 REPO = Path(__file__).resolve().parents[2]
@@ -58,7 +58,7 @@ def test_the_hook_set():
     specs = _specs()
     assert set(specs) == {"corept_register_architectures", *hookspecs.COMPONENT_HOOKS.values(), "corept_patch_lora"}
     assert set(specs) == set(hookspecs.ALL_HOOKS)
-    assert set(hookspecs.COMPONENT_HOOKS) == set(COMPONENTS) == set(hookspecs.COMPONENT_ROLES)
+    assert set(hookspecs.COMPONENT_HOOKS) == set(COMPONENTS) == set(COMPONENT_ROLES)
     assert not specs["corept_register_architectures"][1]["firstresult"]
     for name in hookspecs.COMPONENT_HOOKS.values():
         assert specs[name][1]["firstresult"], name

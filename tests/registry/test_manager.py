@@ -53,7 +53,7 @@ def test_components_plugin_loads_like_any_plugin():
     assert list(pm.records)[0] == "corept.components"
     assert rec.loaded and rec.builtin and rec.distribution == "corept" and rec.architectures == []
     assert rec.hooks == sorted(["corept_patch_attention", "corept_patch_mlp", "corept_patch_rope", "corept_patch_norm",
-                                "corept_patch_loss", "corept_patch_lora"])
+                                "corept_patch_loss", "corept_patch_lora", "corept_patch_experts"])
     for hook in rec.hooks:
         impls = getattr(pm.pm.hook, hook).get_hookimpls()
         assert [i.plugin_name for i in impls if i.trylast] == ["corept.components"], hook

@@ -46,7 +46,9 @@ def test_bf16_rule_is_relative_to_the_unpatched_error():
 def test_matrix_matches_the_documented_pruning():
     cases = full_cases("c")
     assert len(cases) == 19 and len({c.id for c in cases}) == 19
-    assert {c.patch for c in cases if not c.lora and not c.ckpt} == set(PATCH_SETS)
+    assert {c.patch for c in cases if not c.lora and not c.ckpt} == set(PATCH_SETS) - {"experts"}
+    moe = full_cases("m", experts=True)  # an architecture that declares experts: experts alone too
+    assert len(moe) == 21 and {c.patch for c in moe if not c.lora and not c.ckpt} == set(PATCH_SETS)
     assert all(c.lora for c in cases if c.quant == "4bit")  # 4-bit only with LoRA
     assert {(c.dtype, c.ckpt) for c in cases if c.quant == "4bit"} == {("fp32", False), ("fp32", True), ("bf16", False)}
     assert [c.id for c in quirk_cases("q")] == ["q-fp32-all", "q-bf16-all", "q-fp32-all-lora"]
