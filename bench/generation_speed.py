@@ -2,6 +2,8 @@
 
     PYTHONPATH=/tmp/site_corept:/tmp/site_base python3 -P bench/generation_speed.py \
         --folder /tmp/corept-e2e-ckpt/llama-3.1-8b --out $OUT      # after bench/run_e2e_h200.sh prepared it
+    PYTHONPATH=.build/all .venv/bin/python -P bench/generation_speed.py --folder HuggingFaceTB/SmolLM2-135M-Instruct \
+        --rows 2 --prompt 16 --new 24 --repeats 3 --threads 1 --out bench/results   # host overhead, on CPU
 
 TRL's GRPOTrainer samples with the policy in **training mode** under ``no_grad`` (it never calls
 ``eval()``), so a patched model decodes through whatever its forwards do in training. One model,
@@ -14,7 +16,9 @@ EOS masked) in each mode, in this order:
 * ``patched-train-nockpt``: training mode with each layer's ``gradient_checkpointing`` flag off;
 * ``unpatched-eval`` / ``unpatched-train-nockpt``: after ``corept.unpatch(model)``.
 
-Each mode: one warm-up call of 8 new tokens, then one timed call; tok/s = rows x new / seconds.
+Each mode: one warm-up call of 8 new tokens, then ``--repeats`` timed calls (the fastest counts);
+tok/s = rows x new / seconds. On CPU (no CUDA) the kernels' torch twins run: what is measured there
+is corept's host work per decode step, which is what a GPU decode step is bound by.
 ``--profile`` adds a ``torch.profiler`` table (top ops by self CPU time) of 8 decode steps in
 ``patched-train`` and ``unpatched-train-nockpt``. Results: ``genspeed-<date>-<gpu>.json`` / ``.md``.
 """
@@ -29,13 +33,18 @@ from pathlib import Path
 import torch
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 def _generate(model, ids, new: int) -> float:
-    torch.cuda.synchronize()
+    _sync()
     t = time.perf_counter()
     with torch.no_grad():
         model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new, min_new_tokens=new,
                        do_sample=False, use_cache=True, pad_token_id=0)
-    torch.cuda.synchronize()
+    _sync()
     return time.perf_counter() - t
 
 
@@ -67,17 +76,24 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--checkpointing", default="auto")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads on CPU (0: torch's default)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     import corept
     import transformers
 
-    model, _ = corept.load(args.folder, max_seq_length=args.prompt + args.new + 8, dtype=torch.bfloat16)
+    cuda = torch.cuda.is_available()
+    model, _ = corept.load(args.folder, max_seq_length=args.prompt + args.new + 8,
+                           dtype=torch.bfloat16 if cuda else torch.float32)
     model = corept.get_peft_model(model, r=16, lora_alpha=16, use_gradient_checkpointing=args.checkpointing)
     for m in _layers(model):
         m._corept_ckpt_flag = bool(m.gradient_checkpointing)
     vocab = model.config.vocab_size
-    ids = torch.randint(10, vocab - 10, (args.rows, args.prompt), generator=torch.Generator().manual_seed(0)).cuda()
+    ids = torch.randint(10, vocab - 10, (args.rows, args.prompt), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(next(model.parameters()).device)
     rows, tables = [], {}
     modes = ["patched-eval", "patched-train", "patched-train-nockpt", "unpatched-eval", "unpatched-train-nockpt"]
     for name in modes:
@@ -85,13 +101,13 @@ def main() -> None:
             corept.unpatch(model)
         _mode(model, name)
         _generate(model, ids, 8)
-        seconds = _generate(model, ids, args.new)
+        seconds = min(_generate(model, ids, args.new) for _ in range(args.repeats))
         rows.append(dict(mode=name, seconds=round(seconds, 3), tok_s=round(args.rows * args.new / seconds, 1),
                          ms_per_step=round(1000 * seconds / args.new, 2)))
         print(rows[-1], flush=True)
         if args.profile and name in ("patched-train", "unpatched-train-nockpt"):
             tables[name] = _profile(model, ids)
-    gpu = torch.cuda.get_device_name(0)
+    gpu = torch.cuda.get_device_name(0) if cuda else "CPU cpu"
     record = dict(gpu=gpu, date=dt.date.today().isoformat(), torch=torch.__version__,
                   transformers=transformers.__version__, rows=rows, args=vars(args), profiles=tables)
     out = Path(args.out)

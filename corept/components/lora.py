@@ -38,7 +38,7 @@ def _is_lora(module) -> bool:
 
 def _linear_forward(unfused):
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and is_training_call(self) and lora_fast_path_reason(self) is None:
+        if not args and not kwargs and is_training_call(self, x) and lora_fast_path_reason(self) is None:
             return lora_o(x, read_lora_weights(self))
         return unfused(self, x, *args, **kwargs)
     return forward
@@ -85,7 +85,7 @@ def _mlp_forward(names, gate_up: bool, activation: str, unfused, options: dict):
                         tile_rows=options.get("mlp_tile_rows"))
 
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and is_training_call(self) and group_reason(mods(self), names) is None:
+        if not args and not kwargs and is_training_call(self, x) and group_reason(mods(self), names) is None:
             return fused(self, x)
         return unfused(self, x, *args, **kwargs)
 
@@ -149,7 +149,7 @@ def attention_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
 
 def _qkv_forward(unfused):
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and is_training_call(self):
+        if not args and not kwargs and is_training_call(self, x):
             out = self.corept_qkv_group.output(self, x)
             if out is not None:
                 return out

@@ -43,9 +43,9 @@ class QKVGroup:
         dicts, not ``parameters()``, whose module walk is repeated for every attention call."""
         return tuple(lin.weight._version for m in self.mods for d in (m.lora_A, m.lora_B) for lin in d.values())
 
-    def ready(self) -> bool:
-        """All three in training mode, on the fast path, with one adapter dtype."""
-        return all(is_training_call(m) for m in self.mods) and group_reason(self.mods, self.names) is None
+    def ready(self, x: torch.Tensor) -> bool:
+        """All three taking the fused path for ``x`` (:func:`is_training_call`), with one adapter dtype."""
+        return all(is_training_call(m, x) for m in self.mods) and group_reason(self.mods, self.names) is None
 
     def output(self, module, x: torch.Tensor) -> torch.Tensor | None:
         """``module``'s projection of ``x`` (``[..., H]`` -> ``[..., out]``), from a kept output or a
@@ -61,9 +61,9 @@ class QKVGroup:
             if not kept[3]:
                 self._kept = None
             return out
-        if not self.ready():
+        if not self.ready(x):
             return None
-        outs = lora_qkv(x, *(read_lora_weights(m) for m in self.mods))  # ready() checked them
+        outs = lora_qkv(x, *(read_lora_weights(m) for m in self.mods))  # ready(x) checked them
         self._kept = (x, x_version, versions, {i: o for i, o in enumerate(outs) if i != idx})
         return outs[idx]
 

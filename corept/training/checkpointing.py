@@ -96,6 +96,10 @@ def make_checkpoint_func(offload: bool, policy: AutoPolicy | None = None) -> Cal
 
     def checkpoint_func(function: Callable, hidden: torch.Tensor, *args: Any):
         function = compiled_body(function)  # a compiled layer's body, when transformers checkpoints inside forward
+        if not torch.is_grad_enabled():
+            # nothing to recompute for: sampling in training mode (TRL's GRPO generates so) would
+            # otherwise pay the policy, RNG snapshots and autograd plumbing per layer per token
+            return function(hidden, *args)
         if policy is not None and torch.is_tensor(hidden) and policy.keep(hidden, _layer_of(function)):
             return function(hidden, *args)
         if not torch.is_tensor(hidden):

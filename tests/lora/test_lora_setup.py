@@ -151,9 +151,31 @@ def test_eval_and_disabled_adapters_take_peft_path():
     pat.train()
     ref.train()
     with pat.disable_adapter(), ref.disable_adapter():
-        assert not group.ready()
+        assert not group.ready(x)
         assert torch.equal(attn.v_proj(x), rattn.v_proj(x)) and group._kept is None
-    assert group.ready()
+    assert group.ready(x)
+
+
+def test_sampling_in_training_mode_takes_peft_path(monkeypatch):
+    """Without gradients, a decode-sized call in training mode (TRL's GRPO samples so) runs peft's
+    forward; a call as large as checkpointing's no-grad first pass still runs fused (its memory)."""
+    from corept.components import lora as lora_component
+    from corept.lora.fast_path import SMALL_NO_GRAD_TOKENS
+
+    ref, pat = _pair("llama")
+    calls = []
+    real = lora_component.lora_mlp
+    monkeypatch.setattr(lora_component, "lora_mlp", lambda *a, **k: calls.append(a[0].shape) or real(*a, **k))
+    mlp, rmlp = pat.base_model.model.model.layers[0].mlp, ref.base_model.model.model.layers[0].mlp
+    pat.train()
+    ref.train()
+    small, large = torch.randn(2, 3, 64), torch.randn(1, SMALL_NO_GRAD_TOKENS, 64)
+    with torch.no_grad():
+        assert torch.equal(mlp(small), rmlp(small)) and calls == []  # peft's own forward: bitwise
+        assert_fp32_close("large no-grad call", mlp(large), rmlp(large))
+    assert calls == [large.shape]
+    mlp(small).sum().backward()  # with gradients: fused at any size
+    assert calls == [large.shape, small.shape]
 
 
 def _largest_fp32_temporary(fn) -> int:
@@ -203,6 +225,10 @@ def test_mlp_tile_rows_tiles_both_checkpointing_passes_and_matches_peft(monkeypa
     from corept_kernels.lora import tiled as lora_tiled
     from peft import LoraConfig, get_peft_model
 
+    from corept.lora import fast_path
+
+    # the first pass runs without gradients on 16 tokens: fused only above the small-call threshold
+    monkeypatch.setattr(fast_path, "SMALL_NO_GRAD_TOKENS", 0)
     tiles = []
     real = lora_tiled.TiledLoraMLP.apply
     monkeypatch.setattr(lora_tiled.TiledLoraMLP, "apply", lambda *a: tiles.append(a[3]) or real(*a))
