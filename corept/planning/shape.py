@@ -88,6 +88,7 @@ class ModelShape:
     layer: LayerShape
     force_float32: bool = False
     notes: tuple[str, ...] = ()
+    expert_lora_unit: int = 0
 
     @property
     def n_unquantized(self) -> int:
@@ -100,8 +101,11 @@ class ModelShape:
         return self.vocab * self.hidden
 
     def lora_params(self, r: int) -> int:
-        """Trainable LoRA parameters at rank ``r``: ``sum r * (in + out)`` over the targets."""
-        return sum(r * (lin.in_features + lin.out_features) for lin in self.linears if lin.short in self.lora_targets)
+        """Trainable LoRA parameters at rank ``r``: ``sum r * (in + out)`` over the targets, plus
+        ``r * E * (in + out)`` per stacked expert weight (:attr:`expert_lora_unit`: LoRA on experts,
+        what ``corept.get_peft_model`` targets by default)."""
+        linear = sum(r * (lin.in_features + lin.out_features) for lin in self.linears if lin.short in self.lora_targets)
+        return linear + r * self.expert_lora_unit
 
     def to_dict(self) -> dict:
         return {"name": self.name, "source": self.source, "model_type": self.model_type, "plugin": self.plugin,
@@ -279,6 +283,16 @@ def _layer_shape(layer, text, attention: str, attn_softcap: bool) -> LayerShape:
                       attn_softcap=attn_softcap, standard=standard)
 
 
+def _experts(model, arch) -> list:
+    """The model's stacked experts modules (classes in ``arch.roles.experts``) with a 3-D
+    ``gate_up_proj``, else ``[]``."""
+    if arch is None or not arch.roles.experts:
+        return []
+    classes = set(arch.roles.experts)
+    return [m for m in model.modules() if type(m).__name__ in classes
+            and getattr(getattr(m, "gate_up_proj", None), "dim", lambda: 0)() == 3]
+
+
 def _head_dim(text) -> int:
     hd = getattr(text, "head_dim", None)
     return int(hd) if hd else text.hidden_size // text.num_attention_heads
@@ -328,7 +342,18 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
         notes.append("decoder layer is not q/k/v/o attention + gated MLP (e.g. MoE experts): activation "
                      "figures are an approximation")
     inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    if not layer.standard and getattr(text, "moe_intermediate_size", None):
+    experts, expert_unit = _experts(model, arch), 0
+    if experts:
+        # dropless routing (transformers' MoE): every token reaches top-k experts, so a layer's routed
+        # rows are N * k of the expert's width; no capacity factor drops or pads any
+        gate_up = experts[0].gate_up_proj
+        width = (gate_up.shape[2] if getattr(experts[0], "is_transposed", False) else gate_up.shape[1]) // 2
+        inter = width * getattr(text, "num_experts_per_tok", 1)
+        expert_unit = sum(w.shape[0] * (w.shape[1] + w.shape[2]) for m in experts
+                          for w in m.parameters(recurse=False) if w.dim() == 3)
+        notes.append(f"mixture of experts: routed activations as {getattr(text, 'num_experts_per_tok', 1)} "
+                     f"experts of width {width} per token; LoRA on the stacked expert weights counted")
+    elif not layer.standard and getattr(text, "moe_intermediate_size", None):
         inter = text.moe_intermediate_size * getattr(text, "num_experts_per_tok", 1)
     emb = model.get_input_embeddings()
     tied = out_emb is not None and emb is not None and out_emb.weight is emb.weight
@@ -340,5 +365,5 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
         head_dim=_head_dim(text), vocab=text.vocab_size, max_positions=int(max_pos) if max_pos else None, tied=tied,
         n_params=n_params, n_quantized=n_q, n_quant_tensors=n_qt, n_quant_groups=n_groups,
         linears=tuple(linears), lora_targets=targets, layer=layer,
-        force_float32=bool(arch and arch.load.force_float32), notes=tuple(notes))
+        force_float32=bool(arch and arch.load.force_float32), notes=tuple(notes), expert_lora_unit=expert_unit)
 

@@ -120,3 +120,22 @@ def test_unreadable_configs_raise_plan_errors(tmp_path):
     (tmp_path / "bad.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(PlanError):
         model_shape(123)
+
+
+@pytest.mark.parametrize("model_type,kw", [
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+                       mlp_only_layers=[])),
+    ("gpt_oss", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=32)),
+])
+def test_moe_lora_params_equal_corept_peft_trainable(model_type, kw):
+    """Mixture of experts: LoRA on attention and on the stacked experts (corept.get_peft_model's
+    default) is counted exactly, and the routed width is top-k experts of the expert's width."""
+    import corept
+    from corept import tiny
+
+    config = tiny.tiny_config(model_type, **kw)
+    shape = model_shape(config)
+    real = corept.get_peft_model(tiny.tiny_model(model_type, **kw), r=4, lora_alpha=8,
+                                 use_gradient_checkpointing=False)
+    assert shape.lora_params(4) == sum(p.numel() for p in real.parameters() if p.requires_grad)
+    assert shape.expert_lora_unit > 0 and shape.intermediate == 32 * 2
