@@ -41,6 +41,27 @@ MODELS: dict[str, dict] = {
         hidden_act="silu", attention_bias=False, tie_word_embeddings=False, use_sliding_window=False,
         sliding_window=None, max_window_layers=36, bos_token_id=151643, eos_token_id=151645,
         initializer_range=0.02),
+    # mixture of experts (issue 24): LoRA on attention + the stacked experts (lora_targets)
+    "qwen3-30b-a3b": dict(
+        model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+        num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+        num_experts_per_tok=8, norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1000000.0, rope_scaling=None,
+        hidden_act="silu", attention_bias=False, tie_word_embeddings=False, use_sliding_window=False,
+        sliding_window=None, max_window_layers=48, router_aux_loss_coef=0.001, bos_token_id=151643,
+        eos_token_id=151645, initializer_range=0.02),
+    "gpt-oss-20b": dict(
+        model_type="gpt_oss", hidden_size=2880, intermediate_size=2880, num_hidden_layers=24, num_local_experts=32,
+        num_experts_per_tok=4, num_attention_heads=64, num_key_value_heads=8, head_dim=64, vocab_size=201088,
+        max_position_embeddings=131072, sliding_window=128, rms_norm_eps=1e-5, attention_bias=True,
+        tie_word_embeddings=False, swiglu_limit=7.0, router_aux_loss_coef=0.9, rope_theta=150000.0,
+        rope_scaling=dict(rope_type="yarn", factor=32.0, beta_fast=32.0, beta_slow=1.0,
+                          original_max_position_embeddings=4096, truncate=False),
+        layer_types=["sliding_attention", "full_attention"] * 12, bos_token_id=199998, eos_token_id=200002,
+        pad_token_id=199999, initializer_range=0.02),
+    "tiny-qwen3-moe": dict(model_type="qwen3_moe", rope_theta=1000000.0, use_sliding_window=False, num_experts=4,
+                           num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1, mlp_only_layers=[],
+                           **_TINY),
     "tiny-llama": dict(model_type="llama", rope_theta=500000.0,
                        rope_scaling={**_LLAMA31_ROPE, "original_max_position_embeddings": 64}, **_TINY),
     "tiny-qwen3": dict(model_type="qwen3", rope_theta=1000000.0, use_sliding_window=False, **_TINY),
@@ -63,6 +84,29 @@ STACK_OF = {"hf": "base", "hf_bf16": "base", "liger": "base", "hf_qlora": "base"
             "corept_lean": "corept", "corept_qlora_lean": "corept"}  # *_lean: use_gradient_checkpointing="corept"
 
 
+#: LoRA on a mixture-of-experts model: the attention projections and the stacked expert weights
+#: (peft's target_parameters), what corept.get_peft_model targets by default
+EXPERT_PARAMETERS = ["experts.gate_up_proj", "experts.down_proj"]
+#: attention implementation per model_type where sdpa cannot serve (gpt-oss: learned sink logits)
+ATTENTION = {"gpt_oss": "eager"}
+
+
+def is_moe(model: str) -> bool:
+    c = MODELS[model]
+    return bool(c.get("num_experts") or c.get("num_local_experts"))
+
+
+def lora_targets(model: str) -> tuple[list[str], list[str]]:
+    """``(target_modules, target_parameters)`` of ``model`` for every stack."""
+    if is_moe(model):
+        return LORA_TARGETS[:4], list(EXPERT_PARAMETERS)
+    return list(LORA_TARGETS), []
+
+
+def attention_of(model: str) -> str:
+    return ATTENTION.get(MODELS[model]["model_type"], "sdpa")
+
+
 def digest(model: str, seed: int, dtype: str) -> str:
     """Identity of a prepared checkpoint: config, seed and dtype."""
     blob = json.dumps({"config": MODELS[model], "seed": seed, "dtype": dtype}, sort_keys=True)
@@ -76,7 +120,11 @@ def approx_bytes(model: str, dtype: str) -> int:
     hd = c.get("head_dim") or h // c["num_attention_heads"]
     attn = h * hd * (2 * c["num_attention_heads"] + 2 * c["num_key_value_heads"])
     embed = c["vocab_size"] * h * (1 if c.get("tie_word_embeddings") else 2)
-    return (embed + n * (attn + 3 * h * i + 2 * h)) * (4 if dtype == "fp32" else 2)
+    mlp = 3 * h * i
+    if is_moe(model):
+        experts = c.get("num_experts") or c.get("num_local_experts")
+        mlp = experts * 3 * h * (c.get("moe_intermediate_size") or i)
+    return (embed + n * (attn + mlp + 2 * h)) * (4 if dtype == "fp32" else 2)
 
 
 def is_prepared(folder: str, model: str, seed: int, dtype: str) -> bool:
@@ -111,7 +159,8 @@ def build_random(model: str, seed: int, device: str, dtype: str):
 
     torch.manual_seed(seed)
     with torch.device(device):
-        m = AutoModelForCausalLM.from_config(make_config(model), dtype=_torch_dtype(dtype), attn_implementation="sdpa")
+        m = AutoModelForCausalLM.from_config(make_config(model), dtype=_torch_dtype(dtype),
+                                             attn_implementation=attention_of(model))
     return m
 
 
@@ -190,10 +239,10 @@ def _bnb_config(dtype):
                               bnb_4bit_compute_dtype=dtype)
 
 
-def _hf_load(folder: str, device: str, dtype, quantized: bool):
+def _hf_load(folder: str, device: str, dtype, quantized: bool, attention: str = "sdpa"):
     from transformers import AutoModelForCausalLM
 
-    kw = dict(dtype=dtype, attn_implementation="sdpa")
+    kw = dict(dtype=dtype, attn_implementation=attention)
     if quantized:
         kw["quantization_config"] = _bnb_config(dtype)
     if device == "cuda":
@@ -201,7 +250,13 @@ def _hf_load(folder: str, device: str, dtype, quantized: bool):
     return AutoModelForCausalLM.from_pretrained(folder, **kw)
 
 
-def _hf_lora(model, rank: int, alpha: int, fp32_adapters: bool):
+def _unsloth_targets(model: str) -> list[str]:
+    """Unsloth names the experts' stacked weights among its target modules (its MoE LoRA path)."""
+    modules, parameters = lora_targets(model)
+    return modules + [p.rsplit(".", 1)[-1] for p in parameters]
+
+
+def _hf_lora(model, rank: int, alpha: int, fp32_adapters: bool, targets=(LORA_TARGETS, [])):
     """peft LoRA the plain way: freeze, non-reentrant checkpointing, input grads, adapters."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -212,7 +267,9 @@ def _hf_lora(model, rank: int, alpha: int, fp32_adapters: bool):
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()
     torch.manual_seed(LORA_SEED)
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none",
+    modules, parameters = targets
+    extra = {"target_parameters": list(parameters)} if parameters else {}
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(modules), bias="none", **extra,
                      task_type="CAUSAL_LM")
     return get_peft_model(model, cfg, autocast_adapter_dtype=fp32_adapters)
 
@@ -245,10 +302,10 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
             model = build_random(model_name, seed, device, dtype)
             info["weights"] = "config"
         else:
-            model = _hf_load(folder, device, tdt, quant)
+            model = _hf_load(folder, device, tdt, quant, attention_of(model_name))
         # hf / liger / hf_qlora: adapters in the model dtype (bf16 throughout); hf_bf16: as the HF
         # Trainer runs it, fp32 adapters (peft's default) and the forward under bf16 autocast.
-        model = _hf_lora(model, rank, alpha, fp32_adapters=(variant == "hf_bf16"))
+        model = _hf_lora(model, rank, alpha, fp32_adapters=(variant == "hf_bf16"), targets=lora_targets(model_name))
         if variant == "hf_bf16" and device == "cuda":
             autocast = torch.bfloat16
     elif variant in ("unsloth", "unsloth_qlora"):
@@ -258,7 +315,7 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
                                                      load_in_4bit=quant, load_in_16bit=not quant,
                                                      full_finetuning=False, use_exact_model_name=True)
         model = FastLanguageModel.get_peft_model(model, r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                                 target_modules=LORA_TARGETS, bias="none",
+                                                 target_modules=_unsloth_targets(model_name), bias="none",
                                                  use_gradient_checkpointing="unsloth", random_state=LORA_SEED,
                                                  max_seq_length=max_seq)
         if hasattr(FastLanguageModel, "for_training"):
@@ -271,8 +328,11 @@ def setup(variant: str, model_name: str, folder: str, *, device: str, dtype: str
         # corept's defaults (checkpointing "auto", layers compiled on CUDA) unless the variant names one;
         # *_prev variants (an earlier corept) get its lean mode, which every earlier commit had
         ckpt = {"use_gradient_checkpointing": "corept"} if variant.endswith(("_lean", "_prev")) else {}
+        modules, parameters = lora_targets(model_name)
+        if parameters:
+            ckpt["target_parameters"] = parameters
         model = corept.get_peft_model(model, r=rank, lora_alpha=alpha, lora_dropout=0.0,
-                                      target_modules=list(LORA_TARGETS), random_state=LORA_SEED, **ckpt)
+                                      target_modules=modules, random_state=LORA_SEED, **ckpt)
         rep = corept.report(model)
         info["corept_applied"] = dict(rep.applied)
         info["corept_fallbacks"] = dict(rep.fallbacks)

@@ -58,6 +58,9 @@
 #                   8192, 1024 steps; probes replace sampling by a chunked KV-cache prefill of random completions
 #                   (the same cache, minutes less); VARIANTS=hf_qlora MAXLEN_START=2048 for HF's
 #                   (both: MODEL=qwen3-8b for Qwen3-8B; results $OUT/grpomem-<date>-<card>-<preset>-<model>.json/.md)
+#   moe             issue 24: Qwen3-30B-A3B and gpt-oss-20b shapes (random bf16 weights), LoRA r16 on attention + the
+#                   stacked experts (peft's target_parameters), 1x4096 and 4x1024 in one process per variant: hf, corept,
+#                   unsloth (~9 min; never run yet: first check with MODELS in --models one at a time if it runs out)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
 # With less than 600 s of device time left, set E2E_CALL_S (seconds the call may take) lower.
 # Variant order inside a preset is by importance (hf, corept, unsloth first): when a call runs out
@@ -76,7 +79,7 @@ export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONUNBUF
        UNSLOTH_DISABLE_STATISTICS=1 TOKENIZERS_PARALLELISM=false
 
 case "$PRESET" in
-  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|packing|packing-qlora|grpo|grpo-qlora|custom) ;;
+  llama-both|qwen-both|llama-2k|llama-8k|qwen-2k|qwen-8k|maxseq-corept|maxseq-hf|maxseq-unsloth|gpu-check|gpu-check-qwen|cuda-tests|regression|regression-qlora|compile|issue18-lora|issue18-qlora|issue18-both|packing|packing-qlora|grpo|grpo-qlora|moe|custom) ;;
   *) sed -n '2,/^set /p' "$0" | sed '$d'; exit 2 ;;
 esac
 
@@ -152,6 +155,8 @@ case "$PRESET" in
                        --variants hf,corept,corept_lean,unsloth,hf_qlora,corept_qlora,unsloth_qlora) ;;
   issue18-qlora) ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
                        --variants hf_qlora,corept_qlora,corept_qlora_eager,corept_qlora_lean,unsloth_qlora) ;;
+  moe)      ARGS=(--models "${MODELS:-qwen3-30b-a3b,gpt-oss-20b}" --shapes 1x4096,4x1024 --group-shapes
+                  --variants "${VARIANTS:-hf,corept,unsloth}") ;;
   custom)   ARGS=() ;;
 esac
 CARD=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | grep -o -i -E 'h100|h200|a100' | tr A-Z a-z)
