@@ -297,9 +297,10 @@ def merge(base_json: str, new_json: str, out: Path) -> int:
     return 0
 
 
-def _write(out: Path, env: dict, records: list[dict]) -> None:
+def _write(out: Path, env: dict, records: list[dict], prefix: str = "kernels") -> None:
+    """``<prefix>-<date>-<gpu>.json`` / ``.md`` under ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"kernels-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
+    tag = f"{prefix}-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
     (out / f"{tag}.json").write_text(json.dumps({"environment": env, "records": records}, indent=2))
     (out / f"{tag}.md").write_text(markdown(records, env))
 

@@ -192,12 +192,9 @@ def main() -> int:
 
 
 def _write(out: Path, env: dict, records: list[dict]) -> None:
-    from bench.kernels import markdown
+    from bench.kernels import _write as write
 
-    out.mkdir(parents=True, exist_ok=True)
-    tag = f"kernels-experts-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
-    (out / f"{tag}.json").write_text(json.dumps({"environment": env, "records": records}, indent=2))
-    (out / f"{tag}.md").write_text(markdown(records, env))
+    write(out, env, records, prefix="kernels-experts")
 
 
 if __name__ == "__main__":
