@@ -33,8 +33,9 @@ What corept patches, and what stays transformers' own (``corept.report(model)`` 
   (peft's ``target_parameters``, on the grouped GEMMs). q/k/v/o all carry a bias
   (``attention_bias``), so each keeps peft's forward, with the reason, as qwen2's biased q/k/v do.
 * **Packing**: transformers' ``GptOssModel.forward`` builds its masks without ``position_ids``, so a
-  padding-free row attends across its documents on the eager path (with or without corept); train
-  with ``--no-packing`` (``SFTConfig(packing=False)``) until transformers passes them.
+  padding-free row attends across its documents on the eager path (with or without corept).
+  ``corept train`` detects it (``corept.training.packing_check``) and pads instead, with a log
+  line; TRL scripts pass ``SFTConfig(packing=False)`` until transformers passes them.
 * No GGUF export declared yet: the stacked expert tensors and their biases need a tensor layout of
   their own (as for qwen3_moe).
 """
