@@ -3,8 +3,9 @@
 * ``qwen3``: per-head ``q_norm``/``k_norm`` before RoPE (patched as norms). Full matrix.
 * ``qwen2``: bias on q/k/v (given random values by the kit, since transformers initialises biases
   to zero); the fused LoRA path keeps peft's forward for the biased projections (reported).
-* ``qwen3_moe``: 4 experts, top-2 routing; norms, RoPE and loss patched, experts stay
-  transformers' (the plugin keeps ``mlp``: ``patch(only=["mlp"])`` must be bitwise HF).
+* ``qwen3_moe``: 4 experts, top-2 routing; norms, RoPE, loss and the experts (grouped GEMMs) patched,
+  LoRA on the stacked experts too; the router block stays transformers' (the plugin keeps ``mlp``:
+  ``patch(only=["mlp"])`` must be bitwise HF). Full matrix and the compiled-layers check as well.
 """
 from corept.testing import ConformanceSuite, tiny_config
 
