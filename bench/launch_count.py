@@ -128,7 +128,12 @@ class LaunchCounter:
         self._swap(lora_branch, "mm_f32", make)
 
 
-def count_step(variant: str, layers: int, *, model: str = "tiny-llama", tokens: int = 64, rank: int = 16,
+#: tokens per counted step: at least corept.lora.fast_path.SMALL_NO_GRAD_TOKENS, so checkpointing's
+#: no-grad first pass takes the fused LoRA path as it does at training sizes
+TOKENS = 128
+
+
+def count_step(variant: str, layers: int, *, model: str = "tiny-llama", tokens: int = TOKENS, rank: int = 16,
                seed: int = 0) -> dict:
     """Launch counts of one AdamW training step of ``variant`` on ``model`` (a tiny model of
     ``bench/e2e_variants.MODELS``) cut or grown to ``layers`` layers."""
@@ -205,7 +210,7 @@ def main(argv=None) -> int:
         path = os.path.join(a.out, f"launch-count-{datetime.date.today().isoformat()}-cpu{tag}.json")
         meta = {"date": datetime.date.today().isoformat(), "torch": torch.__version__,
                 "transformers": transformers.__version__, "command": "python3 -P bench/launch_count.py " + " ".join(argv or sys.argv[1:]),
-                "models": f"{a.models} (bench/e2e_variants.py), bf16, 64 tokens, LoRA r 16 on the 7 projections"}
+                "models": f"{a.models} (bench/e2e_variants.py), bf16, {TOKENS} tokens, LoRA r 16 on the 7 projections"}
         with open(path, "w", encoding="utf-8") as fh:
             json.dump({"meta": meta, "rows": rows}, fh, indent=1)
         print("wrote", path)
