@@ -79,6 +79,36 @@ def test_qlora_merged_16bit_roundtrip_without_corept(tiny_chat, tmp_path, clean_
     torch.testing.assert_close(plain_logits(merged, ids, tmp_path, clean_env), expected)
 
 
+@pytest.fixture(scope="module")
+def tiny_moe_chat(tmp_path_factory):
+    """A tiny qwen3_moe chat model (4 experts, top-2) with the shipped data's tokenizer."""
+    from corept.tiny import save_tiny, tiny_model, tiny_tokenizer
+    from corept.training import defaults as D
+
+    tok = tiny_tokenizer(D._corpus())
+    tok.chat_template = D.TINY_CHAT_TEMPLATE
+    model = tiny_model("qwen3_moe", head_dim=32, intermediate_size=128, moe_intermediate_size=64, num_experts=4,
+                       num_experts_per_tok=2, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=len(tok),
+                       bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                       tie_word_embeddings=False)
+    return str(save_tiny(model, tok, tmp_path_factory.mktemp("tiny-moe")))
+
+
+def test_trained_experts_lora_roundtrip_without_corept(tiny_moe_chat, tmp_path, clean_env):
+    """LoRA on the stacked experts (peft's target_parameters) trains through TRL, and the adapter
+    folder and the merged folder both reproduce the trained model in plain peft / transformers."""
+    model, tok = h.load(tiny_moe_chat, "lora")
+    with trl_head_scope(model):
+        build_trainer("sft", model, tok, h.dataset("sft"), h.options("sft", max_steps=3)).train()
+    assert any(p.any() for n, p in model.named_parameters() if "experts" in n and "lora_B" in n)
+    ids = _ids(model.config.vocab_size)
+    expected = _logits(model, ids)
+    adapter = corept.save(model, tok, tmp_path / "adapter", method="lora")
+    merged = corept.save(model, tok, tmp_path / "merged", method="merged_16bit")
+    torch.testing.assert_close(plain_logits(merged, ids, tmp_path, clean_env), expected)
+    torch.testing.assert_close(plain_logits(adapter, ids, tmp_path, clean_env, base=tiny_moe_chat), expected)
+
+
 def _snapshot(folder):
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
