@@ -32,8 +32,9 @@ from corept.patching.signature import forward_signature, unbound_forward
 
 #: output fields a backbone returns that a plain causal-LM head passes through unchanged (the
 #: installed transformers' names: the cache field was renamed in 5.x); any other non-None field
-#: (e.g. MoE router logits) may feed head-side math corept does not know, so such a call runs the
-#: original head on the backbone's outputs.
+#: may feed head-side math corept does not know, so such a call runs the original head on the
+#: backbone's outputs. One is known: MoE router logits with the head's ``router_aux_loss_coef``
+#: (the fused loss plus that coefficient times the aux loss the original head computes without labels).
 PASS_THROUGH = ("last_hidden_state",) + tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast)
                                               if f.name not in ("loss", "logits"))
 #: arguments the head consumes itself (never passed to the backbone by the fused path)
@@ -147,9 +148,12 @@ def prove_head(module: nn.Module, backbone: nn.Module, head: nn.Module, original
         h = h * (50.0 / max(plain.std().item(), 1e-6))  # logits of std ~50: a softcap's tanh bends
         labels = torch.randint(0, vocab, (1, 5), generator=probe.generator(None)).to(weight.device)
         ids = torch.zeros(1, 5, dtype=torch.long, device=weight.device)
+        # an MoE head's aux loss needs router logits the stub does not have: the probe checks the
+        # logits and the cross-entropy, the aux term is added by the replacement as the head adds it
+        extra = {"output_router_logits": False} if "output_router_logits" in forward_signature(module).parameters else {}
         try:
             with backbone_returning(backbone, _ProbeOutput(last_hidden_state=h)):
-                out = original(module, input_ids=ids, labels=labels, return_dict=True)
+                out = original(module, input_ids=ids, labels=labels, return_dict=True, **extra)
         except Exception as exc:  # noqa: BLE001 - any failure is a reason not to replace
             return f"the loss probe could not run {type(module).__name__}.forward ({type(exc).__name__}: {exc})", None
         want = _declared_logits(head, h, numerics)
@@ -198,7 +202,14 @@ def causal_lm_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
         outputs = getattr(self, prefix)(**{k: v for k, v in arguments.items() if k not in HEAD_ARGUMENTS},
                                         return_dict=True)
         unknown = [f for f, v in outputs.items() if f not in PASS_THROUGH and v is not None]
-        if unknown:  # e.g. router logits: the original head adds math of its own
+        aux = None
+        if unknown == ["router_logits"] and isinstance(getattr(self, "router_aux_loss_coef", None), (int, float)):
+            # MoE load balancing: the head adds router_aux_loss_coef x its aux loss. The original head
+            # computes that aux loss without labels; one position's logits keep it cheap.
+            with backbone_returning(getattr(self, prefix), outputs):
+                aux = original(self, **{**arguments, "labels": None, "shift_labels": None, "logits_to_keep": 1,
+                                        "return_dict": True}).aux_loss
+        if unknown and aux is None:  # other head-side math corept does not know: the original head
             with backbone_returning(getattr(self, prefix), outputs):
                 return original(self, **arguments)
         loss = fused_loss(self.get_output_embeddings(), outputs.last_hidden_state, labels, shift_labels_=shifted,
@@ -208,7 +219,11 @@ def causal_lm_replacement(arch, module: nn.Module, model: nn.Module) -> Replacem
         if loss is None:  # the head's weight is sharded (e.g. a DTensor): transformers' path
             with backbone_returning(getattr(self, prefix), outputs):
                 return original(self, **arguments)
-        out = out_cls(loss=loss, logits=None, **{f: outputs.get(f) for f in out_fields if f in outputs})
+        extra = {}
+        if aux is not None:
+            loss = loss + self.router_aux_loss_coef * aux.to(loss.device)
+            extra = {"aux_loss": aux} if "aux_loss" in out_fields else {}
+        out = out_cls(loss=loss, logits=None, **{f: outputs.get(f) for f in out_fields if f in outputs}, **extra)
         return out.to_tuple() if arguments.get("return_dict") is False else out
 
     return Replacement(kernel="fused_linear_cross_entropy", forward=forward, call_style="mapping")

@@ -126,3 +126,27 @@ def test_layouts_the_component_does_not_serve_say_why():
 def test_a_dense_model_reports_nothing_about_experts():
     rep = corept.report(corept.patch(tiny.tiny_model("llama")))
     assert "experts" not in rep.applied and "experts" not in rep.fallbacks
+
+
+@pytest.mark.parametrize("model_type", list(CONFIGS))
+def test_router_aux_loss_rides_on_the_fused_loss(model_type):
+    """``output_router_logits=True``: the fused loss (no logits materialised) plus
+    ``router_aux_loss_coef`` x the load-balancing loss equals transformers' loss, and every gradient
+    (the routers' through the aux term included) matches."""
+    model = tiny.tiny_model(model_type, output_router_logits=True, router_aux_loss_coef=0.5, **CONFIGS[model_type])
+    ref = copy.deepcopy(model)
+    corept.patch(model)
+    assert corept.report(model).applied["loss"] == "triton:fused_linear_cross_entropy x1"
+    mask = torch.ones_like(IDS)
+    mask[0, :2] = 0
+    model.train()
+    ref.train()
+    out, want = model(IDS, attention_mask=mask, labels=IDS), ref(IDS, attention_mask=mask, labels=IDS)
+    assert out.logits is None and want.aux_loss > 0
+    _close(out.aux_loss, want.aux_loss, "aux loss")
+    _close(out.loss, want.loss, "loss")
+    out.loss.backward()
+    want.loss.backward()
+    grads = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        _close(grads[name].grad, p.grad, name)

@@ -7,10 +7,9 @@ What corept patches, and what stays transformers' own (``corept.report(model)`` 
   weights in fp32 when it loads an fp16 model (``_keep_in_fp32_modules``); the kernel takes an fp32
   weight with a 16-bit input and returns the input's dtype, as the module does.
 * **Loss** (patched): ``GptOssForCausalLM`` computes plain ``lm_head`` logits and cross-entropy. With
-  ``output_router_logits=True`` the backbone returns router logits and the head adds
-  ``router_aux_loss_coef`` x the load-balancing loss; the fused head then runs transformers' own
-  forward on the backbone's outputs for that call (the aux loss stays exact, the logits are
-  materialised, and ``corept.report`` still names the fused kernel).
+  ``output_router_logits=True`` the head adds ``router_aux_loss_coef`` x the load-balancing loss;
+  corept's fused loss adds the same term (the aux loss from the original head without labels, one
+  position's logits), so no full logits are materialised then either.
 * **Attention** (kept): every layer adds a learned per-head sink logit (``GptOssAttention.sinks``,
   passed as ``s_aux``) to the softmax denominator; corept's varlen attention kernel has no sinks
   and the shared attention component hands every call carrying ``s_aux`` back to transformers, so
