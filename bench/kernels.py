@@ -23,7 +23,7 @@ import torch  # noqa: E402
 
 from bench.common import BenchCase, environment  # noqa: E402
 
-CASE_MODULES = ["bench.kernels_elementwise", "bench.kernels_loss", "bench.kernels_lora"]
+CASE_MODULES = ["bench.kernels_elementwise", "bench.kernels_loss", "bench.kernels_lora", "bench.kernels_experts"]
 
 
 def copy_bandwidth_gbs() -> float:
@@ -297,10 +297,9 @@ def merge(base_json: str, new_json: str, out: Path) -> int:
     return 0
 
 
-def _write(out: Path, env: dict, records: list[dict], prefix: str = "kernels") -> None:
-    """``<prefix>-<date>-<gpu>.json`` / ``.md`` under ``out``."""
+def _write(out: Path, env: dict, records: list[dict]) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    tag = f"{prefix}-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
+    tag = f"kernels-{env['date']}-{(env.get('gpu') or 'cpu').split()[-1].lower()}"
     (out / f"{tag}.json").write_text(json.dumps({"environment": env, "records": records}, indent=2))
     (out / f"{tag}.md").write_text(markdown(records, env))
 

@@ -1,10 +1,8 @@
 """Grouped expert GEMM with LoRA (``expert_linear``) vs a per-expert loop and peft's merged weight.
 
-Usage (on the GPU machine, from the repo root, with corept_kernels importable):
-    python bench/kernels_experts.py [--out bench/results] [--only experts_gate_up] [--impls corept,peft]
-
-Writes ``kernels-experts-<date>-<gpu>.json`` and ``.md`` (the tables of ``bench/kernels.py``, whose
-timing, error and memory functions it uses; ``cases`` also fits that script's ``CASE_MODULES``).
+A case module of ``bench/kernels.py`` (listed in its ``CASE_MODULES``), which times, checks and
+writes it with the other kernels. On the GPU machine, from the repo root:
+    python bench/kernels.py --only experts_gate_up,experts_down,experts_gate_up_t_bias,experts_wide [--impls corept,peft]
 Forward and forward+backward in bf16, base weights frozen, LoRA r 16 on every expert. Implementations:
 
 * ``corept``: :func:`corept_kernels.expert_linear` as dispatched (``torch._grouped_mm`` for the
@@ -24,18 +22,15 @@ Shapes (tokens x top-k rows, sorted by expert, routed by top-k of random logits)
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import sys
-import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import torch  # noqa: E402
 
-from bench.common import BenchCase, environment  # noqa: E402
+from bench.common import BenchCase  # noqa: E402
 
 RANK, SCALING = 16, 2.0
 # name, experts, in, out, tokens, top-k, transposed, bias
@@ -147,55 +142,3 @@ def _case(device, name, E, K, M, tokens, top_k, transposed, with_bias) -> BenchC
 def cases(device) -> list[BenchCase]:
     """One case per entry of :data:`SHAPES`, fwd+bwd, frozen base."""
     return [_case(device, *shape) for shape in SHAPES]
-
-
-def main() -> int:
-    from bench.kernels import _first_output, check, copy_bandwidth_gbs, input_grads, markdown, measure, warm_up_gpu
-
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--out", default="bench/results")
-    ap.add_argument("--only", default="", help="comma-separated case names (see SHAPES)")
-    ap.add_argument("--impls", default="", help="comma-separated implementation names")
-    args = ap.parse_args()
-    only = {k for k in args.only.split(",") if k}
-    impls = {k for k in args.impls.split(",") if k}
-    warm_up_gpu()
-    env = environment()
-    env["copy_bandwidth_gbs"] = copy_bandwidth_gbs()  # the tables' header names it; the GEMMs are compute bound
-    records = []
-    for shape in SHAPES:
-        if only and shape[0] not in only:
-            continue
-        try:
-            case = _case("cuda", *shape)
-        except Exception:  # noqa: BLE001 - e.g. out of memory on a smaller GPU: the next case runs
-            traceback.print_exc()
-            continue
-        reference = _first_output(case.impls["torch"])
-        ref_grads = input_grads(case, case.impls["torch"])
-        for name, fn in case.impls.items():
-            if impls and name not in impls:
-                continue
-            try:
-                errs = check(case, fn, reference, ref_grads)
-            except Exception as exc:  # noqa: BLE001 - recorded with the timing record
-                errs = {"check_error": f"{type(exc).__name__}: {exc}"}
-            rec = {**measure(case, name, fn), **errs}
-            records.append(rec)
-            print(json.dumps(rec), flush=True)
-            _write(Path(args.out), env, records)  # partial results survive a timeout
-        del case, reference, ref_grads
-        torch.cuda.empty_cache()
-    _write(Path(args.out), env, records)
-    print(markdown(records, env))
-    return 0
-
-
-def _write(out: Path, env: dict, records: list[dict]) -> None:
-    from bench.kernels import _write as write
-
-    write(out, env, records, prefix="kernels-experts")
-
-
-if __name__ == "__main__":
-    sys.exit(main())
