@@ -19,8 +19,7 @@ any clamp). The replaced forward, for the ``N = T * k`` routed rows:
 
 peft's LoRA on experts: ``lora.ParamWrapper`` modules, one per targeted parameter, nested around
 the experts module. The outermost wrapper's forward is replaced; it reads each wrapper's factors
-(``lora_A`` ``[E*r, in]``, ``lora_B`` ``[out, r*E]``, peft's layouts) as ``A [E, r, in]`` and
-``B [E, out, r]``. Adapters disabled or merged run the base GEMMs only; anything else peft's
+as ``A [E, r, in]`` and ``B [E, out, r]`` (:mod:`corept.lora.param_wrappers`). Adapters disabled or merged run the base GEMMs only; anything else peft's
 wrapper can do and this cannot (several active adapters) keeps peft's forward for that call.
 """
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch.nn as nn
 from corept_kernels import expert_linear, swiglu
 
 from corept.components import probe
+from corept.lora.param_wrappers import factors, wrapper_chain
 from corept.patching.answers import Keep, Replacement
 from corept.patching.sharing import shared
 from corept.patching.signature import unbound_forward
@@ -120,30 +120,6 @@ def experts_replacement(arch, module: nn.Module, model: nn.Module) -> Replacemen
 
 
 # ----------------------------------------------------------------------------- LoRA (peft target_parameters)
-
-
-def is_param_wrapper(module: nn.Module) -> bool:
-    """A peft ``lora.ParamWrapper`` (LoRA on a parameter, nested one per targeted parameter)."""
-    return hasattr(module, "parameter_name") and hasattr(module, "lora_A") and hasattr(module, "base_layer")
-
-
-def wrapper_chain(outer: nn.Module) -> tuple[list, nn.Module]:
-    """``(wrappers outermost first, the wrapped experts module)``."""
-    chain, m = [], outer
-    while is_param_wrapper(m):
-        chain.append(m)
-        m = m.base_layer
-    return chain, m
-
-
-def factors(wrapper: nn.Module, adapter: str) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """``(A [E, r, in], B [E, out, r], scaling)`` of ``wrapper``'s ``adapter``, in peft's layouts
-    (``lora_A`` rows expert-major, ``lora_B`` columns expert-minor; ``in``/``out`` as the weight is
-    applied: ``x [., in] -> [., out]``)."""
-    e = wrapper.num_experts
-    a = wrapper.lora_A[adapter].weight
-    b = wrapper.lora_B[adapter].weight
-    return a.reshape(e, -1, a.shape[-1]), b.reshape(b.shape[0], -1, e).permute(2, 0, 1), wrapper.scaling[adapter]
 
 
 def active_lora(chain: list) -> dict | None:

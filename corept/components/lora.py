@@ -21,7 +21,8 @@ import torch.nn as nn
 from corept_kernels.lora import lora_fast_path_reason, lora_mlp, lora_o, read_lora_weights
 
 from corept.components import probe
-from corept.components.experts import experts_lora_replacement, is_param_wrapper, wrapper_chain
+from corept.components.experts import experts_lora_replacement
+from corept.lora.param_wrappers import is_param_wrapper, wrapper_chain
 from corept.components.mlp import linears
 from corept.components.norm import single_input
 from corept.lora.fast_path import group_reason, is_training_call

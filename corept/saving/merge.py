@@ -12,6 +12,8 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from corept.lora.param_wrappers import factors, is_param_wrapper, wrapper_chain
+
 SHARD_SIZE = "5GB"
 
 
@@ -61,7 +63,7 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
                     w = w + m.scaling[adapter] * (b @ a).to(w.device)
         return place(w.to(dtype))
 
-    wrappers = {name: m for name, m in lora_modules.items() if hasattr(m, "parameter_name")}
+    wrappers = {name: m for name, m in lora_modules.items() if is_param_wrapper(m)}
     for name, m in wrappers.items():  # peft's LoRA on parameters (stacked experts): one module, every tensor
         if name.endswith(".base_layer"):
             continue  # a nested wrapper: its outermost one yields the module
@@ -89,10 +91,7 @@ def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
     """``(key, shape, make)`` for every tensor of the module under the peft ``ParamWrapper`` chain
     ``outer``: each wrapped parameter with its active adapters added (``scaling * B_e @ A_e`` per
     expert, in float32, in the parameter's own layout), the others (biases) as they are."""
-    chain, inner = [], outer
-    while hasattr(inner, "parameter_name") and hasattr(inner, "base_layer"):
-        chain.append(inner)
-        inner = inner.base_layer
+    chain, inner = wrapper_chain(outer)
     by_param = {w.parameter_name: w for w in chain}
 
     def merged(w: nn.Module, param: torch.Tensor) -> torch.Tensor:
@@ -100,10 +99,8 @@ def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
         if not getattr(w, "merged", False) and not getattr(w, "disable_adapters", False):
             for adapter in w.active_adapters:
                 if adapter in w.lora_A:
-                    e = w.num_experts
-                    a = w.lora_A[adapter].weight.detach().float().reshape(e, -1, w.in_features)
-                    b = w.lora_B[adapter].weight.detach().float().reshape(w.out_features, -1, e).permute(2, 0, 1)
-                    delta = (b @ a) * w.scaling[adapter]  # [E, out, in] as the weight is applied
+                    a, b, scaling = factors(w, adapter)
+                    delta = (b.detach().float() @ a.detach().float()) * scaling  # [E, out, in] as applied
                     if not w._did_swap_in_out_features:  # peft's flag: the parameter is stored [E, in, out]
                         delta = delta.transpose(1, 2)
                     out = out + delta.reshape(out.shape).to(out.device)

@@ -19,18 +19,14 @@ import contextlib
 
 import torch.nn as nn
 
-
-def _inner(module: nn.Module) -> nn.Module:
-    while hasattr(module, "parameter_name") and hasattr(module, "base_layer"):
-        module = module.base_layer
-    return module
+from corept.lora.param_wrappers import wrapper_chain
 
 
 def experts_calls(model: nn.Module, classes) -> dict[str, nn.Module]:
     """``{path without peft's prefixes: module the MoE block calls}`` for the experts of ``classes``."""
     out = {}
     for name, m in model.named_modules():
-        if name.endswith(".base_layer") or type(_inner(m)).__name__ not in set(classes):
+        if name.endswith(".base_layer") or type(wrapper_chain(m)[1]).__name__ not in set(classes):
             continue
         key = name.removeprefix("base_model.model.")
         out.setdefault(key, m)
