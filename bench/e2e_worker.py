@@ -126,11 +126,14 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
     # an issue CPU time well under the issue wall time means the host waited on something), and
     # the allocator's events (Memory.COUNTERS, CUDA only)
     rec["losses"], rec["step_s"], rec["issue_s"], rec["issue_cpu_s"], rec["step_alloc_events"] = [], [], [], [], []
+    rec["step_gc"] = []  # per step: Python's cyclic collections [gen0, gen1, gen2] and their seconds
+    gc_pause = _GcPauses()
     ctx = (lambda: torch.autocast("cuda", dtype=autocast)) if autocast is not None else contextlib.nullcontext
     for i, x in enumerate(data):
         x = x.to(device)
         mem.sync()
         c0, t0, h0 = mem.counters(), time.perf_counter(), time.thread_time()
+        gc_pause.reset()
         with ctx():
             out = model(input_ids=x, labels=x)
         out.loss.backward()
@@ -143,6 +146,7 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
         mem.sync()
         rec["step_s"].append(time.perf_counter() - t0)
         rec["step_alloc_events"].append({k: v - c0[k] for k, v in mem.counters().items()})
+        rec["step_gc"].append(gc_pause.read())
         rec["losses"].append(loss)
         peak, reserved = mem.peak()
         rec.update(peak_gib=round(peak, 4), reserved_peak_gib=None if reserved is None else round(reserved, 4),
@@ -173,7 +177,36 @@ def run_shape(torch, model, mem: Memory, rec: dict, spec: dict, shape, autocast,
                loss=rec["losses"][-1], loss0=rec["losses"][0])
     if not all(math.isfinite(v) for v in rec["losses"]):
         rec["error"] = "non-finite loss"
+    gc_pause.close()
     del opt
+
+
+class _GcPauses:
+    """Counts Python's cyclic garbage collections per generation and their seconds (``gc.callbacks``):
+    a full collection of a heap of ~10^6 objects pauses the host for tens of milliseconds, which a
+    host-bound step shows as a spike."""
+
+    def __init__(self):
+        self.counts, self.seconds, self.t = [0, 0, 0], 0.0, None
+        gc.callbacks.append(self._hook)
+
+    def _hook(self, phase, info):
+        if phase == "start":
+            self.t = time.perf_counter()
+        elif self.t is not None:
+            self.counts[info["generation"]] += 1
+            self.seconds += time.perf_counter() - self.t
+            self.t = None
+
+    def reset(self):
+        self.counts, self.seconds = [0, 0, 0], 0.0
+
+    def read(self) -> dict:
+        return {"collections": list(self.counts), "s": round(self.seconds, 4)}
+
+    def close(self):
+        if self._hook in gc.callbacks:
+            gc.callbacks.remove(self._hook)
 
 
 def _dynamo_counters(torch) -> dict:
