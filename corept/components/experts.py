@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 from corept_kernels import expert_linear, swiglu
 
+from corept.components import experts_4bit as q4
 from corept.components import probe
 from corept.lora.param_wrappers import factors, wrapper_chain
 from corept.patching.answers import Keep, Replacement
@@ -42,7 +43,7 @@ def layout_reason(experts: nn.Module) -> str | None:
     cls = type(experts).__name__
     for name in WEIGHTS:
         w = getattr(experts, name, None)
-        if not isinstance(w, torch.Tensor) or w.dim() != 3:
+        if not isinstance(w, torch.Tensor) or len(q4.logical_shape(w)) != 3:
             return f"{cls} has no stacked 3-D {name} parameter (experts as separate modules are not served)"
     if getattr(experts, "has_gate", True) is False:
         return f"{cls} has no gate (up projection only): no grouped kernel for it"
@@ -69,7 +70,7 @@ def run_experts(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Ten
                 lora: dict | None = None) -> torch.Tensor:
     """The experts' output ``[T, H]`` for ``hidden [T, H]`` routed by ``top_k_index`` / ``top_k_weights``
     ``[T, k]``; ``lora``: ``{weight name: (A [E, r, in], B [E, out, r], scaling)}``."""
-    num_experts = experts.gate_up_proj.shape[0]
+    num_experts = q4.logical_shape(experts.gate_up_proj)[0]
     k = top_k_index.shape[-1]
     flat = top_k_index.reshape(-1)
     order = torch.argsort(flat, stable=True)
@@ -83,7 +84,10 @@ def run_experts(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Ten
     def linear(x, name):
         a, b, s = lora.get(name, (None, None, 1.0))
         bias = getattr(experts, f"{name}_bias") if has_bias else None
-        return expert_linear(x, offsets, getattr(experts, name), a, b, s, bias=bias, transposed=transposed)
+        stored = getattr(experts, name)
+        w = q4.dense(experts, name)  # a 4-bit weight: dequantized now, and again in the backward
+        with q4.recompute_saved([(w, stored)] if w is not stored else []):
+            return expert_linear(x, offsets, w, a, b, s, bias=bias, transposed=transposed)
 
     rows = linear(hidden[token], "gate_up_proj")
     rows = linear(_gate(experts)(rows), "down_proj")
@@ -98,9 +102,9 @@ def _experts_forward(self, hidden_states, top_k_index, top_k_weights):
 def probe_inputs(experts: nn.Module, dtype, device) -> tuple:
     """``(hidden [5, H], top_k_index [5, k], top_k_weights [5, k])``: distinct experts per token,
     positive weights; ``k = min(2, E)``."""
-    w = experts.gate_up_proj
-    num_experts = w.shape[0]
-    hidden_size = w.shape[1] if getattr(experts, "is_transposed", False) else w.shape[2]
+    shape = q4.logical_shape(experts.gate_up_proj)
+    num_experts = shape[0]
+    hidden_size = shape[1] if getattr(experts, "is_transposed", False) else shape[2]
     k = min(2, num_experts)
     g = probe.generator(device)
     index = torch.stack([torch.randperm(num_experts, generator=g)[:k] for _ in range(5)]).to(device)
@@ -114,9 +118,14 @@ def experts_replacement(arch, module: nn.Module, model: nn.Module) -> Replacemen
     if why:
         return Keep(why)
     replacement = Replacement(kernel="expert_linear", forward=_experts_forward)
-    dtype, device = probe.compute_dtype(module, model), module.gate_up_proj.device
-    return probe.checked(arch, "experts", module, replacement, lambda: probe_inputs(module, dtype, device),
-                         hint="experts layout (is_transposed, has_bias, _apply_gate)")
+    dtype, device = _compute_dtype(module, model), module.gate_up_proj.device
+    with q4.dense_during(module):  # transformers' forward reads 16-bit weights
+        return probe.checked(arch, "experts", module, replacement, lambda: probe_inputs(module, dtype, device),
+                             hint="experts layout (is_transposed, has_bias, _apply_gate)")
+
+
+def _compute_dtype(experts: nn.Module, model: nn.Module) -> torch.dtype:
+    return q4.compute_dtype(experts) or probe.compute_dtype(experts, model)
 
 
 # ----------------------------------------------------------------------------- LoRA (peft target_parameters)
@@ -175,13 +184,15 @@ def experts_lora_replacement(arch, module: nn.Module, model: nn.Module) -> Repla
     forward = shared(("lora_experts", unwrapped), lambda: _lora_forward(unwrapped))
     replacement = Replacement(kernel="expert_linear", forward=forward)
     experts = wrapper_chain(module)[1]
-    dtype, device = probe.compute_dtype(experts, model), experts.gate_up_proj.device
+    dtype, device = _compute_dtype(experts, model), experts.gate_up_proj.device
     # peft's forward parametrizes the weights and removes the parametrization afterwards, which
     # re-registers them last: the probe must not reorder the model's state_dict
     order = list(experts._parameters.items())
     try:
-        return probe.checked(arch, "lora_experts", module, replacement, lambda: probe_inputs(experts, dtype, device),
-                             hint="experts layout and peft's LoRA factor layout")
+        with q4.dense_during(experts):  # peft's forward adds B @ A to 16-bit weights
+            return probe.checked(arch, "lora_experts", module, replacement,
+                                 lambda: probe_inputs(experts, dtype, device),
+                                 hint="experts layout and peft's LoRA factor layout")
     finally:
         experts._parameters.clear()
         experts._parameters.update(order)

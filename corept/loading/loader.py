@@ -240,4 +240,8 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     tokenizer = load_tokenizer(folder, trust_remote_code=trust_remote_code, max_seq_length=max_seq_length)
     if patch and arch is not None:
         apply_patches(model, arch, compile=compile)
+        if opts.load_in_4bit:
+            from corept.components.experts_4bit import quantize_patched_experts
+
+            quantize_patched_experts(model)
     return model, tokenizer

@@ -78,12 +78,14 @@ def default_targets(model: nn.Module, arch) -> list[str] | str:
 def expert_parameters(model: nn.Module, arch) -> list[str]:
     """peft ``target_parameters`` for the experts modules' stacked weights: ``"<attribute>.<weight>"``
     (e.g. ``experts.gate_up_proj``, matched by suffix), for every 3-D weight of a class in
-    ``arch.roles.experts``."""
+    ``arch.roles.experts`` (NF4 ones by their unquantized shape)."""
+    from corept.components.experts_4bit import logical_shape
+
     if arch is None or not arch.roles.experts:
         return []
     classes = set(arch.roles.experts)
     found = {f"{name.rsplit('.', 1)[-1]}.{p}" for name, m in model.named_modules() if type(m).__name__ in classes
-             for p, w in m.named_parameters(recurse=False) if w.dim() == 3}
+             for p, w in m.named_parameters(recurse=False) if len(logical_shape(w)) == 3}
     return sorted(found)
 
 

@@ -204,6 +204,9 @@ def unpatch(model: nn.Module) -> nn.Module:
         if state is not None:
             for change in reversed(state.changes):
                 change.undo()
+            from corept.components.experts_4bit import unpatched
+
+            unpatched(state)
             break
     return model
 

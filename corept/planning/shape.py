@@ -353,6 +353,10 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
                           for w in m.parameters(recurse=False) if w.dim() == 3)
         notes.append(f"mixture of experts: routed activations as {getattr(text, 'num_experts_per_tok', 1)} "
                      f"experts of width {width} per token; LoRA on the stacked expert weights counted")
+        if patched:  # corept.load(..., load_in_4bit=True) stores the experts it serves in NF4 as well
+            for w in (w for m in experts for w in m.parameters(recurse=False) if w.dim() == 3):
+                n_q, n_qt, n_groups = n_q + w.numel(), n_qt + 1, n_groups + math.ceil(w.numel() / 64 / 256)
+            notes.append("QLoRA: the stacked expert weights are NF4 too (corept quantizes them at load)")
     elif not layer.standard and getattr(text, "moe_intermediate_size", None):
         inter = text.moe_intermediate_size * getattr(text, "num_experts_per_tok", 1)
     emb = model.get_input_embeddings()

@@ -79,10 +79,12 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
     for key, t in base.state_dict(keep_vars=True).items():
         if key.startswith(skip) or ".lora_" in key:
             continue
-        owner = base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base
-        weight = getattr(owner, "weight", None) if key.endswith(".weight") else None
+        owner = (base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base) if key.endswith(".weight") else None
+        weight = getattr(owner, "weight", None)  # (a Linear4bit's quant-state keys are not weights)
         if weight is not None and (hasattr(weight, "quant_state") or weight.dtype == torch.int8):
             yield key, _shape(weight), (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
+        elif getattr(t, "quant_state", None) is not None:  # a 4-bit parameter of no Linear4bit (NF4 experts)
+            yield key, _shape(t), (lambda t=t: place(_dequantized(t).to(dtype)))
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
             yield key, tuple(t.shape), (lambda t=t: place(t.detach().to(dtype)))
 
@@ -95,7 +97,7 @@ def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
     by_param = {w.parameter_name: w for w in chain}
 
     def merged(w: nn.Module, param: torch.Tensor) -> torch.Tensor:
-        out = param.detach().float()
+        out = _dequantized(param)  # NF4 experts (corept.components.experts_4bit) too
         if not getattr(w, "merged", False) and not getattr(w, "disable_adapters", False):
             for adapter in w.active_adapters:
                 if adapter in w.lora_A:
@@ -109,9 +111,9 @@ def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
     for pname, param in inner.named_parameters(recurse=False):
         key = f"{name}.{pname}"
         if pname in by_param:
-            yield key, tuple(param.shape), (lambda w=by_param[pname], t=param: merged(w, t))
+            yield key, _shape(param), (lambda w=by_param[pname], t=param: merged(w, t))
         else:
-            yield key, tuple(param.shape), (lambda t=param: place(t.detach().to(dtype)))
+            yield key, _shape(param), (lambda t=param: place(_dequantized(t).to(dtype)))
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

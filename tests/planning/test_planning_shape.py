@@ -139,3 +139,20 @@ def test_moe_lora_params_equal_corept_peft_trainable(model_type, kw):
                                  use_gradient_checkpointing=False)
     assert shape.lora_params(4) == sum(p.numel() for p in real.parameters() if p.requires_grad)
     assert shape.expert_lora_unit > 0 and shape.intermediate == 32 * 2
+
+
+def test_moe_qlora_counts_the_nf4_experts(tmp_path):
+    """Under QLoRA corept stores the stacked experts in NF4 as well: the planner's quantized count is
+    every 4-bit tensor of ``corept.load(..., load_in_4bit=True)``, experts included."""
+    import corept
+    from corept import tiny
+
+    kw = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, decoder_sparse_step=1,
+              mlp_only_layers=[])
+    folder = tiny.save_tiny(tiny.tiny_model("qwen3_moe", **kw), tiny.tiny_tokenizer(["a b"]), tmp_path)
+    model, _ = corept.load(str(folder), load_in_4bit=True, dtype=torch.bfloat16, max_seq_length=64)
+    states = [p.quant_state for p in model.parameters() if getattr(p, "quant_state", None) is not None]
+    experts = [p for p in model.parameters() if getattr(p, "ds_shape", None) is not None]
+    assert len(experts) == 4  # gate_up and down, 2 layers
+    shape = model_shape(tiny.tiny_config("qwen3_moe", **kw))
+    assert (shape.n_quantized, shape.n_quant_tensors) == (sum(math.prod(s.shape) for s in states), len(states))
