@@ -36,6 +36,7 @@ from corept.patching.sharing import shared
 from corept.patching.signature import unbound_forward
 
 WEIGHTS = ("gate_up_proj", "down_proj")
+SILU_CLASSES = ("SiLU", "SiLUActivation")
 
 
 def layout_reason(experts: nn.Module) -> str | None:
@@ -61,7 +62,9 @@ def _gate(experts: nn.Module):
     SiLU (concatenated halves, gate first), else the module's own ``_apply_gate``."""
     fn = getattr(type(experts), "_apply_gate", None)
     default = getattr(fn, "__qualname__", "") == "_default_apply_gate"
-    if default and isinstance(getattr(experts, "act_fn", None), nn.SiLU):
+    # torch's nn.SiLU or transformers' ACT2FN["silu"] (SiLUActivation, no nn.SiLU subclass); the
+    # patch-time probe checks the choice against the module's own gate
+    if default and type(getattr(experts, "act_fn", None)).__name__ in SILU_CLASSES:
         return lambda gate_up: swiglu(*gate_up.chunk(2, dim=-1))
     return experts._apply_gate
 

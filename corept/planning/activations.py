@@ -157,7 +157,9 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     else:  # peft's LoRA linears around corept's (or HF's) activation
         mlp_saved = (0 if a == 4 else 4 * (2 * H + I)) + 2 * a * I + 12 * r
         bwd_mlp = 3 * a * I + a * H + 4 * I
-    if not layer.standard:
+    if shape.experts_per_token and shape.patched:
+        mlp_saved, bwd_mlp, moe_fwd = _routed_experts(shape, a, r, pb)
+    elif not layer.standard:
         mlp_saved, bwd_mlp = a * H + 3 * a * I, 3 * a * I + a * H
     tiled = mlp == "fused" and layer.standard and tokens is not None and tokens * 2 * a * I > _mlp_tile_bytes()[0]
     if tiled:
@@ -167,6 +169,8 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
     bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
     fwd = a * 3 * H + (a * H if tiled else 3 * a * I)
+    if shape.experts_per_token and shape.patched:
+        fwd = a * 3 * H + moe_fwd
     fused_any = mlp == "fused" or paths.get("o_proj") == "fused"
     chunk_bytes = 3.0 * _lora_chunk_bytes() if mixed and fused_any else 0.0
     if tiled:
@@ -177,6 +181,29 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
         mlp_saved *= UNPATCHED_FACTOR
     return LayerBytes(saved=saved, mlp_saved=mlp_saved, bwd_mlp=bwd_mlp, bwd_attn=bwd_attn,
                       bwd_attn_seq=bwd_attn_seq, fwd=fwd, fwd_seq=fwd_seq, chunk_bytes=chunk_bytes)
+
+
+def _routed_experts(shape: ModelShape, a: int, r: int, p: int) -> tuple[float, float, float]:
+    """``(saved, backward extra, no-grad forward)`` per token of corept's experts forward
+    (:mod:`corept.components.experts`) with LoRA on the stacked experts, for ``k`` routed rows per
+    token of an expert of width ``W`` (measured with saved_tensors_hooks on CPU, term by term:
+    ``tests/planning``):
+
+    * the router: its input ``a*H`` and fp32 probabilities ``4*E``; the top-k indices and weights,
+      the sort order and the token of each row: ``k*(8 + 8 + a)``;
+    * the gathered rows ``a*k*H`` (gate/up's input), gate/up's output ``2*a*k*W`` (the default
+      SwiGLU saves just that; a module's own gate, e.g. gpt-oss's clamped one, saves its
+      elementwise intermediates too: ``7*a*k*W`` as measured), down's input ``a*k*W``, down's
+      output ``a*k*H`` (for the routing weights' gradient) and the weighted rows ``a*k*H``;
+    * each LoRA branch's ``x A^T``: ``2*k*r`` in the adapters' compute dtype.
+
+    Backward: ``dy`` rows, ``d(gate_up)``, ``d(act)`` and ``dx`` rows: ``a*k*(2H + 3W)``. The
+    checkpointed first pass holds the rows, gate/up and its output: ``a*k*(2H + 3W)``.
+    """
+    H, k, W, E = shape.hidden, shape.experts_per_token, shape.expert_width, shape.experts
+    gate = 2 * W if shape.expert_default_gate else 7 * W
+    saved = a * H + 4 * E + k * (16 + a) + a * k * (3 * H + gate + W) + 2 * k * r * min(p, a)
+    return float(saved), float(a * k * (2 * H + 3 * W) + a * H), float(a * k * (2 * H + 3 * W))
 
 
 def _kernel_constant(module: str, name: str, fallback: int) -> float:

@@ -89,6 +89,13 @@ class ModelShape:
     force_float32: bool = False
     notes: tuple[str, ...] = ()
     expert_lora_unit: int = 0
+    #: mixture of experts (0 on dense models): experts per layer, experts per token (top-k), one
+    #: expert's width, and whether the gate is transformers' default SwiGLU (corept's kernel saves
+    #: only its input) or the module's own elementwise gate (gpt-oss's clamp saves more)
+    experts: int = 0
+    experts_per_token: int = 0
+    expert_width: int = 0
+    expert_default_gate: bool = True
 
     @property
     def n_unquantized(self) -> int:
@@ -342,13 +349,16 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
         notes.append("decoder layer is not q/k/v/o attention + gated MLP (e.g. MoE experts): activation "
                      "figures are an approximation")
     inter = getattr(text, "intermediate_size", None) or 4 * text.hidden_size
-    experts, expert_unit = _experts(model, arch), 0
+    experts, expert_unit, moe = _experts(model, arch), 0, {}
     if experts:
         # dropless routing (transformers' MoE): every token reaches top-k experts, so a layer's routed
         # rows are N * k of the expert's width; no capacity factor drops or pads any
         gate_up = experts[0].gate_up_proj
         width = (gate_up.shape[2] if getattr(experts[0], "is_transposed", False) else gate_up.shape[1]) // 2
         inter = width * getattr(text, "num_experts_per_tok", 1)
+        gate = getattr(type(experts[0]), "_apply_gate", None)
+        moe = dict(experts=gate_up.shape[0], experts_per_token=getattr(text, "num_experts_per_tok", 1),
+                   expert_width=width, expert_default_gate=getattr(gate, "__qualname__", "") == "_default_apply_gate")
         expert_unit = sum(w.shape[0] * (w.shape[1] + w.shape[2]) for m in experts
                           for w in m.parameters(recurse=False) if w.dim() == 3)
         notes.append(f"mixture of experts: routed activations as {getattr(text, 'num_experts_per_tok', 1)} "
@@ -369,5 +379,6 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
         head_dim=_head_dim(text), vocab=text.vocab_size, max_positions=int(max_pos) if max_pos else None, tied=tied,
         n_params=n_params, n_quantized=n_q, n_quant_tensors=n_qt, n_quant_groups=n_groups,
         linears=tuple(linears), lora_targets=targets, layer=layer,
-        force_float32=bool(arch and arch.load.force_float32), notes=tuple(notes), expert_lora_unit=expert_unit)
+        force_float32=bool(arch and arch.load.force_float32), notes=tuple(notes), expert_lora_unit=expert_unit,
+        **moe)
 

@@ -150,3 +150,17 @@ def test_router_aux_loss_rides_on_the_fused_loss(model_type):
     grads = dict(model.named_parameters())
     for name, p in ref.named_parameters():
         _close(grads[name].grad, p.grad, name)
+
+
+@pytest.mark.parametrize("model_type,kernel", [("qwen3_moe", True), ("gpt_oss", False)])
+def test_default_silu_gate_runs_the_swiglu_kernel(model_type, kernel):
+    """transformers' default gate with its ACT2FN["silu"] (SiLUActivation, not an nn.SiLU) runs corept's
+    SwiGLU kernel; gpt-oss's own clamped gate stays the module's."""
+    from corept.components.experts import _gate
+
+    experts = [m for m in _model(model_type).modules() if type(m).__name__.endswith("Experts")][0]
+    gate = _gate(experts)
+    assert (getattr(gate, "__self__", None) is not experts) == kernel
+    x = torch.randn(5, 2 * experts.gate_up_proj.shape[1] // 2 if model_type == "qwen3_moe" else
+                    experts.gate_up_proj.shape[2], generator=torch.Generator().manual_seed(0))
+    _close(gate(x), experts._apply_gate(x), "gate")

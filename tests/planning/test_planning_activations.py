@@ -113,3 +113,25 @@ def test_tiled_mlp_saved_bytes_match_autograd(model_type, monkeypatch):
         assert measured[1] == lb.saved_per_token(seq) * n, (seq, measured, lb.saved)
         untiled = layer_bytes(shape, "lora", 4, 2, "flash")
         assert (lb.saved["mlp"] == untiled.saved["mlp"]) == (n <= 20), (n, lb.saved["mlp"], untiled.saved["mlp"])
+
+
+MOE_CASES = [  # model_type, config overrides, attention path
+    ("qwen3_moe", dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, decoder_sparse_step=1,
+                       mlp_only_layers=[]), "flash"),
+    ("qwen3_moe", dict(num_experts=4, num_experts_per_tok=3, moe_intermediate_size=80, decoder_sparse_step=1,
+                       mlp_only_layers=[]), "flash"),
+    ("gpt_oss", dict(num_local_experts=8, num_experts_per_tok=2, intermediate_size=48, head_dim=16), "eager"),
+]
+
+
+@pytest.mark.parametrize("model_type,kw,attention", MOE_CASES)
+def test_moe_layer_saved_bytes_bound_autograd(model_type, kw, attention):
+    """Mixture-of-experts layers (LoRA on attention and the stacked experts): the routed-experts terms
+    never under-count what autograd saves per token (auto checkpointing would keep layers that do not
+    fit), and over-count by at most 20% (the gate's intermediates are a measured multiple)."""
+    config = tiny_config(model_type, **kw)
+    model = build(config, "lora", r=4)
+    lb = layer_bytes(model_shape(config), "lora", 4, 2, attention)
+    small, large = (saved_bytes(model, batch=b, seq=16)[1] for b in (1, 4))
+    per_token = (large - small) / (3 * 16)  # the token-independent part (cast LoRA factors) cancels
+    assert per_token <= lb.saved_per_token(16) <= 1.2 * per_token, (per_token, lb.saved)
