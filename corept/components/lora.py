@@ -39,7 +39,7 @@ def _is_lora(module) -> bool:
 
 def _linear_forward(unfused):
     def forward(self, x, *args, **kwargs):
-        if not args and not kwargs and is_training_call(self, x) and lora_fast_path_reason(self) is None:
+        if not args and not kwargs and is_training_call(self, x) and lora_fast_path_reason(self, allow_bias=True) is None:
             return lora_o(x, read_lora_weights(self))
         return unfused(self, x, *args, **kwargs)
     return forward
@@ -47,7 +47,7 @@ def _linear_forward(unfused):
 
 def linear_replacement(module: nn.Module) -> Replacement | Keep:
     """One LoRA linear on ``lora_o``, or why it keeps peft's path."""
-    why = lora_fast_path_reason(module)
+    why = lora_fast_path_reason(module, allow_bias=True)
     if why is not None:
         return Keep(why)
     unfused = unbound_forward(module)

@@ -38,7 +38,7 @@ def adapter_dtype_reason(mods, names) -> str | None:
 def group_reason(mods, names) -> str | None:
     """Why ``mods`` (peft LoRA linears on one input) cannot run as one fused call, or ``None``."""
     for n, m in zip(names, mods):
-        why = lora_fast_path_reason(m)
+        why = lora_fast_path_reason(m, allow_bias=True)
         if why is not None:
             return f"{n}: {why}"
     return adapter_dtype_reason(mods, names)

@@ -10,10 +10,10 @@ measurement, term by term):
 
 * every ``[H]`` norm saves its input and fp32 rstd: ``a*H + 4`` each (2 norms in Llama/Qwen,
   4 in Gemma2/3);
-* q/k/v/o LoRA linears: fused path (``lora_o``, no bias) saves its input (q/k/v share the normed
-  input: ``a*H`` once) and ``x A^T`` in the adapter dtype (``p`` bytes: fp32, peft's default
-  adapters, so ``4*r``); peft's path (a base bias, e.g. qwen2 q/k/v) saves an fp32 copy of its
-  input and an fp32 ``x A^T``: ``4*in + 4*r``; a frozen linear saves nothing; full fine-tuning:
+* q/k/v/o LoRA linears: fused path (``lora_o``, a base bias added in the same call) saves its
+  input (q/k/v share the normed input: ``a*H`` once) and ``x A^T`` in the adapter dtype (``p``
+  bytes: fp32, peft's default adapters, so ``4*r``); peft's path (unpatched models) saves an fp32
+  copy of its input and an fp32 ``x A^T``: ``4*in + 4*r``; a frozen linear saves nothing; full fine-tuning:
   an ``nn.Linear`` saves its input (shared);
 * qk-norms (qwen3, gemma3): ``a*(Hq + Hkv) + 4*(h + kv_heads)``;
 * attention, SDPA with FlashAttention (no mask, GQA native): q, k, v after RoPE, the output
@@ -100,12 +100,12 @@ def projection_paths(shape: ModelShape, method: str) -> dict:
         if p not in lin or p not in shape.lora_targets:
             paths[p] = "frozen"
         else:
-            paths[p] = "fused" if shape.patched and not lin[p].bias else "peft"
+            paths[p] = "fused" if shape.patched else "peft"  # a base bias rides on the fused path
     mlp = [p for p in ("gate_proj", "up_proj", "down_proj") if p in lin]
     targeted = [p for p in mlp if p in shape.lora_targets]
     if not targeted:
         paths["mlp"] = "frozen"
-    elif shape.patched and len(targeted) == 3 and not any(lin[p].bias for p in mlp):
+    elif shape.patched and len(targeted) == 3:
         paths["mlp"] = "fused"
     else:
         paths["mlp"] = "peft"

@@ -14,7 +14,7 @@ from corept.planning.activations import layer_bytes, loss_chunk_tokens, projecti
 CASES = [  # model_type, method, attention path the planner uses on CPU's SDPA (flash-like) / eager
     ("llama", "lora", "flash"),
     ("mistral", "lora", "flash"),
-    ("qwen2", "lora", "flash"),    # q/k/v carry a bias: peft's path with fp32 input copies
+    ("qwen2", "lora", "flash"),    # q/k/v carry a bias: the fused path adds it
     ("qwen3", "lora", "flash"),    # per-head q/k norms
     ("gemma", "lora", "flash"),    # GeGLU
     ("gemma2", "lora", "eager"),   # eager attention with softcap, 4 norms per layer
@@ -58,11 +58,12 @@ def test_rope_tables_are_shared_not_per_layer():
     assert measured["shared"] == 2 * 2 * 8 * 32  # cos + sin [1, S, head_dim] bf16, once per step
 
 
-def test_projection_paths_follow_bias_and_targets():
-    assert projection_paths(model_shape(tiny_config("llama")), "lora") == dict.fromkeys(
-        ("q_proj", "k_proj", "v_proj", "o_proj", "mlp"), "fused")
-    qwen2 = projection_paths(model_shape(tiny_config("qwen2")), "lora")
-    assert [qwen2[p] for p in ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")] == ["peft"] * 3 + ["fused"] * 2
+def test_projection_paths_follow_targets_and_patching():
+    every = ("q_proj", "k_proj", "v_proj", "o_proj", "mlp")
+    assert projection_paths(model_shape(tiny_config("llama")), "lora") == dict.fromkeys(every, "fused")
+    # biased q/k/v (qwen2) run fused too: the fused LoRA functions add the base bias
+    assert projection_paths(model_shape(tiny_config("qwen2")), "lora") == dict.fromkeys(every, "fused")
+    assert projection_paths(model_shape(tiny_config("gpt2")), "lora")["q_proj"] == "frozen"  # no q_proj at all
     assert set(projection_paths(model_shape(tiny_config("llama")), "full").values()) == {"trainable"}
 
 

@@ -48,13 +48,6 @@ class TestGptOss(ConformanceSuite):
                        for name in ("moe", "clamp")}
     quirk_probes = {"moe": {"sliding_window": 4096}, "clamp": {"swiglu_limit": 7.0}}
     known_failures = {
-        "test_matrix[moe-bf16-all-lora-4bit]": (
-            "layer 1's k_proj / v_proj lora_A gradients: patched bf16 error 2.5e-2 / 1.6e-2 against the bounds "
-            "2.3e-2 / 1.4e-2 (2 x HF's own 0.97e-2 / 0.49e-2 + one ulp); every other tensor passes, fp32 matches "
-            "tightly, and on the experts alone corept's grouped LoRA path is as close to the fp32 gold as peft's "
-            "(out 6.9e-3 vs 6.2e-3, dx and the gate/up factors' gradients equal): peft merges W + s B A into a "
-            "bf16 weight, corept adds the LoRA branch to an fp32 accumulator, and the roundings land differently "
-            "upstream"),
         "test_packed_documents_*[moe]": (
             "transformers' GptOssModel.forward builds its masks without position_ids, so its eager attention "
             "(kept: sinks) attends across packed documents; the unpatched model packed is 0.61 of max|logit| off "
