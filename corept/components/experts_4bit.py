@@ -12,7 +12,10 @@ its own name:
 * corept's experts forward (:mod:`corept.components.experts`) dequantizes it per call
   (:func:`dense`) and, through :func:`recompute_saved`, saves no dequantized copy for the backward:
   autograd keeps the 4-bit weight and dequantizes again when the backward needs it, so the 16-bit
-  experts of one layer exist only while that layer computes;
+  experts of one layer exist only while that layer computes (PyTorch applies only the innermost
+  saved-tensor hooks: inside a 4-bit experts call, an outer ``saved_tensors_hooks`` user, such as
+  non-reentrant ``torch.utils.checkpoint``, does not see what the grouped GEMMs save; corept's own
+  checkpointing, the default, uses no such hooks);
 * merged saving dequantizes it like any 4-bit weight (:mod:`corept.saving.merge`).
 
 Only experts whose forward corept replaced are quantized (transformers' own forward cannot read a
