@@ -87,10 +87,9 @@ def run_experts(experts: nn.Module, hidden: torch.Tensor, top_k_index: torch.Ten
     def linear(x, name):
         a, b, s = lora.get(name, (None, None, 1.0))
         bias = getattr(experts, f"{name}_bias") if has_bias else None
-        stored = getattr(experts, name)
-        w = q4.dense(experts, name)  # a 4-bit weight: dequantized now, and again in the backward
-        with q4.recompute_saved([(w, stored)] if w is not stored else []):
-            return expert_linear(x, offsets, w, a, b, s, bias=bias, transposed=transposed)
+        w = getattr(experts, name)  # a 4-bit weight is dequantized per call, and again in the backward
+        return expert_linear(x, offsets, w, a, b, s, bias=bias, transposed=transposed,
+                             dequantize=q4.dequantize if q4.is_4bit(w) else None)
 
     rows = linear(hidden[token], "gate_up_proj")
     rows = linear(_gate(experts)(rows), "down_proj")

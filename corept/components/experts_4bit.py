@@ -9,13 +9,10 @@ its own name:
 * it carries ``ds_shape``, the logical ``[E, out, in]`` shape, which peft reads for a parameter
   stored in another shape (``LoraConfig(target_parameters=...)`` sizes the per-expert LoRA factors
   from it);
-* corept's experts forward (:mod:`corept.components.experts`) dequantizes it per call
-  (:func:`dense`) and, through :func:`recompute_saved`, saves no dequantized copy for the backward:
-  autograd keeps the 4-bit weight and dequantizes again when the backward needs it, so the 16-bit
-  experts of one layer exist only while that layer computes (PyTorch applies only the innermost
-  saved-tensor hooks: inside a 4-bit experts call, an outer ``saved_tensors_hooks`` user, such as
-  non-reentrant ``torch.utils.checkpoint``, does not see what the grouped GEMMs save; corept's own
-  checkpointing, the default, uses no such hooks);
+* corept's experts forward (:mod:`corept.components.experts`) hands it to
+  ``corept_kernels.expert_linear`` with :func:`dequantize`: the kernel keeps the 4-bit weight for
+  the backward and dequantizes it again there, so the 16-bit experts of one layer exist only while
+  that layer computes;
 * merged saving dequantizes it like any 4-bit weight (:mod:`corept.saving.merge`).
 
 Only experts whose forward corept replaced are quantized (transformers' own forward cannot read a
@@ -53,44 +50,18 @@ def compute_dtype(experts: nn.Module) -> torch.dtype | None:
     return w.quant_state.dtype if is_4bit(w) else None
 
 
-def _dequantize(w: torch.Tensor) -> torch.Tensor:
+def dequantize(w: torch.Tensor) -> torch.Tensor:
+    """The dense stacked weight (``[E, out, in]`` or the transposed layout, compute dtype) of a
+    4-bit parameter: a fresh buffer."""
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(w.data, w.quant_state)
 
 
 def dense(experts: nn.Module, name: str) -> torch.Tensor:
-    """``experts.<name>`` as a dense tensor: the parameter itself, or a fresh dequantized copy
-    (``[E, out, in]`` or the transposed layout, in the compute dtype) of a 4-bit one."""
+    """``experts.<name>`` as a dense tensor: the parameter itself, or a fresh dequantized copy."""
     w = getattr(experts, name)
-    return _dequantize(w) if is_4bit(w) else w
-
-
-@contextlib.contextmanager
-def recompute_saved(pairs: list[tuple[torch.Tensor, torch.Tensor]]):
-    """Inside: a tensor autograd saves that is one of the dequantized weights ``(dense, packed)``
-    is kept as its 4-bit parameter and dequantized again when the backward unpacks it."""
-    if not pairs or not torch.is_grad_enabled():
-        yield
-        return
-
-    def pack(t):
-        for d, packed in pairs:
-            if t is d:
-                return (_Packed, packed)
-        return t
-
-    def unpack(saved):
-        if isinstance(saved, tuple) and len(saved) == 2 and saved[0] is _Packed:
-            return _dequantize(saved[1])
-        return saved
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
-
-
-class _Packed:
-    """Marker of a saved tensor replaced by its 4-bit parameter."""
+    return dequantize(w) if is_4bit(w) else w
 
 
 def _quantize(w: torch.Tensor) -> nn.Parameter:
@@ -127,7 +98,7 @@ def restore_dense(modules: list[nn.Module]) -> int:
         for name in WEIGHTS:
             w = m._parameters.get(name)
             if w is not None and is_4bit(w):
-                m._parameters[name] = nn.Parameter(_dequantize(w), requires_grad=False)
+                m._parameters[name] = nn.Parameter(dequantize(w), requires_grad=False)
                 done += 1
     return done
 
@@ -139,7 +110,7 @@ def dense_during(experts: nn.Module):
     order = list(experts._parameters.items())
     swapped = {n: p for n, p in order if n in WEIGHTS and is_4bit(p)}
     for n, p in swapped.items():
-        experts._parameters[n] = nn.Parameter(_dequantize(p), requires_grad=False)
+        experts._parameters[n] = nn.Parameter(dequantize(p), requires_grad=False)
     try:
         yield
     finally:

@@ -91,6 +91,32 @@ def test_matches_reference(dtype, transposed, lora, bias, base_grad, monkeypatch
     assert sorted(ran) == sorted(want)
 
 
+@pytest.mark.parametrize("transposed", [False, True])
+def test_stored_weight_is_dequantized_again_in_the_backward(transposed):
+    """``dequantize=``: a frozen weight kept in another form (a scaled int8 stand-in for a 4-bit one)
+    gives the dense weight's results, and the kernel path calls ``dequantize`` in the forward and
+    again in the backward instead of saving the dense weight (saved-tensor hooks never see it)."""
+    p = _problem(transposed, bias=False)
+    stored = (p["weight"] * 64).round().clamp(-127, 127).to(torch.int8)
+    calls = []
+
+    def dequantize(w):
+        calls.append(w)
+        return w.to(torch.float32) / 64
+
+    dense = dict(p, weight=stored.to(torch.float64) / 64)
+    gold = _run(expert_linear_reference, dense, torch.float64, False)
+    x, a, b = (p[n].detach().float().requires_grad_() for n in ("x", "lora_a", "lora_b"))
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(t) or t, lambda t: t):
+        y = expert_linear(x, p["offsets"], stored, a, b, 0.7, transposed=transposed, dequantize=dequantize)
+    y.backward(p["dy"].float())
+    got = dict(y=y.detach(), dx=x.grad, dw=None, da=a.grad, db=b.grad, dbias=None)
+    _compare(got, gold)
+    assert len(calls) == 2 and all(c is stored for c in calls)
+    assert not any(t.dtype == torch.float32 and t.shape == stored.shape for t in seen)
+
+
 def test_several_tiles_per_expert(monkeypatch):
     """16-wide blocks: several row tiles per expert, column tiles and contraction steps."""
     monkeypatch.setattr(gg, "BLOCKS_OFF_CUDA", (16, 16, 16))

@@ -100,8 +100,8 @@ def test_lora_on_nf4_experts_trains_like_peft_on_the_dequantized_experts(folder,
     assert "expert_linear" in corept.report(model).applied["lora"]
 
     calls = []
-    dequantize = q4._dequantize
-    monkeypatch.setattr(q4, "_dequantize", lambda w: calls.append(w) or dequantize(w))
+    dequantize = q4.dequantize
+    monkeypatch.setattr(q4, "dequantize", lambda w: calls.append(w) or dequantize(w))
     model.train()
     ref.train()
     out, want = model(IDS, labels=IDS), ref(IDS, labels=IDS)

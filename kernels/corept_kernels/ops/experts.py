@@ -24,6 +24,8 @@ inputs, ``reference_only()``).
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from corept_kernels import capabilities
@@ -171,24 +173,28 @@ class _ExpertLinearFn(torch.autograd.Function):
     """The eager form (no operator-call overhead); the operators above run the same functions."""
 
     @staticmethod
-    def forward(ctx, x, offsets, weight, lora_a, lora_b, bias, scaling, transposed):
+    def forward(ctx, x, offsets, weight, lora_a, lora_b, bias, scaling, transposed, stored=None):
         y, xa = expert_linear_forward(x, offsets, weight, lora_a, lora_b, bias, scaling, transposed)
         ctx.scaling, ctx.transposed = scaling, transposed
         ctx.has_lora, ctx.has_bias = lora_a is not None, bias is not None
-        ctx.save_for_backward(x, offsets, weight, lora_a, lora_b, xa)
+        # a stored (e.g. 4-bit) frozen weight: keep it, not its dense form, and rebuild that in the backward
+        ctx.stored = stored
+        ctx.save_for_backward(x, offsets, None if stored is not None else weight, lora_a, lora_b, xa)
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x, offsets, weight, lora_a, lora_b, xa = ctx.saved_tensors
+        if ctx.stored is not None:
+            weight = ctx.stored[1](ctx.stored[0])
         need = _needs(ctx, ctx.has_lora, ctx.has_bias)
         dx, dw, da, db, dbias = expert_linear_backward(dy.to(x.dtype), x, offsets, weight, lora_a, lora_b, xa,
                                                        ctx.scaling, ctx.transposed, *need)
-        return dx, None, dw, da, db, dbias, None, None
+        return dx, None, dw, da, db, dbias, None, None, None
 
 
-def _triton(x, offsets, weight, lora_a, lora_b, scaling, bias, transposed):
-    return _ExpertLinearFn.apply(x, offsets, weight, lora_a, lora_b, bias, float(scaling), bool(transposed))
+def _triton(x, offsets, weight, lora_a, lora_b, scaling, bias, transposed, stored=None):
+    return _ExpertLinearFn.apply(x, offsets, weight, lora_a, lora_b, bias, float(scaling), bool(transposed), stored)
 
 
 def _compiled(x, offsets, weight, lora_a, lora_b, scaling, bias, transposed):
@@ -224,7 +230,7 @@ def _check(x, offsets, weight, lora_a, lora_b, bias, transposed) -> None:
 
 def expert_linear(x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor | None = None,
                   lora_b: Tensor | None = None, scaling: float = 1.0, bias: Tensor | None = None,
-                  transposed: bool = False) -> Tensor:
+                  transposed: bool = False, dequantize: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """The experts' linear over tokens sorted by expert, with optional per-expert LoRA and bias.
 
     :param x: ``[N, K]``, rows grouped by expert (``N`` may be 0).
@@ -236,15 +242,24 @@ def expert_linear(x: Tensor, offsets: Tensor, weight: Tensor, lora_a: Tensor | N
         ``y_e += scaling * (x_e @ lora_a[e].T) @ lora_b[e].T``. Cast to ``x``'s dtype (as peft's
         ``get_delta_factors`` casts to the parameter's), differentiably.
     :param bias: ``[E, M]``, added to each expert's rows.
+    :param dequantize: for a frozen weight stored in another form (a 4-bit parameter):
+        ``dequantize(weight)`` is the dense weight described above. The eager kernel path calls it
+        in the forward and again in the backward, so the dense weight is never kept between them
+        (nor handed to saved-tensor hooks); the reference and compiled paths use it once.
     :returns: ``[N, M]`` in ``x``'s dtype. Differentiable in ``x``, ``weight``, ``lora_a``,
         ``lora_b`` and ``bias``; a frozen weight or bias costs no gradient GEMM.
     """
+    stored = None
+    if dequantize is not None:
+        stored, weight = (weight, dequantize), dequantize(weight)
     _check(x, offsets, weight, lora_a, lora_b, bias, transposed)
     if lora_a is not None:
         lora_a, lora_b = lora_a.to(x.dtype), lora_b.to(x.dtype)
     if bias is not None:
         bias = bias.to(x.dtype)
     fn, _ = capabilities.dispatch("expert_linear", x, weight, lora_a, lora_b, bias, offsets)
+    if stored is not None and fn is _triton:
+        return _triton(x, offsets, weight, lora_a, lora_b, scaling, bias, transposed, stored)
     return fn(x, offsets, weight, lora_a, lora_b, scaling, bias, transposed)
 
 
