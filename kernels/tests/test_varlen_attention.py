@@ -238,3 +238,74 @@ def test_bad_arguments_raise(bad):
         opts["softcap"] = -1.0
     with pytest.raises(ValueError):
         varlen_attention(q, k, v, cu, 4, **opts)
+
+
+def _gpt_oss_eager(sinks):
+    """transformers' gpt-oss eager attention (sink logits) of one document ``[n, H, D]``, causal or
+    sliding; ``[n, Hq, D]``."""
+    from transformers.models.gpt_oss.modeling_gpt_oss import eager_attention_forward as gpt_oss_eager
+
+    def attn(q, k, v, scale, window, softcap):
+        assert softcap is None
+        n = q.shape[0]
+        mask_fn = causal_mask_function if window is None else sliding_window_causal_mask_function(window)
+        i = torch.arange(n)
+        additive = torch.zeros(n, n, dtype=q.dtype).masked_fill(~mask_fn(0, 0, i[:, None], i[None, :]),
+                                                                torch.finfo(q.dtype).min)
+        module = types.SimpleNamespace(num_key_value_groups=q.shape[1] // k.shape[1], training=False,
+                                       sinks=sinks.to(q.dtype))
+        heads = [t.transpose(0, 1)[None] for t in (q, k, v)]
+        return gpt_oss_eager(module, *heads, additive[None, None], scaling=scale)[0][0]
+    return attn
+
+
+def _run_sinks(fn, q, k, v, cu, sinks, dout, **opts):
+    """(out, dq, dk, dv, dsinks) of ``fn`` on leaf copies."""
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, sinks)]
+    out = fn(*leaves[:3], cu, int((cu[1:] - cu[:-1]).max()), sinks=leaves[3], **opts)
+    out.backward(dout)
+    return (out.detach(), *(t.grad for t in leaves))
+
+
+SINK_CASES = [  # D, Hq, Hkv, window, dtype
+    (64, 4, 2, None, torch.float32),
+    (72, 6, 1, 20, torch.float32),
+    (64, 4, 4, 3, torch.float32),
+    (64, 4, 2, None, torch.bfloat16),
+    (128, 6, 2, 40, torch.bfloat16),
+]
+
+
+@pytest.mark.parametrize("D,Hq,Hkv,window,dtype", SINK_CASES)
+def test_sinks_match_the_twin_and_gpt_oss_eager(D, Hq, Hkv, window, dtype):
+    """Attention sinks (gpt-oss): output and the gradients of q, k, v and the sinks, against the twin
+    and transformers' gpt-oss eager attention run per document (float64 gold)."""
+    q, k, v = _inputs(LENS, Hq, Hkv, D, dtype)
+    cu = _cu(LENS)
+    sinks = torch.randn(Hq, generator=torch.Generator().manual_seed(3)) * 2
+    dout = torch.randn(q.shape, dtype=torch.float64).to(dtype)
+    opts = dict(scale=D ** -0.5, window=window)
+    got = _run_sinks(varlen_attention, q, k, v, cu, sinks, dout, **opts)
+    twin = _run_sinks(ref.varlen_attention, q, k, v, cu, sinks, dout, **opts)
+
+    def per_doc(q, k, v, cu, max_seqlen, *, sinks, scale, window):
+        bounds = cu.tolist()
+        return torch.cat([_gpt_oss_eager(sinks)(q[s:e], k[s:e], v[s:e], scale, window, None)
+                          for s, e in zip(bounds[:-1], bounds[1:]) if e > s])
+
+    gold = _run_sinks(per_doc, q.double(), k.double(), v.double(), cu, sinks.double(), dout.double(), **opts)
+    names = ("out", "dq", "dk", "dv", "dsinks")
+    if dtype == torch.float32:
+        for g, t, w in zip(got, twin, gold):
+            assert_close_fp32(g, w)
+            assert_close_fp32(t, w)
+        return
+    low = _run_sinks(per_doc, q, k, v, cu, sinks, dout, **opts)
+    for name, g, w, lo in zip(names, got, gold, low):
+        assert_low_precision_ok(g, w, lo, f"{name} vs transformers' gpt-oss attention in {dtype}")
+
+
+def test_sinks_are_checked():
+    q, k, v = _inputs([4], 4, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match=r"sinks must be \[4\]"):
+        varlen_attention(q, k, v, _cu([4]), 4, scale=0.25, sinks=torch.zeros(2))

@@ -12,6 +12,8 @@ import torch
 
 from corept_kernels import capabilities
 from corept_kernels.attention.varlen_launch import MAX_HEAD_DIM, varlen_backward, varlen_forward
+
+LN2 = 0.6931471805599453  # the kernels' lse is in base 2
 from corept_kernels.capabilities import KernelInfo, unsupported_tensors
 from corept_kernels.torch_ref import attention as ref
 
@@ -32,6 +34,30 @@ class _VarlenAttentionFn(torch.autograd.Function):
         q, k, v, out, lse, sched = ctx.saved_tensors
         dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, sched, *ctx.options)
         return dq, dk, dv, None, None, None, None
+
+
+class _VarlenSinkAttentionFn(torch.autograd.Function):
+    """With a sink logit ``s_h`` per query head in every row's softmax: FlashAttention's own
+    ``out``/``lse`` give ``out * c`` with ``c = sigmoid(lse - s_h)`` (natural log), exactly. The
+    backward runs the kernels on ``dout * c`` with the row term ``c**2 * rowsum(dout * out)``,
+    which folds in the loss's dependence on ``lse``; ``ds_h = -sum_t dc * c * (1 - c)``."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cu_seqlens, sinks, scale, window, softcap):
+        out, lse, sched = varlen_forward(q, k, v, cu_seqlens, scale, window, softcap)
+        c = torch.sigmoid(lse * LN2 - sinks.float()[:, None])  # [Hq, T]
+        ctx.save_for_backward(q, k, v, out, lse, sched, c)
+        ctx.options, ctx.sink_dtype = (scale, window, softcap), sinks.dtype
+        return (out.float() * c.t()[..., None]).to(q.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, sched, c = ctx.saved_tensors
+        dc = (dout.float() * out.float()).sum(-1).t()  # [Hq, T]
+        dq, dk, dv = varlen_backward((dout.float() * c.t()[..., None]).to(dout.dtype), q, k, v, out, lse, sched,
+                                     *ctx.options, delta=c * c * dc)
+        dsinks = -(dc * c * (1 - c)).sum(1).to(ctx.sink_dtype)
+        return dq, dk, dv, None, dsinks, None, None, None
 
 
 def _check(q, k, v, cu_seqlens, max_seqlen, scale, window, softcap):
@@ -62,17 +88,22 @@ def _eligibility(q, k, v, cu_seqlens) -> str | None:
     return unsupported_tensors(q, k, v)
 
 
-def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None):
+def _varlen_attention_triton(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None, sinks=None):
+    if sinks is not None:
+        return _VarlenSinkAttentionFn.apply(q, k, v, cu_seqlens, sinks, scale, window, softcap)
     return _VarlenAttentionFn.apply(q, k, v, cu_seqlens, scale, window, softcap)
 
 
-def _varlen_attention_compiled(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None):
+def _varlen_attention_compiled(q, k, v, cu_seqlens, max_seqlen, *, scale, window=None, softcap=None, sinks=None):
+    if sinks is not None:  # no operator form yet: the twin traces (dense [T, T], for short calls)
+        return ref.varlen_attention(q, k, v, cu_seqlens, max_seqlen, scale=scale, window=window, softcap=softcap,
+                                    sinks=sinks)
     return torch.ops.corept_kernels.varlen_attention_fwd(q, k, v, cu_seqlens, scale, window, softcap)[0]
 
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, scale: float, window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within each document of a packed stream: no token attends across a boundary.
 
     :param q: ``[T, Hq, D]``; ``k``, ``v``: ``[T, Hkv, D]`` with ``Hq % Hkv == 0`` (query head ``h``
@@ -88,16 +119,23 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
         document with ``i - window < j <= i`` (positions within the document); ``None``: all ``j <= i``.
     :param softcap: Gemma-2's logit softcap: scores ``softcap * tanh(scale * q @ k^T / softcap)``
         before masking and softmax.
+    :param sinks: ``[Hq]`` attention sinks (gpt-oss's ``s_aux``): one learned logit per query head
+        that joins every row's softmax and attends to nothing. Differentiable.
     :returns: ``[T, Hq, D]`` in ``q``'s dtype; softmax statistics and accumulation in fp32.
         Differentiable in ``q``, ``k``, ``v`` (dK/dV summed over each kv head's query heads).
     """
     _check(q, k, v, cu_seqlens, max_seqlen, scale, window, softcap)
+    if sinks is not None and tuple(sinks.shape) != (q.shape[1],):
+        raise ValueError(f"sinks must be [{q.shape[1]}] (one per query head), got {tuple(sinks.shape)}")
     fn, _ = capabilities.dispatch("varlen_attention", q, k, v, cu_seqlens)
-    return fn(q, k, v, cu_seqlens, max_seqlen, scale=float(scale), window=None if window is None else int(window),
-              softcap=None if softcap is None else float(softcap))
+    opts = dict(scale=float(scale), window=None if window is None else int(window),
+                softcap=None if softcap is None else float(softcap))
+    if sinks is not None:
+        opts["sinks"] = sinks
+    return fn(q, k, v, cu_seqlens, max_seqlen, **opts)
 
 
 capabilities.register(KernelInfo(
     name="varlen_attention", triton_fn=_varlen_attention_triton, reference_fn=ref.varlen_attention,
     compiled_fn=_varlen_attention_compiled, eligibility=_eligibility,
-    notes="packed documents (cu_seqlens), causal, GQA, sliding window, softcap; D <= 256; deterministic backward"))
+    notes="packed documents (cu_seqlens), causal, GQA, sliding window, softcap, sinks; D <= 256; deterministic backward"))

@@ -149,9 +149,14 @@ def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softca
     return out, lse, sched
 
 
-def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | None, softcap: float | None):
+def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | None, softcap: float | None,
+                    delta: torch.Tensor | None = None):
     """``(dq, dk, dv)`` (dtypes and shapes of ``q, k, v``) from ``dout [T, Hq, D]`` and the forward's
-    ``out``, ``lse`` and ``sched``. dK/dV of a kv head sum its query heads' shares in one program."""
+    ``out``, ``lse`` and ``sched``. dK/dV of a kv head sum its query heads' shares in one program.
+
+    :param delta: ``[Hq, T]`` fp32 row terms to use instead of ``rowsum(dout * out)``: a caller whose
+        loss also depends on ``lse`` (attention sinks) folds ``dL/dlse`` in as ``delta - dL/dlse``
+        (natural-log units)."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     T, Hq, D = q.shape
     Hkv = k.shape[1]
@@ -159,10 +164,13 @@ def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | 
     bd = padded_head_dim(D)
     w, qk_scale, cap = _options(T, scale, window, softcap)
     lowp, precision = _precision(q)
-    delta = _empty((Hq, T), torch.float32, q.device)
-    rows = max(16, 4096 // bd)
-    kn.delta_kernel[(Hq, triton.cdiv(T, rows))](out, dout, delta, T, *out.stride()[:2], *dout.stride()[:2],
-                                                HEAD_DIM=D, BLOCK_D=bd, ROWS=rows, num_warps=4)
+    if delta is None:
+        delta = _empty((Hq, T), torch.float32, q.device)
+        rows = max(16, 4096 // bd)
+        kn.delta_kernel[(Hq, triton.cdiv(T, rows))](out, dout, delta, T, *out.stride()[:2], *dout.stride()[:2],
+                                                    HEAD_DIM=D, BLOCK_D=bd, ROWS=rows, num_warps=4)
+    else:
+        delta = delta.to(torch.float32).contiguous()
     dq = _empty((T, Hq, D), q.dtype, q.device)
     dk = _empty((T, Hkv, D), k.dtype, k.device)
     dv = _empty((T, Hkv, D), v.dtype, v.device)

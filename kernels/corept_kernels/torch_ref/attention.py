@@ -11,7 +11,7 @@ import torch
 
 def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
                      max_seqlen: int, *, scale: float, window: int | None = None,
-                     softcap: float | None = None) -> torch.Tensor:
+                     softcap: float | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention within the documents ``cu_seqlens`` marks in a packed stream.
 
     :param q: ``[T, Hq, D]``; ``k``, ``v``: ``[T, Hkv, D]``, ``Hq % Hkv == 0``.
@@ -19,6 +19,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     :param max_seqlen: unused (flash-attn's argument; kept for the common signature).
     :param window: query ``i`` sees keys ``j`` with ``i - window < j <= i`` (transformers' sliding window).
     :param softcap: scores ``softcap * tanh(scale * qk / softcap)`` before masking (Gemma-2).
+    :param sinks: ``[Hq]`` one learned logit per query head that joins every row's softmax and
+        attends to nothing (gpt-oss): the row's weights sum to less than one.
     :returns: ``[T, Hq, D]`` in ``q``'s dtype, computed in fp32.
     """
     T, Hq, _ = q.shape
@@ -34,5 +36,10 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     scores = qf @ kf.transpose(1, 2) * scale
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
-    probs = scores.masked_fill(~mask, float("-inf")).softmax(-1)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    if sinks is not None:
+        sink = sinks.float()[:, None, None].expand(Hq, T, 1)
+        probs = torch.cat([scores, sink], dim=-1).softmax(-1)[..., :T]
+    else:
+        probs = scores.softmax(-1)
     return (probs @ vf).transpose(0, 1).to(q.dtype)
