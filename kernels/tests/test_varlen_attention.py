@@ -269,9 +269,7 @@ def _run_sinks(fn, q, k, v, cu, sinks, dout, **opts):
 
 SINK_CASES = [  # D, Hq, Hkv, window, dtype
     (64, 4, 2, None, torch.float32),
-    (72, 6, 1, 20, torch.float32),
-    (64, 4, 4, 3, torch.float32),
-    (64, 4, 2, None, torch.bfloat16),
+    (72, 6, 1, 3, torch.float32),
     (128, 6, 2, 40, torch.bfloat16),
 ]
 
