@@ -12,6 +12,7 @@ from typing import Callable, Iterator
 import torch
 import torch.nn as nn
 
+from corept.components.experts_4bit import logical_shape
 from corept.lora.param_wrappers import factors, is_param_wrapper, wrapper_chain
 
 SHARD_SIZE = "5GB"
@@ -31,12 +32,6 @@ def _dequantized(weight: torch.Tensor, module: nn.Module | None = None) -> torch
     import bitsandbytes.functional as bnbf
 
     return bnbf.dequantize_4bit(weight.data, state).float()
-
-
-def _shape(weight: torch.Tensor) -> tuple[int, ...]:
-    """The unquantized shape of a weight (a packed 4-bit weight keeps it in its quant state)."""
-    state = getattr(weight, "quant_state", None)
-    return tuple(state.shape) if state is not None else tuple(weight.shape)
 
 
 def merged_items(model: nn.Module, dtype: torch.dtype, *,
@@ -71,7 +66,7 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
     for name, m in lora_modules.items():
         if name in wrappers:
             continue
-        yield f"{name}.weight", _shape(m.get_base_layer().weight), (lambda m=m: merged(m))
+        yield f"{name}.weight", logical_shape(m.get_base_layer().weight), (lambda m=m: merged(m))
         bias = getattr(m.get_base_layer(), "bias", None)
         if bias is not None:
             yield f"{name}.bias", tuple(bias.shape), (lambda b=bias: place(b.detach().to(dtype)))
@@ -82,9 +77,9 @@ def merged_items(model: nn.Module, dtype: torch.dtype, *,
         owner = (base.get_submodule(key.rsplit(".", 1)[0]) if "." in key else base) if key.endswith(".weight") else None
         weight = getattr(owner, "weight", None)  # (a Linear4bit's quant-state keys are not weights)
         if weight is not None and (hasattr(weight, "quant_state") or weight.dtype == torch.int8):
-            yield key, _shape(weight), (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
+            yield key, logical_shape(weight), (lambda w=weight, o=owner: place(_dequantized(w, o).to(dtype)))
         elif getattr(t, "quant_state", None) is not None:  # a 4-bit parameter of no Linear4bit (NF4 experts)
-            yield key, _shape(t), (lambda t=t: place(_dequantized(t).to(dtype)))
+            yield key, logical_shape(t), (lambda t=t: place(_dequantized(t).to(dtype)))
         elif torch.is_floating_point(t) and not any(s in key for s in ("absmax", "quant_map", "quant_state", "SCB")):
             yield key, tuple(t.shape), (lambda t=t: place(t.detach().to(dtype)))
 
@@ -111,9 +106,9 @@ def _wrapped_items(name: str, outer: nn.Module, dtype: torch.dtype, place):
     for pname, param in inner.named_parameters(recurse=False):
         key = f"{name}.{pname}"
         if pname in by_param:
-            yield key, _shape(param), (lambda w=by_param[pname], t=param: merged(w, t))
+            yield key, logical_shape(param), (lambda w=by_param[pname], t=param: merged(w, t))
         else:
-            yield key, _shape(param), (lambda t=param: place(_dequantized(t).to(dtype)))
+            yield key, logical_shape(param), (lambda t=param: place(_dequantized(t).to(dtype)))
 
 
 def merged_state_dict(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
