@@ -12,10 +12,13 @@ Transformers' attention forwards look up their function as
 ``ALL_ATTENTION_FUNCTIONS.get_interface(config._attn_implementation, eager_attention_forward)``, a
 module global. As with RoPE, that global is rebound for this attention instance's forward only: the
 stand-in answers a function that runs the kernel on the collator's packed batches and, under the
-eager implementation, on every causal call that comes without a mask (the documents then come from
-the position ids, on the device), and hands every other call (a mask: padding, or the document mask transformers built;
-generation with a cache; dropout; attention weights requested; arguments the kernel does not
-model) to the function transformers would have used, unchanged.
+eager implementation, on every causal call whose mask is none or exactly the plain causal (or
+sliding-window) mask transformers builds for unpadded rows (the documents then come from the
+position ids, on the device), and hands every other call (padding, the document mask transformers
+built from the position ids, generation with a cache, dropout, attention weights requested,
+arguments the kernel does not model) to the function transformers would have used, unchanged.
+
+Attention sinks (gpt-oss passes its per-head sink logits as ``s_aux``) run on the kernel too.
 """
 from __future__ import annotations
 
@@ -31,7 +34,41 @@ INTERFACE_GLOBAL = "ALL_ATTENTION_FUNCTIONS"
 #: implementations whose unmasked causal calls the kernel takes too (SDPA and flash have their own)
 UNMASKED = ("eager",)
 #: keyword arguments of the attention interface that change its math and the kernel does not model
-_UNMODELLED = ("s_aux", "sinks", "position_bias", "head_mask")
+_UNMODELLED = ("sinks", "position_bias", "head_mask")
+#: the keyword argument that carries attention sinks ``[Hq]`` (gpt-oss), the kernel's ``sinks=``
+SINKS = "s_aux"
+_VERDICTS = "_corept_plain_causal"  # per-mask memo: {(window, version): bool}
+
+
+def plain_causal(mask: torch.Tensor, b: int, s: int, window: int | None) -> bool:
+    """Whether ``mask`` is exactly the mask transformers' eager path builds for ``b`` unpadded rows of
+    ``s`` tokens: causal, and inside ``window`` when one is given (key ``j`` open to query ``i`` iff
+    ``i - window < j <= i``). ``mask``: ``[b or 1, 1, s, s]``, additive (0 open, at most half the
+    dtype's minimum closed) or boolean (True open).
+
+    Checked on the device with one wait for the host per mask object: transformers builds each
+    mask once per forward and hands the same tensor to every layer of its kind, so the verdict is
+    kept on the tensor (keyed by the window and the tensor's version). Never while compiling (the
+    wait would break the graph): those calls keep transformers' path.
+    """
+    if mask.dim() != 4 or mask.shape[1] != 1 or mask.shape[0] not in (1, b) or tuple(mask.shape[2:]) != (s, s):
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    key = (window, mask._version)
+    verdicts = mask.__dict__.setdefault(_VERDICTS, {})
+    if key not in verdicts:
+        pos = torch.arange(s, device=mask.device)
+        allowed = pos[None, :] <= pos[:, None]
+        if window is not None:
+            allowed &= pos[None, :] > pos[:, None] - window
+        if mask.dtype == torch.bool:
+            verdicts[key] = bool(torch.equal(mask, allowed.expand_as(mask)))
+        else:
+            open_ = mask == 0
+            closed = mask <= torch.finfo(mask.dtype).min / 2
+            verdicts[key] = bool(((open_ == allowed) & (open_ | closed)).all())
+    return verdicts[key]
 
 
 def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict):
@@ -42,6 +79,8 @@ def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kw
     attention mask (transformers passes none for an unpadded causal batch) is split where its
     ``position_ids`` ``[B, S]`` restart, and at every row: computed on the device, with no wait for
     the host, as ``B * S + 1`` boundaries of which the surplus ones are empty documents at the end.
+    A mask that is exactly the plain causal (sliding) one for these rows counts as none
+    (:func:`plain_causal`).
     """
     b, s = query.shape[0], query.shape[2]
     if s != key.shape[2]:
@@ -55,7 +94,10 @@ def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kw
             max_len = s
         return cu.to(device=query.device, dtype=torch.int32), int(max_len)
     position_ids = kwargs.get("position_ids")
-    if attention_mask is not None or position_ids is None:
+    if position_ids is None:
+        return None
+    if attention_mask is not None and not (
+            torch.is_tensor(attention_mask) and plain_causal(attention_mask, b, s, kwargs.get("sliding_window"))):
         return None
     pos = position_ids.to(query.device).expand(b, s)
     starts = torch.ones((b, s), dtype=torch.bool, device=query.device)
@@ -69,9 +111,10 @@ def packed_boundaries(query: torch.Tensor, key: torch.Tensor, attention_mask, kw
 def packed_attention(fallback, *, unmasked: bool = True):
     """An attention-interface function: the varlen kernel on packed calls, ``fallback`` otherwise.
 
-    :param unmasked: also take causal calls without a mask (documents from the position ids). Off
-        for SDPA and flash implementations: their own causal kernels are faster on plain rows (H100:
-        SDPA 1.22 ms vs the varlen kernel 1.49 ms forward + backward for 2 x 2048 tokens, docs/packing.md).
+    :param unmasked: also take causal calls without a mask, or with the plain causal one (documents
+        from the position ids). Off for SDPA and flash implementations: their own causal kernels are
+        faster on plain rows (H100: SDPA 1.22 ms vs the varlen kernel 1.49 ms forward + backward for
+        2 x 2048 tokens, docs/packing.md).
     Returns ``(attn_output [B, S, Hq, D], None)`` as transformers' functions do.
     """
 
@@ -89,7 +132,8 @@ def packed_attention(fallback, *, unmasked: bool = True):
         k = key.transpose(1, 2).reshape(b * s, key.shape[1], d)
         v = value.transpose(1, 2).reshape(b * s, value.shape[1], value.shape[-1])
         out = varlen_attention(q, k, v, cu_seqlens, max_len, scale=d ** -0.5 if scaling is None else scaling,
-                               window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"))
+                               window=kwargs.get("sliding_window"), softcap=kwargs.get("softcap"),
+                               sinks=kwargs.get(SINKS))
         return out.view(b, s, hq, out.shape[-1]), None
 
     attention.__corept_fallback__ = fallback

@@ -17,7 +17,10 @@ measurement, term by term):
   an ``nn.Linear`` saves its input (shared);
 * qk-norms (qwen3, gemma3): ``a*(Hq + Hkv) + 4*(h + kv_heads)``;
 * attention, SDPA with FlashAttention (no mask, GQA native): q, k, v after RoPE, the output
-  (shared with o_proj's input) and fp32 logsumexp: ``a*(2*Hq + 2*Hkv) + 4*h``; eager (gemma2/3) or
+  (shared with o_proj's input) and fp32 logsumexp: ``a*(2*Hq + 2*Hkv) + 4*h``; corept's varlen
+  kernel (eager models whose attention corept patches) saves the same plus its device-built
+  schedule, 24 bytes a token (2 orders of 3 int32 per document row; boundaries taken from the
+  position ids give one row per token); eager (unpatched eager models) or
   the math fallback: copies of q and expanded k/v ``3*a*Hq``, the output ``a*Hq``, and per
   token ``S`` scores: fp32 softmax + probabilities (+ tanh output with softcap):
   ``(4 + a (+ a)) * h * S``;
@@ -53,6 +56,7 @@ from dataclasses import dataclass
 
 from corept.planning.shape import ModelShape
 
+SCHEDULE_BYTES = 24  # per token: the varlen kernel's schedule rows (see the module docstring)
 UNPATCHED_FACTOR = 2.4  # measured on an 8B dense layer: unpatched (HF norms/rope/MLP + peft LoRA) it saves ~2.3x
 
 
@@ -119,8 +123,8 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     :param tokens: tokens per call (``batch * seq``), to tell whether the fused MLP runs tiled;
         ``None``: untiled.
     :param method: ``lora``/``qlora`` (adapters) or ``full``.
-    :param attention: ``flash`` (SDPA on a FlashAttention GPU) or ``eager`` (eager, or the math
-        fallback of GPUs without FlashAttention).
+    :param attention: ``flash`` (SDPA on a FlashAttention GPU), ``varlen`` (corept's varlen kernel)
+        or ``eager`` (eager, or the math fallback of GPUs without FlashAttention).
     :param p: adapter dtype bytes (4: peft's fp32 adapters, what ``corept.get_peft_model`` makes).
     """
     H, Hq, Hkv, I = _dims(shape)
@@ -140,8 +144,9 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     saved["lora_products"] = (proj, 0.0)
     if layer.qk_norm:
         saved["qk_norm"] = (a * (Hq + Hkv) + 4 * (h + kv), 0.0)
-    if attention == "flash":
-        saved["attention"] = (a * (2 * Hq + 2 * Hkv) + 4 * h, 0.0)
+    flash_like = attention in ("flash", "varlen")
+    if flash_like:
+        saved["attention"] = (a * (2 * Hq + 2 * Hkv) + 4 * h + (SCHEDULE_BYTES if attention == "varlen" else 0), 0.0)
     else:
         saved["attention"] = (4 * a * Hq, (4 + a + (a if layer.attn_softcap else 0)) * h)
     mlp, mixed = paths["mlp"], pb != a  # mixed: the adapter branch runs in another dtype
@@ -166,8 +171,8 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
         mlp_saved, bwd_mlp = a * H, a * H
     saved["mlp"] = (mlp_saved, 0.0)
     gqa = 2 * a * Hq if Hq != Hkv else 0
-    bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if attention == "flash" else a * Hq)
-    bwd_attn_seq = 0.0 if attention == "flash" else (a + 4) * h
+    bwd_attn = a * H + a * Hq + (4 * Hq + a * Hq + gqa + 2 * a * Hkv + 4 * h if flash_like else a * Hq)
+    bwd_attn_seq = 0.0 if flash_like else (a + 4) * h
     fwd = a * 3 * H + (a * H if tiled else 3 * a * I)
     if shape.experts_per_token and shape.patched:
         fwd = a * 3 * H + moe_fwd
@@ -175,7 +180,7 @@ def layer_bytes(shape: ModelShape, method: str, r: int, a: int, attention: str, 
     chunk_bytes = 3.0 * _lora_chunk_bytes() if mixed and fused_any else 0.0
     if tiled:
         chunk_bytes += 1.5 * _mlp_tile_bytes()[1]
-    fwd_seq = 0.0 if attention == "flash" else (4 + 2 * a) * h
+    fwd_seq = 0.0 if flash_like else (4 + 2 * a) * h
     if not shape.patched:
         saved = {k: (lin_ * UNPATCHED_FACTOR, q * UNPATCHED_FACTOR) for k, (lin_, q) in saved.items()}
         mlp_saved *= UNPATCHED_FACTOR

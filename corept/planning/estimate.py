@@ -224,7 +224,8 @@ def estimate(shape: ModelShape, *, method: str = "lora", seq: int = 2048, batch:
     a = 4 if (shape.force_float32 and not gpu.bf16) else 2
     dtype = "fp32" if a == 4 else ("bf16" if gpu.bf16 else "fp16")
     H, L, V, N, S = shape.hidden, shape.layers, shape.vocab, batch * seq, seq
-    attention = "flash" if (shape.layer.attention == "sdpa" and gpu.flash) else "eager"
+    attention = "varlen" if shape.layer.attention == "varlen" else \
+        "flash" if (shape.layer.attention == "sdpa" and gpu.flash) else "eager"
     lb = layer_bytes(shape, method, r, a, attention, tokens=N)
     saved = lb.saved_per_token(S) * N
     notes = list(shape.notes)

@@ -47,7 +47,8 @@ class LayerShape:
     :param norms: ``[H]``-sized norms in the layer (each saves its own ``[N, H]`` input).
     :param qk_norm: per-head norms on q and k (qwen3, gemma3).
     :param linears: the layer's Linears by last name (``q_proj``, ``gate_proj``, ...).
-    :param attention: attention implementation (``sdpa``, ``eager``, ...).
+    :param attention: attention implementation (``sdpa``, ``eager``, ...; ``varlen`` for an eager model whose
+        attention corept patches: its varlen kernel saves what FlashAttention saves).
     :param attn_softcap: attention-logit softcapping (one more saved score matrix when eager).
     :param standard: q/k/v/o projections and a gated gate/up/down MLP were found; otherwise the
         formulas are an approximation.
@@ -322,6 +323,8 @@ def _inspect(config, name: str, source: str, trust_remote_code: bool) -> ModelSh
                      f"unpatched; activation figures are a conservative approximation")
     attention = (arch.load.forced_attn_implementation if arch else None) or \
         getattr(model.config, "_attn_implementation", None) or "sdpa"
+    if attention == "eager" and patched and "attention" in arch.components:
+        attention = "varlen"  # corept's attention takes eager models' unpadded calls (its varlen kernel)
     softcap = bool(arch and arch.recorded.attn_softcap)
     n_params = sum(p.numel() for p in model.parameters())
     skip = _unquantized_modules(model)

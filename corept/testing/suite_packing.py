@@ -142,7 +142,11 @@ class PackingChecks:
 
     def test_packed_documents_do_not_attend_across(self, corept_store, config_name):
         """New tokens in one document leave every other document's logits bitwise unchanged, with and
-        without the collator's boundaries (position ids alone)."""
+        without the collator's boundaries (position ids alone). Mixture-of-experts models: unchanged to
+        fp32 rounding, as the grouped GEMMs' row results may differ in their last bit when other rows
+        join an expert's group (the change moves rows between groups; crossing attention would move
+        these logits by far more: 0.6 of their largest on gpt-oss's kit config)."""
+        exact = not corept_store.arch(config_name).roles.experts
         model = corept.patch(copy.deepcopy(corept_store.base(config_name)))
         model.eval()
         vocab = B.vocab_size(model)
@@ -159,6 +163,9 @@ class PackingChecks:
             for i in range(len(LENGTHS)):
                 if i != 2:
                     rows = slice(starts[i], starts[i + 1])
+                    if not exact:
+                        assert_fp32_close(f"document {i}'s logits ({boundaries=})", b[rows], a[rows])
+                        continue
                     assert torch.equal(a[rows], b[rows]), (
                         f"document {i}'s logits moved when document 2 changed (boundaries "
                         f"{'from cu_seq_lens' if boundaries else 'from position_ids'}): attention crosses documents")

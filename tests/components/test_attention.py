@@ -62,7 +62,7 @@ def test_boundaries_come_from_the_collator_or_from_restarting_position_ids():
     {"mask": True},                                            # a mask (padding): transformers' function
     {"dropout": 0.1},                                          # dropout: the kernel has none
     {"output_attentions": True},                               # weights asked for
-    {"s_aux": torch.zeros(4)},                                 # attention sinks: not modelled
+    {"position_bias": torch.zeros(1)},                         # a score bias: not modelled
 ])
 def test_calls_the_kernel_does_not_model_reach_transformers_function_unchanged(kwargs):
     q, k, v = _qkv()
@@ -165,3 +165,93 @@ def test_unmasked_causal_rows_take_the_kernel_only_where_transformers_has_no_cau
         want = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(2, 1), v.repeat_interleave(2, 1),
                                                                 is_causal=True, scale=0.3)
         torch.testing.assert_close(out[0], want[0].transpose(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def _eager_masks(model_type: str, attention_mask=None, position_ids=None, s: int = 12, b: int = 2, **overrides):
+    """The full and sliding masks transformers' own mask builders make for an eager model."""
+    from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+    config = tiny.tiny_config_of(model_type, sliding_window=5, **overrides)
+    config._attn_implementation = "eager"
+    kwargs = dict(config=config, inputs_embeds=torch.zeros(b, s, 8), attention_mask=attention_mask, cache=None,
+                  position_ids=position_ids)
+    return create_causal_mask(**kwargs), create_sliding_window_causal_mask(**kwargs)
+
+
+def test_transformers_plain_causal_masks_are_recognised_and_nothing_else():
+    full, sliding = _eager_masks("mistral")
+    assert A.plain_causal(full, 2, 12, None) and A.plain_causal(sliding, 2, 12, 5)
+    assert not A.plain_causal(full, 2, 12, 5) and not A.plain_causal(sliding, 2, 12, None)
+    assert not A.plain_causal(sliding, 2, 12, 4) and not A.plain_causal(full, 2, 11, None)
+    padded = torch.ones(2, 12, dtype=torch.long)
+    padded[1, 9:] = 0
+    assert not A.plain_causal(_eager_masks("mistral", attention_mask=padded)[0], 2, 12, None)
+    assert A.plain_causal(_eager_masks("mistral", attention_mask=torch.ones(2, 12, dtype=torch.long))[0], 2, 12, None)
+    packed = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 3, 4, 5, 6, 7]] * 2)  # transformers masks the documents apart
+    assert not A.plain_causal(_eager_masks("mistral", position_ids=packed)[0], 2, 12, None)
+    allowed = torch.ones(12, 12).tril().bool()
+    assert A.plain_causal(allowed[None, None], 2, 12, None)
+    assert not A.plain_causal(allowed[None, None] & (torch.rand(12, 12) > 0.1), 2, 12, None)
+    biased = torch.zeros(1, 1, 12, 12).masked_fill(~allowed, torch.finfo(torch.float32).min)
+    assert A.plain_causal(biased, 1, 12, None)
+    assert not A.plain_causal(biased + 0.5 * allowed, 1, 12, None)  # an additive bias, not a mask
+
+
+def test_a_mask_verdict_is_kept_per_window_and_version():
+    full, _ = _eager_masks("mistral")
+    assert A.plain_causal(full, 2, 12, None)
+    assert list(getattr(full, A._VERDICTS)) == [(None, full._version)]
+    full[0, 0, 3, 2] = torch.finfo(full.dtype).min  # changed in place: checked again
+    assert not A.plain_causal(full, 2, 12, None)
+
+
+def test_eager_models_take_the_kernel_through_transformers_masks(monkeypatch):
+    """A Mistral eager model (sliding window 5 < 12 tokens, GQA): every attention call, masked by
+    transformers, runs the kernel, and logits and gradients equal the unpatched model's (fp32)."""
+    calls = []
+    kernel = A.varlen_attention
+    monkeypatch.setattr(A, "varlen_attention", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    base = tiny.tiny_model("mistral", sliding_window=5, attn_implementation="eager").train()
+    model = corept.patch(copy.deepcopy(base))
+    ids = torch.randint(0, tiny.VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(input_ids=ids).logits, base(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert len(calls) == 2 and all(c["window"] == 5 for c in calls)
+    got, want = model(input_ids=ids, labels=ids).loss, base(input_ids=ids, labels=ids).loss  # fused loss: no logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    got.backward(), want.backward()
+    grads = dict(base.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, grads[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+    padded = torch.ones_like(ids)
+    padded[0, 8:] = 0
+    calls.clear()
+    torch.testing.assert_close(model(input_ids=ids, attention_mask=padded).logits,
+                               base(input_ids=ids, attention_mask=padded).logits, rtol=1e-5, atol=1e-5)
+    assert not calls  # padding: transformers' function
+
+
+def test_sinks_run_on_the_kernel_and_match_gpt_oss_attention(monkeypatch):
+    """gpt-oss's ``s_aux``: the kernel's ``sinks=``; output and the q/k/v/sink gradients equal
+    transformers' own eager gpt-oss attention (fp32), sliding window included."""
+    from transformers.models.gpt_oss import modeling_gpt_oss as M
+
+    calls = []
+    kernel = A.varlen_attention
+    monkeypatch.setattr(A, "varlen_attention", lambda *a, **k: calls.append(k) or kernel(*a, **k))
+    q, k, v = (t.requires_grad_() for t in _qkv(b=2, s=12))
+    module = _Module()
+    module.num_key_value_groups = 2
+    module.sinks = torch.nn.Parameter(torch.randn(4, generator=torch.Generator().manual_seed(2)))
+    _, sliding = _eager_masks("gpt_oss", b=2, s=12)
+    fn = A.PackedInterfaces(M.ALL_ATTENTION_FUNCTIONS).get_interface("eager", M.eager_attention_forward)
+    kwargs = dict(scaling=0.3, sliding_window=5, s_aux=module.sinks, position_ids=torch.arange(12)[None])
+    got, _ = fn(module, q, k, v, sliding, **kwargs)
+    assert len(calls) == 1 and calls[0]["sinks"] is module.sinks and got.shape == (2, 12, 4, 8)
+    want, _ = M.eager_attention_forward(module, q, k, v, sliding, **kwargs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    dout = torch.randn_like(got)
+    grads = torch.autograd.grad(got, (q, k, v, module.sinks), dout)
+    wants = torch.autograd.grad(want, (q, k, v, module.sinks), dout)
+    for name, g, w in zip("qkv", grads, wants):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(grads[3], wants[3], rtol=1e-4, atol=1e-5, msg="sinks")

@@ -11,9 +11,7 @@ from __future__ import annotations
 import torch
 
 from corept_kernels import capabilities
-from corept_kernels.attention.varlen_launch import MAX_HEAD_DIM, varlen_backward, varlen_forward
-
-LN2 = 0.6931471805599453  # the kernels' lse is in base 2
+from corept_kernels.attention.varlen_launch import LOG2E, MAX_HEAD_DIM, varlen_backward, varlen_forward
 from corept_kernels.capabilities import KernelInfo, unsupported_tensors
 from corept_kernels.torch_ref import attention as ref
 
@@ -37,26 +35,26 @@ class _VarlenAttentionFn(torch.autograd.Function):
 
 
 class _VarlenSinkAttentionFn(torch.autograd.Function):
-    """With a sink logit ``s_h`` per query head in every row's softmax: FlashAttention's own
-    ``out``/``lse`` give ``out * c`` with ``c = sigmoid(lse - s_h)`` (natural log), exactly. The
-    backward runs the kernels on ``dout * c`` with the row term ``c**2 * rowsum(dout * out)``,
-    which folds in the loss's dependence on ``lse``; ``ds_h = -sum_t dc * c * (1 - c)``."""
+    """With a sink logit ``s_h`` per query head in every row's softmax. The forward kernel folds the
+    sink into its softmax (one rounding of the output; ``lse`` includes the sink), so the plain
+    backward kernels give dQ/dK/dV from that ``out`` and ``lse``: the sink attends to nothing and
+    only moves each row's normaliser. ``ds_h = -sum_t p_sink(h, t) * rowsum(dout * out)(h, t)``
+    with ``p_sink = exp(s_h - lse)``."""
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, sinks, scale, window, softcap):
-        out, lse, sched = varlen_forward(q, k, v, cu_seqlens, scale, window, softcap)
-        c = torch.sigmoid(lse * LN2 - sinks.float()[:, None])  # [Hq, T]
-        ctx.save_for_backward(q, k, v, out, lse, sched, c)
-        ctx.options, ctx.sink_dtype = (scale, window, softcap), sinks.dtype
-        return (out.float() * c.t()[..., None]).to(q.dtype)
+        out, lse, sched = varlen_forward(q, k, v, cu_seqlens, scale, window, softcap, sinks=sinks)
+        ctx.save_for_backward(q, k, v, out, lse, sched, sinks)
+        ctx.options = (scale, window, softcap)
+        return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, sched, c = ctx.saved_tensors
-        dc = (dout.float() * out.float()).sum(-1).t()  # [Hq, T]
-        dq, dk, dv = varlen_backward((dout.float() * c.t()[..., None]).to(dout.dtype), q, k, v, out, lse, sched,
-                                     *ctx.options, delta=c * c * dc)
-        dsinks = -(dc * c * (1 - c)).sum(1).to(ctx.sink_dtype)
+        q, k, v, out, lse, sched, sinks = ctx.saved_tensors
+        delta = (dout.float() * out.float()).sum(-1).t().contiguous()  # [Hq, T]
+        dq, dk, dv = varlen_backward(dout, q, k, v, out, lse, sched, *ctx.options, delta=delta)
+        p_sink = torch.exp2(sinks.float()[:, None] * LOG2E - lse)  # lse is base 2
+        dsinks = -(p_sink * delta).sum(1).to(sinks.dtype)
         return dq, dk, dv, None, dsinks, None, None, None
 
 

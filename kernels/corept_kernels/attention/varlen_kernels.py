@@ -109,10 +109,13 @@ def _fwd_blocks(acc, m_i, l_i, q, Kh, Vh, skt, svt, lo, j0, j1, q1, rpos, window
 
 
 @triton.jit(do_not_specialize=["T", "window"])
-def fwd_kernel(Q, K, V, O, LSE, SCHED, T, sqt, sqh, skt, skh, svt, svh, sot, soh, qk_scale, cap, window,
+def fwd_kernel(Q, K, V, O, LSE, SINK, SCHED, T, sqt, sqh, skt, skh, svt, svh, sot, soh, qk_scale, cap, window,
                GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, TILE: tl.constexpr,
-               BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr):
-    """Grid ``(Hq, schedule rows)``: ``O`` and ``LSE`` for one query tile of one head."""
+               BLOCK_N: tl.constexpr, SOFTCAP: tl.constexpr, LOWP: tl.constexpr, PRECISION: tl.constexpr,
+               SINKS: tl.constexpr):
+    """Grid ``(Hq, schedule rows)``: ``O`` and ``LSE`` for one query tile of one head. With ``SINKS``,
+    ``SINK[h]`` (fp32, base 2) joins every row's softmax as a score that attends to nothing: ``O`` is
+    normalised and ``LSE`` taken over it too, so the backward kernels need nothing more."""
     h = tl.program_id(0)
     row = SCHED + 3 * tl.program_id(1)
     q0, doc0, doc1 = tl.load(row), tl.load(row + 1), tl.load(row + 2)
@@ -138,6 +141,13 @@ def fwd_kernel(Q, K, V, O, LSE, SCHED, T, sqt, sqh, skt, skh, svt, svh, sot, soh
                                 HEAD_DIM, BLOCK_D, BLOCK_N, False, SOFTCAP, LOWP, PRECISION)
     acc, m_i, l_i = _fwd_blocks(acc, m_i, l_i, q, Kh, Vh, skt, svt, lo, b, n, q1, rpos, window, qk_scale, cap,
                                 HEAD_DIM, BLOCK_D, BLOCK_N, True, SOFTCAP, LOWP, PRECISION)
+    if SINKS:
+        sink = tl.load(SINK + h)
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     store_rounded(O + h.to(tl.int64) * soh + rows.to(tl.int64)[:, None] * sot + d[None, :],
                   acc / l_i[:, None], rmask[:, None] & dmask[None, :])
     tl.store(LSE + h.to(tl.int64) * T + rows, m_i + tl.log2(l_i), mask=rmask)

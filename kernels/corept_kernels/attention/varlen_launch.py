@@ -126,9 +126,12 @@ def _precision(t: torch.Tensor) -> tuple[bool, str]:
     return lowp, "tf32" if lowp else "ieee"
 
 
-def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softcap: float | None):
+def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softcap: float | None,
+                   sinks: torch.Tensor | None = None):
     """Forward of :func:`corept_kernels.attention.varlen_attention`.
 
+    :param sinks: ``[Hq]`` sink logits (natural log) in every row's softmax; ``lse`` then includes
+        them, so :func:`varlen_backward` with this ``out`` and ``lse`` gives the right dQ/dK/dV.
     :returns: ``(out [T, Hq, D]`` in ``q``'s dtype, ``lse [Hq, T]`` fp32 in base 2 (log2 of each
         row's sum of ``exp2`` of its base-2 scores), ``sched`` (:func:`schedule`), kept for the
         backward).
@@ -141,10 +144,11 @@ def varlen_forward(q, k, v, cu_seqlens, scale: float, window: int | None, softca
     lse = _empty((Hq, T), torch.float32, q.device)
     w, qk_scale, cap = _options(T, scale, window, softcap)
     lowp, precision = _precision(q)
+    sink2 = lse if sinks is None else (sinks.detach().float() * LOG2E).contiguous()  # base 2, as the scores
     kn.fwd_kernel[(Hq, sched.shape[1])](
-        q, k, v, out, lse, sched[0], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
+        q, k, v, out, lse, sink2, sched[0], T, *q.stride()[:2], *k.stride()[:2], *v.stride()[:2], *out.stride()[:2],
         qk_scale, cap, w, GROUP=Hq // k.shape[1], HEAD_DIM=D, BLOCK_D=padded_head_dim(D), TILE=cfg.tile,
-        BLOCK_N=cfg.fwd_n, SOFTCAP=softcap is not None, LOWP=lowp, PRECISION=precision,
+        BLOCK_N=cfg.fwd_n, SOFTCAP=softcap is not None, LOWP=lowp, PRECISION=precision, SINKS=sinks is not None,
         num_warps=cfg.fwd_warps, num_stages=cfg.fwd_stages)
     return out, lse, sched
 
@@ -154,9 +158,8 @@ def varlen_backward(dout, q, k, v, out, lse, sched, scale: float, window: int | 
     """``(dq, dk, dv)`` (dtypes and shapes of ``q, k, v``) from ``dout [T, Hq, D]`` and the forward's
     ``out``, ``lse`` and ``sched``. dK/dV of a kv head sum its query heads' shares in one program.
 
-    :param delta: ``[Hq, T]`` fp32 row terms to use instead of ``rowsum(dout * out)``: a caller whose
-        loss also depends on ``lse`` (attention sinks) folds ``dL/dlse`` in as ``delta - dL/dlse``
-        (natural-log units)."""
+    :param delta: ``[Hq, T]`` fp32 ``rowsum(dout * out)`` when the caller has it already (the sinks'
+        gradient needs it too); computed here otherwise."""
     q, k, v, dout = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(dout)
     T, Hq, D = q.shape
     Hkv = k.shape[1]

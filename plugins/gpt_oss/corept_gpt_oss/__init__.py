@@ -10,11 +10,13 @@ What corept patches, and what stays transformers' own (``corept.report(model)`` 
   ``output_router_logits=True`` the head adds ``router_aux_loss_coef`` x the load-balancing loss;
   corept's fused loss adds the same term (the aux loss from the original head without labels, one
   position's logits), so no full logits are materialised then either.
-* **Attention** (kept): every layer adds a learned per-head sink logit (``GptOssAttention.sinks``,
-  passed as ``s_aux``) to the softmax denominator; corept's varlen attention kernel has no sinks
-  and the shared attention component hands every call carrying ``s_aux`` back to transformers, so
-  nothing would run on the kernel. Sliding (``sliding_window``) and full layers alternate per ``config.layer_types``;
-  transformers' mask functions apply both.
+* **Attention** (patched): every layer adds a learned per-head sink logit (``GptOssAttention.sinks``,
+  passed as ``s_aux``) to the softmax denominator. The shared attention component runs it on
+  corept's varlen kernel with ``sinks=``: transformers' eager path hands each layer a materialized
+  causal or sliding mask, which the component recognises as the plain one for unpadded rows (one
+  check per mask and step) and replaces by the kernel's own causal/window schedule, documents split
+  where ``position_ids`` restart. Padded batches keep transformers' eager attention. Sliding
+  (``sliding_window``) and full layers alternate per ``config.layer_types``.
 * **RoPE** (kept): ``GptOssRotaryEmbedding`` returns cos/sin of ``head_dim / 2`` (no
   ``cat(freqs, freqs)``), which this modeling file's ``apply_rotary_pos_emb`` applies to both
   halves; corept's kernel reads a narrower table as partial rotary (only the first dims rotate), so
@@ -30,11 +32,12 @@ What corept patches, and what stays transformers' own (``corept.report(model)`` 
   stays transformers', so routing and its gradient are exact.
 * **LoRA**: the default targets are the attention projections and the experts' stacked weights
   (peft's ``target_parameters``, on the grouped GEMMs). q/k/v/o all carry a bias
-  (``attention_bias``), so each keeps peft's forward, with the reason, as qwen2's biased q/k/v do.
+  (``attention_bias``); the fused LoRA paths add it.
 * **Packing**: transformers' ``GptOssModel.forward`` builds its masks without ``position_ids``, so a
-  padding-free row attends across its documents on the eager path (with or without corept).
-  ``corept train`` detects it (``corept.training.packing_check``) and pads instead, with a log
-  line; TRL scripts pass ``SFTConfig(packing=False)`` until transformers passes them.
+  padding-free row attends across its documents on transformers' eager path. corept's attention
+  takes packed rows (the collator's ``cu_seq_lens`` or restarting ``position_ids``) and keeps the
+  documents apart; ``corept train``'s check (``corept.training.packing_check``) still pads a model
+  whose attention crosses documents (for example one loaded with ``patch=False``).
 * No GGUF export declared yet: the stacked expert tensors and their biases need a tensor layout of
   their own (as for qwen3_moe).
 """
@@ -43,9 +46,6 @@ from corept import Architecture, ArchitecturePlugin, FromConfig, KnownModel, Mod
 TRANSFORMERS_RANGE = ">=5.17,<6"
 
 KEEP = {
-    "attention": ("GptOssAttention adds a learned per-head sink logit (s_aux) to the softmax denominator; "
-                  "corept's varlen attention kernel has no sinks, so every call would go back to transformers' "
-                  "attention"),
     "rope": ("GptOssRotaryEmbedding returns cos/sin of head_dim / 2, which this modeling file's "
              "apply_rotary_pos_emb applies to both halves; corept's rope kernel takes a table that narrow as "
              "partial rotary (YaRN itself is folded into cos/sin by the rotary module)"),

@@ -14,17 +14,15 @@
   an O(1) gradient difference that says nothing about rounding quality (at 0.2, a quarter of the
   values clamped, the bf16 experts gradients failed the rule by 3-10x while fp32 matched to 1e-7).
 
-Patched: norms (``scale_in_fp32``), the fused loss and the experts (grouped GEMMs, LoRA on them
-included). Kept (declared, each with its reason):
-attention, rope and the router block, so ``patch(only=[c])`` for those must be bitwise transformers'.
+Patched: norms (``scale_in_fp32``), attention (the varlen kernel with sinks, sliding and full
+layers), the fused loss and the experts (grouped GEMMs, LoRA on them included). Kept (declared,
+each with its reason): rope and the router block, so ``patch(only=[c])`` for those must be bitwise
+transformers'.
 
-The packing checks are known failures of transformers, not of corept: ``GptOssModel.forward``
-builds its causal and sliding masks without ``position_ids`` (transformers 5.24 and 5.25; upstream
-PR huggingface/transformers#39997), so on the eager path a padding-free row attends across its
-documents, and corept leaves attention to transformers (sinks). Measured on this config: the
-unpatched model packed is as far from its documents run alone as the patched one (logits 0.61 of
-max|logit|, fp32 and bf16), while patched and unpatched packed runs agree (2.9e-7 fp32, bitwise
-bf16); handing the mask builders the ``position_ids`` brings the unpatched packed logits to 1.8e-7.
+The packing checks pass on corept's attention, which splits a packed row into its documents.
+transformers' own ``GptOssModel.forward`` builds its masks without ``position_ids`` (5.24 and 5.25;
+upstream PR huggingface/transformers#39997), so unpatched, a padding-free row attends across its
+documents (0.61 of max|logit| off its documents run alone on this config).
 """
 from corept.testing import ConformanceSuite, tiny_config
 
@@ -47,10 +45,3 @@ class TestGptOss(ConformanceSuite):
     expected_quirks = {name: {"sliding_window": 4, "norm_casting": "scale_in_fp32", "norm_offset": 0.0}
                        for name in ("moe", "clamp")}
     quirk_probes = {"moe": {"sliding_window": 4096}, "clamp": {"swiglu_limit": 7.0}}
-    known_failures = {
-        "test_packed_documents_*[moe]": (
-            "transformers' GptOssModel.forward builds its masks without position_ids, so its eager attention "
-            "(kept: sinks) attends across packed documents; the unpatched model packed is 0.61 of max|logit| off "
-            "its documents run alone, as the patched one is, and patched == unpatched packed (2.9e-7 fp32, "
-            "bitwise bf16)"),
-    }
