@@ -167,9 +167,9 @@ def count_step(variant: str, layers: int, *, model: str = "tiny-llama", tokens: 
             "optimizer": sum(c_opt.counts.values()), "corept_applied": info.get("corept_applied")}
 
 
-def per_layer(variant: str, layers: int = 2, model: str = "tiny-llama") -> dict:
+def per_layer(variant: str, layers: int = 2, model: str = "tiny-llama", tokens: int = TOKENS) -> dict:
     """``count(layers + 1) - count(layers)``, in total and by op (ops whose count changes)."""
-    a, b = count_step(variant, layers, model=model), count_step(variant, layers + 1, model=model)
+    a, b = (count_step(variant, n, model=model, tokens=tokens) for n in (layers, layers + 1))
     ops = sorted(set(a["by_op"]) | set(b["by_op"]))
     diff = {op: b["by_op"].get(op, 0) - a["by_op"].get(op, 0) for op in ops}
     diff = {op: n for op, n in sorted(diff.items(), key=lambda kv: -kv[1]) if n}

@@ -64,7 +64,8 @@ def dense(experts: nn.Module, name: str) -> torch.Tensor:
     return dequantize(w) if is_4bit(w) else w
 
 
-def _quantize(w: torch.Tensor) -> nn.Parameter:
+def quantize_weight(w: torch.Tensor) -> nn.Parameter:
+    """A frozen NF4 ``Params4bit`` of the stacked weight ``w`` (on ``w``'s device)."""
     import bitsandbytes as bnb
     import bitsandbytes.functional as bnbf
 
@@ -85,7 +86,7 @@ def quantize_experts(modules: list[nn.Module]) -> int:
             w = m._parameters.get(name)
             if w is None or is_4bit(w) or not w.is_floating_point():
                 continue
-            m._parameters[name] = _quantize(w)
+            m._parameters[name] = quantize_weight(w)
             del w
             done += 1
     return done
@@ -132,7 +133,12 @@ def quantize_patched_experts(model: nn.Module) -> int:
     if state is None:
         return 0
     modules = [c.module for c in state.changes if any(p[0] == "experts" for p in c.parts)]
-    done = quantize_experts(modules)
+    served = {id(m) for m in modules}
+    # quantized while loading (corept.loading.experts_onload) but kept by the patch: back to 16 bits
+    restore_dense([m for m in model.modules() if id(m) not in served
+                   and any(is_4bit(m._parameters.get(n)) for n in WEIGHTS)])
+    quantize_experts(modules)  # those not quantized while loading
+    done = sum(is_4bit(m._parameters.get(n)) for m in modules for n in WEIGHTS)
     if done:
         state.settings[SETTING] = f"{done} stacked expert weights in NF4 ({len(modules)} experts modules)"
         state.options[SETTING] = modules

@@ -103,6 +103,23 @@ def _quantization_config(opts: LoadOptions, dtype: torch.dtype, quant_storage: t
     return BitsAndBytesConfig(load_in_8bit=True)
 
 
+def _experts_on_cpu(config, arch, device, dtype, trust_remote_code: bool, qconfig) -> dict | None:
+    """The device map of a 4-bit MoE load (:mod:`corept.loading.experts_onload`): experts on the CPU
+    until each is quantized onto ``device``; ``None`` (load as usual) when no module is an experts one."""
+    from transformers import AutoModelForCausalLM
+
+    from corept.loading.experts_onload import experts_device_map
+
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+    device_map = experts_device_map(meta, arch.roles.experts, device)
+    if device_map is not None:
+        qconfig.llm_int8_enable_fp32_cpu_offload = True  # lets transformers leave the (non-Linear) experts on the CPU
+        logger.info("corept: 4-bit load of a mixture-of-experts model: experts stay on the CPU until each is "
+                    "quantized onto the GPU")
+    return device_map
+
+
 def disable_cpu_4bit_repack(model: torch.nn.Module) -> int:
     """Stop bitsandbytes repacking 4-bit weights for its CPU inference path.
 
@@ -220,10 +237,14 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
     qconfig = _quantization_config(opts, torch_dtype, storage if opts.load_in_4bit else None)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
+    experts_offloaded = None
     if torch.cuda.is_available():
         from corept.distributed.launcher import use_local_device
 
         local = use_local_device()  # under torchrun / accelerate launch: GPU LOCAL_RANK becomes current
+        if device_map is None and opts.load_in_4bit and patch and arch is not None and arch.roles.experts:
+            device_map = _experts_on_cpu(config, arch, local, torch_dtype, trust_remote_code, qconfig)
+            experts_offloaded = local if device_map is not None else None
         if device_map is None:
             device_map = {"": local}
     if device_map is not None:
@@ -233,6 +254,10 @@ def load(name_or_path: str, *, max_seq_length: int = 2048, dtype=None, load_in_4
         logger.warning("corept: max_seq_length %d exceeds the model's max_position_embeddings %d; positions "
                        "beyond it are extrapolated by the model's own rope scaling (if any).", max_seq_length, max_pos)
     model = load_weights(AutoModelForCausalLM, Path(folder), config, kwargs, strict=strict)
+    if experts_offloaded is not None:
+        from corept.loading.experts_onload import onload_experts
+
+        onload_experts(model, arch.roles.experts, experts_offloaded, quantize=True)
     if opts.load_in_4bit and not torch.cuda.is_available():
         disable_cpu_4bit_repack(model)
     model.max_seq_length = max_seq_length
