@@ -20,7 +20,7 @@
 #                   (issue's figure: 71,680; each probe compiles, ~2 min)
 #   gpu-check       optional (~4 min; llama-2k is a check too): every variant on a 2-layer cut of
 #                   Llama-3.1-8B (real widths), 2x2048, 1+2 steps; gpu-check-qwen: the Qwen3 cut
-#   cuda-tests      no benchmark: the CUDA tests (kernels' CUDA twins, the offload's CUDA test) against the
+#   cuda-tests      no benchmark: the CUDA tests (kernels' CUDA twins, the offload's and the 4-bit MoE load's) against the
 #                   image's torch/triton, the wheels on the path (~3 min); logs in $OUT/pytest-*.log;
 #                   CUDA_TESTS_K narrows the kernels' selection (pytest -k; default "cuda")
 #   regression      corept against an earlier commit's corept on the same machine (its wheels in .whl/prev/,
@@ -120,8 +120,9 @@ if [ "$PRESET" = cuda-tests ]; then
   TRITON_INTERPRET=0 PYTHONPATH=/tmp/site_corept:kernels/tests:/tmp/site_base timeout 240 \
     python3 -m pytest -q -p no:cacheprovider -rs kernels/tests -k "${CUDA_TESTS_K:-cuda}" > "$OUT/pytest-kernels.log" 2>&1 || rc=1
   tail -3 "$OUT/pytest-kernels.log"
-  PYTHONPATH=/tmp/site_corept:tests:/tmp/site_base timeout 60 \
-    python3 -m pytest -q -p no:cacheprovider -rs tests/test_checkpointing.py > "$OUT/pytest-offload.log" 2>&1 || rc=1
+  PYTHONPATH=/tmp/site_corept:tests:/tmp/site_base timeout 180 \
+    python3 -m pytest -q -p no:cacheprovider -rs tests/training/test_checkpointing.py tests/training/test_cuda_memory.py \
+    tests/loading/test_experts_onload.py > "$OUT/pytest-offload.log" 2>&1 || rc=1
   tail -3 "$OUT/pytest-offload.log"
   exit $rc
 fi

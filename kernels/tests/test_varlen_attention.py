@@ -307,3 +307,29 @@ def test_sinks_are_checked():
     q, k, v = _inputs([4], 4, 2, 16, torch.float32)
     with pytest.raises(ValueError, match=r"sinks must be \[4\]"):
         varlen_attention(q, k, v, _cu([4]), 4, scale=0.25, sinks=torch.zeros(2))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the compiled sink forward on the device")
+@pytest.mark.parametrize("D,Hq,Hkv,window,dtype", [(64, 8, 2, None, torch.bfloat16), (64, 8, 1, 40, torch.bfloat16)])
+def test_sinks_on_cuda_within_the_rule_of_gpt_oss_eager(D, Hq, Hkv, window, dtype):
+    """The sink kernel compiled for the GPU (the interpreter runs the same code on CPU above): output
+    and the q/k/v/sink gradients within the low-precision rule against transformers' gpt-oss eager
+    attention, float64 gold."""
+    lens = [1, 130, 257, 64]
+    q, k, v = (t.cuda() for t in _inputs(lens, Hq, Hkv, D, dtype))
+    cu = _cu(lens).cuda()
+    sinks = (torch.randn(Hq, generator=torch.Generator().manual_seed(3)) * 2).cuda()
+    dout = torch.randn(q.shape, dtype=torch.float64).to(dtype).cuda()
+    opts = dict(scale=D ** -0.5, window=window)
+    got = _run_sinks(varlen_attention, q, k, v, cu, sinks, dout, **opts)
+
+    def per_doc(q, k, v, cu, max_seqlen, *, sinks, scale, window):
+        bounds = cu.tolist()
+        return torch.cat([_gpt_oss_eager(sinks)(q[s:e], k[s:e], v[s:e], scale, window, None)
+                          for s, e in zip(bounds[:-1], bounds[1:]) if e > s])
+
+    cpu = [t.cpu() for t in (q, k, v, cu, sinks, dout)]
+    gold = _run_sinks(per_doc, *(t.double() if t.is_floating_point() else t for t in cpu), **opts)
+    low = _run_sinks(per_doc, *cpu, **opts)
+    for name, g, w, lo in zip(("out", "dq", "dk", "dv", "dsinks"), got, gold, low):
+        assert_low_precision_ok(g.cpu(), w, lo, f"{name} (CUDA) vs transformers' gpt-oss attention")
