@@ -34,6 +34,15 @@ def _own_hook(plugin, component: str) -> bool:
     return impl is not None and impl is not getattr(ArchitecturePlugin, name, None)
 
 
+def _supports_sdpa(model_type: str) -> bool:
+    """transformers' causal-LM class for ``model_type`` runs SDPA (its default) rather than eager."""
+    import transformers
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cls = getattr(transformers, MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ""), None)
+    return bool(getattr(cls, "_supports_sdpa", True))
+
+
 def component_cell(arch: Architecture, component: str, plugin=None) -> str:
     """What runs for ``component`` of ``arch``: a kernel name, an HF implementation, or a plugin hook."""
     if component in arch.keep:
@@ -45,7 +54,11 @@ def component_cell(arch: Architecture, component: str, plugin=None) -> str:
     n = arch.numerics
     if component == "attention":
         forced = arch.load.forced_attn_implementation
-        return f"HF {forced} (forced)" if forced else "HF sdpa"
+        implementation = forced or ("sdpa" if _supports_sdpa(arch.model_type) else "eager")
+        hf = f"HF {implementation}{' (forced)' if forced else ''}"
+        if implementation == "eager":  # corept's varlen kernel takes eager's packed and unpadded calls
+            return f"varlen_attention; {hf} when padded"
+        return f"{hf}; varlen_attention when packed"
     if component == "norm":
         offset = f", {n.norm_offset:g}+w" if isinstance(n.norm_offset, (int, float)) and n.norm_offset else ""
         return f"rms_norm ({n.norm_casting}{offset})"

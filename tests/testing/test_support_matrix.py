@@ -26,7 +26,11 @@ def test_matrix_has_a_row_per_declared_architecture_and_a_cell_per_component():
     moe = next(r[2] for r in rows if r[0] == "qwen3_moe")
     assert sm.component_cell(moe, "mlp") == "transformers"  # declared: experts stay HF's
     gemma2 = next(r[2] for r in rows if r[0] == "gemma2")
-    assert sm.component_cell(gemma2, "attention") == "HF eager (forced)"
+    assert sm.component_cell(gemma2, "attention") == "varlen_attention; HF eager (forced) when padded"
+    gpt_oss = next(r[2] for r in rows if r[0] == "gpt_oss")  # no SDPA in transformers (sinks): eager
+    assert sm.component_cell(gpt_oss, "attention") == "varlen_attention; HF eager when padded"
+    llama = next(r[2] for r in rows if r[0] == "llama")
+    assert sm.component_cell(llama, "attention") == "HF sdpa; varlen_attention when packed"
     assert "attn_softcap=config.attn_logit_softcapping" in sm.quirks_cell(gemma2)
 
 
