@@ -245,8 +245,10 @@ def train(spec: dict, records: list, flush) -> None:
         max_seq=max(s for _, s in spec["shapes"]), rank=spec["rank"], alpha=spec["alpha"],
         weights=spec.get("weights", "checkpoint"), seed=spec["seed"])
     initial = [p.detach().to("cpu", copy=True) for p in model.parameters() if p.requires_grad]
+    load_peak = mem.peak()[0] if cuda else None  # the load's own GPU peak (4-bit MoE: experts quantized on the way)
     for r in records:
-        r.update(info, load_s=round(time.perf_counter() - t1, 2))
+        r.update(info, load_s=round(time.perf_counter() - t1, 2),
+                 load_peak_gib=None if load_peak is None else round(load_peak, 4))
     flush()
     for rec, shape in zip(records, spec["shapes"]):
         try:
