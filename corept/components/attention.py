@@ -55,7 +55,10 @@ def plain_causal(mask: torch.Tensor, b: int, s: int, window: int | None) -> bool
         return False
     if torch.compiler.is_compiling():
         return False
-    key = (window, mask._version)
+    try:
+        key = (window, mask._version)
+    except RuntimeError:  # an inference-mode tensor keeps no version counter
+        key = (window, None)
     verdicts = mask.__dict__.setdefault(_VERDICTS, {})
     if key not in verdicts:
         pos = torch.arange(s, device=mask.device)

@@ -203,6 +203,8 @@ def test_a_mask_verdict_is_kept_per_window_and_version():
     assert list(getattr(full, A._VERDICTS)) == [(None, full._version)]
     full[0, 0, 3, 2] = torch.finfo(full.dtype).min  # changed in place: checked again
     assert not A.plain_causal(full, 2, 12, None)
+    with torch.inference_mode():  # no version counter there
+        assert A.plain_causal(_eager_masks("mistral")[0], 2, 12, None)
 
 
 def test_eager_models_take_the_kernel_through_transformers_masks(monkeypatch):
