@@ -61,7 +61,7 @@ test-kernels: install
 	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/all $(PY) -P -m pytest kernels/tests -q -rs
 
 test-plugin: $(BUILD)/only-$(P)
-	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q -rs $(KIT_XDIST)
+	TRITON_INTERPRET=1 PYTHONPATH=$(BUILD)/only-$(P) $(PY) -P -m pytest plugins/$(P)/tests -q -rs --durations=8 $(KIT_XDIST)
 
 test-plugins:
 	set -e; for p in $(PLUGINS); do $(MAKE) --no-print-directory test-plugin P=$$p; done
