@@ -218,6 +218,31 @@ def test_twin_matches_gold_and_fallbacks(monkeypatch):
     assert torch.equal(varlen_attention(q, k, v, cu, 8, scale=0.3), ref.varlen_attention(q, k, v, cu, 8, scale=0.3))
 
 
+def test_twin_cuts_a_long_cpu_pack_into_chunks_of_whole_documents(monkeypatch):
+    """On a CPU a pack longer than ``CHUNK_TOKENS`` runs as chunks of whole documents (a document
+    longer than a chunk alone; empty documents anywhere): output and every gradient, sinks included,
+    equal the one dense block's in fp32, and the chunks are the greedy packing of the documents."""
+    monkeypatch.setattr(ref, "CHUNK_TOKENS", 8)
+    assert ref._chunks([0, 3, 3, 8, 20, 21, 25, 25]) == [(0, 8), (8, 20), (20, 25)]
+    assert ref._chunks([0, 0, 30]) == [(0, 30)] and ref._chunks([0, 4, 8, 12]) == [(0, 8), (8, 12)]
+    lens = [3, 0, 5, 12, 1, 4, 0]
+    cu = _cu(lens)
+    q, k, v = _inputs(lens, 4, 2, 16, torch.float32)
+    sinks = torch.randn(4, generator=torch.Generator().manual_seed(5))
+    dout = torch.randn(q.shape, generator=torch.Generator().manual_seed(6))
+    calls = []
+    dense = ref._dense
+    monkeypatch.setattr(ref, "_dense", lambda q, *a, **kw: calls.append(q.shape[0]) or dense(q, *a, **kw))
+    for window, softcap in ((None, None), (3, 2.0)):
+        opts = dict(scale=0.3, window=window, softcap=softcap)
+        calls.clear()
+        got = _run_sinks(ref.varlen_attention, q, k, v, cu, sinks, dout, **opts)
+        assert calls == [8, 12, 5]
+        want = _run_sinks(lambda q, k, v, cu, m, **kw: dense(q, k, v, cu, **kw), q, k, v, cu, sinks, dout, **opts)
+        for g, w in zip(got, want):
+            assert_close_fp32(g, w)
+
+
 @pytest.mark.parametrize("bad", ["q-2d", "heads", "dtype", "cu-float", "cu-short", "window-0", "softcap-neg"])
 def test_bad_arguments_raise(bad):
     q, k, v = _inputs([4, 4], 4, 2, 16, torch.float32)
