@@ -1,8 +1,9 @@
 """Rotary position embedding (rotate-half convention) for q and k in one Triton launch.
 
-Grid: ``(B * S, q head groups + k head groups)``, or ``(B * S, 1)`` with q and k of a token in one
-program; on CUDA the autotuner picks the layout and warps per head shape (``_configs``). A program
-loads the token's cos/sin row once and rotates its heads, computing in fp32. Inputs are read through their strides
+Grid: ``(token blocks, q head groups + k head groups)``, or ``(token blocks, 1)`` with q and k of
+a token in one program; on CUDA a block is one token and the autotuner picks the layout and warps
+per head shape (``_configs``); off CUDA (the interpreter) a block holds many tokens. A program loads
+its tokens' cos/sin rows once and rotates their heads, computing in fp32. Inputs are read through their strides
 (HF's ``view(...).transpose(1, 2)`` layout needs no copy); outputs are fresh tensors with the
 inputs' layout, so nothing is modified in place. Partial rotary (``Dr < D``) copies dims
 ``Dr..D`` through. Backward applies the transposed rotation to the incoming gradients with the
@@ -34,68 +35,70 @@ def _empty_like(t: torch.Tensor) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_heads(X, O, b, s, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, s1, s2, HALF, D,
+def _rope_heads(X, O, b, s, tmask, h0, NH, sxb, sxh, sxs, sxd, sob, soh, sos, sod, c1, c2, s1, s2, HALF, D,
                 HB: tl.constexpr, BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr,
                 BLOCK_PASS: tl.constexpr, ROUND_MID: tl.constexpr):
-    h = h0 + tl.arange(0, HB)
-    hmask = h < NH
-    d = tl.arange(0, BLOCK_HALF)
-    mask = hmask[:, None] & (d < HALF)[None, :]
-    h64 = h.to(tl.int64)[:, None]
+    # tiles [TB tokens, HB heads, BLOCK_HALF pairs]; b, s, tmask: [TB, 1, 1]; c1..s2: [TB, 1, BLOCK_HALF]
+    h = h0 + tl.arange(0, HB)[None, :, None]
+    hmask = tmask & (h < NH)
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
+    mask = hmask & (d < HALF)
+    h64 = h.to(tl.int64)
     xb = X + b * sxb + s * sxs + h64 * sxh
     ob = O + b * sob + s * sos + h64 * soh
-    x1 = tl.load(xb + d[None, :] * sxd, mask=mask, other=0.0).to(tl.float32)
-    x2 = tl.load(xb + (d[None, :] + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
+    x1 = tl.load(xb + d * sxd, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(xb + (d + HALF) * sxd, mask=mask, other=0.0).to(tl.float32)
     if ROUND_MID:  # transformers' rounding points: each product, then the sum, in the model dtype
-        o1 = rounded(x1 * c1[None, :], O.dtype.element_ty) - rounded(x2 * s1[None, :], O.dtype.element_ty)
-        o2 = rounded(x2 * c2[None, :], O.dtype.element_ty) + rounded(x1 * s2[None, :], O.dtype.element_ty)
+        o1 = rounded(x1 * c1, O.dtype.element_ty) - rounded(x2 * s1, O.dtype.element_ty)
+        o2 = rounded(x2 * c2, O.dtype.element_ty) + rounded(x1 * s2, O.dtype.element_ty)
     else:
-        o1 = x1 * c1[None, :] - x2 * s1[None, :]
-        o2 = x2 * c2[None, :] + x1 * s2[None, :]
-    store_rounded(ob + d[None, :] * sod, o1, mask)
-    store_rounded(ob + (d[None, :] + HALF) * sod, o2, mask)
+        o1 = x1 * c1 - x2 * s1
+        o2 = x2 * c2 + x1 * s2
+    store_rounded(ob + d * sod, o1, mask)
+    store_rounded(ob + (d + HALF) * sod, o2, mask)
     if HAS_PASS:
-        p = 2 * HALF + tl.arange(0, BLOCK_PASS)
-        pmask = hmask[:, None] & (p < D)[None, :]
-        tl.store(ob + p[None, :] * sod, tl.load(xb + p[None, :] * sxd, mask=pmask), mask=pmask)
+        p = 2 * HALF + tl.arange(0, BLOCK_PASS)[None, None, :]
+        pmask = hmask & (p < D)
+        tl.store(ob + p * sod, tl.load(xb + p * sxd, mask=pmask), mask=pmask)
 
 
 @triton.jit
-def _rope_kernel(Q, K, QO, KO, COS, SIN, S, HQ, HK, HALF, D,
+def _rope_kernel(Q, K, QO, KO, COS, SIN, NTOK, S, HQ, HK, HALF, D,
                  sqb, sqh, sqs, sqd, skb, skh, sks, skd,
                  sqob, sqoh, sqos, sqod, skob, skoh, skos, skod,
                  scb, scs, scd, ssb, sss, ssd,
-                 BACKWARD: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
+                 BACKWARD: tl.constexpr, TB: tl.constexpr, HBQ: tl.constexpr, HBK: tl.constexpr,
                  BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr,
                  FUSE_QK: tl.constexpr, ROUND_MID: tl.constexpr):
-    tok = tl.program_id(0)
+    tok = tl.program_id(0).to(tl.int64) * TB + tl.arange(0, TB)[:, None, None]  # [TB, 1, 1]
     grp = tl.program_id(1)
-    b = (tok // S).to(tl.int64)
-    s = (tok % S).to(tl.int64)
-    d = tl.arange(0, BLOCK_HALF)
-    dmask = d < HALF
+    tmask = tok < NTOK
+    b = tok // S
+    s = tok % S
+    d = tl.arange(0, BLOCK_HALF)[None, None, :]
+    cmask = tmask & (d < HALF)
     cb = COS + b * scb + s * scs
     sb = SIN + b * ssb + s * sss
-    c1 = tl.load(cb + d * scd, mask=dmask, other=0.0).to(tl.float32)
-    c2 = tl.load(cb + (d + HALF) * scd, mask=dmask, other=0.0).to(tl.float32)
-    s1 = tl.load(sb + d * ssd, mask=dmask, other=0.0).to(tl.float32)
-    s2 = tl.load(sb + (d + HALF) * ssd, mask=dmask, other=0.0).to(tl.float32)
+    c1 = tl.load(cb + d * scd, mask=cmask, other=0.0).to(tl.float32)
+    c2 = tl.load(cb + (d + HALF) * scd, mask=cmask, other=0.0).to(tl.float32)
+    s1 = tl.load(sb + d * ssd, mask=cmask, other=0.0).to(tl.float32)
+    s2 = tl.load(sb + (d + HALF) * ssd, mask=cmask, other=0.0).to(tl.float32)
     if BACKWARD:
         # Forward: o1 = x1 c1 - x2 s1, o2 = x2 c2 + x1 s2. Its transpose has the same form with
         # (s1, s2) -> (-s2, -s1): rotation by -sin when the halves of cos/sin are equal, as in HF.
         s1, s2 = -s2, -s1
-    if FUSE_QK:  # one program per token: every q head, then every k head (HBQ >= HQ, HBK >= HK)
-        _rope_heads(Q, QO, b, s, 0, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+    if FUSE_QK:  # one program per token block: every q head, then every k head (HBQ >= HQ, HBK >= HK)
+        _rope_heads(Q, QO, b, s, tmask, 0, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
                     c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
-        _rope_heads(K, KO, b, s, 0, HK, skb, skh, sks, skd, skob, skoh, skos, skod,
+        _rope_heads(K, KO, b, s, tmask, 0, HK, skb, skh, sks, skd, skob, skoh, skos, skod,
                     c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
     else:
         n_qgroups = tl.cdiv(HQ, HBQ)
         if grp < n_qgroups:
-            _rope_heads(Q, QO, b, s, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
+            _rope_heads(Q, QO, b, s, tmask, grp * HBQ, HQ, sqb, sqh, sqs, sqd, sqob, sqoh, sqos, sqod,
                         c1, c2, s1, s2, HALF, D, HBQ, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
         else:
-            _rope_heads(K, KO, b, s, (grp - n_qgroups) * HBK, HK, skb, skh, sks, skd, skob, skoh,
+            _rope_heads(K, KO, b, s, tmask, (grp - n_qgroups) * HBK, HK, skb, skh, sks, skd, skob, skoh,
                         skos, skod, c1, c2, s1, s2, HALF, D, HBK, BLOCK_HALF, HAS_PASS, BLOCK_PASS, ROUND_MID)
 
 
@@ -103,16 +106,20 @@ def _configs(HQ: int, HK: int, block_half: int) -> tuple[list[triton.Config], tr
     """(candidates tuned on CUDA, the default used elsewhere) for one head layout.
 
     Candidates: head groups of :data:`HEAD_TILE` pairs and of four times that, q and k in separate
-    programs; and q and k of a token in one program (when a token's heads fit 8k pairs).
+    programs; and q and k of a token in one program (when a token's heads fit 8k pairs). On CUDA a
+    program rotates one token (``TB = 1``); the default rotates a block of tokens (see
+    :data:`TOKEN_TILE_OFF_CUDA`).
     """
-    def groups(tile, fuse, warps):
+    def groups(tile, fuse, warps, tb=1):
         per_prog = max(1, tile // block_half)
         hbq = triton.next_power_of_2(HQ) if fuse else min(triton.next_power_of_2(HQ), per_prog)
         hbk = triton.next_power_of_2(HK) if fuse else min(triton.next_power_of_2(HK), per_prog)
-        return triton.Config({"HBQ": hbq, "HBK": hbk, "FUSE_QK": fuse}, num_warps=warps)
+        if tb is None:  # as many tokens as fill TOKEN_TILE_OFF_CUDA pairs
+            tb = 1 << max(0, (TOKEN_TILE_OFF_CUDA // (max(hbq, hbk) * block_half)).bit_length() - 1)
+        return triton.Config({"TB": tb, "HBQ": hbq, "HBK": hbk, "FUSE_QK": fuse}, num_warps=warps)
 
     default_warps = 4 if min(triton.next_power_of_2(max(HQ, HK)), max(1, HEAD_TILE // block_half)) * block_half <= 1024 else 8
-    default = groups(HEAD_TILE, FUSE_QK_OFF_CUDA, default_warps)
+    default = groups(HEAD_TILE, FUSE_QK_OFF_CUDA, default_warps, tb=None)
     cands = [groups(t, False, w) for t in (HEAD_TILE, 4 * HEAD_TILE) for w in (4, 8)]
     if triton.next_power_of_2(max(HQ, HK)) * block_half <= 8192:
         cands += [groups(0, True, w) for w in (4, 8, 16)]
@@ -124,11 +131,17 @@ def _configs(HQ: int, HK: int, block_half: int) -> tuple[list[triton.Config], tr
 #: cover that layout; on CUDA the autotuner chooses (see :func:`_configs`).
 FUSE_QK_OFF_CUDA = False
 
+#: Off CUDA a program rotates a block of tokens of about this many pairs (a power of two, at least
+#: one token): the interpreter's cost is per operation, nearly whatever the tile's size, and one
+#: token per program made RoPE most of a CPU test run's time. Tests lower it to 0 (one token) and
+#: to sizes that leave the last block part-masked.
+TOKEN_TILE_OFF_CUDA = 16384
+
 _LAUNCHERS: dict = {}
 
 
 def _launcher(HQ: int, HK: int, block_half: int) -> Launcher:
-    key = (HQ, HK, block_half, HEAD_TILE, FUSE_QK_OFF_CUDA)
+    key = (HQ, HK, block_half, HEAD_TILE, FUSE_QK_OFF_CUDA, TOKEN_TILE_OFF_CUDA)
     if key not in _LAUNCHERS:
         configs, default = _configs(HQ, HK, block_half)
         _LAUNCHERS[key] = Launcher(_rope_kernel, configs, default, key=["HALF", "BACKWARD"])
@@ -145,12 +158,13 @@ def _launch(q, k, cos, sin, backward: bool):
     pass_dims = D - 2 * half
 
     def grid(meta):
+        blocks = triton.cdiv(B * S, meta["TB"])
         if meta["FUSE_QK"]:
-            return (B * S, 1)
-        return (B * S, triton.cdiv(HQ, meta["HBQ"]) + triton.cdiv(HK, meta["HBK"]))
+            return (blocks, 1)
+        return (blocks, triton.cdiv(HQ, meta["HBQ"]) + triton.cdiv(HK, meta["HBK"]))
 
     _launcher(HQ, HK, block_half)(
-        grid, q.device, q, k, qo, ko, cos, sin, S, HQ, HK, half, D,
+        grid, q.device, q, k, qo, ko, cos, sin, B * S, S, HQ, HK, half, D,
         *q.stride(), *k.stride(), *qo.stride(), *ko.stride(), *cos.stride(), *sin.stride(),
         BACKWARD=backward, BLOCK_HALF=block_half, HAS_PASS=pass_dims > 0,
         BLOCK_PASS=triton.next_power_of_2(max(pass_dims, 1)),

@@ -78,11 +78,16 @@ def _check(q, k, cos, sin, same_layout=True):
         assert_low_precision_ok(g, w, lo, name)
 
 
-@pytest.fixture(params=[False, True], ids=["qk-separate", "qk-fused"])
+@pytest.fixture(params=[(False, 0), (True, 0), (False, 256), (True, 256)],
+                ids=["qk-separate", "qk-fused", "qk-separate-token-blocks", "qk-fused-token-blocks"])
 def layout(request, monkeypatch):
-    """Both program layouts the CUDA tuner chooses between: q and k heads in separate programs,
-    or a token's q and k in one program."""
-    monkeypatch.setattr(rope_mod, "FUSE_QK_OFF_CUDA", request.param)
+    """Both program layouts the CUDA tuner chooses between (q and k heads in separate programs, or a
+    token's q and k in one program), with one token per program (as on CUDA) and with blocks of
+    tokens whose last one is part-masked (256 pairs: 4 or 8 tokens here; other tests run the
+    default, one block of every token)."""
+    fuse, token_tile = request.param
+    monkeypatch.setattr(rope_mod, "FUSE_QK_OFF_CUDA", fuse)
+    monkeypatch.setattr(rope_mod, "TOKEN_TILE_OFF_CUDA", token_tile)
     return request.param
 
 
