@@ -280,8 +280,9 @@ def _probe(device: torch.device) -> bool:
     gen = torch.Generator().manual_seed(0)
     bounds = [0, 5, 5, 29, 40]
     offs = torch.tensor(bounds[1:], dtype=torch.int32, device=device)
-    x, dy = (torch.randn(40, d, generator=gen).to(device, torch.bfloat16) for d in (32, 24))
-    w = torch.randn(4, 24, 32, generator=gen).to(device, torch.bfloat16)
+    # device="cpu": the generator is a CPU one, also under a caller's ``with torch.device("cuda")``
+    x, dy = (torch.randn(40, d, generator=gen, device="cpu").to(device, torch.bfloat16) for d in (32, 24))
+    w = torch.randn(4, 24, 32, generator=gen, device="cpu").to(device, torch.bfloat16)
     try:
         with torch.no_grad(), torch.autocast("cuda", enabled=False):
             got = [torch._grouped_mm(x, w.transpose(1, 2), offs=offs), torch._grouped_mm(dy, w, offs=offs),

@@ -204,6 +204,15 @@ def test_torch_grouped_mm_path_cuda(monkeypatch):
     assert _grouped_mm_case(monkeypatch, 8) == 0
 
 
+def test_the_grouped_mm_probe_runs_under_a_callers_default_device(monkeypatch):
+    """The probe draws its inputs from a CPU generator: a caller's ``with torch.device(...)`` (a
+    CUDA one failed on the GPU: "Expected a 'cuda' device type for generator") must not move them.
+    Run here through torch's CPU ``_grouped_mm`` with the capability check bypassed."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    with torch.device("meta"):
+        assert gg._probe(torch.device("cpu")) is True
+
+
 def test_grouped_mm_alignment_rules(monkeypatch):
     monkeypatch.setattr(gg, "torch_grouped_mm_ok", lambda device: True)
     x, w = torch.randn(9, 48, dtype=torch.bfloat16), torch.randn(4, 32, 48, dtype=torch.bfloat16)
