@@ -58,7 +58,7 @@
 #                   8192, 1024 steps; probes replace sampling by a chunked KV-cache prefill of random completions
 #                   (the same cache, minutes less); VARIANTS=hf_qlora MAXLEN_START=2048 for HF's
 #                   (both: MODEL=qwen3-8b for Qwen3-8B; results $OUT/grpomem-<date>-<card>-<preset>-<model>.json/.md)
-#   moe             issue 24: Qwen3-30B-A3B and gpt-oss-20b shapes (random bf16 weights), LoRA r16 on attention + the
+#   moe             issue 24: gpt-oss-20b and Qwen3-30B-A3B (at half depth: qwen3-30b-a3b-24l) shapes (random bf16 weights), LoRA r16 on attention + the
 #                   stacked experts (peft's target_parameters), 1x4096 and 4x1024 in one process per variant: hf, corept,
 #                   unsloth (~9 min; never run yet: first check with MODELS in --models one at a time if it runs out)
 #   custom          nothing preset: pass --models/--variants/--shapes/--maxseq yourself
@@ -157,7 +157,7 @@ case "$PRESET" in
                        --variants hf,corept,corept_lean,unsloth,hf_qlora,corept_qlora,unsloth_qlora) ;;
   issue18-qlora) ARGS=(--models "${MODEL:-llama-3.1-8b}" --shapes 2x2048,8x512,1x8192 --group-shapes
                        --variants hf_qlora,corept_qlora,corept_qlora_eager,corept_qlora_lean,unsloth_qlora) ;;
-  moe)      ARGS=(--models "${MODELS:-qwen3-30b-a3b,gpt-oss-20b}" --shapes 1x4096,4x1024 --group-shapes
+  moe)      ARGS=(--models "${MODELS:-gpt-oss-20b,qwen3-30b-a3b-24l}" --shapes 1x4096,4x1024 --group-shapes
                   --variants "${VARIANTS:-hf,corept,unsloth}") ;;
   custom)   ARGS=() ;;
 esac
